@@ -1,0 +1,162 @@
+"""The broker's interface: what every service may do with the queues and the shared keys.
+
+Two backends implement it: `redis_streams.RedisBroker` (the real one: Redis Streams with consumer
+groups) and `memory.MemoryBroker` (in-process, for learner and rollout unit tests). Services receive
+a `Broker` and never touch Redis themselves.
+
+Delivery is at-least-once. A consumer acks an entry only once its output is durable; entries of a
+dead consumer are reclaimed after `claim_idle_s`; publishing with a dedup key makes redelivery
+idempotent (the same group id is published to a stream at most once).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Generic
+
+import msgspec
+
+from broker.schemas import M
+
+# Stream names (namespaced by run id by the backend).
+TASKS = "tasks"
+ROLLOUTS = "rollouts"
+SCORED = "scored"
+DEAD = "dead"
+STREAMS = (TASKS, ROLLOUTS, SCORED, DEAD)
+
+
+class BrokerError(RuntimeError):
+    """The broker could not do what was asked within its retries and timeouts."""
+
+
+class BackpressureTimeout(BrokerError):
+    """A producer waited `timeout_s` for a full stream to drain below its backlog limit."""
+
+
+@dataclass(frozen=True)
+class Entry(Generic[M]):
+    """One delivered stream entry: its id (for ack), the decoded message and how often it was delivered."""
+
+    id: str
+    msg: M
+    delivery_count: int
+
+
+class EngineInfo(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A rollout engine in the registry (SGLang or built-in, both speak SGLang's native API)."""
+
+    engine_id: str
+    url: str  # base URL of the native HTTP API
+    backend: str = "builtin"  # builtin | sglang
+    model: str = ""
+    tp_size: int = 1  # ranks it contributes to the weight-update group
+    weight_version: int = -1
+    heartbeat_s: float = 0.0  # unix time of the last heartbeat (set by the registry)
+
+
+class Producer(abc.ABC, Generic[M]):
+    @abc.abstractmethod
+    def publish(
+        self, msgs: Sequence[M], dedup_key: Callable[[M], str] | None = None, timeout_s: float | None = None
+    ) -> list[str | None]:
+        """Append `msgs` in one pipelined round trip and return their entry ids.
+
+        With `dedup_key`, a message whose key was already published to this stream is skipped (its id
+        is None): that is what makes a consumer's redelivered work idempotent. While the stream's
+        backlog is at its limit the call waits, up to `timeout_s` (the config default when None), then
+        raises BackpressureTimeout.
+        """
+
+    @abc.abstractmethod
+    def backlog(self) -> int:
+        """Entries in the stream that are not yet acked (unread plus pending)."""
+
+
+class Consumer(abc.ABC, Generic[M]):
+    """One named consumer in a consumer group of one stream."""
+
+    name: str
+
+    @abc.abstractmethod
+    def read(self, count: int, block_s: float | None = None) -> list[Entry[M]]:
+        """Return up to `count` entries, in this order of preference: this consumer's own pending
+        entries (after a restart), entries idle longer than `claim_idle_s` in other consumers
+        (XAUTOCLAIM), then new entries (blocking up to `block_s`). Entries that cannot be decoded or
+        were delivered more than `max_deliveries` times are moved to the dead stream and not returned.
+        """
+
+    @abc.abstractmethod
+    def ack(self, ids: Sequence[str]) -> None:
+        """Acknowledge (and delete) entries whose output is durable."""
+
+    @abc.abstractmethod
+    def dead_letter(self, entry: Entry[M], reason: str) -> None:
+        """Give up on an entry: write it with `reason` to the dead stream, then ack it."""
+
+
+class PolicyVersion(abc.ABC):
+    """The current policy version v: optimizer steps whose weights reached the engines."""
+
+    @abc.abstractmethod
+    def get(self) -> int: ...
+
+    @abc.abstractmethod
+    def set(self, version: int) -> None: ...
+
+    @abc.abstractmethod
+    def compare_and_set(self, expected: int, new: int) -> bool: ...
+
+    @abc.abstractmethod
+    def wait_for_change(self, seen: int, timeout_s: float) -> int:
+        """Block until the version differs from `seen` or `timeout_s` passes; return the current version."""
+
+
+class EngineRegistry(abc.ABC):
+    @abc.abstractmethod
+    def register(self, info: EngineInfo, ttl_s: float) -> None:
+        """Add or refresh an engine; it counts as live for `ttl_s` after each call (the heartbeat)."""
+
+    @abc.abstractmethod
+    def deregister(self, engine_id: str) -> None: ...
+
+    @abc.abstractmethod
+    def live(self) -> list[EngineInfo]:
+        """Engines whose last heartbeat is younger than their ttl, sorted by engine id."""
+
+
+class RunState(abc.ABC):
+    """Small string key/values shared by the run (status, config digest, counters)."""
+
+    @abc.abstractmethod
+    def get(self, key: str) -> str | None: ...
+
+    @abc.abstractmethod
+    def set(self, key: str, value: str) -> None: ...
+
+    @abc.abstractmethod
+    def incr(self, key: str, amount: int = 1) -> int: ...
+
+    @abc.abstractmethod
+    def all(self) -> dict[str, str]: ...
+
+
+class Broker(abc.ABC):
+    """Entry point: queues and keys of one run."""
+
+    run_id: str
+    policy_version: PolicyVersion
+    engines: EngineRegistry
+    state: RunState
+
+    @abc.abstractmethod
+    def producer(self, stream: str, kind: type[M]) -> Producer[M]: ...
+
+    @abc.abstractmethod
+    def consumer(self, stream: str, kind: type[M], group: str, name: str) -> Consumer[M]:
+        """Create the consumer group if needed (from the stream's start) and return a consumer in it."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...

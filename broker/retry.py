@@ -1,0 +1,66 @@
+"""One retry policy for every network call: bounded attempts, exponential backoff with full jitter, a deadline.
+
+Only the exception types given are retried; anything else propagates at once (no speculative catching).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int = 5
+    base_s: float = 0.1
+    max_backoff_s: float = 5.0
+    deadline_s: float = 60.0
+
+    def backoff_s(self, attempt: int) -> float:
+        """Full-jitter backoff before retry number `attempt` (1-based)."""
+        return random.uniform(0, min(self.max_backoff_s, self.base_s * 2 ** (attempt - 1)))
+
+    def _give_up(self, attempt: int, start: float, wait_s: float) -> bool:
+        return attempt >= self.max_attempts or time.monotonic() - start + wait_s > self.deadline_s
+
+    def call(self, fn: Callable[[], T], retry_on: tuple[type[BaseException], ...], what: str = "call") -> T:
+        start = time.monotonic()
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return fn()
+            except retry_on as e:
+                wait_s = self.backoff_s(attempt)
+                if self._give_up(attempt, start, wait_s):
+                    raise
+                log.warning(
+                    "%s failed (attempt %d/%d): %r; retrying in %.2fs", what, attempt, self.max_attempts, e, wait_s
+                )
+                time.sleep(wait_s)
+
+    async def acall(
+        self, fn: Callable[[], Awaitable[T]], retry_on: tuple[type[BaseException], ...], what: str = "call"
+    ) -> T:
+        start = time.monotonic()
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await fn()
+            except retry_on as e:
+                wait_s = self.backoff_s(attempt)
+                if self._give_up(attempt, start, wait_s):
+                    raise
+                log.warning(
+                    "%s failed (attempt %d/%d): %r; retrying in %.2fs", what, attempt, self.max_attempts, e, wait_s
+                )
+                await asyncio.sleep(wait_s)

@@ -1,0 +1,206 @@
+"""The wire schema: every message that crosses a process boundary through Redis, as msgspec Structs.
+
+Token ids and logprobs travel as packed little-endian numpy buffers (int32 / float32) inside msgpack,
+never as lists: a 128K-token prompt is 512 KB of bytes, not a million msgpack integers. The prompt
+travels once per group. Use `pack_ids`/`pack_logprobs` to build a field and the `*_np` accessors to
+read one (zero-copy views). Decoding a payload of another schema version or of the wrong shape
+raises `SchemaError`, which consumers turn into a dead letter.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, TypeVar
+
+import msgspec
+import numpy as np
+import numpy.typing as npt
+
+SCHEMA_VERSION = 1
+
+IDS_DTYPE = np.dtype("<i4")
+LOGPROBS_DTYPE = np.dtype("<f4")
+
+FinishReason = Literal["stop", "length", "abort"]
+# completed: ended on a stop token; truncated: hit max_new_tokens; aborted: the engine aborted it for good.
+Status = Literal["completed", "truncated", "aborted"]
+
+
+class SchemaError(ValueError):
+    """A payload could not be decoded into the expected message (malformed, wrong type or schema version)."""
+
+
+def pack_ids(ids: npt.ArrayLike) -> bytes:
+    return np.ascontiguousarray(ids, dtype=IDS_DTYPE).tobytes()
+
+
+def pack_logprobs(logprobs: npt.ArrayLike) -> bytes:
+    return np.ascontiguousarray(logprobs, dtype=LOGPROBS_DTYPE).tobytes()
+
+
+def unpack_ids(buf: bytes) -> npt.NDArray[np.int32]:
+    return np.frombuffer(buf, dtype=IDS_DTYPE)
+
+
+def unpack_logprobs(buf: bytes) -> npt.NDArray[np.float32]:
+    return np.frombuffer(buf, dtype=LOGPROBS_DTYPE)
+
+
+class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Sampling parameters as SGLang's native /generate takes them (the subset the RL loop uses)."""
+
+    max_new_tokens: int = 1024
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    stop_token_ids: list[int] = []
+    stop: list[str] = []
+    skip_special_tokens: bool = False
+    no_stop_trim: bool = True
+
+
+class RewardInfo(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """What the reward needs besides the response: LongTraceRL's `metadata.extra_reward_info`."""
+
+    question: str
+    rubrics: list[str] = []
+    dataset_name: str = "longqa"
+    extra: dict[str, Any] = {}
+
+
+class Task(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, tag="task"):
+    """One group to generate: a prompt and how many samples of it (written by the feeder to `tasks`)."""
+
+    schema_version: int = SCHEMA_VERSION
+    run_id: str
+    group_id: str  # idempotency key through the whole pipeline
+    dataset_index: int
+    epoch: int = 0
+    prompt_ids: bytes  # int32, pack_ids
+    label: str
+    reward_info: RewardInfo
+    sampling: SamplingParams = msgspec.field(default_factory=SamplingParams)
+    num_samples: int = 8
+    policy_version: int  # version at admission (the staleness reference)
+    created_s: float = 0.0
+
+    def prompt_ids_np(self) -> npt.NDArray[np.int32]:
+        return unpack_ids(self.prompt_ids)
+
+
+class WeightSegment(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
+    """Response tokens [start, next segment's start) were generated under weight `version`."""
+
+    start: int
+    version: int
+
+
+class Sample(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """One response of a group, as generated and parsed by the rollout worker."""
+
+    response_ids: bytes  # int32
+    logprobs: bytes  # float32, one per response token, engine-side log p (see rollout_server docs)
+    text: str
+    finish_reason: FinishReason
+    status: Status
+    reasoning: str = ""  # text before the last </think>
+    content: str = ""  # the final answer after </think>
+    ill_formed: bool = False
+    task_unfinished: bool = False
+    weight_segments: list[WeightSegment] = []
+    engine_id: str = ""
+    num_resumes: int = 0  # times it was resubmitted after a pause-with-abort
+    gen_s: float = 0.0
+
+    def response_ids_np(self) -> npt.NDArray[np.int32]:
+        return unpack_ids(self.response_ids)
+
+    def logprobs_np(self) -> npt.NDArray[np.float32]:
+        return unpack_logprobs(self.logprobs)
+
+    @property
+    def min_version(self) -> int:
+        """The oldest weight version any of its tokens was generated under (-1 when empty)."""
+        return min((s.version for s in self.weight_segments), default=-1)
+
+
+class Group(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, tag="group"):
+    """A generated group: the task (prompt once) and its samples (written by rollout workers to `rollouts`)."""
+
+    schema_version: int = SCHEMA_VERSION
+    task: Task
+    samples: list[Sample]
+    worker_id: str = ""
+    rollout_s: float = 0.0
+
+    @property
+    def group_id(self) -> str:
+        return self.task.group_id
+
+    @property
+    def min_version(self) -> int:
+        return min((s.min_version for s in self.samples), default=-1)
+
+
+class SampleReward(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The reward of one sample and its parts (METHOD.md §2)."""
+
+    reward: float  # final, after group normalisation and the combination rule
+    outcome_reward: float  # r_oc in {0, 1}
+    rubric_reward: float  # r_rb after group max-normalisation
+    raw_rubric_reward: float = 0.0  # r̂_rb before normalisation
+    zeroed_reason: str = ""  # why it was set to 0 without judging (truncated, ill_formed, ...), if so
+    judge_s: float = 0.0
+
+
+class ScoredGroup(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, tag="scored"):
+    """A group with one reward per sample (written by reward workers to `scored`)."""
+
+    schema_version: int = SCHEMA_VERSION
+    group: Group
+    rewards: list[SampleReward]
+    scorer_id: str = ""
+    score_s: float = 0.0
+
+    @property
+    def group_id(self) -> str:
+        return self.group.group_id
+
+
+class DeadLetter(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, tag="dead"):
+    """An entry a consumer gave up on, with why; the original bytes are kept for inspection or replay."""
+
+    schema_version: int = SCHEMA_VERSION
+    stream: str
+    entry_id: str
+    reason: str
+    delivery_count: int
+    payload: bytes
+    consumer: str = ""
+    created_s: float = 0.0
+
+
+Message = Task | Group | ScoredGroup | DeadLetter
+M = TypeVar("M", Task, Group, ScoredGroup, DeadLetter)
+
+_encoder = msgspec.msgpack.Encoder()
+_decoders: dict[type[Any], msgspec.msgpack.Decoder[Any]] = {}
+
+
+def encode(msg: Message) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode(data: bytes, kind: type[M]) -> M:
+    """Decode one message of type `kind`; raise SchemaError on any malformed or foreign payload."""
+    dec = _decoders.get(kind)
+    if dec is None:
+        dec = _decoders[kind] = msgspec.msgpack.Decoder(kind)
+    try:
+        msg = dec.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise SchemaError(f"cannot decode {kind.__name__}: {e}") from e
+    if msg.schema_version != SCHEMA_VERSION:
+        raise SchemaError(f"{kind.__name__} has schema_version {msg.schema_version}, expected {SCHEMA_VERSION}")
+    assert isinstance(msg, kind)
+    return msg
