@@ -1,0 +1,42 @@
+"""The demo's data: tiny-world train and held-out rows, SFT demonstrations and the vocabulary.
+
+Train and held-out questions come from different worlds (different RNG streams), so held-out facts were
+never seen in training and a model can only answer them by reading the context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from datagen.config import SynthConfig
+from datagen.dataset import Row
+from datagen.synth.pipeline import SynthResult, synthesize
+from datagen.synth.tiny import sft_example, tiny_vocabulary
+
+
+@dataclass
+class DemoSplits:
+    train: list[Row]
+    heldout: list[Row]
+    sft: list[dict[str, Any]]
+    """One demonstration per train row (see datagen/synth/tiny.py: prompt, reasoning, content, response)."""
+    vocabulary: list[str]
+    """Every word of every prompt, label and response (datagen.synth.tiny.tiny_vocabulary)."""
+    train_result: SynthResult
+    heldout_result: SynthResult
+
+
+def demo_splits(seed: int = 0, num_train: int = 1024, num_heldout: int = 256, **knobs: Any) -> DemoSplits:
+    """Tiny-style splits; `knobs` are SynthConfig fields (hops=2, context_tokens=60, num_entities=64, ...)."""
+    train = synthesize(SynthConfig(style="tiny", seed=seed, num_questions=num_train, **knobs), split="train")
+    heldout = synthesize(SynthConfig(style="tiny", seed=seed, num_questions=num_heldout, **knobs), split="heldout")
+    cfg = train.config
+    return DemoSplits(
+        train=train.rows,
+        heldout=heldout.rows,
+        sft=[sft_example(q, r) for q, r in zip(train.row_questions, train.rows, strict=True)],
+        vocabulary=tiny_vocabulary(cfg.num_entities, cfg.num_cities),
+        train_result=train,
+        heldout_result=heldout,
+    )

@@ -1,0 +1,158 @@
+"""The tiny demo world: a closed word vocabulary, one-line facts, contexts of tens of words.
+
+Entities are named E00..E99 and cities C00..C99 (fixed width: the rubric test is a substring test without
+word boundaries, and "e1" would be found inside "e17"). Every entity has a founder and a boss (other
+entities) and lives in one city and was born in another, so chains are functional and the answer unique:
+
+    E17 was founded by E42 .        E42 lives in C07 .        E42 was born in C03 .      E17 reports to E05 .
+
+A k-hop question names v0 and follows k-1 relations to ask a city of v_{k-1}:
+"where does the founder of E17 live ?" (2 hops, rubrics E17 and E42, answer C07). Each fact is one document;
+the context is facts, one per line, then the question on the last line (no instruction, no tags), so every
+word of a prompt is in `tiny_vocabulary()`, from which the demo builds its word-level tokenizer.
+
+SFT demonstrations (`sft_example`): reasoning = the path entities, content = the path entities then the
+answer ("<think> E17 E42 </think> E17 E42 C07"). The rubric reward scans only the content after </think>
+(METHOD.md §2), so the content restates the chain before giving the answer.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from datagen.dataset import Row
+from datagen.docstore import Doc
+from datagen.synth.types import Hop, SynthQuestion
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+# relation -> (fact template, question phrase, search keyword)
+TINY_RELATIONS: dict[str, tuple[str, str, str]] = {
+    "founder": ("{s} was founded by {o} .", "the founder of {x}", "founded"),
+    "boss": ("{s} reports to {o} .", "the boss of {x}", "reports"),
+}
+# attribute -> (fact template, question, search keyword); the values are cities
+TINY_ATTRIBUTES: dict[str, tuple[str, str, str]] = {
+    "home": ("{s} lives in {o} .", "where does {x} live ?", "lives"),
+    "birthplace": ("{s} was born in {o} .", "where was {x} born ?", "born"),
+}
+TINY_FORMAT: dict[str, str] = {
+    "instruction": "",
+    "documents_header": "",
+    "doc_template": "{text}",
+    "doc_separator": "\n",
+    "question_prefix": "\n",
+}
+"""BuildConfig fields of the tiny prompt: facts one per line, then the question."""
+
+
+def entity_name(i: int) -> str:
+    return f"E{i:02d}"
+
+
+def city_name(j: int) -> str:
+    return f"C{j:02d}"
+
+
+def tiny_vocabulary(num_entities: int = 64, num_cities: int = 32) -> list[str]:
+    """Every whitespace-separated word a tiny world of this size can put in a prompt, label or SFT response."""
+    assert 0 < num_entities <= 100 and 0 < num_cities <= 100, "tiny names have two digits"
+    words: set[str] = {THINK_OPEN, THINK_CLOSE}
+    for template, phrase, _ in (*TINY_RELATIONS.values(), *TINY_ATTRIBUTES.values()):
+        words.update(w for w in f"{template} {phrase}".split() if w not in ("{s}", "{o}", "{x}"))
+    return sorted(words) + [entity_name(i) for i in range(num_entities)] + [city_name(j) for j in range(num_cities)]
+
+
+class TinyWorld:
+    """One random assignment of facts over E00..E{n-1} and C00..C{m-1}; one document per fact."""
+
+    def __init__(self, index: int, num_entities: int, num_cities: int, rng: random.Random) -> None:
+        self.index = index
+        self.num_entities = num_entities
+        self.relations: list[dict[str, int]] = []
+        self.attributes: list[dict[str, int]] = []
+        for i in range(num_entities):
+            self.relations.append({r: rng.choice([j for j in range(num_entities) if j != i]) for r in TINY_RELATIONS})
+            home, born = rng.sample(range(num_cities), 2)  # distinct: the other attribute is a wrong answer
+            self.attributes.append({"home": home, "birthplace": born})
+        facts: list[tuple[int, str, str]] = []
+        for i in range(num_entities):
+            facts += [(i, r, entity_name(j)) for r, j in self.relations[i].items()]
+            facts += [(i, a, city_name(c)) for a, c in self.attributes[i].items()]
+        rng.shuffle(facts)
+        self.docs: list[Doc] = []
+        self.fact_doc: dict[tuple[int, str], str] = {}
+        for k, (i, key, obj) in enumerate(facts):
+            template = (TINY_RELATIONS.get(key) or TINY_ATTRIBUTES[key])[0]
+            doc = Doc(id=f"w{index}/f{k}", title=entity_name(i), text=template.format(s=entity_name(i), o=obj))
+            self.docs.append(doc)
+            self.fact_doc[(i, key)] = doc.id
+        self._asked: set[tuple[int, tuple[str, ...], str]] = set()
+
+    def search_text(self, doc: Doc) -> str:
+        return doc.text
+
+    def sample_question(self, rng: random.Random, hops: int, qid: str) -> SynthQuestion | None:
+        for _ in range(200):
+            path = [rng.randrange(self.num_entities)]
+            relations: list[str] = []
+            while len(path) < hops:
+                options = [r for r in sorted(TINY_RELATIONS) if self.relations[path[-1]][r] not in path]
+                if not options:
+                    break
+                r = rng.choice(options)
+                relations.append(r)
+                path.append(self.relations[path[-1]][r])
+            if len(path) < hops:
+                continue
+            attribute = rng.choice(sorted(TINY_ATTRIBUTES))
+            key = (path[0], tuple(relations), attribute)
+            if key in self._asked:
+                continue
+            self._asked.add(key)
+            x = entity_name(path[0])
+            for r in relations:
+                x = TINY_RELATIONS[r][1].format(x=x)
+            last = path[-1]
+            answer = city_name(self.attributes[last][attribute])
+            wrong = {city_name(c) for i in path for c in self.attributes[i].values()} - {answer}
+            plan = [
+                Hop(
+                    query=f"{entity_name(i)} {(TINY_RELATIONS.get(s) or TINY_ATTRIBUTES[s])[2]}",
+                    fallback_query=entity_name(i),
+                    doc_id=self.fact_doc[(i, s)],
+                )
+                for i, s in zip(path, [*relations, attribute], strict=True)
+            ]
+            return SynthQuestion(
+                id=qid,
+                world=self.index,
+                question=TINY_ATTRIBUTES[attribute][1].format(x=x),
+                answer=answer,
+                path=[entity_name(i) for i in path],
+                relations=relations,
+                attribute=attribute,
+                hops=plan,
+                wrong_answers=sorted(wrong),
+            )
+        return None
+
+
+def tiny_response(q: SynthQuestion) -> tuple[str, str]:
+    """(reasoning, content) of the demonstration: the chain, then the chain and the answer."""
+    chain = " ".join(q.path)
+    return chain, f"{chain} {q.answer}"
+
+
+def sft_example(q: SynthQuestion, row: Row) -> dict[str, Any]:
+    """One SFT demonstration for a built row; `response` is the whole target text."""
+    reasoning, content = tiny_response(q)
+    return {
+        "id": q.id,
+        "prompt": row.prompt,
+        "reasoning": reasoning,
+        "content": content,
+        "response": f"{THINK_OPEN} {reasoning} {THINK_CLOSE} {content}",
+        "label": row.label,
+        "rubrics": list(q.path),
+    }
