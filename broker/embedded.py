@@ -12,6 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+from urllib.parse import quote
 
 import redis
 
@@ -59,7 +60,7 @@ class EmbeddedRedis:
 
     @property
     def url(self) -> str:
-        auth = f":{self.password}@" if self.password else ""
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
         return f"redis://{auth}{self.host}:{self.port}/0"
 
     def start(self, timeout_s: float = 10.0) -> EmbeddedRedis:
@@ -76,7 +77,12 @@ class EmbeddedRedis:
             "--logfile", str(self.data_dir / "redis.log"),
         ]  # fmt: skip
         if self.password:
-            args += ["--requirepass", self.password]
+            # From a 0600 config file, not argv: any local user can read a process's argv (ps).
+            conf = self.data_dir / "auth.conf"
+            conf.touch(mode=0o600)
+            quoted = self.password.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+            conf.write_text(f'requirepass "{quoted}"\n')
+            args.insert(1, str(conf))
         if self.maxmemory_mb:
             args += ["--maxmemory", f"{self.maxmemory_mb}mb"]
         # New session: a Ctrl-C meant for the launcher must not kill Redis before the others flush.

@@ -1,0 +1,235 @@
+"""The broker contract on a real redis-server, plus what only Redis has: crashes, restarts, memory, auth, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from broker.base import ROLLOUTS, SCORED, TASKS, BackpressureTimeout, Broker, BrokerError
+from broker.embedded import EmbeddedRedis, free_port
+from broker.factory import connect
+from broker.redis_streams import RedisBroker
+from broker.schemas import Group, SampleReward, ScoredGroup, Task
+from broker.settings import BrokerConfig
+from tests.helpers.broker_contract import *  # noqa: F403
+from tests.helpers.broker_contract import _collect, make_rollout, make_task
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _config(url: str, **overrides: Any) -> BrokerConfig:
+    return BrokerConfig.model_validate({"redis_url": url, "socket_timeout_s": 5.0, **overrides})
+
+
+@pytest.fixture
+def make_broker(redis_url: str) -> Iterator[Callable[..., Broker]]:
+    """RedisBrokers of one run (a fresh run id per test) on the session's redis-server."""
+    run_id = f"t-{uuid.uuid4().hex[:8]}"
+    made: list[Broker] = []
+
+    def make(**overrides: Any) -> Broker:
+        broker = connect(_config(redis_url, **{"run_id": run_id, **overrides}))
+        made.append(broker)
+        return broker
+
+    yield make
+    for broker in made:
+        broker.close()
+
+
+def test_keys_are_namespaced_by_run_with_a_hash_tag(make_broker: Callable[..., Broker], redis_url: str) -> None:
+    """Guards against keys outside `longtrace:{run}:` (runs would collide; a cluster would split a run's keys)."""
+    broker = make_broker(run_id="ns")
+    broker.producer(ROLLOUTS, Group).publish([make_rollout(1)], dedup_key=lambda g: g.group_id)
+    broker.consumer(ROLLOUTS, Group, "reward", "w").read(1, block_s=0)
+    broker.policy_version.set(1)
+    broker.state.set("a", "b")
+    keys = sorted(k.decode() for k in redis.Redis.from_url(redis_url, socket_timeout=5).keys("*"))
+    assert keys and all(k.startswith("longtrace:{ns}:") for k in keys), keys
+
+
+_KILLED_CONSUMER = textwrap.dedent(
+    """
+    import sys, time
+    from broker.factory import connect
+    from broker.settings import BrokerConfig
+    from broker.base import ROLLOUTS, SCORED
+    from broker.schemas import Group, SampleReward, ScoredGroup
+    broker = connect(BrokerConfig.model_validate({"redis_url": sys.argv[1], "run_id": sys.argv[2]}))
+    consumer = broker.consumer(ROLLOUTS, Group, "reward", "doomed")
+    entries = []
+    while len(entries) < 6:
+        entries += consumer.read(6 - len(entries), block_s=1.0)
+    reward = SampleReward(reward=1.0, outcome_reward=1.0, rubric_reward=1.0)
+    out = [ScoredGroup(group=e.msg, rewards=[reward, reward]) for e in entries[:3]]
+    broker.producer(SCORED, ScoredGroup).publish(out, dedup_key=lambda s: s.group_id)
+    print("published 3 of 6, not acked", flush=True)
+    time.sleep(60)
+    """
+)
+
+
+def test_consumer_killed_mid_batch_is_reclaimed_nothing_lost_or_doubled(redis_url: str) -> None:
+    """Guards against losing a SIGKILLed consumer's pending entries, or scoring its half-done work twice."""
+    run_id = f"kill-{uuid.uuid4().hex[:6]}"
+    broker = RedisBroker(_config(redis_url, run_id=run_id, claim_idle_s=0.3))
+    broker.producer(ROLLOUTS, Group).publish([make_rollout(i) for i in range(8)])
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_CONSUMER, redis_url, run_id], stdout=subprocess.PIPE, cwd=REPO, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith("published 3 of 6")
+    finally:
+        proc.kill()  # SIGKILL after reading and before acking
+        proc.wait(10)
+    survivor = broker.consumer(ROLLOUTS, Group, "reward", "survivor")
+    scored = broker.producer(SCORED, ScoredGroup)
+    reward = SampleReward(reward=1.0, outcome_reward=1.0, rubric_reward=1.0)
+    handled: list[tuple[str, int]] = []
+    deadline = time.monotonic() + 10
+    while len(handled) < 8 and time.monotonic() < deadline:
+        entries = survivor.read(4, block_s=0.5)
+        scored.publish(
+            [ScoredGroup(group=e.msg, rewards=[reward, reward]) for e in entries], dedup_key=lambda s: s.group_id
+        )
+        survivor.ack([e.id for e in entries])
+        handled += [(e.msg.group_id, e.delivery_count) for e in entries]
+    assert sorted(g for g, _ in handled) == sorted(f"g{i}" for i in range(8))
+    assert sorted(n for _, n in handled) == [1, 1] + [2] * 6  # the six the dead consumer held were redelivered
+    assert broker.producer(ROLLOUTS, Group).backlog() == 0
+    out = _collect(broker.consumer(SCORED, ScoredGroup, "learner", "l"))
+    assert sorted(s.msg.group_id for s in out) == sorted(f"g{i}" for i in range(8))  # each exactly once
+    broker.close()
+
+
+def test_backpressure_keeps_redis_memory_flat(redis_url: str) -> None:
+    """Guards against a producer that keeps writing into Redis when no one consumes (memory would grow unbounded)."""
+    broker = RedisBroker(_config(redis_url, run_id="mem", max_backlog=4))
+    producer = broker.producer(ROLLOUTS, Group)
+    client = redis.Redis.from_url(redis_url, socket_timeout=5)
+    big = [make_rollout(i) for i in range(12)]
+    for g in big:  # 64K prompt tokens each: 256 KB, so growth would show
+        g.task.prompt_ids = b"\x01" * (256 * 1024)
+    producer.publish(big[:4])
+    used_before = int(client.info("memory")["used_memory"])
+    for i in range(4, 12):
+        with pytest.raises(BackpressureTimeout):
+            producer.publish([big[i]], timeout_s=0.05)
+    used_after = int(client.info("memory")["used_memory"])
+    assert producer.backlog() == 4
+    assert used_after - used_before < 256 * 1024, (used_before, used_after)
+    broker.close()
+    client.close()
+
+
+def test_redis_killed_and_restarted_with_aof_loses_nothing(tmp_path: Path) -> None:
+    """Guards against losing published-but-unacked entries (or the consumer's pending list) in a Redis crash,
+    and against producers and consumers that do not reconnect after Redis comes back."""
+    port = free_port()
+    server = EmbeddedRedis(port=port, data_dir=tmp_path, appendonly=True).start()
+    try:
+        config = _config(server.url, run_id="aof", retry_attempts=100, retry_deadline_s=20, claim_idle_s=3600)
+        broker = RedisBroker(config)
+        producer = broker.producer(TASKS, Task)
+        consumer = broker.consumer(TASKS, Task, "g", "c")
+        producer.publish([make_task(i) for i in range(10)])
+        acked = consumer.read(3, block_s=1)
+        consumer.ack([e.id for e in acked])
+        held = consumer.read(3, block_s=1)  # pending in this consumer when Redis dies
+        server.kill()
+        restarter = threading.Timer(0.5, server.start)
+        restarter.start()
+        producer.publish([make_task(i) for i in range(10, 12)])  # retries until Redis is back
+        restarter.join()
+        assert producer.backlog() == 9  # 4 unread + 3 pending + 2 new; the 3 acked stay gone
+        restarted = RedisBroker(config).consumer(TASKS, Task, "g", "c")
+        again = restarted.read(10, block_s=1)
+        assert [e.id for e in again] == [e.id for e in held] and all(e.delivery_count == 2 for e in again)
+        rest = consumer.read(10, block_s=1)  # the old consumer object reconnects too
+        assert sorted(e.msg.group_id for e in rest) == sorted(f"g{i}" for i in (6, 7, 8, 9, 10, 11))
+        broker.close()
+    finally:
+        server.cleanup()
+
+
+def test_password_url_works_and_a_wrong_password_fails_fast() -> None:
+    """Guards against URLs with credentials being ignored, and bad credentials retried for a minute."""
+    with EmbeddedRedis(password="s3cret") as server:
+        assert server.url.startswith("redis://:s3cret@")
+        broker = connect(_config(server.url, run_id="auth"))
+        broker.producer(TASKS, Task).publish([make_task(1)])
+        assert broker.consumer(TASKS, Task, "g", "c").read(1, block_s=1)[0].msg == make_task(1)
+        broker.close()
+        start = time.monotonic()
+        with pytest.raises(BrokerError, match="refused the credentials"):
+            connect(_config(server.url.replace("s3cret", "wrong"), run_id="auth"))
+        assert time.monotonic() - start < 5, "bad credentials were retried"
+        with pytest.raises(ValueError, match="--broker.redis_url"):
+            connect(_config("http://localhost:6379"))
+
+
+def test_longtrace_redis_prints_url_and_stops_on_sigterm(tmp_path: Path) -> None:
+    """Guards against `longtrace redis` not printing a usable URL, or leaving redis-server behind on SIGTERM."""
+    env = {**os.environ, "LT_TEST_REDIS_PW": "pw1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "deploy.cli",
+        "redis",
+        "--dir",
+        str(tmp_path),
+        "--appendonly",
+        "--password-env",
+        "LT_TEST_REDIS_PW",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, cwd=REPO, env=env, text=True)
+    try:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().strip()
+        assert url.startswith("redis://:pw1@127.0.0.1:")
+        client = redis.Redis.from_url(url, socket_timeout=5)
+        assert client.ping() and client.config_get("appendonly")["appendonly"] == "yes"
+        client.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    finally:
+        proc.kill()
+    with pytest.raises(redis.ConnectionError):
+        redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1).ping()
+
+
+def test_bench_broker_prints_one_json_object(redis_server: str) -> None:
+    """Guards against a benchmark that rots (crashes, or drops the keys the targets are read from)."""
+    cmd = [
+        sys.executable, "-m", "deploy.cli", "bench", "broker", "--json", "--redis-url", redis_server,
+        "--prompt-tokens", "512", "--response-tokens", "64", "--num-samples", "2", "--num-groups", "8", "--reps", "2",
+    ]  # fmt: skip
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, check=True).stdout
+    result = json.loads(out)
+    for key in (
+        "groups_per_s",
+        "raw_groups_per_s",
+        "ratio",
+        "mb_per_s",
+        "encode_us",
+        "decode_us",
+        "json_encode_us",
+        "json_ratio",
+        "group_mb",
+    ):
+        assert result[key] > 0, key
+    assert redis.Redis.from_url(redis_server, socket_timeout=5).keys("longtrace:{bench-*") == []  # cleaned up
