@@ -101,8 +101,8 @@ def _validate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report.to_dict()))
     else:
-        for e in report.errors:
-            print(e, file=sys.stderr)
+        for problem in report.errors:
+            print(problem, file=sys.stderr)
         more = report.num_errors - len(report.errors)
         if more > 0:
             print(f"... and {more} more errors", file=sys.stderr)

@@ -1,4 +1,9 @@
-"""`longtrace` subcommands of reward_service (registered by deploy/cli.py)."""
+"""`longtrace` subcommands of reward_service (registered by deploy/cli.py).
+
+longtrace reward serve  [--config F] [--host H] [--port P] [--section.key value ...]
+longtrace reward worker [--config F] [--section.key value ...]
+longtrace bench reward  [--json] [--requests N] [--concurrency C]
+"""
 
 from __future__ import annotations
 
@@ -8,3 +13,88 @@ from typing import Any
 
 def register(commands: argparse._SubParsersAction[Any], benches: argparse._SubParsersAction[Any]) -> None:
     """Add this package's subcommands and benchmarks. Keep imports inside the handlers."""
+    reward = commands.add_parser("reward", help="the rubric-reward service (HTTP API and stream worker)")
+    sub = reward.add_subparsers(dest="reward_command", metavar="SUBCOMMAND", required=True)
+
+    serve = sub.add_parser(
+        "serve",
+        help="run the HTTP API (POST /evaluate, /v1/score, /v1/score_group; GET /health, /metrics)",
+        epilog="Any config key can be overridden: --judge.kind llm --judge.base_url URL --eta 0.3 ...",
+    )
+    serve.add_argument("--config", default=None, help="TOML file with a RewardConfig")
+    serve.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=None, help="port (default 7248)")
+    serve.set_defaults(func=_serve, overrides=True)
+
+    worker = sub.add_parser(
+        "worker",
+        help="consume `rollouts`, score groups, publish to `scored`",
+        epilog="Any config key can be overridden: --broker.redis_url URL --worker.consumer NAME ...",
+    )
+    worker.add_argument("--config", default=None, help="TOML file with a RewardConfig")
+    worker.set_defaults(func=_worker, overrides=True)
+
+    bench = benches.add_parser("reward", help="/evaluate throughput vs a naive reward server (rule judge)")
+    bench.add_argument("--json", action="store_true", help="print one JSON object")
+    bench.add_argument("--requests", type=int, default=384, help="timed requests per server")
+    bench.add_argument("--concurrency", type=int, default=32, help="requests in flight")
+    bench.set_defaults(func=_bench)
+
+
+def _config(args: argparse.Namespace, extra: list[str]) -> Any:
+    from broker.config import load_config
+    from reward_service.config import RewardConfig
+
+    return load_config(RewardConfig, args.config, list(args.overrides) + extra)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from broker.logs import setup_logging
+
+    extra = (["--host", args.host] if args.host else []) + (["--port", str(args.port)] if args.port is not None else [])
+    config = _config(args, extra)
+    setup_logging(json_lines=None, prefix="reward ")
+
+    import uvicorn
+
+    from reward_service.app import create_app
+
+    app = create_app(config)
+    uvicorn.run(app, host=config.host, port=config.port, log_level="warning", access_log=config.access_log)
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    import asyncio
+    import signal
+
+    from broker.logs import setup_logging
+
+    config = _config(args, [])
+    setup_logging(json_lines=None, prefix="reward-worker ")
+
+    from broker.factory import connect
+    from reward_service.judges import build_judge
+    from reward_service.worker import RewardWorker
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        judge = build_judge(config.judge)
+        broker = connect(config.broker)
+        try:
+            await RewardWorker(config, broker, judge).run(stop)
+        finally:
+            await judge.aclose()
+            broker.close()
+
+    asyncio.run(main())
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from reward_service.bench import run_bench
+
+    return run_bench(num_requests=args.requests, concurrency=args.concurrency, as_json=args.json)

