@@ -38,6 +38,7 @@ def register(commands: argparse._SubParsersAction[Any], benches: argparse._SubPa
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.add_argument("--requests", type=int, default=384, help="timed requests per server")
     bench.add_argument("--concurrency", type=int, default=32, help="requests in flight")
+    bench.add_argument("--clients", type=int, default=4, help="load-generator processes sharing the concurrency")
     bench.set_defaults(func=_bench)
 
 
@@ -97,4 +98,4 @@ def _worker(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from reward_service.bench import run_bench
 
-    return run_bench(num_requests=args.requests, concurrency=args.concurrency, as_json=args.json)
+    return run_bench(num_requests=args.requests, concurrency=args.concurrency, clients=args.clients, as_json=args.json)

@@ -1,0 +1,217 @@
+"""The reward service's HTTP API (FastAPI): `create_app(config, judge=None)`.
+
+Routes: POST /evaluate (drop-in for the LongTraceRL reward server), POST /v1/score (a batch of samples),
+POST /v1/score_group (one group: normalisation + combination rule), GET /health, GET /metrics, and the
+OpenAPI docs at /docs. A pure-ASGI guard in front of the app enforces the body-size limit before anything
+is parsed (413), checks the bearer token (401) and records request metrics. Malformed bodies get 422 with
+the reason; a judge that fails gets 502 with its error, never a reward of 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
+from typing import TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from reward_service.config import RewardConfig
+from reward_service.judges import Judge, JudgeError, build_judge
+from reward_service.metrics import ERRORS, REGISTRY, REQUEST_SECONDS, REQUESTS
+from reward_service.schemas import (
+    EvaluateRequest,
+    EvaluateResponse,
+    Health,
+    ScoreGroupRequest,
+    ScoreGroupResponse,
+    ScoreRequest,
+    ScoreResponse,
+)
+from reward_service.scoring import BadRequest, Scorer
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+ROUTES = ("/evaluate", "/v1/score", "/v1/score_group", "/health", "/metrics", "/docs", "/openapi.json")
+OPEN_ROUTES = frozenset({"/health", "/metrics", "/docs", "/openapi.json", "/docs/oauth2-redirect"})
+
+
+class _Guard:
+    """Body limit, bearer auth and request metrics, as one pure ASGI middleware (no per-request task overhead).
+
+    The body is read here, counted against the limit, and replayed to the app: an oversized or lying
+    Content-Length is refused with 413 before any JSON is parsed.
+    """
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int, token: str | None) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self._token = f"Bearer {token}".encode() if token else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        route = path if path in ROUTES else "other"
+        start = time.perf_counter()
+        status = 500
+
+        async def send_and_record(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            refusal = self._check_auth(scope, path)
+            body: bytes | None = b""
+            if refusal is None:
+                body, refusal = await self._read_body(scope, receive)
+            if refusal is not None:
+                await refusal(scope, receive, send_and_record)
+                return
+            if body is None:  # the client went away mid-body: nobody to answer
+                status = 499
+                return
+            await self.app(scope, _replay(body, receive), send_and_record)
+        finally:
+            REQUESTS.labels(route, str(status)).inc()
+            REQUEST_SECONDS.labels(route).observe(time.perf_counter() - start)
+
+    def _check_auth(self, scope: Scope, path: str) -> Response | None:
+        if self._token is None or path in OPEN_ROUTES:
+            return None
+        given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+        if hmac.compare_digest(given, self._token):
+            return None
+        ERRORS.labels("unauthorized").inc()
+        return JSONResponse(
+            {"detail": "missing or wrong bearer token"}, status_code=401, headers={"WWW-Authenticate": "Bearer"}
+        )
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> tuple[bytes | None, Response | None]:
+        declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
+            return b"", self._too_large(declared.decode("latin-1"))
+        chunks: list[bytes] = []
+        size = 0
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None, None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                return b"", self._too_large(f"more than {self.max_body_bytes}")
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        return b"".join(chunks), None
+
+    def _too_large(self, size: str) -> Response:
+        ERRORS.labels("body_too_large").inc()
+        return JSONResponse(
+            {"detail": f"request body of {size} bytes exceeds the limit of {self.max_body_bytes} (--max_body_mb)"},
+            status_code=413,
+        )
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """The buffered body as one message, then the real channel (which reports a disconnect)."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+def create_app(config: RewardConfig, judge: Judge | None = None) -> FastAPI:
+    """The ASGI app. A judge passed in is left open on shutdown; one built here from `config.judge` is closed."""
+    owned = judge is None
+    the_judge = build_judge(config.judge) if judge is None else judge
+    scorer = Scorer(the_judge, config)
+    token = config.auth_token()
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        log.info("reward service up: judge=%s auth=%s", the_judge.kind, "on" if token else "off")
+        yield
+        if owned:
+            await the_judge.aclose()
+
+    app = FastAPI(
+        title="LongTrace reward service",
+        summary="Outcome (LLM or rule judge) + entity rubric rewards of LongTraceRL, drop-in for its /evaluate.",
+        version="1",
+        lifespan=lifespan,
+    )
+
+    async def bounded(aw: Awaitable[T]) -> T:
+        async with asyncio.timeout(config.request_timeout_s):
+            return await aw
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        ERRORS.labels("bad_request").inc()
+        # no "input" echo: it can be a 128K-token history
+        errors = [
+            {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in exc.errors()
+        ]
+        return JSONResponse({"detail": errors}, status_code=422)
+
+    @app.exception_handler(BadRequest)
+    async def _bad(_: Request, exc: BadRequest) -> JSONResponse:
+        ERRORS.labels("bad_request").inc()
+        return JSONResponse({"detail": str(exc)}, status_code=422)
+
+    @app.exception_handler(JudgeError)
+    async def _judge_failed(_: Request, exc: JudgeError) -> JSONResponse:
+        ERRORS.labels("judge").inc()
+        log.warning("judge failed: %s", exc)
+        return JSONResponse({"detail": f"judge failed: {exc}"}, status_code=502)
+
+    @app.exception_handler(TimeoutError)
+    async def _timeout(_: Request, exc: TimeoutError) -> JSONResponse:
+        ERRORS.labels("timeout").inc()
+        return JSONResponse({"detail": f"scoring took longer than {config.request_timeout_s} s"}, status_code=504)
+
+    @app.post("/evaluate", response_model=EvaluateResponse, tags=["reward"])
+    async def evaluate(req: EvaluateRequest) -> EvaluateResponse:
+        """One sample, LongTraceRL reward-server contract: `{label, extra_reward_info, history | response}` ->
+        `{reward, outcome_reward, rubric_reward}`."""
+        return await bounded(scorer.evaluate(req))
+
+    @app.post("/v1/score", response_model=ScoreResponse, tags=["reward"])
+    async def score(req: ScoreRequest) -> ScoreResponse:
+        """Independent samples (each an /evaluate body), scored concurrently; one failed judge fails the request."""
+        return await bounded(scorer.score(req))
+
+    @app.post("/v1/score_group", response_model=ScoreGroupResponse, tags=["reward"])
+    async def score_group(req: ScoreGroupRequest) -> ScoreGroupResponse:
+        """One group: per-sample parts, rubric max-normalisation over the group, then the combination rule."""
+        return await bounded(scorer.score_group_request(req))
+
+    @app.get("/health", response_model=Health, tags=["ops"])
+    async def health() -> Health:
+        return Health(judge=the_judge.kind)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    app.add_middleware(_Guard, max_body_bytes=int(config.max_body_mb * 1024 * 1024), token=token)
+    return app

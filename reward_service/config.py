@@ -1,0 +1,138 @@
+"""The reward service's typed config: HTTP server, judge backend, reward recipe, broker and stream worker.
+
+Loaded with `broker.config.load_config(RewardConfig, path, overrides)`; every field can be set from TOML or
+with `--section.key value` (e.g. `--judge.kind llm --judge.base_url http://judge:8000/v1`).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Annotated, Any, Literal
+
+from pydantic import Field
+
+from broker.config import BaseConfig, ConfigError
+from broker.settings import BrokerConfig
+
+CombinationRule = Literal["positive_only", "negative_only", "both"]
+
+
+class RuleJudgeConfig(BaseConfig):
+    """Outcome judge without a model, for offline runs: compares normalised answer tokens to the label."""
+
+    kind: Literal["rule"] = "rule"
+    """Selects this backend."""
+    mode: Literal["exact", "contains", "f1"] = "contains"
+    """exact: the answer's tokens equal the label's; contains: the label's tokens occur contiguously in the
+    answer; f1: token F1 between answer and label reaches `f1_threshold`."""
+    f1_threshold: Annotated[float, Field(gt=0, le=1)] = 0.8
+    """Token-F1 at or above which the answer counts as correct (mode f1)."""
+
+
+class LlmJudgeConfig(BaseConfig):
+    """Outcome judge over any OpenAI-compatible chat API, with the BrowseComp-style prompt of METHOD.md §2."""
+
+    kind: Literal["llm"] = "llm"
+    """Selects this backend."""
+    base_url: str = "http://127.0.0.1:8000/v1"
+    """Base URL of the API; requests go to `{base_url}/chat/completions`."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """Environment variable holding the API key (sent as a bearer token; unset means no Authorization header)."""
+    model: str = "qwen3-235b-a22b-instruct-2507"
+    """Judge model name (the LongTraceRL reference default)."""
+    timeout_s: Annotated[float, Field(gt=0)] = 120.0
+    """Timeout of one API request (connect, write, read and pool wait each)."""
+    max_retries: Annotated[int, Field(ge=0)] = 3
+    """Retries of one API request after a transport error, timeout, HTTP 408/429/5xx or a malformed body."""
+    backoff_base_s: Annotated[float, Field(ge=0)] = 1.0
+    """First retry waits up to this long (full jitter, doubling per retry)."""
+    max_backoff_s: Annotated[float, Field(ge=0)] = 30.0
+    """Cap of one backoff wait."""
+    deadline_s: Annotated[float, Field(gt=0)] = 600.0
+    """No retry starts after this long since the first attempt of a request."""
+    max_asks: Annotated[int, Field(ge=1)] = 3
+    """Times the judge is asked until both `extracted_final_answer:` and `correct:` parse."""
+    concurrency: Annotated[int, Field(ge=1)] = 64
+    """API requests in flight at once (also the connection pool size)."""
+    cache_size: Annotated[int, Field(ge=0)] = 65536
+    """Verdicts kept in the LRU cache keyed by (question, label, answer); 0 disables caching."""
+    temperature: float | None = None
+    """Sampling temperature sent to the API; None sends none (the reference uses the API default)."""
+    max_tokens: Annotated[int | None, Field(ge=1)] = None
+    """Completion token limit sent to the API; None sends none."""
+    extra_body: dict[str, Any] = {"thinking": {"type": "disabled"}}
+    """Extra top-level request fields (the reference disables the judge's thinking this way); {} for plain APIs."""
+
+
+JudgeConfig = Annotated[RuleJudgeConfig | LlmJudgeConfig, Field(discriminator="kind")]
+
+
+class WorkerConfig(BaseConfig):
+    """The stream worker: consumes `rollouts` in a consumer group, publishes to `scored`."""
+
+    group: str = "reward"
+    """Consumer group on the `rollouts` stream; replicas sharing it share the work."""
+    consumer: str = ""
+    """This replica's consumer name; empty means `<hostname>-<pid>`. Reuse a name to resume its pending entries."""
+    batch_size: Annotated[int, Field(ge=1)] = 8
+    """Groups fetched per read."""
+    concurrency: Annotated[int, Field(ge=1)] = 16
+    """Groups scored at once (their samples are judged concurrently, bounded by the judge)."""
+    max_group_retries: Annotated[int, Field(ge=0)] = 3
+    """In-process retries of a group whose judge failed; after them the entry goes to the dead stream."""
+    retry_backoff_s: Annotated[float, Field(ge=0)] = 2.0
+    """First wait before retrying a failed group (full jitter, doubling per retry)."""
+    zero_ill_formed: bool = True
+    """Training mode: truncated, aborted, ill-formed and unfinished samples get 0 without a judge call."""
+    publish_timeout_s: Annotated[float, Field(gt=0)] = 600.0
+    """How long to wait for room in `scored` (backpressure) before giving up on the process."""
+    shutdown_timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    """On SIGTERM, in-flight groups get this long to finish; unfinished ones stay pending for another replica."""
+
+    def consumer_name(self) -> str:
+        return self.consumer or f"{socket.gethostname()}-{os.getpid()}"
+
+
+class RewardConfig(BaseConfig):
+    """Everything `longtrace reward serve` and `longtrace reward worker` need."""
+
+    host: str = "127.0.0.1"
+    """Bind address of the HTTP API (loopback unless told otherwise)."""
+    port: Annotated[int, Field(ge=0, le=65535)] = 7248
+    """Port of the HTTP API (the LongTraceRL reference port)."""
+    auth_token_env: str = ""
+    """Environment variable holding a bearer token the API requires; empty means no auth. Never logged."""
+    max_body_mb: Annotated[float, Field(gt=0)] = 64.0
+    """Largest request body accepted (HTTP 413 beyond it); LongTraceRL histories carry the 128K-token prompt."""
+    max_batch: Annotated[int, Field(ge=1)] = 4096
+    """Most samples in one /v1/score or /v1/score_group request."""
+    request_timeout_s: Annotated[float, Field(gt=0)] = 600.0
+    """Scoring one request takes at most this long (HTTP 504 beyond it), as the reference's 600 s."""
+    access_log: bool = False
+    """uvicorn's per-request access log (costs throughput)."""
+    judge: JudgeConfig = Field(default_factory=lambda: RuleJudgeConfig())
+    """Outcome judge backend: `rule` (offline) or `llm` (OpenAI-compatible API, the paper's setup)."""
+    eta: Annotated[float, Field(ge=0, le=1)] = 0.3
+    """rubric_reward_ratio η: weight of the rubric reward; a request's own `rubric_reward_ratio` wins."""
+    combination: CombinationRule = "positive_only"
+    """Group rule (METHOD.md §2): positive_only (the paper), negative_only, or both (positive & negative)."""
+    normalize_rubric: bool = True
+    """Divide each rubric reward by the group's maximum when that is > 0 (`--normalize-rubric-reward`)."""
+    rubric_use_reasoning_content: bool = False
+    """Default of the request flag: scan the assistant's reasoning (thinking) for rubric entities."""
+    rubric_use_content: bool = True
+    """Default of the request flag: scan the assistant's final answer for rubric entities (the paper's recipe)."""
+    broker: BrokerConfig = Field(default_factory=lambda: BrokerConfig.model_validate({}))
+    """Redis and run namespace (the worker only)."""
+    worker: WorkerConfig = Field(default_factory=lambda: WorkerConfig())
+    """The stream worker."""
+
+    def auth_token(self) -> str | None:
+        """The bearer token from `auth_token_env`, or None when auth is off; ConfigError if the variable is unset."""
+        if not self.auth_token_env:
+            return None
+        token = os.environ.get(self.auth_token_env, "")
+        if not token:
+            raise ConfigError(f"--auth_token_env: environment variable {self.auth_token_env} is unset or empty")
+        return token

@@ -1,0 +1,105 @@
+"""`longtrace reward worker`: scores groups from the `rollouts` stream and publishes them to `scored`.
+
+Each replica is one consumer in a shared consumer group. Per group: score its samples concurrently, publish
+a ScoredGroup with dedup key = group id, THEN ack. A replica that dies before its ack leaves the entry
+pending; another replica reclaims it (broker XAUTOCLAIM) and the dedup key drops a second publish, so
+nothing is lost or duplicated. A judge failure is retried in-process `max_group_retries` times with
+backoff, then the entry goes to the dead stream with the reason; it never becomes a reward of 0. A group
+whose reward info cannot be scored (e.g. a non-integer longrlvr chunk id) goes to the dead stream at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from broker.base import ROLLOUTS, SCORED, Broker, Entry
+from broker.retry import RetryPolicy
+from broker.schemas import Group, SampleReward, ScoredGroup
+from reward_service.config import RewardConfig
+from reward_service.judges import Judge, JudgeError
+from reward_service.metrics import WORKER_GROUPS
+from reward_service.scoring import Scorer
+
+log = logging.getLogger(__name__)
+
+
+class RewardWorker:
+    def __init__(self, config: RewardConfig, broker: Broker, judge: Judge) -> None:
+        self.config = config
+        self.name = config.worker.consumer_name()
+        self.scorer = Scorer(judge, config)
+        self.consumer = broker.consumer(ROLLOUTS, Group, config.worker.group, self.name)
+        self.producer = broker.producer(SCORED, ScoredGroup)
+        self._retry = RetryPolicy(
+            max_attempts=config.worker.max_group_retries + 1,
+            base_s=config.worker.retry_backoff_s,
+            max_backoff_s=max(config.worker.retry_backoff_s, 60.0),
+            deadline_s=float("inf"),  # bounded by attempts; the judge's own deadline bounds each attempt
+        )
+        self.num_scored = 0
+        self.num_dead = 0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Consume until `stop` is set; then give in-flight groups `shutdown_timeout_s` to finish. An unexpected
+        error in a group (broker down, backpressure timeout) stops the worker: its entries stay pending."""
+        cfg = self.config.worker
+        block_s = self.config.broker.block_s
+        inflight: set[asyncio.Task[None]] = set()
+        log.info("reward worker %s consuming %s in group %s", self.name, ROLLOUTS, cfg.group)
+        try:
+            while not stop.is_set():
+                free = cfg.concurrency - len(inflight)
+                if free > 0:
+                    entries = await asyncio.to_thread(self.consumer.read, min(free, cfg.batch_size), block_s)
+                    inflight.update(asyncio.create_task(self.handle(e)) for e in entries)
+                if inflight:
+                    done, inflight = await asyncio.wait(
+                        inflight, timeout=0 if free > 0 else block_s, return_when=asyncio.FIRST_COMPLETED
+                    )
+                    for task in done:
+                        task.result()
+        finally:
+            if inflight:
+                log.info("waiting up to %.0fs for %d in-flight groups", cfg.shutdown_timeout_s, len(inflight))
+                _, pending = await asyncio.wait(inflight, timeout=cfg.shutdown_timeout_s)
+                for task in pending:  # left pending in the stream: another replica reclaims them
+                    task.cancel()
+                await asyncio.gather(*inflight, return_exceptions=True)
+
+    async def handle(self, entry: Entry[Group]) -> None:
+        """Score one group, publish it, then ack; or dead-letter it with the reason."""
+        group = entry.msg
+        start = time.perf_counter()
+        attempts = 0
+
+        async def attempt() -> list[SampleReward]:
+            nonlocal attempts
+            attempts += 1
+            if attempts > 1:
+                WORKER_GROUPS.labels("retried").inc()
+            return await self.scorer.score_group(group, evaluation=not self.config.worker.zero_ill_formed)
+
+        try:
+            rewards = await self._retry.acall(attempt, retry_on=(JudgeError,), what=f"scoring group {group.group_id}")
+        except JudgeError as e:
+            await self._dead(entry, f"judge failed after {attempts} attempts: {e}")
+            return
+        except ValueError as e:  # the group's reward info cannot be scored: retrying cannot help
+            await self._dead(entry, f"cannot score group: {e}")
+            return
+        scored = ScoredGroup(group=group, rewards=rewards, scorer_id=self.name, score_s=time.perf_counter() - start)
+        await asyncio.to_thread(
+            self.producer.publish, [scored], lambda m: m.group_id, self.config.worker.publish_timeout_s
+        )
+        await asyncio.to_thread(self.consumer.ack, [entry.id])
+        self.num_scored += 1
+        WORKER_GROUPS.labels("scored").inc()
+        log.debug("scored group %s in %.3fs", group.group_id, scored.score_s)
+
+    async def _dead(self, entry: Entry[Group], reason: str) -> None:
+        log.error("dead-lettering group %s (entry %s): %s", entry.msg.group_id, entry.id, reason)
+        await asyncio.to_thread(self.consumer.dead_letter, entry, reason)
+        self.num_dead += 1
+        WORKER_GROUPS.labels("dead").inc()

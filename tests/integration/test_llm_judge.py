@@ -1,0 +1,250 @@
+"""The LLM judge against a small local OpenAI-compatible stub (a stand-in for the remote judge LLM, which is
+outside the product), over real HTTP: timeouts, 5xx, garbled verdicts, retries, the cache, and a judge
+failure surfacing as an error (HTTP 502), never as a reward of 0."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from broker.embedded import free_port
+from reward_service.app import create_app
+from reward_service.config import LlmJudgeConfig, RewardConfig
+from reward_service.judges import JudgeError
+from reward_service.judges.llm import LlmJudge
+
+_ANSWER_RE = re.compile(r"\[correct_answer\]: (.*?)\n\n\[response\]: (.*?)\n\nYour judgement", re.DOTALL)
+
+
+class StubJudgeApi:
+    """An OpenAI-compatible /v1/chat/completions on a free port, run by uvicorn in a thread.
+
+    Each request takes the next scripted action, else `default`: "judge" (a verdict: yes when the gold
+    answer occurs in the response, case-insensitively), "yes", "no", "garbled", "malformed" (200 with a
+    body that is no completion), "500", "401", "sleep:S" (then judge), "hang" (until `release()`, then judge).
+    """
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        self.script: deque[str] = deque()
+        self.default = "judge"
+        self.requests: list[dict[str, Any]] = []
+        self.headers: list[dict[str, str]] = []
+        self.inflight = 0
+        self.max_inflight = 0
+        self._released = threading.Event()
+        app = Starlette(routes=[Route("/v1/chat/completions", self._complete, methods=["POST"])])
+        self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+
+    def start(self) -> StubJudgeApi:
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self._server.started:
+            assert time.monotonic() < deadline, "stub judge API did not start"
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        self._released.set()
+        self._server.should_exit = True
+        self._thread.join(timeout=10)
+
+    def release(self) -> None:
+        self._released.set()
+
+    async def _complete(self, request: Request) -> Response:
+        body = await request.json()
+        self.requests.append(body)
+        self.headers.append(dict(request.headers))
+        action = self.script.popleft() if self.script else self.default
+        self.inflight += 1
+        self.max_inflight = max(self.max_inflight, self.inflight)
+        try:
+            if action.startswith("sleep:"):
+                await asyncio.sleep(float(action.split(":", 1)[1]))
+                action = "judge"
+            if action == "hang":
+                while not self._released.is_set():
+                    await asyncio.sleep(0.02)
+                action = "judge"
+            if action in ("500", "401"):
+                return PlainTextResponse("stub error", status_code=int(action))
+            if action == "malformed":
+                return JSONResponse({"object": "error"})
+            if action == "judge":
+                gold, response = _ANSWER_RE.search(body["messages"][0]["content"]).groups()  # type: ignore[union-attr]
+                action = "yes" if gold.strip().lower() in response.lower() else "no"
+            text = {
+                "yes": "extracted_final_answer: X\nreasoning: matches\ncorrect: yes",
+                "no": "extracted_final_answer: Y\nreasoning: differs\ncorrect: no",
+                "garbled": "I believe the response is probably fine.",
+            }[action]
+            return JSONResponse({"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]})
+        finally:
+            self.inflight -= 1
+
+
+@pytest.fixture
+def stub() -> Iterator[StubJudgeApi]:
+    api = StubJudgeApi().start()
+    yield api
+    api.stop()
+
+
+def _judge(stub: StubJudgeApi, **kw: Any) -> LlmJudge:
+    fields: dict[str, Any] = {"base_url": stub.url, "backoff_base_s": 0.01, "max_backoff_s": 0.05, "timeout_s": 5.0}
+    fields.update(kw)
+    return LlmJudge(LlmJudgeConfig(**fields))
+
+
+async def _ask(judge: LlmJudge, *args: str) -> bool:
+    try:
+        return await judge.judge(*args)
+    finally:
+        await judge.aclose()
+
+
+def test_verdicts_and_request_shape(stub: StubJudgeApi, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Guards against a wrong request (model, prompt, the reference's thinking switch, bearer key) or a
+    misread verdict."""
+    monkeypatch.setenv("LT_TEST_JUDGE_KEY", "k-123")
+
+    async def main() -> tuple[bool, bool]:
+        judge = _judge(stub, api_key_env="LT_TEST_JUDGE_KEY", model="judge-m", temperature=0.0)
+        try:
+            return await judge.judge("Q?", "Paris", "It is Paris."), await judge.judge("Q?", "Rome", "It is Paris.")
+        finally:
+            await judge.aclose()
+
+    assert asyncio.run(main()) == (True, False)
+    req = stub.requests[0]
+    assert req["model"] == "judge-m" and req["temperature"] == 0.0
+    assert req["thinking"] == {"type": "disabled"}
+    assert "[question]: Q?\n\n[correct_answer]: Paris\n\n[response]: It is Paris." in req["messages"][0]["content"]
+    assert stub.headers[0]["authorization"] == "Bearer k-123"
+
+
+def test_5xx_and_malformed_are_retried_then_succeed(stub: StubJudgeApi) -> None:
+    """Guards against a transient API error failing the sample (or silently scoring it 0)."""
+    stub.script.extend(["500", "malformed", "judge"])
+    assert asyncio.run(_ask(_judge(stub, max_retries=3), "Q", "Paris", "Paris")) is True
+    assert len(stub.requests) == 3
+
+
+def test_timeout_is_retried(stub: StubJudgeApi) -> None:
+    """Guards against a hung judge request blocking forever instead of timing out and retrying."""
+    stub.script.append("sleep:1")
+    start = time.monotonic()
+    assert asyncio.run(_ask(_judge(stub, timeout_s=0.3, max_retries=2), "Q", "Paris", "Paris")) is True
+    assert len(stub.requests) == 2
+    assert time.monotonic() - start < 0.95
+
+
+def test_persistent_5xx_raises_judge_error_after_bounded_retries(stub: StubJudgeApi) -> None:
+    """Guards against unbounded retries, and against a dead judge turning into a verdict."""
+    stub.default = "500"
+    with pytest.raises(JudgeError, match="HTTP 500"):
+        asyncio.run(_ask(_judge(stub, max_retries=2), "Q", "Paris", "Paris"))
+    assert len(stub.requests) == 3
+
+
+def test_4xx_is_not_retried(stub: StubJudgeApi) -> None:
+    """Guards against hammering an API that refused the request (bad key, bad model)."""
+    stub.default = "401"
+    with pytest.raises(JudgeError, match="refused"):
+        asyncio.run(_ask(_judge(stub, max_retries=3), "Q", "Paris", "Paris"))
+    assert len(stub.requests) == 1
+
+
+def test_garbled_verdicts_are_reasked_then_fail(stub: StubJudgeApi) -> None:
+    """Guards against a garbled verdict being read as "no": re-ask up to max_asks, then raise."""
+    stub.script.extend(["garbled", "garbled", "yes"])
+    assert asyncio.run(_ask(_judge(stub), "Q", "Paris", "x")) is True
+    assert len(stub.requests) == 3
+    stub.default = "garbled"
+    with pytest.raises(JudgeError, match="unparseable after 3 asks"):
+        asyncio.run(_ask(_judge(stub), "Q", "Paris", "y"))
+    assert len(stub.requests) == 6
+
+
+def test_cache_judges_identical_keys_once_even_concurrently(stub: StubJudgeApi) -> None:
+    """Guards against judging the same (question, label, answer) again, including 8 identical requests in
+    flight at once; a failure is not cached."""
+    stub.default = "sleep:0.2"
+
+    async def main() -> list[bool]:
+        judge = _judge(stub)
+        try:
+            same = await asyncio.gather(*(judge.judge("Q", "Paris", "Paris") for _ in range(8)))
+            again = await judge.judge("Q", "Paris", "Paris")
+            other = await judge.judge("Q", "Paris", "Rome")
+            return [*same, again, other]
+        finally:
+            await judge.aclose()
+
+    assert asyncio.run(main()) == [True] * 9 + [False]
+    assert len(stub.requests) == 2
+
+
+def test_concurrency_limit(stub: StubJudgeApi) -> None:
+    """Guards against flooding the judge API beyond the configured number of requests in flight."""
+    stub.default = "sleep:0.1"
+
+    async def main() -> None:
+        judge = _judge(stub, concurrency=2)
+        try:
+            await asyncio.gather(*(judge.judge("Q", "Paris", f"Paris {i}") for i in range(6)))
+        finally:
+            await judge.aclose()
+
+    asyncio.run(main())
+    assert len(stub.requests) == 6
+    assert stub.max_inflight == 2
+
+
+def test_failed_judge_is_http_502_never_zero(stub: StubJudgeApi) -> None:
+    """Guards against the reference's behaviour of scoring a sample 0 when the judge is down: the API must
+    answer 502 with the reason, and a working judge must still give 1 for a correct answer."""
+    stub.default = "500"
+    config = RewardConfig.model_validate(
+        {"judge": {"kind": "llm", "base_url": stub.url, "max_retries": 1, "backoff_base_s": 0.01}}
+    )
+    body = {
+        "label": "Paris",
+        "extra_reward_info": {"question": "Capital?", "rubrics": ["Paris"], "rubric_reward_ratio": 0.3},
+        "response": "<think>hm</think>Paris",
+    }
+
+    async def main() -> list[httpx.Response]:
+        assert isinstance(config.judge, LlmJudgeConfig)
+        judge = LlmJudge(config.judge)
+        app = create_app(config, judge)
+        try:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as client:
+                failed = await client.post("/evaluate", json=body)
+                batch = await client.post("/v1/score", json={"samples": [body, body]})
+                stub.default = "judge"
+                ok = await client.post("/evaluate", json=body)
+        finally:
+            await judge.aclose()
+        return [failed, batch, ok]
+
+    failed, batch, ok = asyncio.run(main())
+    assert failed.status_code == 502 and "HTTP 500" in failed.json()["detail"]
+    assert batch.status_code == 502
+    assert ok.status_code == 200 and ok.json() == {"reward": 1.0, "outcome_reward": 1.0, "rubric_reward": 1.0}
