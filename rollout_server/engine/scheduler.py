@@ -1,0 +1,317 @@
+"""Continuous batching on a dedicated thread that owns the model.
+
+Requests wait in a FIFO queue; whenever KV slots are free, waiting requests are prefilled together
+(up to `max_prefill_tokens` padded tokens); otherwise all running requests decode one token each in
+one batched forward, each with its own sampling parameters and RNG. Finished sequences leave and free
+their slot between steps. The asyncio HTTP side talks to this thread only through `submit` (new
+requests), `call` (a function run on this thread between steps, answered through a Future) and each
+request's `sink` (called here with an immutable snapshot; the sink hands it to the event loop).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+import torch
+
+from rollout_server.engine.model_runner import ModelRunner
+from rollout_server.engine.sampling import SamplingParams, sample, token_logprobs
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+PauseMode = Literal["abort", "retract", "in_place"]
+FinishReason = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What a request has produced so far, as handed to its sink."""
+
+    output_ids: list[int]
+    output_logprobs: list[float]
+    input_logprobs: list[float | None] | None
+    finish: FinishReason | None
+    num_retractions: int
+
+
+@dataclass(eq=False)
+class Req:
+    rid: str
+    input_ids: list[int]
+    params: SamplingParams
+    max_new_tokens: int  # resolved against the context length
+    generator: torch.Generator
+    sink: Callable[[Snapshot], None]
+    stream: bool = False
+    return_logprob: bool = False
+    logprob_start_len: int = -1
+    output_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[float] = field(default_factory=list)
+    input_logprobs: list[float | None] | None = None
+    finish: FinishReason | None = None
+    slot: int | None = None
+    kv_len: int = 0
+    num_retractions: int = 0
+    created_s: float = field(default_factory=time.monotonic)
+
+    def snapshot(self) -> Snapshot:
+        return Snapshot(
+            list(self.output_ids), list(self.output_logprobs), self.input_logprobs, self.finish, self.num_retractions
+        )
+
+
+class Scheduler:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        decode_tail: Callable[[Sequence[int], bool], str],
+        eos_token_ids: set[int],
+        max_prefill_tokens: int = 8192,
+        original_logprob: bool = False,
+    ) -> None:
+        self.runner = runner
+        self._decode_tail = decode_tail
+        self.eos_token_ids = eos_token_ids
+        self.max_prefill_tokens = max_prefill_tokens
+        self.original_logprob = original_logprob
+        # Owned by the scheduler thread.
+        self.waiting: deque[Req] = deque()
+        self.running: list[Req] = []
+        self.paused = False
+        self.num_steps = 0
+        self.num_generated = 0
+        self.max_decode_batch = 0  # largest batch decoded in one forward (observability, tests)
+        # Cross-thread hand-over.
+        self._lock = threading.Lock()
+        self._inbox: list[Req] = []
+        self._commands: list[tuple[Callable[[], Any], Future[Any]]] = []
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    # ---- thread-safe API ----
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="engine-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stop.is_set()
+
+    def submit(self, reqs: Sequence[Req]) -> None:
+        with self._lock:
+            self._inbox.extend(reqs)
+        self._wake.set()
+
+    def call(self, fn: Callable[[], T]) -> Future[T]:
+        """Run `fn` on the scheduler thread between two steps (it then has the model to itself)."""
+        fut: Future[T] = Future()
+        if not self.alive:
+            fut.set_exception(RuntimeError(f"engine scheduler is not running: {self.error!r}"))
+            return fut
+        with self._lock:
+            self._commands.append((fn, fut))
+        self._wake.set()
+        return fut
+
+    # ---- scheduler-thread operations (run them through `call`) ----
+    def abort(self, rid: str | None, message: str) -> int:
+        """Finish matching requests (all when rid is None) with finish_reason abort; return how many."""
+        self._drain_inbox()
+
+        def match(r: Req) -> bool:
+            return rid is None or r.rid == rid or r.rid.startswith(rid + "_")
+
+        hit = [r for r in self.waiting if match(r)] + [r for r in self.running if match(r)]
+        for r in hit:
+            self._finish(r, {"type": "abort", "message": message})
+        self.waiting = deque(r for r in self.waiting if r.finish is None)
+        self.running = [r for r in self.running if r.finish is None]
+        return len(hit)
+
+    def pause(self, mode: PauseMode) -> None:
+        if mode == "abort":
+            self.abort(None, "Abort by pause_generation.")
+        elif mode == "retract":
+            for r in reversed(self.running):
+                self._release(r)
+                r.kv_len = 0
+                r.num_retractions += 1
+                self.waiting.appendleft(r)
+            self.running = []
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
+
+    def flush_cache(self) -> tuple[bool, str]:
+        self._drain_inbox()
+        if self.running or (self.waiting and not self.paused):
+            return False, (
+                "Cache not flushed because there are pending requests. "
+                f"#queue-req: {len(self.waiting)}, #running-req: {len(self.running)}\n"
+            )
+        self.runner.cache.reset()
+        return True, "Cache flushed.\n"
+
+    def load(self) -> dict[str, int]:
+        self._drain_inbox()
+        return {
+            "num_running_reqs": len(self.running),
+            "num_waiting_reqs": len(self.waiting),
+            "num_used_tokens": sum(r.kv_len for r in self.running),
+            "num_total_tokens": self.runner.cache.num_slots * self.runner.cache.max_len,
+        }
+
+    # ---- the loop ----
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._wake.clear()
+                self._run_commands()
+                self._drain_inbox()
+                if self.paused or not (self.waiting or self.running):
+                    self._wake.wait(timeout=1.0)
+                elif self.waiting and self.runner.cache.num_free > 0:
+                    self._prefill()
+                else:
+                    self._decode()
+        except BaseException as e:
+            log.exception("engine scheduler died")
+            self.error = e
+            self._stop.set()
+            self.abort(None, f"engine error: {e!r}")
+            self._fail_commands(e)
+
+    def _run_commands(self) -> None:
+        with self._lock:
+            commands, self._commands = self._commands, []
+        for fn, fut in commands:
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn())
+            except Exception as e:  # the caller gets it through the Future
+                fut.set_exception(e)
+
+    def _fail_commands(self, error: BaseException) -> None:
+        with self._lock:
+            commands, self._commands = self._commands, []
+        for _, fut in commands:
+            if fut.set_running_or_notify_cancel():
+                fut.set_exception(RuntimeError(f"engine scheduler died: {error!r}"))
+
+    def _drain_inbox(self) -> None:
+        with self._lock:
+            new, self._inbox = self._inbox, []
+        self.waiting.extend(new)
+
+    def _prefill(self) -> None:
+        batch: list[Req] = []
+        width = 0
+        while self.waiting and len(batch) < self.runner.cache.num_free:
+            n = len(self.waiting[0].input_ids) + len(self.waiting[0].output_ids)
+            if batch and max(width, n) * (len(batch) + 1) > self.max_prefill_tokens:
+                break
+            width = max(width, n)
+            batch.append(self.waiting.popleft())
+        for r in batch:
+            r.slot = self.runner.cache.alloc()
+        batch.sort(key=lambda r: r.slot if r.slot is not None else -1)
+        tokens = [r.input_ids + r.output_ids for r in batch]
+        want_prompt = [
+            b for b, r in enumerate(batch) if r.return_logprob and r.logprob_start_len >= 0 and r.input_logprobs is None
+        ]
+        logits, full = self.runner.forward(
+            [r.slot for r in batch if r.slot is not None], tokens, [0] * len(batch), want_prompt
+        )
+        for b, r in enumerate(batch):
+            r.kv_len = len(tokens[b])
+        for b in want_prompt:
+            self._set_input_logprobs(batch[b], full[b])
+        self.num_steps += 1
+        live = []
+        for b, r in enumerate(batch):
+            if len(r.output_ids) >= r.max_new_tokens:  # max_new_tokens == 0: prompt logprobs only
+                self._finish(r, {"type": "length", "length": r.max_new_tokens})
+            else:
+                live.append(b)
+        self.running.extend(batch[b] for b in live)
+        self._append_tokens([batch[b] for b in live], logits[live] if live else logits[:0])
+
+    def _decode(self) -> None:
+        # Slot order lets the runner read a dense run of slots through a view instead of a gather.
+        self.running.sort(key=lambda r: r.slot if r.slot is not None else -1)
+        reqs = self.running
+        slots = [r.slot for r in reqs if r.slot is not None]
+        assert len(slots) == len(reqs)
+        logits, _ = self.runner.forward(slots, [[r.output_ids[-1]] for r in reqs], [r.kv_len for r in reqs])
+        for r in reqs:
+            r.kv_len += 1
+        self.num_steps += 1
+        self.max_decode_batch = max(self.max_decode_batch, len(reqs))
+        self._append_tokens(reqs, logits)
+
+    def _append_tokens(self, reqs: Sequence[Req], logits: torch.Tensor) -> None:
+        if not reqs:
+            return
+        tokens, logprobs = sample(logits, [r.params for r in reqs], [r.generator for r in reqs], self.original_logprob)
+        self.num_generated += len(reqs)
+        for r, tok, lp in zip(reqs, tokens, logprobs, strict=True):
+            r.output_ids.append(tok)
+            r.output_logprobs.append(lp)
+            finish = self._check_finished(r)
+            if finish is not None:
+                self._finish(r, finish)
+            elif r.stream:
+                r.sink(r.snapshot())
+        if any(r.finish is not None for r in reqs):
+            self.running = [r for r in self.running if r.finish is None]
+
+    def _check_finished(self, r: Req) -> FinishReason | None:
+        """SGLang's order: length first, then stop tokens (unless ignore_eos), then stop strings."""
+        p = r.params
+        if len(r.output_ids) >= r.max_new_tokens:
+            return {"type": "length", "length": r.max_new_tokens}
+        last = r.output_ids[-1]
+        if not p.ignore_eos and (last in p.stop_token_ids or last in self.eos_token_ids):
+            return {"type": "stop", "matched": last}
+        if p.stop:
+            # Enough tail tokens to contain the longest stop string even if every token is a single UTF-8 byte.
+            tail = self._decode_tail(r.output_ids[-(4 * max(len(s) for s in p.stop) + 2) :], p.skip_special_tokens)
+            for s in p.stop:
+                if s in tail:
+                    return {"type": "stop", "matched": s}
+        return None
+
+    def _set_input_logprobs(self, r: Req, logits: torch.Tensor) -> None:
+        ids = torch.tensor(r.input_ids[1:], dtype=torch.long, device=logits.device)
+        temps = torch.full((len(r.input_ids) - 1,), r.params.effective_temperature, device=logits.device)
+        n = len(r.input_ids) - 1
+        lp = token_logprobs(logits[:n], temps, self.original_logprob).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+        values: list[float | None] = [None, *lp.tolist()]
+        r.input_logprobs = values[r.logprob_start_len :]
+
+    def _release(self, r: Req) -> None:
+        if r.slot is not None:
+            self.runner.cache.free(r.slot)
+            r.slot = None
+
+    def _finish(self, r: Req, reason: FinishReason) -> None:
+        r.finish = reason
+        self._release(r)
+        r.sink(r.snapshot())
