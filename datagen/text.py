@@ -1,22 +1,16 @@
 """Text normalisation shared by the builder's statistics and the answer check of trajectories.
 
-`norm` is the entity rubric reward's normalisation (METHOD.md §2): lower-case, keep ASCII word runs and
-CJK characters, join with single spaces. The rubric test is a plain substring test on normalised text,
-with no word boundaries, so "E1" matches inside "E17": the synthetic worlds avoid such names.
-
-This is a private copy: reward_service/rubric.py owns the canonical one; dedupe once it exists.
+`norm` is the entity rubric reward's normalisation (METHOD.md §2), imported from its one definition in
+reward_service/rubric.py so that the builder's statistics count exactly what the reward credits. The rubric
+test is a plain substring test on normalised text, with no word boundaries, so "E1" matches inside "E17":
+the synthetic worlds avoid such names.
 """
 
 from __future__ import annotations
 
-import re
+from reward_service.rubric import norm
 
-_WORD = re.compile(r"[a-zA-Z0-9_]+|[\u4e00-\u9fff]")
-
-
-def norm(s: str) -> str:
-    """The rubric reward's normalisation: `" ".join(re.findall(r"[a-zA-Z0-9_]+|[\u4e00-\u9fff]", s.lower().strip()))`."""
-    return " ".join(_WORD.findall(s.lower().strip()))
+__all__ = ["answers_match", "contains_entity", "norm"]
 
 
 def contains_entity(normed_text: str, entity: str) -> bool:
