@@ -35,8 +35,8 @@ def register(commands: argparse._SubParsersAction[Any], benches: argparse._SubPa
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.add_argument("--batch-size", type=int, default=4, help="sequences per step")
     bench.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
-    bench.add_argument("--rounds", type=int, default=5, help="alternating timed rounds (the median is reported)")
-    bench.add_argument("--steps", type=int, default=2, help="optimizer steps per round and side")
+    bench.add_argument("--steps", type=int, default=10, help="timed optimizer steps per side, interleaved (median)")
+    bench.add_argument("--threads", type=int, default=1, help="torch threads of both sides")
     bench.set_defaults(func=_bench_learner)
 
 
@@ -83,7 +83,7 @@ def _bench_learner(args: argparse.Namespace) -> int:
     logging.getLogger().setLevel(logging.WARNING)
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     try:
-        result = run_learner_bench(args.batch_size, args.seq_len, args.rounds, args.steps)
+        result = run_learner_bench(args.batch_size, args.seq_len, args.steps, args.threads)
     except ValueError as e:
         raise ConfigError(str(e)) from e
     if args.json:

@@ -1,0 +1,54 @@
+"""The learner's typed config. `LearnerModelConfig` (the `model` section) says which HF checkpoint to
+train and how to shard it; the training-loop issue adds its own sections next to it."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from broker.config import BaseConfig
+
+
+class LearnerModelConfig(BaseConfig):
+    hf_path: str = ""
+    """Hugging Face model directory (config.json + safetensors) the megatron model is built from and loaded with."""
+    tp_size: int = Field(default=1, ge=1)
+    """Tensor-parallel size: attention heads, MLP and vocab are split over this many ranks."""
+    pp_size: int = Field(default=1, ge=1)
+    """Pipeline-parallel size: transformer layers are split into this many consecutive stages."""
+    cp_size: int = Field(default=1, ge=1)
+    """Context-parallel size: long sequences split over this many ranks (the caller feeds each CP rank its chunks).
+    Needs transformer_impl = "transformer_engine" (GPU only)."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism over the TP group (norm/dropout activations split); needs Transformer Engine."""
+    transformer_impl: Literal["local", "transformer_engine"] = "local"
+    """Layer implementation: megatron-core's own modules (any device) or Transformer Engine's fused ones (GPU)."""
+    core_attention: Literal["sdpa", "megatron"] = "sdpa"
+    """Attention kernel of the local layers: torch SDPA (fused, GQA-native) or megatron's unfused DotProductAttention."""
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    """Parameter and compute dtype; bf16 wraps the model in megatron's Float16Module (the optimizer keeps fp32 masters)."""
+    seed: int = 1234
+    """Seed of the default and tensor-parallel RNGs (megatron's model_parallel_cuda_manual_seed)."""
+    make_vocab_size_divisible_by: int = Field(default=128, ge=1)
+    """The embedding and output rows are padded to a multiple of this times tp_size (padded logits are masked)."""
+    dist_timeout_s: float = Field(default=600.0, gt=0)
+    """Timeout of every collective of the learner process groups (init, TP/PP/DP traffic, weight export)."""
+
+    @model_validator(mode="after")
+    def _check_parallelism(self) -> LearnerModelConfig:
+        needs_te = [
+            flag for flag, on in (("cp_size", self.cp_size > 1), ("sequence_parallel", self.sequence_parallel)) if on
+        ]
+        if needs_te and self.transformer_impl != "transformer_engine":
+            raise ValueError(f"--model.{needs_te[0]} needs --model.transformer_impl transformer_engine (GPU only)")
+        if self.sequence_parallel and self.tp_size == 1:
+            raise ValueError("--model.sequence_parallel needs --model.tp_size > 1")
+        return self
+
+
+class LearnerConfig(BaseConfig):
+    """The learner process's config; the training-loop issue adds its sections (optimizer, batch, ...)."""
+
+    model: LearnerModelConfig = Field(default_factory=LearnerModelConfig)
+    """The megatron model: which HF checkpoint, its parallel layout and dtype (`--model.tp_size 2`, ...)."""

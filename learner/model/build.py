@@ -1,0 +1,70 @@
+"""Build this rank's megatron-core GPTModel (its TP shard of its pipeline stage) from an `HFArch`."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+from megatron.core.transformer.module import Float16Module
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.utils import unwrap_model
+
+from learner import compat  # noqa: F401  (before megatron: CPU redirections when CUDA is absent)
+from learner.config import LearnerModelConfig
+from learner.model.attention import SDPAttention
+from learner.model.hf_config import HFArch, padded_vocab_size, transformer_config
+
+logger = logging.getLogger(__name__)
+
+
+def layer_spec(arch: HFArch, cfg: LearnerModelConfig) -> ModuleSpec:
+    """The transformer layer: megatron-core's own modules ("local", runs anywhere) or Transformer Engine's."""
+    if cfg.transformer_impl == "transformer_engine":
+        if importlib.util.find_spec("transformer_engine") is None:
+            raise ValueError("--model.transformer_impl transformer_engine needs the transformer_engine package (GPU)")
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
+    spec = get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm")
+    if cfg.core_attention == "sdpa":
+        spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    return spec
+
+
+def build_model(arch: HFArch, cfg: LearnerModelConfig, initialize: bool = True) -> torch.nn.Module:
+    """This rank's GPTModel on the current device; wrapped in Float16Module when cfg.dtype is bf16.
+
+    `initialize=False` skips megatron's random init (the caller loads every weight, see load.py).
+    Needs `learner.parallel.init_parallel` first. Returns logits sharded over TP (parallel_output)
+    because the vocab-parallel log-softmax in logprobs.py never gathers the vocab.
+    """
+    config = transformer_config(arch, cfg)
+    config.perform_initialization = initialize
+    model: torch.nn.Module = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(arch, cfg),
+        vocab_size=padded_vocab_size(arch.vocab_size, cfg.make_vocab_size_divisible_by, cfg.tp_size),
+        max_sequence_length=arch.max_position_embeddings,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        parallel_output=True,
+        share_embeddings_and_output_weights=arch.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=arch.rope_theta,  # annotated int in megatron, used as a float base
+    )
+    if config.bf16:
+        wrapped: torch.nn.Module = Float16Module(config, model)
+        return wrapped
+    return model
+
+
+def unwrap(model: torch.nn.Module) -> GPTModel:
+    """The GPTModel inside megatron's DDP / Float16Module wrappers."""
+    inner = unwrap_model(model)
+    assert isinstance(inner, GPTModel), type(inner)
+    return inner

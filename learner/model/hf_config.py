@@ -1,0 +1,151 @@
+"""Hugging Face config -> megatron-core TransformerConfig for the dense Qwen3 and Llama families.
+
+`HFArch` is the architecture read (and validated) from a HF `config.json`; everything downstream
+(model build, weight mapping, export) works from it, never from the raw HF config. Qwen3 is
+Llama plus per-head RMSNorm on q and k (qk-layernorm) and an explicit head_dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+from learner.config import LearnerModelConfig
+
+if TYPE_CHECKING:
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+SUPPORTED_MODEL_TYPES = ("qwen3", "llama")
+
+
+@dataclass(frozen=True)
+class HFArch:
+    """The architecture of a HF causal LM, in the terms megatron needs."""
+
+    model_type: str
+    vocab_size: int
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qk_norm: bool
+    init_std: float
+
+
+def _rope(hf: Any) -> tuple[float, str]:
+    # transformers >= 5 keeps RoPE settings in `rope_parameters`; older configs in rope_theta/rope_scaling.
+    params = getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {}
+    theta = params.get("rope_theta", getattr(hf, "rope_theta", 10000.0))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    return float(theta), str(rope_type)
+
+
+def read_hf_arch(hf: Any) -> HFArch:
+    """Validate a transformers PretrainedConfig and extract its architecture; ValueError if unsupported."""
+    model_type = hf.model_type
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"model_type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    theta, rope_type = _rope(hf)
+    if rope_type != "default":
+        raise ValueError(f"{model_type}: rope_type {rope_type!r} is not supported, only plain RoPE")
+    if hf.hidden_act != "silu":
+        raise ValueError(f"{model_type}: hidden_act {hf.hidden_act!r} is not supported, only silu (SwiGLU)")
+    if getattr(hf, "attention_bias", False) or getattr(hf, "mlp_bias", False):
+        raise ValueError(f"{model_type}: linear biases (attention_bias/mlp_bias) are not supported")
+    if getattr(hf, "use_sliding_window", False):
+        raise ValueError(f"{model_type}: sliding-window attention is not supported")
+    num_heads = hf.num_attention_heads
+    num_kv_heads = getattr(hf, "num_key_value_heads", None) or num_heads
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}")
+    return HFArch(
+        model_type=model_type,
+        vocab_size=hf.vocab_size,
+        num_layers=hf.num_hidden_layers,
+        hidden_size=hf.hidden_size,
+        ffn_hidden_size=hf.intermediate_size,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // num_heads,
+        norm_eps=hf.rms_norm_eps,
+        rope_theta=theta,
+        max_position_embeddings=hf.max_position_embeddings,
+        tie_word_embeddings=bool(hf.tie_word_embeddings),
+        qk_norm=model_type == "qwen3",
+        init_std=getattr(hf, "initializer_range", 0.02),
+    )
+
+
+def load_hf_arch(hf_path: str | Path) -> HFArch:
+    """Read `config.json` of a local HF model directory (no hub access)."""
+    from transformers import AutoConfig
+
+    return read_hf_arch(AutoConfig.from_pretrained(str(hf_path), local_files_only=True))
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp_size: int) -> int:
+    """Rows of the megatron embedding/output layer: vocab rounded up so every TP shard is equal and aligned."""
+    multiple = divisible_by * tp_size
+    return -(-vocab_size // multiple) * multiple
+
+
+def check_parallel_fit(arch: HFArch, cfg: LearnerModelConfig) -> None:
+    """Raise ValueError (naming the flag) when the model cannot be split as configured."""
+    if arch.num_kv_heads % cfg.tp_size:
+        raise ValueError(f"--model.tp_size {cfg.tp_size} must divide num_key_value_heads {arch.num_kv_heads}")
+    if arch.ffn_hidden_size % cfg.tp_size:
+        raise ValueError(f"--model.tp_size {cfg.tp_size} must divide intermediate_size {arch.ffn_hidden_size}")
+    if arch.num_layers % cfg.pp_size:
+        raise ValueError(f"--model.pp_size {cfg.pp_size} must divide num_hidden_layers {arch.num_layers}")
+
+
+def transformer_config(arch: HFArch, cfg: LearnerModelConfig) -> TransformerConfig:
+    """The megatron TransformerConfig equivalent to `arch`, sharded as `cfg` says.
+
+    Dropout is off (RL fine-tuning of these models uses none, and logprobs must match the engine).
+    Fused CUDA kernels (softmax, RoPE, bias-activation) stay off so the same config runs everywhere.
+    """
+    # Imported here so that HFArch (used by the pure-tensor convert.py) loads without megatron.
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from learner import compat  # noqa: F401  (before megatron: CPU redirections when CUDA is absent)
+
+    check_parallel_fit(arch, cfg)
+    dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
+    return TransformerConfig(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        num_attention_heads=arch.num_heads,
+        num_query_groups=arch.num_kv_heads,
+        kv_channels=arch.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=arch.norm_eps,
+        qk_layernorm=arch.qk_norm,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        attention_softmax_in_fp32=True,
+        init_method_std=arch.init_std,
+        tensor_model_parallel_size=cfg.tp_size,
+        pipeline_model_parallel_size=cfg.pp_size,
+        context_parallel_size=cfg.cp_size,
+        sequence_parallel=cfg.sequence_parallel,
+        transformer_impl=cfg.transformer_impl,
+        bf16=cfg.dtype == "bf16",
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+    )

@@ -1,0 +1,65 @@
+"""The learner's model config: defaults, TOML + flag overrides, and the checks that name the offending flag."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from broker.config import ConfigError, load_config
+from learner.config import LearnerConfig
+from learner.model.hf_config import HFArch, check_parallel_fit
+
+TINY = HFArch(
+    model_type="qwen3",
+    vocab_size=10,
+    num_layers=4,
+    hidden_size=8,
+    ffn_hidden_size=12,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=3,
+    norm_eps=1e-6,
+    rope_theta=1e6,
+    max_position_embeddings=64,
+    tie_word_embeddings=False,
+    qk_norm=True,
+    init_std=0.02,
+)
+
+
+def test_model_section_loads_from_toml_and_flags(tmp_path: Path) -> None:
+    """Guards the `model` section wiring: TOML values apply, `--model.key` flags win, unknown keys fail."""
+    path = tmp_path / "learner.toml"
+    path.write_text('[model]\nhf_path = "/models/qwen3"\ntp_size = 2\ndtype = "bf16"\n')
+    cfg = load_config(LearnerConfig, path, ["--model.pp_size", "2", "--model.tp_size", "1"])
+    assert (cfg.model.hf_path, cfg.model.tp_size, cfg.model.pp_size, cfg.model.dtype) == ("/models/qwen3", 1, 2, "bf16")
+    with pytest.raises(ConfigError, match="--model.tp_sze"):
+        load_config(LearnerConfig, None, ["--model.tp_sze", "2"])
+    with pytest.raises(ConfigError, match="--model.dtype"):
+        load_config(LearnerConfig, None, ["--model.dtype", "fp16"])
+
+
+def test_gpu_only_parallelism_is_rejected_without_transformer_engine() -> None:
+    """Guards the CP / sequence-parallel options: they need Transformer Engine, and SP needs TP > 1; the
+    error names the flag instead of failing deep inside megatron."""
+    with pytest.raises(ConfigError, match="--model.cp_size needs --model.transformer_impl"):
+        load_config(LearnerConfig, None, ["--model.cp_size", "2"])
+    with pytest.raises(ConfigError, match="--model.sequence_parallel needs --model.transformer_impl"):
+        load_config(LearnerConfig, None, ["--model.sequence_parallel"])
+    with pytest.raises(ConfigError, match="--model.sequence_parallel needs --model.tp_size"):
+        load_config(
+            LearnerConfig, None, ["--model.sequence_parallel", "--model.transformer_impl", "transformer_engine"]
+        )
+    ok = load_config(LearnerConfig, None, ["--model.cp_size", "2", "--model.transformer_impl", "transformer_engine"])
+    assert ok.model.cp_size == 2
+
+
+def test_parallel_fit_names_the_flag() -> None:
+    """Guards model/layout mismatches: TP must divide the KV heads, PP the layers, with the flag in the message."""
+    cfg = load_config(LearnerConfig, None, ["--model.tp_size", "4"]).model
+    with pytest.raises(ValueError, match="--model.tp_size 4 must divide num_key_value_heads 2"):
+        check_parallel_fit(TINY, cfg)
+    cfg = load_config(LearnerConfig, None, ["--model.pp_size", "3"]).model
+    with pytest.raises(ValueError, match="--model.pp_size 3 must divide num_hidden_layers 4"):
+        check_parallel_fit(TINY, cfg)
