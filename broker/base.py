@@ -93,6 +93,12 @@ class Consumer(abc.ABC, Generic[M]):
         """Acknowledge (and delete) entries whose output is durable."""
 
     @abc.abstractmethod
+    def touch(self) -> None:
+        """Renew the lease on every entry this consumer holds (delivered, not yet acked): reset their idle
+        time so no other consumer claims them. A consumer busy with long work and not calling `read` calls
+        this in its loop; it is cheap to call often (at most one round trip per `claim_idle_s / 4`)."""
+
+    @abc.abstractmethod
     def dead_letter(self, entry: Entry[M], reason: str) -> None:
         """Give up on an entry: write it with `reason` to the dead stream, then ack it."""
 

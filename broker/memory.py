@@ -159,6 +159,15 @@ class MemoryConsumer(Consumer[M]):
         self._next_claim_s = 0.0
         self._delivered: set[str] = set()  # handed to the application, not yet acked
 
+    def touch(self) -> None:
+        store = self._b.store
+        with store.cond:
+            s = store.stream(self._b.run_id, self._stream)
+            now = time.monotonic()
+            for i in self._delivered:
+                if i in s.pending:
+                    s.pending[i].delivered_s = now
+
     def read(self, count: int, block_s: float | None = None) -> list[Entry[M]]:
         if count < 1:
             raise ValueError(f"count must be >= 1, got {count}")

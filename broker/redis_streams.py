@@ -283,6 +283,19 @@ class RedisConsumer(Consumer[M]):
         # Entries handed to the application and not yet acked: a re-read of own pending entries after a
         # lost reply must not hand them out again.
         self._delivered: set[str] = set()
+        self._next_touch_s = 0.0
+
+    def touch(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now < self._next_touch_s or not self._delivered:
+                return
+            self._next_touch_s = now + self._b.config.claim_idle_s / 4
+            held: list[Any] = sorted(self._delivered)
+            # JUSTID: reset the idle time without counting a delivery.
+            self._b.call(
+                lambda: self._b.client.xclaim(self._key, self.group, self.name, 0, held, justid=True), "XCLAIM JUSTID"
+            )
 
     def read(self, count: int, block_s: float | None = None) -> list[Entry[M]]:
         if count < 1:

@@ -54,6 +54,8 @@ class RewardWorker:
                 if free > 0:
                     entries = await asyncio.to_thread(self.consumer.read, min(free, cfg.batch_size), block_s)
                     inflight.update(asyncio.create_task(self.handle(e)) for e in entries)
+                else:  # not reading, so renew the lease on the groups being scored
+                    await asyncio.to_thread(self.consumer.touch)
                 if inflight:
                     done, inflight = await asyncio.wait(
                         inflight, timeout=0 if free > 0 else block_s, return_when=asyncio.FIRST_COMPLETED

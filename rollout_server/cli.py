@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from rollout_server.worker_cli import register_launch, register_worker
+
 
 def register(commands: argparse._SubParsersAction[Any], benches: argparse._SubParsersAction[Any]) -> None:
     """Add this package's subcommands and benchmarks. Keep imports inside the handlers."""
@@ -25,6 +27,8 @@ def register(commands: argparse._SubParsersAction[Any], benches: argparse._SubPa
     serve.add_argument("--port", type=int, help="HTTP port (default 30000)")
     serve.add_argument("--config", help="TOML file with EngineConfig keys")
     serve.set_defaults(func=_serve, overrides=True)
+    register_launch(engine_cmds)
+    register_worker(commands, benches)
 
     model = commands.add_parser("model", help="local model tools (no model hub)")
     model_cmds = model.add_subparsers(dest="model_command", metavar="ACTION", required=True)

@@ -214,6 +214,23 @@ def test_held_entries_are_not_redelivered_to_their_live_holder(make_broker: Make
     assert producer.backlog() == 1
 
 
+def test_touch_keeps_held_entries_from_being_claimed(make_broker: MakeBroker) -> None:
+    """Guards against a consumer busy with long work (all slots full, so not calling read) losing its
+    entries to another consumer after claim_idle_s: duplicated generation, and deliveries counted towards
+    the dead-letter limit. touch() renews the lease; without it the entries are claimed."""
+    broker = make_broker(claim_idle_s=0.4)
+    broker.producer(TASKS, Task).publish([make_task(i) for i in range(2)])
+    busy = broker.consumer(TASKS, Task, "g", "busy")
+    held = _drain(busy, 2)
+    other = broker.consumer(TASKS, Task, "g", "other")
+    for _ in range(6):  # 0.9 s in all, more than twice claim_idle_s
+        busy.touch()
+        time.sleep(0.15)
+        assert other.read(10, block_s=0) == []
+    time.sleep(0.5)  # no touch: the lease runs out and the entries are claimed
+    assert sorted(e.id for e in _drain(other, 2)) == sorted(e.id for e in held)
+
+
 def test_application_dead_letter_keeps_reason_and_acks(make_broker: MakeBroker) -> None:
     """Guards against dead_letter() losing the reason or leaving the entry pending (redelivered later)."""
     broker = make_broker(claim_idle_s=0.05)

@@ -1,0 +1,172 @@
+"""Async client of one engine's SGLang native HTTP API: /generate with logprobs, /health, /get_weight_version.
+
+Errors are typed by what the caller should do: `EngineError` (connection, timeout, 5xx, a malformed reply)
+means try another engine; `RequestRejected` (a 4xx) means the request itself is wrong and retrying is futile.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import msgspec
+
+from broker.schemas import FinishReason
+
+log = logging.getLogger(__name__)
+
+
+class EngineError(RuntimeError):
+    """The engine failed to answer properly (transient from the request's point of view)."""
+
+
+class RequestRejected(ValueError):
+    """The engine refused the request with a 4xx: the request is invalid, not the engine."""
+
+
+class _FinishReason(msgspec.Struct):
+    type: str
+    message: str = ""
+    status_code: int | None = None
+
+
+class _MetaInfo(msgspec.Struct):
+    finish_reason: _FinishReason | None = None
+    # [logprob, token id, token text or null] per generated token
+    output_token_logprobs: list[tuple[float | None, int, str | None]] = []
+    weight_version: str = "default"
+
+
+class _GenerateResponse(msgspec.Struct):
+    meta_info: _MetaInfo
+    text: str = ""
+    output_ids: list[int] | None = None
+
+
+class _WeightVersion(msgspec.Struct):
+    weight_version: str
+
+
+_decode_generate = msgspec.json.Decoder(_GenerateResponse).decode
+_decode_version = msgspec.json.Decoder(_WeightVersion).decode
+_encode = msgspec.json.Encoder().encode
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    """One /generate answer: the new tokens, their engine logprobs and why generation stopped."""
+
+    output_ids: list[int]
+    logprobs: list[float]
+    text: str
+    finish_reason: FinishReason
+    weight_version: int
+    abort_message: str = ""
+    abort_status: int | None = None  # set when the engine aborted for a reason of its own (4xx/5xx code)
+
+
+def parse_weight_version(raw: str, default_version: int) -> int:
+    """SGLang reports a string; ours are integers, and "default" is the version the engine started with."""
+    if raw == "default":
+        return default_version
+    if not raw.lstrip("-").isdigit():
+        raise EngineError(f"engine reports weight_version {raw!r}, expected an integer or 'default'")
+    return int(raw)
+
+
+def parse_generate(body: bytes, default_version: int) -> GenerateResult:
+    """Decode a /generate reply; raise EngineError when it is not what SGLang's native API returns."""
+    try:
+        resp = _decode_generate(body)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise EngineError(f"malformed /generate reply: {e}") from e
+    finish = resp.meta_info.finish_reason
+    if finish is None or finish.type not in ("stop", "length", "abort"):
+        raise EngineError(f"/generate reply has finish_reason {finish!r}")
+    triples = resp.meta_info.output_token_logprobs
+    ids = [t[1] for t in triples]
+    logprobs = [t[0] for t in triples]
+    if any(lp is None for lp in logprobs):
+        raise EngineError("/generate reply has a null logprob for a generated token")
+    if resp.output_ids is not None and resp.output_ids != ids:
+        raise EngineError(
+            f"/generate reply: output_ids ({len(resp.output_ids)}) disagree with output_token_logprobs ({len(ids)})"
+        )
+    return GenerateResult(
+        output_ids=ids,
+        logprobs=logprobs,  # type: ignore[arg-type]  # None excluded above
+        text=resp.text,
+        finish_reason=finish.type,  # type: ignore[arg-type]  # checked above
+        weight_version=parse_weight_version(resp.meta_info.weight_version, default_version),
+        abort_message=finish.message if finish.type == "abort" else "",
+        abort_status=finish.status_code if finish.type == "abort" else None,
+    )
+
+
+class EngineClient:
+    """Talks to one engine (or one sglang-router) over a shared connection pool."""
+
+    def __init__(
+        self,
+        url: str,
+        http: httpx.AsyncClient,
+        request_timeout_s: float,
+        connect_timeout_s: float,
+        health_timeout_s: float,
+        default_weight_version: int = 0,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self._http = http
+        self._gen_timeout = httpx.Timeout(request_timeout_s, connect=connect_timeout_s)
+        self._health_timeout = httpx.Timeout(health_timeout_s, connect=min(connect_timeout_s, health_timeout_s))
+        self._default_version = default_weight_version
+
+    async def generate(self, input_ids: list[int], sampling_params: dict[str, Any], rid: str) -> GenerateResult:
+        payload = {"input_ids": input_ids, "sampling_params": sampling_params, "return_logprob": True, "rid": rid}
+        try:
+            resp = await self._http.post(
+                f"{self.url}/generate",
+                content=_encode(payload),
+                headers={"content-type": "application/json"},
+                timeout=self._gen_timeout,
+            )
+        except httpx.HTTPError as e:
+            raise EngineError(f"{self.url}/generate: {type(e).__name__}: {e}") from e
+        if 400 <= resp.status_code < 500:
+            raise RequestRejected(f"{self.url}/generate rejected the request ({resp.status_code}): {resp.text[:500]}")
+        if resp.status_code != 200:
+            raise EngineError(f"{self.url}/generate answered {resp.status_code}: {resp.text[:500]}")
+        return parse_generate(resp.content, self._default_version)
+
+    async def healthy(self) -> bool:
+        """True when /health answers 200 within the health timeout (SGLang: a 1-token generation probe)."""
+        try:
+            resp = await self._http.get(f"{self.url}/health", timeout=self._health_timeout)
+        except httpx.HTTPError as e:
+            log.debug("%s/health: %r", self.url, e)
+            return False
+        return resp.status_code == 200
+
+    async def weight_version(self) -> int:
+        try:
+            resp = await self._http.get(f"{self.url}/get_weight_version", timeout=self._health_timeout)
+        except httpx.HTTPError as e:
+            raise EngineError(f"{self.url}/get_weight_version: {type(e).__name__}: {e}") from e
+        if resp.status_code != 200:
+            raise EngineError(f"{self.url}/get_weight_version answered {resp.status_code}")
+        try:
+            raw = _decode_version(resp.content).weight_version
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            raise EngineError(f"malformed /get_weight_version reply: {e}") from e
+        return parse_weight_version(raw, self._default_version)
+
+
+def make_http_client(max_keepalive: int = 256) -> httpx.AsyncClient:
+    """One pool for all engines; concurrency is bounded by the router, not by the pool."""
+    return httpx.AsyncClient(
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=max_keepalive),
+        timeout=httpx.Timeout(30.0),
+        trust_env=False,  # engines are internal addresses: never route them through a proxy from the env
+    )

@@ -1,0 +1,135 @@
+"""RolloutConfig: the typed config of `longtrace rollout worker` (TOML + `--section.key value` overrides).
+
+Precedence for sampling: a field a task sets (differs from broker.schemas.SamplingParams' default) overrides
+the `[sampling]` section here, which overrides the message processor's stop token ids.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Discriminator, Field, Tag, model_validator
+
+from broker.config import BaseConfig
+from broker.settings import BrokerConfig
+from rollout_server.worker.processors import ProcessorName
+
+
+class EnginesConfig(BaseConfig):
+    urls: list[str] = []
+    """Static engine base URLs (http://host:port), used besides the live engines of the registry."""
+    use_registry: bool = True
+    """Also route to the engines registered in the broker's engine registry (refreshed periodically)."""
+    registry_refresh_s: float = Field(default=2.0, gt=0)
+    """How often the live engines are re-read from the registry."""
+
+
+class BuiltinRouterConfig(BaseConfig):
+    type: Literal["builtin"] = "builtin"
+    """Route each request to the live engine with the fewest outstanding requests."""
+    max_inflight_per_engine: int = Field(default=64, ge=1)
+    """Requests in flight on one engine at most (the others wait for a free slot)."""
+    health_interval_s: float = Field(default=5.0, gt=0)
+    """How often every engine's /health is probed."""
+    failure_threshold: int = Field(default=2, ge=1)
+    """Consecutive failures (requests or health probes) that take an engine out of rotation."""
+    cooldown_s: float = Field(default=5.0, gt=0)
+    """An engine out of rotation is probed again after this long; it returns on a passing health check."""
+    engine_wait_timeout_s: float = Field(default=300.0, gt=0)
+    """How long a request waits for any engine to be available before the attempt fails."""
+
+
+class SglangRouterConfig(BaseConfig):
+    type: Literal["sglang_router"] = "sglang_router"
+    """Forward every request to one sglang-router (SGLang's own load balancer), which picks the engine."""
+    url: str
+    """Base URL of the sglang-router."""
+    max_inflight: int = Field(default=1024, ge=1)
+    """Requests in flight through the router at most."""
+
+
+def _router_type(value: Any) -> str:
+    """The router section's `type`; a section that leaves it out is the builtin router."""
+    if isinstance(value, dict):
+        return str(value.get("type", "builtin"))
+    return str(getattr(value, "type", "builtin"))
+
+
+RouterConfig = Annotated[
+    Annotated[BuiltinRouterConfig, Tag("builtin")] | Annotated[SglangRouterConfig, Tag("sglang_router")],
+    Discriminator(_router_type),
+]
+
+
+class SamplingConfig(BaseConfig):
+    num_samples: int = Field(default=8, ge=1)
+    """Samples per group (n) unless the task says otherwise."""
+    max_response_len: int = Field(default=32000, ge=1)
+    """Most tokens generated per sample."""
+    max_context_len: int = Field(default=160000, ge=2)
+    """Prompt plus response tokens at most: max_new_tokens = min(max_response_len, max_context_len - prompt_len)."""
+    temperature: float = Field(default=1.0, ge=0)
+    """Sampling temperature."""
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    """Nucleus sampling mass."""
+    top_k: int = -1
+    """Top-k cut-off, -1 for the whole vocabulary."""
+    stop_token_ids: list[int] | None = None
+    """Token ids that end a sample; unset: the message processor's (Qwen3: 151643, 151645; DeepSeek-R1: 151645)."""
+    ignore_eos: bool = False
+    """Generate past EOS and stop ids up to max_new_tokens (equal-length samples for benchmarks and tests)."""
+
+    @model_validator(mode="after")
+    def _check_top_k(self) -> SamplingConfig:
+        if self.top_k == 0 or self.top_k < -1:
+            raise ValueError("--sampling.top_k must be -1 (all) or >= 1")
+        return self
+
+
+class RolloutConfig(BaseConfig):
+    broker: BrokerConfig = Field(default_factory=lambda: BrokerConfig.model_validate({}))
+    """Which Redis and run (the `tasks` and `rollouts` streams, the engine registry)."""
+    worker_id: str = ""
+    """Consumer name in the tasks consumer group; empty: <hostname>-<pid>. Keep it stable across restarts."""
+    consumer_group: str = "rollout-workers"
+    """Consumer group of the workers on the `tasks` stream."""
+    engines: EnginesConfig = Field(default_factory=EnginesConfig)
+    """Where the engines are."""
+    router: RouterConfig = Field(default_factory=BuiltinRouterConfig)
+    """How requests are spread over engines: `builtin` (least outstanding) or `sglang_router`."""
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    """Defaults of the sampling parameters."""
+    processor: ProcessorName = "qwen3"
+    """Message processor that parses responses: qwen3 | deepseek_r1."""
+    max_groups_in_flight: int = Field(default=16, ge=1)
+    """Groups generated concurrently by this worker (each sends its n samples at once)."""
+    request_timeout_s: float = Field(default=3600.0, gt=0)
+    """Timeout of one /generate call (a 32K-token response can take many minutes)."""
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    """Timeout of opening a connection to an engine."""
+    health_timeout_s: float = Field(default=5.0, gt=0)
+    """Timeout of one /health probe."""
+    max_attempts: int = Field(default=5, ge=1)
+    """Engine failures (connection, timeout, 5xx) one sample tolerates, each retried on another engine."""
+    retry_backoff_s: float = Field(default=0.5, gt=0)
+    """Base of the jittered exponential backoff between attempts."""
+    resume_timeout_s: float = Field(default=600.0, gt=0)
+    """After a pause-with-abort, how long to wait for the engine to generate again before failing over."""
+    resume_poll_s: float = Field(default=0.2, gt=0)
+    """Poll interval while waiting for a paused engine."""
+    shutdown_timeout_s: float = Field(default=30.0, gt=0)
+    """On SIGTERM, how long in-flight groups may finish; the rest stay unacked and are reclaimed by others."""
+    publish_retry_s: float = Field(default=5.0, gt=0)
+    """Wait between publish attempts while the rollouts stream stays full (backpressure)."""
+    metrics_port: int = Field(default=0, ge=0, le=65535)
+    """Port of the Prometheus /metrics endpoint; 0 disables it."""
+    metrics_host: str = "0.0.0.0"
+    """Address the /metrics endpoint binds to."""
+    default_weight_version: int = 0
+    """The integer version of an engine whose weight_version is SGLang's initial "default"."""
+
+    @model_validator(mode="after")
+    def _check_engines(self) -> RolloutConfig:
+        if isinstance(self.router, BuiltinRouterConfig) and not (self.engines.urls or self.engines.use_registry):
+            raise ValueError("no engines: set --engines.urls or --engines.use_registry true")
+        return self
