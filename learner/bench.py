@@ -55,7 +55,7 @@ def _megatron_step_fn(hf_path: Path, ids: Any) -> Any:
     cfg = LearnerModelConfig(hf_path=str(hf_path))
     init_parallel(cfg)
     arch = load_hf_arch(hf_path)
-    model = build_model(arch, cfg, initialize=False)
+    model = build_model(arch, cfg)
     load_hf_weights(model, hf_path, arch)
     config = unwrap(model).config
     config.finalize_model_grads_func = finalize_model_grads

@@ -8,10 +8,14 @@ from pathlib import Path
 from typing import Any
 
 from broker.config import ConfigError
+from learner.train_cli import register_train
+from learner.weight_sync.cli import register_weight_sync
 
 
 def register(commands: argparse._SubParsersAction[Any], benches: argparse._SubParsersAction[Any]) -> None:
     """Add this package's subcommands and benchmarks. Keep imports inside the handlers."""
+    register_train(commands, benches)
+    register_weight_sync(commands, benches)
     export = commands.add_parser(
         "export-hf",
         help="export a checkpoint through the megatron model to a loadable Hugging Face directory",
@@ -63,7 +67,7 @@ def _export_hf(args: argparse.Namespace) -> int:
     try:
         arch = load_hf_arch(src)
         init_parallel(cfg.model)
-        model = build_model(arch, cfg.model, initialize=False)
+        model = build_model(arch, cfg.model)
         load_hf_weights(model, src, arch)
         export_hf(model, args.out, src, max_shard_mb=args.max_shard_mb)
     except ValueError as e:  # unsupported architecture, bad parallel layout: a user error, not a crash

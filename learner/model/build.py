@@ -36,15 +36,16 @@ def layer_spec(arch: HFArch, cfg: LearnerModelConfig) -> ModuleSpec:
     return spec
 
 
-def build_model(arch: HFArch, cfg: LearnerModelConfig, initialize: bool = True) -> torch.nn.Module:
+def build_model(arch: HFArch, cfg: LearnerModelConfig) -> torch.nn.Module:
     """This rank's GPTModel on the current device; wrapped in Float16Module when cfg.dtype is bf16.
 
-    `initialize=False` skips megatron's random init (the caller loads every weight, see load.py).
-    Needs `learner.parallel.init_parallel` first. Returns logits sharded over TP (parallel_output)
+    Megatron's random init always runs, even when every weight is loaded afterwards (load.py): it is
+    the only place that marks sharded parameters `tensor_model_parallel`, and without the mark grad-norm
+    and clipping at TP > 1 silently miss those shards. Needs `learner.parallel.init_parallel` first. Returns logits sharded over TP (parallel_output)
     because the vocab-parallel log-softmax in logprobs.py never gathers the vocab.
     """
     config = transformer_config(arch, cfg)
-    config.perform_initialization = initialize
+    config.perform_initialization = True
     model: torch.nn.Module = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(arch, cfg),

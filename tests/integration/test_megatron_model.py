@@ -162,7 +162,7 @@ def _parity_worker(tmp: str, layouts: list[list[Any]]) -> None:
             )
             init_parallel(cfg)
             layout = current_layout()
-            model = build_model(arch, cfg, initialize=False)
+            model = build_model(arch, cfg)
             load_hf_weights(model, path, arch)
             model.eval()
             with torch.no_grad():

@@ -113,7 +113,7 @@ def _training_worker(tmp: str, scenarios: list[list[Any]]) -> None:
         init_parallel(cfg)
         layout = current_layout()
         arch = load_hf_arch(path)
-        model = build_model(arch, cfg, initialize=False)
+        model = build_model(arch, cfg)
         load_hf_weights(model, path, arch)
         config = unwrap(model).config
         config.finalize_model_grads_func = finalize_model_grads

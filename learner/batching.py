@@ -1,0 +1,364 @@
+"""Batch assembly: scored groups -> training samples -> micro-batches packed by a token budget per rank.
+
+Rank 0 reads the `scored` stream with `ScoredReader`: it drops (and counts) groups older than the
+staleness bound, optionally groups whose rewards are all equal, skips redelivered groups it already
+consumed, and dead-letters malformed ones. Entries stay unacked until the checkpoint that includes the
+step they fed (`ack_held`), so a crash loses nothing and retrains nothing.
+
+The rest is pure and deterministic, so every rank computes the same plan from the same batch:
+`plan_micro_batches` balances sequences over data-parallel ranks (longest first onto the least loaded
+rank) and packs each rank's share into micro-batches whose padded size (count x longest, rounded up to
+`pad_multiple`) stays within `max_tokens_per_micro_batch` (dynamic batch size).
+
+Token layout of one sequence of length L with a prompt of P tokens: inputs are tokens[0 : L-1] and
+labels tokens[1 : L]; position i predicts token i+1, so the response tokens are the labels at
+positions P-1 .. L-2, which is where the loss mask, the advantage and the rollout logprobs sit.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from broker.base import Consumer, Entry
+from broker.schemas import ScoredGroup
+from learner.loss import grpo_advantages
+from learner.state import LearnerState
+from learner.train_config import BatchConfig, DataConfig, LossConfig
+
+logger = logging.getLogger(__name__)
+
+CONSUMER_GROUP = "learner"  # the learner's consumer group on `scored` (one consumer: rank 0)
+
+
+@dataclass
+class TrainSample:
+    """One sequence to train on: prompt + response tokens, where the response starts, and per-token data."""
+
+    tokens: npt.NDArray[np.int32]
+    prompt_len: int
+    rollout_logp: npt.NDArray[np.float32]  # one per response token (engine-side log p)
+    advantage: float
+
+    @property
+    def num_inputs(self) -> int:
+        return len(self.tokens) - 1
+
+    @property
+    def response_len(self) -> int:
+        return len(self.tokens) - self.prompt_len
+
+
+@dataclass
+class TrainBatch:
+    """One optimizer step's data (identical on every rank after the broadcast)."""
+
+    samples: list[TrainSample]
+    group_ids: list[str]
+    metrics: dict[str, float] = field(default_factory=dict)  # data metrics computed on rank 0
+
+
+# ---------------------------------------------------------------- groups -> samples
+
+
+def group_version(sg: ScoredGroup) -> int:
+    """The oldest weight version the group was generated under; its admission version when the worker
+    recorded no weight segments (then the group is at least that old)."""
+    v = sg.group.min_version
+    return v if v >= 0 else sg.group.task.policy_version
+
+
+def invalid_reason(sg: ScoredGroup) -> str | None:
+    """Why a scored group cannot be trained on (it goes to the dead stream), or None."""
+    samples = sg.group.samples
+    if not samples:
+        return "group has no samples"
+    if len(sg.rewards) != len(samples):
+        return f"{len(sg.rewards)} rewards for {len(samples)} samples"
+    if len(sg.group.task.prompt_ids_np()) < 1:
+        return "empty prompt"
+    for i, s in enumerate(samples):
+        n_ids, n_logp = len(s.response_ids_np()), len(s.logprobs_np())
+        if n_ids != n_logp:
+            return f"sample {i}: {n_ids} response tokens but {n_logp} logprobs"
+    return None
+
+
+def is_zero_variance(sg: ScoredGroup) -> bool:
+    rewards = [r.reward for r in sg.rewards]
+    return max(rewards) == min(rewards)
+
+
+def group_to_samples(sg: ScoredGroup, cfg: LossConfig) -> list[TrainSample]:
+    """The group's samples with GRPO advantages (or advantage 1 in SFT mode: every token is a target)."""
+    prompt = sg.group.task.prompt_ids_np()
+    if cfg.mode == "sft":
+        adv = [1.0] * len(sg.rewards)
+    else:
+        rewards_G = torch.tensor([r.reward for r in sg.rewards], dtype=torch.float64)
+        adv = grpo_advantages(rewards_G, cfg.normalize_advantage_std, cfg.advantage_eps).tolist()
+    return [
+        TrainSample(
+            tokens=np.concatenate([prompt, s.response_ids_np()]).astype(np.int32),
+            prompt_len=len(prompt),
+            rollout_logp=s.logprobs_np().astype(np.float32),
+            advantage=float(a),
+        )
+        for s, a in zip(sg.group.samples, adv, strict=True)
+    ]
+
+
+def group_metrics(groups: Sequence[ScoredGroup], staleness: Sequence[int]) -> dict[str, float]:
+    """Reward, outcome (accuracy), rubric and length statistics of one step's groups, and the staleness histogram."""
+    rewards = [r for sg in groups for r in sg.rewards]
+    samples = [s for sg in groups for s in sg.group.samples]
+    lengths = np.array([len(s.response_ids_np()) for s in samples], dtype=np.float64)
+    out = {
+        "reward_mean": float(np.mean([r.reward for r in rewards])),
+        "outcome_mean": float(np.mean([r.outcome_reward for r in rewards])),
+        "rubric_mean": float(np.mean([r.rubric_reward for r in rewards])),
+        "raw_rubric_mean": float(np.mean([r.raw_rubric_reward for r in rewards])),
+        "zeroed_fraction": float(np.mean([bool(r.zeroed_reason) for r in rewards])),
+        "truncated_fraction": float(np.mean([s.status == "truncated" for s in samples])),
+        "response_len_mean": float(lengths.mean()),
+        "response_len_max": float(lengths.max()),
+        "zero_variance_group_fraction": float(np.mean([is_zero_variance(sg) for sg in groups])),
+        "num_groups": float(len(groups)),
+        "num_samples": float(len(samples)),
+    }
+    out["accuracy"] = out["outcome_mean"]
+    for lag, n in sorted(Counter(staleness).items()):
+        out[f"staleness/{lag}"] = float(n)
+    return out
+
+
+def build_batch(groups: Sequence[ScoredGroup], staleness: Sequence[int], cfg: LossConfig) -> TrainBatch:
+    samples = [s for sg in groups for s in group_to_samples(sg, cfg)]
+    return TrainBatch(samples, [sg.group_id for sg in groups], group_metrics(groups, staleness))
+
+
+# ---------------------------------------------------------------- reading the scored stream (rank 0)
+
+
+class ScoredReader:
+    """Rank 0's view of the `scored` stream: collects one step's worth of trainable groups."""
+
+    def __init__(
+        self,
+        consumer: Consumer[ScoredGroup],
+        state: LearnerState,
+        data_cfg: DataConfig,
+        batch_cfg: BatchConfig,
+        loss_cfg: LossConfig,
+    ) -> None:
+        self._consumer = consumer
+        self._state = state
+        self._data_cfg = data_cfg
+        self._batch_cfg = batch_cfg
+        self._loss_cfg = loss_cfg
+        self._consumed = set(state.consumed_group_ids)
+        self._held: list[str] = []  # entry ids read since the last checkpoint (acked after it is saved)
+        self._groups: list[ScoredGroup] = []
+        self._staleness: list[int] = []
+
+    @property
+    def num_held(self) -> int:
+        return len(self._held)
+
+    def poll(self, block_s: float) -> TrainBatch | None:
+        """Read what the step still needs for about `block_s`; the batch once groups_per_step are in, else None."""
+        want = self._data_cfg.groups_per_step
+        deadline = time.monotonic() + block_s
+        while len(self._groups) < want:
+            left = deadline - time.monotonic()
+            entries = self._consumer.read(want - len(self._groups), max(left, 0.001))
+            for entry in entries:
+                self._take(entry)
+            if not entries or left <= 0:
+                return None
+        batch = build_batch(self._groups, self._staleness, self._loss_cfg)
+        self._groups, self._staleness = [], []
+        return batch
+
+    def _take(self, entry: Entry[ScoredGroup]) -> None:
+        sg, st = entry.msg, self._state
+        if sg.group_id in self._consumed:
+            st.num_duplicates += 1  # redelivered after a crash between a checkpoint and its acks, or published twice
+            self._held.append(entry.id)
+            return
+        reason = invalid_reason(sg)
+        if reason is not None:
+            st.num_dead_lettered += 1
+            self._consumer.dead_letter(entry, reason)
+        else:
+            self._held.append(entry.id)
+        self._consumed.add(sg.group_id)
+        st.consumed_group_ids.append(sg.group_id)
+        if reason is not None:
+            return
+        lag = st.policy_version - group_version(sg)
+        if lag > self._data_cfg.max_staleness:
+            st.num_dropped_stale += 1
+            logger.info(
+                "dropped group %s: %d versions old (max_staleness %d)", sg.group_id, lag, self._data_cfg.max_staleness
+            )
+        elif self._batch_cfg.zero_variance_filter and is_zero_variance(sg):
+            st.num_dropped_zero_variance += 1
+        else:
+            self._groups.append(sg)
+            self._staleness.append(lag)
+
+    def ack_held(self) -> int:
+        """Ack every entry read since the last checkpoint; call only once that checkpoint is durable."""
+        assert not self._groups, "a checkpoint must fall between steps"
+        n = len(self._held)
+        if n:
+            self._consumer.ack(self._held)
+            self._held = []
+        return n
+
+
+# ---------------------------------------------------------------- micro-batch planning (every rank)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def balance_over_ranks(lengths: Sequence[int], num_ranks: int) -> list[list[int]]:
+    """Sample indices per rank: longest first onto the rank with the fewest tokens (ties: fewer samples, lower rank)."""
+    if len(lengths) < num_ranks:
+        raise ValueError(f"{len(lengths)} sequences cannot feed {num_ranks} data-parallel ranks")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    shares: list[list[int]] = [[] for _ in range(num_ranks)]
+    load = [0] * num_ranks
+    for i in order:
+        r = min(range(num_ranks), key=lambda k: (load[k], len(shares[k]), k))
+        shares[r].append(i)
+        load[r] += lengths[i]
+    return shares
+
+
+def pack_micro_batches(
+    indices: Sequence[int], lengths: Sequence[int], max_tokens: int, pad_multiple: int
+) -> list[list[int]]:
+    """First-fit decreasing: a micro-batch's cost is count x (its longest length rounded up to pad_multiple).
+
+    A sequence longer than the budget gets a micro-batch of its own.
+    """
+    order = sorted(indices, key=lambda i: (-lengths[i], i))
+    bins: list[list[int]] = []
+    for i in order:
+        for b in bins:
+            # sorted descending: the bin's first sequence is its longest
+            if (len(b) + 1) * _round_up(lengths[b[0]], pad_multiple) <= max_tokens:
+                b.append(i)
+                break
+        else:
+            bins.append([i])
+    return bins
+
+
+def plan_micro_batches(
+    lengths: Sequence[int], dp_size: int, max_tokens: int, pad_multiple: int
+) -> list[list[list[int]]]:
+    """plan[dp_rank] = that rank's micro-batches, each a list of sample indices."""
+    return [pack_micro_batches(s, lengths, max_tokens, pad_multiple) for s in balance_over_ranks(lengths, dp_size)]
+
+
+@dataclass
+class MicroBatch:
+    """Padded tensors of one micro-batch; positions beyond a sequence's end are masked out."""
+
+    input_ids_BS: torch.Tensor  # int64
+    position_ids_BS: torch.Tensor  # int64
+    labels_BS: torch.Tensor  # int64
+    loss_mask_BS: torch.Tensor  # float32, 1 on response-token labels
+    advantages_BS: torch.Tensor  # float32
+    rollout_logp_BS: torch.Tensor  # float32
+    sample_indices: list[int]
+    logp_old_BS: torch.Tensor | None = None  # the trainer's logprobs before the update (set on the last stage)
+    logp_ref_BS: torch.Tensor | None = None  # the reference model's (only with a KL term)
+
+    @property
+    def num_loss_tokens(self) -> int:
+        return int(self.loss_mask_BS.sum().item())
+
+    def to(self, device: torch.device | str) -> MicroBatch:
+        return MicroBatch(
+            self.input_ids_BS.to(device),
+            self.position_ids_BS.to(device),
+            self.labels_BS.to(device),
+            self.loss_mask_BS.to(device),
+            self.advantages_BS.to(device),
+            self.rollout_logp_BS.to(device),
+            self.sample_indices,
+        )
+
+
+def build_micro_batch(samples: Sequence[TrainSample], indices: Sequence[int], pad_multiple: int) -> MicroBatch:
+    seq_len = _round_up(max(samples[i].num_inputs for i in indices), pad_multiple)
+    b = len(indices)
+    input_ids = torch.zeros(b, seq_len, dtype=torch.int64)
+    labels = torch.zeros(b, seq_len, dtype=torch.int64)
+    mask = torch.zeros(b, seq_len, dtype=torch.float32)
+    adv = torch.zeros(b, seq_len, dtype=torch.float32)
+    rollout = torch.zeros(b, seq_len, dtype=torch.float32)
+    for row, i in enumerate(indices):
+        s = samples[i]
+        assert s.prompt_len >= 1 and len(s.rollout_logp) == s.response_len
+        tokens = torch.from_numpy(s.tokens.astype(np.int64))
+        n = s.num_inputs
+        input_ids[row, :n] = tokens[:-1]
+        labels[row, :n] = tokens[1:]
+        start = s.prompt_len - 1
+        mask[row, start:n] = 1.0
+        adv[row, start:n] = s.advantage
+        rollout[row, start:n] = torch.from_numpy(s.rollout_logp)
+    positions = torch.arange(seq_len, dtype=torch.int64).expand(b, seq_len).contiguous()
+    return MicroBatch(input_ids, positions, labels, mask, adv, rollout, list(indices))
+
+
+# ---------------------------------------------------------------- wire format (rank 0 -> all ranks)
+
+
+def batch_to_tensors(batch: TrainBatch) -> tuple[dict[str, object], dict[str, torch.Tensor]]:
+    """Small metadata (for broadcast_object_list) and flat tensors (for tensor broadcasts) of a batch."""
+    s = batch.samples
+    tensors = {
+        "tokens": torch.from_numpy(np.concatenate([x.tokens for x in s]).astype(np.int32)),
+        "lengths": torch.tensor([len(x.tokens) for x in s], dtype=torch.int64),
+        "prompt_lens": torch.tensor([x.prompt_len for x in s], dtype=torch.int64),
+        "advantages": torch.tensor([x.advantage for x in s], dtype=torch.float64),
+        "rollout_logp": torch.from_numpy(np.concatenate([x.rollout_logp for x in s]).astype(np.float32)),
+    }
+    meta: dict[str, object] = {
+        "group_ids": batch.group_ids,
+        "metrics": batch.metrics,
+        "shapes": {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()},
+    }
+    return meta, tensors
+
+
+def batch_from_tensors(meta: dict[str, object], tensors: dict[str, torch.Tensor]) -> TrainBatch:
+    tokens = tensors["tokens"].numpy()
+    logp = tensors["rollout_logp"].numpy()
+    lengths = tensors["lengths"].tolist()
+    prompt_lens = tensors["prompt_lens"].tolist()
+    samples = []
+    t_off = l_off = 0
+    for n, p, a in zip(lengths, prompt_lens, tensors["advantages"].tolist(), strict=True):
+        samples.append(TrainSample(tokens[t_off : t_off + n].copy(), p, logp[l_off : l_off + n - p].copy(), a))
+        t_off += n
+        l_off += n - p
+    group_ids = meta["group_ids"]
+    metrics = meta["metrics"]
+    assert isinstance(group_ids, list) and isinstance(metrics, dict)
+    return TrainBatch(samples, group_ids, metrics)

@@ -1,0 +1,125 @@
+"""Checkpoints: megatron dist_checkpointing (model + optimizer, any TP/PP/DP layout) plus the learner state.
+
+Layout under the checkpoint directory:
+
+    step_00000020/            megatron's sharded files, and learner_state.json (written last, by rank 0)
+    latest                    the name of the newest *complete* checkpoint (replaced atomically)
+
+A checkpoint counts only once `latest` names it, so a crash mid-save leaves the previous one in force.
+Only after `latest` is updated does `on_saved` run (rank 0 acks the scored entries the saved steps used).
+The model has no dropout, so no RNG state is saved: a resumed step is bit-for-bit the step it replaces.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core.optimizer import MegatronOptimizer
+
+from learner import compat  # noqa: F401  (before megatron: CPU redirections when CUDA is absent)
+from learner.model.build import unwrap
+from learner.state import LearnerState
+from learner.train_config import CheckpointConfig
+
+logger = logging.getLogger(__name__)
+
+LATEST = "latest"
+STATE_FILE = "learner_state.json"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The newest complete checkpoint directory, or None."""
+    marker = Path(root) / LATEST
+    if not marker.is_file():
+        return None
+    path = Path(root) / marker.read_text().strip()
+    assert (path / STATE_FILE).is_file(), f"{marker} names {path}, which has no {STATE_FILE}"
+    return path
+
+
+def _sharded_state_dict(model: torch.nn.Module, optimizer: MegatronOptimizer, is_loading: bool) -> dict[str, Any]:
+    # The bare GPTModel's keys do not depend on the wrappers (DDP, Float16Module) around it.
+    model_sd = unwrap(model).sharded_state_dict()
+    return {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading)}
+
+
+class Checkpointer:
+    def __init__(
+        self,
+        cfg: CheckpointConfig,
+        root: str | Path,
+        max_steps: int,
+        model: torch.nn.Module,
+        optimizer: MegatronOptimizer,
+        state: LearnerState,
+        on_saved: Callable[[], object],
+    ) -> None:
+        self._cfg = cfg
+        self.root = Path(root)
+        self._max_steps = max_steps
+        self._model = model
+        self._optimizer = optimizer
+        self._state = state
+        self._on_saved = on_saved
+
+    def _should_save(self, step: int) -> bool:
+        return step % self._cfg.interval_steps == 0 or step >= self._max_steps
+
+    def maybe_save(self, step: int) -> bool:
+        if not self._should_save(step):
+            return False
+        self.save(step)
+        return True
+
+    def save(self, step: int) -> Path:
+        """Collective: every rank writes its shards; rank 0 writes the state and flips `latest`."""
+        t0 = time.monotonic()
+        rank0 = dist.get_rank() == 0
+        path = self.root / step_dir_name(step)
+        if rank0:
+            if path.exists():  # a save of this step that crashed before `latest` named it
+                shutil.rmtree(path)
+            path.mkdir(parents=True)
+        dist.barrier()
+        dist_checkpointing.save(_sharded_state_dict(self._model, self._optimizer, is_loading=False), str(path))
+        dist.barrier()
+        if rank0:
+            self._state.save(path / STATE_FILE)
+            tmp = self.root / f".{LATEST}.tmp"
+            tmp.write_text(path.name + "\n")
+            os.replace(tmp, self.root / LATEST)
+            self._prune(keep=path)
+        dist.barrier()
+        self._on_saved()
+        logger.info("saved checkpoint %s in %.1fs", path, time.monotonic() - t0)
+        return path
+
+    def _prune(self, keep: Path) -> None:
+        done = sorted(p for p in self.root.glob("step_*") if p.is_dir() and (p / STATE_FILE).is_file())
+        for old in [p for p in done if p != keep][: max(0, len(done) - self._cfg.keep_last)]:
+            shutil.rmtree(old)
+
+
+def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: MegatronOptimizer) -> LearnerState:
+    """Restore model and optimizer from `path` (a collective) and return its learner state."""
+    t0 = time.monotonic()
+    sharded = _sharded_state_dict(model, optimizer, is_loading=True)
+    loaded = dist_checkpointing.load(sharded, str(path))
+    unwrap(model).load_state_dict(loaded["model"])
+    optimizer.load_state_dict(loaded["optimizer"])
+    state = LearnerState.load(Path(path) / STATE_FILE)
+    logger.info("resumed from %s (step %d) in %.1fs", path, state.step, time.monotonic() - t0)
+    return state

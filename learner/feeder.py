@@ -1,0 +1,207 @@
+"""The feeder (learner rank 0): dataset rows -> chat-templated prompts -> Tasks on `tasks`, under admission control.
+
+Admission control (AReaL-style, ARCHITECTURE.md "Staleness and asynchrony"): at policy version v at most
+`(max_staleness + v + 1) * groups_per_step` groups are admitted in total, so generation runs at most
+`max_staleness` versions ahead of training. Groups the learner drops (stale, zero-variance, dead-lettered)
+give their slot back (the limit is raised by their count); otherwise a dropped group would leave a step
+short of groups forever.
+
+Order: epoch e visits the rows in the permutation of `numpy.random.default_rng([seed, e])` (dataset
+order without shuffle). The cursor (epoch, position, admitted) lives in `LearnerState` and is
+checkpointed; a resumed feeder republishes the tasks admitted after the checkpoint with the same group
+ids (`run/e<epoch>/i<index>`), which the broker's dedup skips, so nothing is generated twice.
+The dataset is read through `datagen.dataset.parse_row` (the datagen loader's validation) from a
+byte-offset index of the JSONL file, so a 1.2 GB dataset is not held in memory.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import msgspec
+import numpy as np
+import numpy.typing as npt
+
+from broker.base import Producer
+from broker.schemas import RewardInfo, SamplingParams, Task, pack_ids
+from datagen.dataset import DatasetError, Row, parse_row
+from learner.state import DataCursor, LearnerState
+from learner.train_config import DataConfig
+
+logger = logging.getLogger(__name__)
+
+
+class PromptTokenizer(Protocol):
+    """What the feeder needs of a HF tokenizer."""
+
+    def apply_chat_template(self, conversation: Any, **kwargs: Any) -> Any: ...
+
+    def __call__(self, text: str, **kwargs: Any) -> Any: ...
+
+
+class JsonlDataset:
+    """Random access to the rows of a LongTraceRL JSONL file (plain: by byte offset; .gz: held in memory)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ValueError(f"--data.dataset_path: no such file {str(self.path)!r}")
+        self._lines: list[bytes] | None = None
+        self._offsets: list[tuple[int, int, int]] = []  # (line number, byte offset, length)
+        if self.path.suffix == ".gz":
+            with gzip.open(self.path, "rb") as f:
+                self._lines = [raw for raw in f if raw.strip()]
+        else:
+            with self.path.open("rb") as f:
+                offset = 0
+                for lineno, raw in enumerate(f, start=1):
+                    if raw.strip():
+                        self._offsets.append((lineno, offset, len(raw)))
+                    offset += len(raw)
+        if len(self) == 0:
+            raise ValueError(f"--data.dataset_path: {self.path} has no rows")
+
+    def __len__(self) -> int:
+        return len(self._lines) if self._lines is not None else len(self._offsets)
+
+    def __getitem__(self, index: int) -> Row:
+        if self._lines is not None:
+            lineno, raw = index + 1, self._lines[index]
+        else:
+            lineno, offset, length = self._offsets[index]
+            with self.path.open("rb") as f:
+                f.seek(offset)
+                raw = f.read(length)
+        try:
+            return parse_row(msgspec.json.decode(raw))
+        except (msgspec.DecodeError, ValueError) as e:
+            raise DatasetError(self.path, lineno, str(e)) from None
+
+
+def epoch_order(num_rows: int, seed: int, epoch: int, shuffle: bool) -> npt.NDArray[np.int64]:
+    if not shuffle:
+        return np.arange(num_rows, dtype=np.int64)
+    return np.random.default_rng([seed, epoch]).permutation(num_rows).astype(np.int64)
+
+
+def group_id(run_id: str, epoch: int, index: int) -> str:
+    return f"{run_id}/e{epoch}/i{index}"
+
+
+def prompt_ids(tokenizer: PromptTokenizer, row: Row) -> list[int]:
+    """The chat template applied to the row's messages with the generation prompt, tokenized as the engine sees it."""
+    messages = [{"role": m.role, "content": m.content} for m in row.input_messages]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert isinstance(text, str)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return list(ids)
+
+
+def admission_limit(state: LearnerState, cfg: DataConfig) -> int:
+    """Groups that may have been admitted in total at the current policy version."""
+    return (cfg.max_staleness + state.policy_version + 1) * cfg.groups_per_step + state.num_released
+
+
+class Feeder:
+    def __init__(
+        self,
+        dataset: JsonlDataset,
+        tokenizer: PromptTokenizer,
+        producer: Producer[Task],
+        state: LearnerState,
+        cfg: DataConfig,
+        run_id: str,
+    ) -> None:
+        self._dataset = dataset
+        self._tokenizer = tokenizer
+        self._producer = producer
+        self._state = state
+        self._cfg = cfg
+        self._run_id = run_id
+        self._order_epoch = -1
+        self._order: npt.NDArray[np.int64] = np.empty(0, dtype=np.int64)
+        self._max_backlog: int | None = None
+
+    def set_max_backlog(self, max_backlog: int) -> None:
+        """Never publish beyond the tasks stream's backlog limit (publishing would block rank 0)."""
+        self._max_backlog = max_backlog
+
+    @property
+    def cursor(self) -> DataCursor:
+        return self._state.cursor
+
+    def fill(self) -> int:
+        """Publish tasks until the admission limit (or the stream's backlog limit); return how many were admitted."""
+        want = admission_limit(self._state, self._cfg) - self.cursor.admitted
+        if want > 0 and self._max_backlog is not None:
+            want = min(want, self._max_backlog - self._producer.backlog())
+        if want <= 0:
+            return 0
+        tasks = [self._next_task() for _ in range(want)]
+        ids = self._producer.publish(tasks, dedup_key=lambda t: t.group_id)
+        self.cursor.admitted += len(tasks)
+        num_new = sum(i is not None for i in ids)
+        if num_new < len(tasks):
+            logger.info("%d of %d tasks were already published (resumed run)", len(tasks) - num_new, len(tasks))
+        return len(tasks)
+
+    def _next_task(self) -> Task:
+        for _ in range(len(self._dataset)):
+            c = self.cursor
+            if c.position >= len(self._dataset):
+                c.epoch += 1
+                c.position = 0
+            if self._order_epoch != c.epoch:
+                self._order = epoch_order(len(self._dataset), self._cfg.seed, c.epoch, self._cfg.shuffle)
+                self._order_epoch = c.epoch
+            index = int(self._order[c.position])
+            c.position += 1
+            task = self._task(index, c.epoch)
+            if task is not None:
+                return task
+            c.num_skipped += 1
+        raise ValueError(
+            f"--data.max_total_tokens {self._cfg.max_total_tokens}: {len(self._dataset)} rows in a row left no room "
+            "for a response"
+        )
+
+    def _task(self, index: int, epoch: int) -> Task | None:
+        row = self._dataset[index]
+        ids = prompt_ids(self._tokenizer, row)
+        cfg = self._cfg
+        room = min(cfg.max_new_tokens, cfg.max_total_tokens - len(ids))
+        if room < 1:
+            logger.warning(
+                "skipped row %d: its %d prompt tokens leave no room under --data.max_total_tokens %d",
+                index,
+                len(ids),
+                cfg.max_total_tokens,
+            )
+            return None
+        return Task(
+            run_id=self._run_id,
+            group_id=group_id(self._run_id, epoch, index),
+            dataset_index=index,
+            epoch=epoch,
+            prompt_ids=pack_ids(ids),
+            label=row.label,
+            reward_info=RewardInfo(
+                question=row.question,
+                rubrics=[str(r) for r in row.rubrics],
+                dataset_name=row.dataset_name,
+                extra=dict(row.reward_extra),
+            ),
+            sampling=SamplingParams(
+                max_new_tokens=room,
+                temperature=cfg.temperature,
+                top_p=cfg.top_p,
+                stop_token_ids=list(cfg.stop_token_ids),
+            ),
+            num_samples=cfg.num_samples,
+            policy_version=self._state.policy_version,
+            created_s=time.time(),
+        )

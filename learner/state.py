@@ -1,0 +1,45 @@
+"""The learner's resumable state besides the weights: step, policy version, dataset cursor, consumed groups.
+
+It is saved with every checkpoint (as JSON next to megatron's files) and restored on resume, so a
+restarted learner admits the same next tasks, skips groups it already trained on, and counts on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgspec
+
+
+class DataCursor(msgspec.Struct, kw_only=True):
+    """Where the feeder is in the dataset."""
+
+    epoch: int = 0
+    position: int = 0  # next index into this epoch's permutation
+    admitted: int = 0  # groups admitted (published as tasks) in total, over all epochs
+    num_skipped: int = 0  # prompts skipped because they leave no room for a response
+
+
+class LearnerState(msgspec.Struct, kw_only=True):
+    step: int = 0  # optimizer steps done
+    policy_version: int = 0  # version of the weights the engines have (== step while sync is disabled)
+    cursor: DataCursor = msgspec.field(default_factory=DataCursor)
+    # Every group id read from `scored` (trained, dropped or duplicate): a redelivered group is skipped.
+    consumed_group_ids: list[str] = []
+    num_trained_groups: int = 0
+    num_dropped_stale: int = 0
+    num_dropped_zero_variance: int = 0
+    num_dead_lettered: int = 0
+    num_duplicates: int = 0
+
+    @property
+    def num_released(self) -> int:
+        """Admitted groups that will never be trained; each frees its admission slot (see feeder.py)."""
+        return self.num_dropped_stale + self.num_dropped_zero_variance + self.num_dead_lettered
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_bytes(msgspec.json.encode(self))
+
+    @classmethod
+    def load(cls, path: str | Path) -> LearnerState:
+        return msgspec.json.decode(Path(path).read_bytes(), type=cls)

@@ -1,0 +1,164 @@
+"""`TrainConfig`: everything `longtrace learner` reads (the model section, the broker, data and admission,
+batching, loss, optimizer, checkpoints). Defaults are the paper's recipe (METHOD.md §3-4).
+
+Loaded with `load_config(TrainConfig, path, overrides)`; this module imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from broker.config import BaseConfig
+from broker.settings import BrokerConfig
+from learner.config import LearnerConfig
+from learner.weight_sync.config import NoSyncConfig, WeightSyncConfig
+
+
+class DataConfig(BaseConfig):
+    dataset_path: str = ""
+    """LongTraceRL-format JSONL (source, input_messages, label, metadata.extra_reward_info) the feeder reads."""
+    tokenizer_path: str = ""
+    """Tokenizer (with its chat template) for the prompts; empty = the model's --model.hf_path."""
+    seed: int = 0
+    """Seed of the per-epoch shuffle (epoch e uses the permutation of rng(seed, e))."""
+    shuffle: bool = True
+    """Shuffle the dataset every epoch (off: dataset order)."""
+    groups_per_step: int = Field(16, ge=1)
+    """Prompts (groups) per optimizer step: the global batch is groups_per_step * num_samples sequences."""
+    num_samples: int = Field(8, ge=1)
+    """Samples generated per prompt (the GRPO group size n)."""
+    max_staleness: int = Field(1, ge=0)
+    """Generation may run this many policy versions ahead of training; older groups are dropped (0: synchronous)."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature of the engines; the trainer's logprobs use the same log_softmax(logits / T)."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling of the engines."""
+    max_new_tokens: int = Field(32000, ge=1)
+    """Longest response; a prompt gets min(max_new_tokens, max_total_tokens - prompt length)."""
+    max_total_tokens: int = Field(160000, ge=2)
+    """Longest prompt + response; prompts that leave no room for a response are skipped (and counted)."""
+    stop_token_ids: list[int] = []
+    """Extra stop token ids sent with every task (the engine always stops on the tokenizer's EOS)."""
+
+
+class BatchConfig(BaseConfig):
+    max_tokens_per_micro_batch: int = Field(8192, ge=1)
+    """Dynamic batch size: a micro-batch holds sequences while (count * padded max length) stays within this."""
+    pad_multiple: int = Field(8, ge=1)
+    """Micro-batch sequence length is padded up to a multiple of this (keeps shapes few; SP needs tp_size | it)."""
+    zero_variance_filter: bool = False
+    """Drop groups whose samples all have the same reward (zero advantage); off in the paper."""
+    read_block_s: float = Field(1.0, gt=0)
+    """How long one read of the scored stream blocks before rank 0 tells the other ranks it is still waiting."""
+    batch_timeout_s: float = Field(6 * 3600.0, gt=0)
+    """Give up (error) when a step's groups have not all arrived within this long."""
+
+
+class LossConfig(BaseConfig):
+    mode: Literal["grpo", "sft"] = "grpo"
+    """grpo: the clipped policy loss on scored groups; sft: cross-entropy on the response tokens (warm start)."""
+    normalize_advantage_std: bool = True
+    """GRPO advantage (r - mean) / (std + eps) with the unbiased std; off: r - mean (Dr. GRPO style)."""
+    advantage_eps: float = Field(1e-6, gt=0)
+    """Added to the group std before dividing."""
+    eps_clip: float = Field(0.2, ge=0)
+    """Lower clip of the ratio: clip(rho, 1 - eps_clip, 1 + eps_clip_high)."""
+    eps_clip_high: float = Field(0.28, ge=0)
+    """Upper clip of the ratio (clip-higher)."""
+    importance_correction: Literal["icepop", "tis", "none"] = "icepop"
+    """Engine/trainer mismatch r = exp(logp_old - logp_rollout): icepop zeroes tokens outside [is_low, is_high],
+    tis clamps r into it, none ignores the rollout logprobs."""
+    is_low: float = Field(0.5, gt=0)
+    """Lower bound of the importance-ratio band."""
+    is_high: float = Field(2.0, gt=0)
+    """Upper bound of the importance-ratio band."""
+    kl_coef: float = Field(0.0, ge=0)
+    """Weight of the k3 KL to the frozen initial model (0 in the paper: no reference model is built)."""
+    entropy_coef: float = Field(0.0, ge=0)
+    """Weight of the entropy bonus (0 in the paper; entropy is still logged)."""
+
+    @model_validator(mode="after")
+    def _check_band(self) -> LossConfig:
+        if self.is_low >= self.is_high:
+            raise ValueError(f"--loss.is_low ({self.is_low}) must be below --loss.is_high ({self.is_high})")
+        return self
+
+
+class OptimConfig(BaseConfig):
+    lr: float = Field(2e-6, gt=0)
+    """Adam learning rate, constant, no warmup."""
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    """Adam beta1."""
+    adam_beta2: float = Field(0.98, ge=0, lt=1)
+    """Adam beta2."""
+    adam_eps: float = Field(1e-8, gt=0)
+    """Adam epsilon."""
+    weight_decay: float = Field(0.1, ge=0)
+    """Decoupled weight decay (megatron skips biases and norms)."""
+    clip_grad: float = Field(1.0, gt=0)
+    """Clip the global gradient norm to this."""
+    distributed_optimizer: bool = False
+    """Shard optimizer states over data-parallel ranks (megatron's distributed optimizer, ZeRO-1)."""
+
+
+class CheckpointConfig(BaseConfig):
+    dir: str = ""
+    """Checkpoint directory; empty = <run_dir>/checkpoints."""
+    interval_steps: int = Field(20, ge=1)
+    """Save every this many steps (and after the last step); scored entries are acked only after a save."""
+    resume: bool = True
+    """Resume from the latest complete checkpoint in `dir` when there is one."""
+    keep_last: int = Field(2, ge=1)
+    """Complete checkpoints kept on disk; older ones are deleted after a save."""
+
+
+class TrainConfig(LearnerConfig):
+    """`longtrace learner`: LearnerConfig's `model` section plus the training loop's sections."""
+
+    broker: BrokerConfig = Field(default_factory=BrokerConfig)
+    """The broker (memory:// for tests). Rank 0 is the one consumer of `scored` (name `consumer_name`) and holds
+    what it read unacked until the next checkpoint; a restart under the same name gets those entries back first."""
+    data: DataConfig = Field(default_factory=DataConfig)
+    """Dataset, sampling and admission control."""
+    batch: BatchConfig = Field(default_factory=BatchConfig)
+    """Batch assembly from the scored stream and micro-batch packing."""
+    loss: LossConfig = Field(default_factory=LossConfig)
+    """GRPO / SFT loss options."""
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    """Optimizer."""
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    """Checkpoints and resume."""
+    weight_sync: WeightSyncConfig = Field(default_factory=NoSyncConfig)
+    """How weights reach the engines after a step (`type`: none | distributed | disk). With `none` the policy
+    version key is still set to the step count, so admission control and staleness work without engines."""
+    run_dir: str = "runs/learner"
+    """Run directory: resolved config, metrics.jsonl, checkpoints."""
+    max_steps: int = Field(200, ge=1)
+    """Optimizer steps to train (the step counter survives resume)."""
+    consumer_name: str = "learner"
+    """Name of rank 0's consumer in the scored stream's group; keep it across restarts to get held entries back."""
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if not self.model.hf_path:
+            raise ValueError("--model.hf_path is required (the HF model directory to train)")
+        if self.loss.mode == "grpo" and not self.data.dataset_path:
+            raise ValueError("--data.dataset_path is required (the LongTraceRL JSONL the feeder publishes)")
+        if self.model.cp_size > 1:
+            raise ValueError("--model.cp_size > 1: the training loop does not split sequences over CP ranks yet")
+        if self.model.sequence_parallel and self.batch.pad_multiple % self.model.tp_size:
+            raise ValueError(
+                f"--batch.pad_multiple {self.batch.pad_multiple} must be a multiple of --model.tp_size "
+                f"{self.model.tp_size} with sequence parallelism (sequences are split over TP ranks)"
+            )
+        return self
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return self.checkpoint.dir or f"{self.run_dir.rstrip('/')}/checkpoints"
+
+    @property
+    def tokenizer_path(self) -> str:
+        return self.data.tokenizer_path or self.model.hf_path

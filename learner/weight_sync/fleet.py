@@ -1,0 +1,97 @@
+"""The engines one push addresses, and the control steps around the weight transfer (coordinator only).
+
+Engines are the live ones of the broker's registry plus the static URLs (their TP size from
+`/get_server_info`), sorted by URL so every rebuild gives the same rank offsets for the same set. Each step
+runs on all engines concurrently with a timeout and returns the engines it failed on with the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from broker.base import Broker
+from learner.weight_sync.client import EngineCallError, EngineClient
+from learner.weight_sync.config import EngineSyncConfig
+from learner.weight_sync.group import EngineRef
+
+logger = logging.getLogger(__name__)
+
+
+class Fleet:
+    def __init__(self, cfg: EngineSyncConfig, client: EngineClient, broker: Broker | None) -> None:
+        if not cfg.engine_urls and (broker is None or not cfg.use_registry):
+            raise ValueError(
+                "--weight_sync.engine_urls is empty and there is no engine registry to read"
+                " (--weight_sync.use_registry with the learner's broker)"
+            )
+        self.cfg = cfg
+        self.client = client
+        self.broker = broker
+        self._static_tp: dict[str, int] = {}
+
+    def discover(self) -> tuple[list[EngineRef], dict[str, str]]:
+        """The engines to push to, and static engines that could not be asked for their TP size."""
+        found: dict[str, EngineRef] = {}
+        errors: dict[str, str] = {}
+        if self.cfg.use_registry and self.broker is not None:
+            for info in self.broker.engines.live():
+                url = info.url.rstrip("/")
+                found[url] = EngineRef(url, info.tp_size)
+        for raw in self.cfg.engine_urls:
+            url = raw.rstrip("/")
+            if url in found:
+                continue
+            if url not in self._static_tp:
+                try:
+                    self._static_tp[url] = int(self.client.server_info(url).get("tp_size", 1))
+                except EngineCallError as e:
+                    errors[url] = f"unreachable: {e}"
+                    continue
+            found[url] = EngineRef(url, self._static_tp[url])
+        return sorted(found.values()), errors
+
+    def forget(self, url: str) -> None:
+        """A static engine that failed may come back with another TP size: ask again next time."""
+        self._static_tp.pop(url, None)
+
+    def pause(self, engines: Sequence[EngineRef]) -> dict[str, str]:
+        mode, timeout_s = self.cfg.pause_mode, self.cfg.pause_timeout_s
+        _, errors = self.client.for_all(
+            [e.url for e in engines], lambda url: self.client.pause(url, mode, timeout_s), timeout_s + 5
+        )
+        return errors
+
+    def flush(self, engines: Sequence[EngineRef]) -> dict[str, str]:
+        """Flush the KV cache (retried while the engine answers 400); skipped in in_place mode, which keeps it."""
+        if self.cfg.pause_mode == "in_place":
+            return {}
+        deadline, interval = self.cfg.flush_timeout_s, self.cfg.flush_retry_interval_s
+        _, errors = self.client.for_all(
+            [e.url for e in engines],
+            lambda url: self.client.flush_cache(url, deadline, interval),
+            deadline + self.cfg.http_timeout_s + 5,
+        )
+        return errors
+
+    def set_version(self, engines: Sequence[EngineRef], version: int) -> dict[str, str]:
+        _, errors = self.client.for_all(
+            [e.url for e in engines],
+            lambda url: self.client.set_version(url, str(version)),
+            self.cfg.http_timeout_s * self.cfg.http_attempts + 5,
+        )
+        return errors
+
+    def resume(self, engines: Sequence[EngineRef]) -> dict[str, str]:
+        _, errors = self.client.for_all(
+            [e.url for e in engines], self.client.resume, self.cfg.http_timeout_s * self.cfg.http_attempts + 5
+        )
+        return errors
+
+    def healthy(self, urls: Sequence[str]) -> set[str]:
+        results, _ = self.client.for_all(urls, self.client.healthy, self.cfg.http_timeout_s + 5)
+        return {url for url, ok in results.items() if ok}
+
+    def publish_version(self, version: int) -> None:
+        if self.broker is not None:
+            self.broker.policy_version.set(version)

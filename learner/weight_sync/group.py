@@ -1,0 +1,289 @@
+"""Rank 0 of one pipeline stage's weight-update group: build it with the engines, send buckets, tear it down.
+
+The group is built the way SGLang joins it (`init_custom_process_group`: a rendezvous store wrapped in
+`PrefixStore(group_name)`), never with `init_process_group`, whose store prefix never meets the engines'.
+World size = 1 + the engines' TP ranks; engine i joins at rank_offset = 1 + the TP ranks before it.
+
+Per bucket: post `/update_weights_from_distributed` to every engine without waiting, broadcast the bucket's
+tensors from rank 0 on a worker thread, then collect the replies. A broadcast has no timeout of its own, so
+the caller's thread watches it: it gives up after `broadcast_timeout_s`, or as soon as an engine's request
+fails (that engine will never receive, and the others cannot finish the bucket). A group that failed is
+never used again: it is dropped (and destroyed once no thread is inside it) and rebuilt at the next attempt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from learner.weight_sync.client import EngineCallError, EngineClient, wait_all
+from learner.weight_sync.config import DistributedSyncConfig
+
+logger = logging.getLogger(__name__)
+_AGENT_STORE_ENV = "TORCHELASTIC_USE_AGENT_STORE"
+
+
+@dataclass(frozen=True, order=True)
+class EngineRef:
+    """An engine as a group member: its URL and how many ranks (its TP size) it adds to the group."""
+
+    url: str
+    tp_size: int = 1
+
+
+def resolve_backend(name: str) -> str:
+    if name == "auto":
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    if name == "nccl" and not torch.cuda.is_available():
+        raise ValueError("--weight_sync.backend nccl needs CUDA; use gloo (or auto) on CPU")
+    return name
+
+
+def resolve_address(address: str) -> str:
+    return socket.gethostbyname(socket.getfqdn()) if address == "auto" else address
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind(("" if host in ("127.0.0.1", "localhost") else host, 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def own_rendezvous_store() -> Iterator[None]:
+    """Let rank 0 host the group's rendezvous store under torchrun too.
+
+    torchrun sets TORCHELASTIC_USE_AGENT_STORE, which makes every rank of a tcp:// rendezvous a client of
+    the agent's store: rank 0 would then host nothing and the engines' connections time out.
+    """
+    saved = os.environ.pop(_AGENT_STORE_ENV, None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ[_AGENT_STORE_ENV] = saved
+
+
+class GroupFailed(RuntimeError):
+    """The group could not be built, or a bucket did not reach every engine; the group is dropped.
+
+    `culprits` are the engines whose own request failed (refused, unreachable, timed out after the broadcast);
+    the other members only lost the group and can be retried. No culprit means the broadcast itself failed or
+    timed out with nobody to blame.
+    """
+
+    def __init__(self, reason: str, culprits: dict[str, str]) -> None:
+        super().__init__(reason + "".join(f"; {url}: {why}" for url, why in culprits.items()))
+        self.culprits = culprits
+
+
+class StageGroup:
+    """The weight-update group of one pipeline stage, held by that stage's leader (group rank 0)."""
+
+    def __init__(self, cfg: DistributedSyncConfig, client: EngineClient, stage: int) -> None:
+        self.cfg = cfg
+        self.client = client
+        self.stage = stage
+        self.backend = resolve_backend(cfg.backend)
+        self.address = resolve_address(cfg.master_address)
+        self.device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else None
+        self.engines: tuple[EngineRef, ...] = ()
+        self.name = ""
+        self.generation = 0
+        # A restarted learner must not collide with the groups its previous life left on the engines.
+        self._token = uuid.uuid4().hex[:8]
+        self._group: dist.ProcessGroup | None = None
+        self._stale: list[tuple[str, tuple[EngineRef, ...]]] = []  # groups to destroy on their engines
+
+    @property
+    def process_group(self) -> dist.ProcessGroup:
+        assert self._group is not None, "build the group first"
+        return self._group
+
+    def matches(self, engines: Sequence[EngineRef]) -> bool:
+        return self._group is not None and tuple(engines) == self.engines
+
+    # ------------------------------------------------------------------ build / drop
+
+    def build(self, engines: Sequence[EngineRef]) -> None:
+        """Drop the current group and build a new one with `engines`.
+
+        Raises GroupFailed naming the engines that refused or never joined; then no group is kept (a gloo or
+        NCCL group needs every member).
+        """
+        self.drop()
+        self.generation += 1
+        name = f"{self.cfg.group_name}_{self._token}_pp{self.stage}_g{self.generation}"
+        port = self.cfg.master_port + self.stage if self.cfg.master_port else free_port(self.address)
+        world_size = 1 + sum(e.tp_size for e in engines)
+        offsets = [1 + sum(e.tp_size for e in engines[:i]) for i in range(len(engines))]
+        stale: dict[str, list[str]] = {}
+        for old, members in self._stale:
+            for m in members:
+                stale.setdefault(m.url, []).append(old)
+
+        def join(engine: EngineRef, offset: int) -> None:
+            for old in stale.get(engine.url, []):  # waits until the engine gave up on the failed group's broadcast
+                try:
+                    self.client.call(
+                        engine.url, "/destroy_weights_update_group", {"group_name": old}, self.cfg.init_timeout_s
+                    )
+                except EngineCallError as e:
+                    logger.info("stale group %r on %s: %s", old, engine.url, e)
+            body = {
+                "master_address": self.address,
+                "master_port": port,
+                "rank_offset": offset,
+                "world_size": world_size,
+                "group_name": name,
+                "backend": self.backend,
+            }
+            self.client.call(engine.url, "/init_weights_update_group", body, timeout_s=self.cfg.init_timeout_s + 10)
+
+        futures = {e.url: self.client.submit(join, e, off) for e, off in zip(engines, offsets, strict=True)}
+        from rollout_server.engine.weight_group import init_custom_process_group
+
+        group_box: dict[str, Any] = {}
+
+        def rendezvous() -> None:
+            with own_rendezvous_store():
+                group_box["group"] = init_custom_process_group(
+                    self.backend, f"tcp://{self.address}:{port}", world_size, 0, name, self.cfg.init_timeout_s
+                )
+
+        error, _ = self._guarded(rendezvous, futures, 2 * self.cfg.init_timeout_s + 15, f"building group {name!r}")
+        if error is None:  # the group exists on our side, so every engine's join returns now
+            _, culprits = wait_all(futures, self.cfg.init_timeout_s + 15)
+        else:  # the engines that failed first are to blame; the others wait for a world that never completes
+            culprits = {url: _why(f) for url, f in futures.items() if f.done() and f.exception() is not None}
+        self._stale = []  # every engine of the new set was asked to destroy its stale groups; the others are gone
+        if error or culprits:
+            if "group" in group_box:
+                dist.destroy_process_group(group_box["group"])
+            self._stale.append((name, tuple(engines)))
+            raise GroupFailed(error or f"building group {name!r} failed", culprits)
+        self._group = group_box["group"]
+        self.engines = tuple(engines)
+        self.name = name
+        logger.info(
+            "weight-update group %r (%s, world %d) built at %s:%d with %s",
+            name, self.backend, world_size, self.address, port, [e.url for e in engines],
+        )  # fmt: skip
+
+    def drop(self, stuck: bool = False) -> None:
+        """Forget the group locally (destroyed unless a thread is `stuck` in it); its engines destroy theirs at the
+        next build, once they gave up on it."""
+        if self._group is not None:
+            if not stuck:
+                dist.destroy_process_group(self._group)
+            self._stale.append((self.name, self.engines))
+        self._group = None
+        self.engines = ()
+        self.name = ""
+
+    def close(self) -> None:
+        """Destroy the group here and on its engines (best effort, bounded)."""
+        members = self.engines
+        name = self.name
+        self.drop()
+        if name:
+            self.client.for_all([e.url for e in members], lambda url: self.client.destroy_group(url, name), 10.0)
+        self._stale.clear()
+
+    # ------------------------------------------------------------------ buckets
+
+    def send_bucket(self, bucket: Sequence[tuple[str, torch.Tensor]], flush_cache: bool) -> None:
+        """Post the bucket's metadata to every engine, broadcast its tensors, await the replies.
+
+        Raises GroupFailed (and drops the group) unless every engine loaded the bucket.
+        """
+        assert self._group is not None, "build the group first"
+        group = self._group
+        tensors = [self._prepare(t) for _, t in bucket]
+        body = {
+            "names": [n for n, _ in bucket],
+            "dtypes": [str(t.dtype).removeprefix("torch.") for t in tensors],
+            "shapes": [list(t.shape) for t in tensors],
+            "group_name": self.name,
+            "flush_cache": flush_cache,
+            "abort_all_requests": False,
+        }
+        timeout_s = self.cfg.update_timeout_s
+        path = "/update_weights_from_distributed"
+        futures = {e.url: self.client.submit(self.client.call, e.url, path, body, timeout_s) for e in self.engines}
+
+        def broadcast() -> None:
+            if self.device is not None:  # a new thread starts on GPU 0, whatever this rank's GPU is
+                torch.cuda.set_device(self.device)
+            handles = [dist.broadcast(t, group=group, group_src=0, async_op=True) for t in tensors]
+            for h in handles:
+                assert h is not None
+                h.wait()
+            if self.device is not None:
+                torch.cuda.current_stream().synchronize()
+
+        error, stuck = self._guarded(broadcast, futures, self.cfg.broadcast_timeout_s, f"broadcast on {self.name!r}")
+        if error is None:  # every engine got the tensors; now each loads them and answers
+            _, culprits = wait_all(futures, timeout_s + 5)
+            if not culprits:
+                return
+            error = "engines failed to load the bucket"
+        else:  # the engines whose request failed first are to blame; the others wait for tensors that never come
+            culprits = {url: _why(f) for url, f in futures.items() if f.done() and f.exception() is not None}
+        self.drop(stuck)
+        raise GroupFailed(error, culprits)
+
+    def _prepare(self, t: torch.Tensor) -> torch.Tensor:
+        if self.device is not None and t.device != self.device:
+            t = t.to(self.device)
+        return t if t.is_contiguous() else t.contiguous()
+
+    def _guarded(
+        self, fn: Any, futures: dict[str, Future[Any]], timeout_s: float, what: str
+    ) -> tuple[str | None, bool]:
+        """Run a blocking collective on a daemon thread; return (None when it finished, else why we gave up;
+        whether the thread is still inside the collective).
+
+        Gives up after `timeout_s`, or early when an engine's request failed: a peer that will never take
+        part makes the collective wait for nothing (NCCL forever).
+        """
+        box: dict[str, BaseException] = {}
+
+        def target() -> None:
+            try:
+                fn()
+            except BaseException as e:  # handed to the caller
+                box["error"] = e
+
+        thread = threading.Thread(target=target, name=f"weight-sync {what}", daemon=True)
+        thread.start()
+        deadline = time.monotonic() + timeout_s
+        while True:
+            thread.join(0.02)
+            if not thread.is_alive():
+                break
+            failed = [url for url, f in futures.items() if f.done() and f.exception() is not None]
+            if failed:
+                return f"{what} abandoned: {', '.join(failed)} failed", True
+            if time.monotonic() > deadline:
+                return f"{what} did not finish within {timeout_s:g}s", True
+        if "error" in box:
+            return f"{what} failed: {box['error']}", False
+        return None, False
+
+
+def _why(f: Future[Any]) -> str:
+    e = f.exception()
+    return str(e) if e is not None else "ok"

@@ -1,0 +1,201 @@
+"""Batch assembly: scored groups -> samples, staleness drops, held acks, micro-batch packing (memory broker)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from broker.base import DEAD, SCORED
+from broker.memory import MemoryBroker
+from broker.schemas import (
+    DeadLetter,
+    Group,
+    RewardInfo,
+    Sample,
+    SampleReward,
+    ScoredGroup,
+    Task,
+    WeightSegment,
+    pack_ids,
+    pack_logprobs,
+)
+from broker.settings import BrokerConfig
+from learner.batching import (
+    ScoredReader,
+    TrainSample,
+    batch_from_tensors,
+    batch_to_tensors,
+    build_micro_batch,
+    group_to_samples,
+    plan_micro_batches,
+)
+from learner.state import LearnerState
+from learner.train_config import BatchConfig, DataConfig, LossConfig
+
+
+def _scored(
+    gid: str, version: int, rewards: list[float], prompt: list[int] | None = None, resp_len: int = 3
+) -> ScoredGroup:
+    task = Task(
+        run_id="r",
+        group_id=gid,
+        dataset_index=0,
+        prompt_ids=pack_ids(prompt or [1, 2]),
+        label="x",
+        reward_info=RewardInfo(question="q"),
+        num_samples=len(rewards),
+        policy_version=version,
+    )
+    samples = [
+        Sample(
+            response_ids=pack_ids([10 + i] * resp_len),
+            logprobs=pack_logprobs([-0.5] * resp_len),
+            text="t",
+            finish_reason="stop",
+            status="completed",
+            weight_segments=[WeightSegment(0, version)],
+        )
+        for i in range(len(rewards))
+    ]
+    return ScoredGroup(
+        group=Group(task=task, samples=samples),
+        rewards=[SampleReward(reward=r, outcome_reward=float(r > 0), rubric_reward=r / 2) for r in rewards],
+    )
+
+
+def _reader(
+    broker: MemoryBroker, state: LearnerState, groups_per_step: int = 2, max_staleness: int = 1, zero_var: bool = False
+) -> ScoredReader:
+    consumer = broker.consumer(SCORED, ScoredGroup, group="learner", name="learner")
+    return ScoredReader(
+        consumer,
+        state,
+        DataConfig(groups_per_step=groups_per_step, max_staleness=max_staleness),
+        BatchConfig(zero_variance_filter=zero_var),
+        LossConfig(),
+    )
+
+
+def test_stale_groups_are_dropped_and_counted_and_entries_held_until_ack() -> None:
+    """Guards against training on groups older than v - max_staleness, against not counting the drops, and
+    against acking scored entries before the checkpoint (a crash would then lose them)."""
+    broker = MemoryBroker(BrokerConfig(redis_url="memory://", claim_idle_s=3600))
+    producer = broker.producer(SCORED, ScoredGroup)
+    producer.publish([_scored("old", 1, [1, 0]), _scored("ok-a", 2, [1, 0]), _scored("ok-b", 3, [0, 1])])
+    state = LearnerState(policy_version=3)
+    reader = _reader(broker, state, groups_per_step=2, max_staleness=1)
+    batch = reader.poll(block_s=0.1)
+    assert batch is not None
+    assert batch.group_ids == ["ok-a", "ok-b"]
+    assert state.num_dropped_stale == 1
+    assert state.consumed_group_ids == ["old", "ok-a", "ok-b"]
+    assert batch.metrics["staleness/1"] == 1 and batch.metrics["staleness/0"] == 1
+    assert producer.backlog() == 3  # all held (pending), none acked yet
+    assert reader.ack_held() == 3
+    assert producer.backlog() == 0
+
+
+def test_redelivered_group_is_not_trained_twice_and_held_entries_come_back_after_restart() -> None:
+    """Guards against retraining a group redelivered after a crash between checkpoint and ack, and against losing
+    entries read but not checkpointed: a restarted consumer (same name) must get them back first."""
+    broker = MemoryBroker(BrokerConfig(redis_url="memory://", claim_idle_s=3600))
+    producer = broker.producer(SCORED, ScoredGroup)
+    producer.publish([_scored("g1", 0, [1, 0]), _scored("g2", 0, [1, 0])])
+    state = LearnerState()
+    first = _reader(broker, state, groups_per_step=1)
+    assert first.poll(0.1) is not None  # g1 read, held, not acked: then the learner "crashes"
+    restarted = _reader(broker, LearnerState(), groups_per_step=1)
+    again = restarted.poll(0.1)
+    assert again is not None and again.group_ids == ["g1"]  # own pending entry first, nothing lost
+
+    # A checkpointed state that already consumed g1 skips its redelivered copy.
+    broker2 = MemoryBroker(BrokerConfig(redis_url="memory://", claim_idle_s=3600))
+    broker2.producer(SCORED, ScoredGroup).publish([_scored("g1", 0, [1, 0]), _scored("g2", 0, [0, 1])])
+    done = LearnerState(consumed_group_ids=["g1"])
+    batch = _reader(broker2, done, groups_per_step=1).poll(0.1)
+    assert batch is not None and batch.group_ids == ["g2"]
+    assert done.num_duplicates == 1
+
+
+def test_malformed_group_goes_to_the_dead_stream_and_zero_variance_filter() -> None:
+    """Guards against a group whose logprobs do not match its tokens crashing the learner (it must be
+    dead-lettered with the reason) and against the zero-variance filter dropping groups when off or keeping them when on."""
+    broker = MemoryBroker(BrokerConfig(redis_url="memory://", claim_idle_s=3600))
+    bad = _scored("bad", 0, [1, 0])
+    bad.group.samples[0].logprobs = pack_logprobs([-1.0])
+    broker.producer(SCORED, ScoredGroup).publish([bad, _scored("flat", 0, [0.7, 0.7]), _scored("good", 0, [1, 0])])
+    state = LearnerState()
+    batch = _reader(broker, state, groups_per_step=1, zero_var=True).poll(0.1)
+    assert batch is not None and batch.group_ids == ["good"]
+    assert state.num_dead_lettered == 1 and state.num_dropped_zero_variance == 1
+    dead = broker.consumer(DEAD, DeadLetter, group="inspect", name="t").read(10, 0.1)
+    assert len(dead) == 1 and "1 logprobs" in dead[0].msg.reason
+
+    kept = MemoryBroker(BrokerConfig(redis_url="memory://", claim_idle_s=3600))
+    kept.producer(SCORED, ScoredGroup).publish([_scored("flat", 0, [0.7, 0.7])])
+    batch = _reader(kept, LearnerState(), groups_per_step=1).poll(0.1)
+    assert batch is not None and batch.group_ids == ["flat"]  # filter off by default (the paper keeps them)
+    assert [s.advantage for s in batch.samples] == [0.0, 0.0]
+
+
+def test_group_to_samples_advantages_and_tokens() -> None:
+    """Guards against samples missing the prompt, misaligned rollout logprobs, or advantages not per group."""
+    samples = group_to_samples(_scored("g", 0, [1.0, 0.0, 0.0, 0.0], prompt=[5, 6, 7]), LossConfig())
+    assert samples[0].tokens.tolist() == [5, 6, 7, 10, 10, 10]
+    assert samples[0].prompt_len == 3 and len(samples[0].rollout_logp) == 3
+    assert [s.advantage for s in samples] == pytest.approx([1.5, -0.5, -0.5, -0.5], rel=1e-5)
+    sft = group_to_samples(_scored("g", 0, [1.0, 0.0]), LossConfig(mode="sft"))
+    assert [s.advantage for s in sft] == [1.0, 1.0]
+
+
+def test_micro_batch_aligns_labels_mask_advantage_and_rollout_logprobs() -> None:
+    """Guards against an off-by-one between a position's label and its loss mask / rollout logprob (the loss
+    would then train on the last prompt token or skip the first response token)."""
+    s = TrainSample(np.array([1, 2, 3, 4, 5], dtype=np.int32), 2, np.array([-1, -2, -3], dtype=np.float32), 0.5)
+    short = TrainSample(np.array([7, 8], dtype=np.int32), 1, np.array([-4], dtype=np.float32), -1.0)
+    mb = build_micro_batch([s, short], [0, 1], pad_multiple=8)
+    assert mb.input_ids_BS.shape == (2, 8)
+    assert mb.input_ids_BS[0, :4].tolist() == [1, 2, 3, 4]
+    assert mb.labels_BS[0, :4].tolist() == [2, 3, 4, 5]
+    assert mb.loss_mask_BS[0].tolist() == [0, 1, 1, 1, 0, 0, 0, 0]
+    assert mb.rollout_logp_BS[0, 1:4].tolist() == [-1, -2, -3]
+    assert mb.advantages_BS[0].tolist() == [0, 0.5, 0.5, 0.5, 0, 0, 0, 0]
+    assert mb.loss_mask_BS[1].tolist() == [1, 0, 0, 0, 0, 0, 0, 0] and mb.labels_BS[1, 0] == 8
+    assert mb.num_loss_tokens == 4
+
+
+def test_plan_balances_ranks_respects_the_budget_and_is_deterministic() -> None:
+    """Guards against a sample being dropped or duplicated by packing, a micro-batch exceeding the token budget,
+    unbalanced DP ranks, and plans differing between ranks (every rank must compute the same plan)."""
+    rng = np.random.default_rng(0)
+    lengths = [int(x) for x in rng.integers(5, 200, size=37)] + [1000]  # one longer than the budget
+    plan = plan_micro_batches(lengths, dp_size=2, max_tokens=512, pad_multiple=8)
+    assert plan == plan_micro_batches(lengths, dp_size=2, max_tokens=512, pad_multiple=8)
+    flat = sorted(i for rank in plan for mb in rank for i in mb)
+    assert flat == list(range(len(lengths)))
+    for rank in plan:
+        for mb in rank:
+            padded = -(-max(lengths[i] for i in mb) // 8) * 8
+            assert len(mb) * padded <= 512 or mb == [len(lengths) - 1]
+    loads = [sum(lengths[i] for mb in rank for i in mb) for rank in plan]
+    assert abs(loads[0] - loads[1]) <= max(lengths)
+    with pytest.raises(ValueError, match="data-parallel"):
+        plan_micro_batches([5], dp_size=2, max_tokens=64, pad_multiple=1)
+
+
+def test_batch_wire_round_trip() -> None:
+    """Guards against the rank-0 -> all-ranks encoding losing tokens, prompt boundaries, advantages or logprobs."""
+    sg = [_scored("a", 0, [1, 0], prompt=[1, 2, 3]), _scored("b", 0, [0, 1], resp_len=5)]
+    from learner.batching import build_batch
+
+    batch = build_batch(sg, [0, 0], LossConfig())
+    meta, tensors = batch_to_tensors(batch)
+    back = batch_from_tensors(meta, {k: v.clone() for k, v in tensors.items()})
+    assert back.group_ids == ["a", "b"] and back.metrics == batch.metrics
+    for x, y in zip(batch.samples, back.samples, strict=True):
+        assert x.tokens.tolist() == y.tokens.tolist() and x.prompt_len == y.prompt_len
+        assert x.advantage == y.advantage and torch.equal(
+            torch.from_numpy(x.rollout_logp), torch.from_numpy(y.rollout_logp)
+        )
+    assert batch.metrics["accuracy"] == pytest.approx(0.5)
