@@ -38,9 +38,9 @@ test-unit: venv
 test-gpu: venv
 	$(BIN)/pytest -q -m gpu $(PYTEST_ARGS) tests
 
+# The local end-to-end run: tiny world + tiny model, SFT then async GRPO with the rubric reward, report at the end.
 demo: venv
-	@echo "make demo: the local end-to-end run lands with issue 9 (longtrace up); not available yet." >&2
-	@exit 1
+	$(BIN)/longtrace up configs/demo.toml --run_dir runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

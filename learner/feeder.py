@@ -101,9 +101,14 @@ def prompt_ids(tokenizer: PromptTokenizer, row: Row) -> list[int]:
     return list(ids)
 
 
-def admission_limit(state: LearnerState, cfg: DataConfig) -> int:
-    """Groups that may have been admitted in total at the current policy version."""
-    return (cfg.max_staleness + state.policy_version + 1) * cfg.groups_per_step + state.num_released
+def admission_limit(state: LearnerState, cfg: DataConfig, max_groups: int | None = None) -> int:
+    """Groups that may have been admitted in total at the current policy version: the staleness bound,
+    capped at the groups the run will ever train (`max_groups`, so nothing is left untrained at the end),
+    plus the slots given back by dropped groups."""
+    bound = (cfg.max_staleness + state.policy_version + 1) * cfg.groups_per_step
+    if max_groups is not None:
+        bound = min(bound, max_groups)
+    return bound + state.num_released
 
 
 class Feeder:
@@ -115,7 +120,9 @@ class Feeder:
         state: LearnerState,
         cfg: DataConfig,
         run_id: str,
+        max_groups: int | None = None,
     ) -> None:
+        self._max_groups = max_groups  # groups the run will train in all (max_steps * groups_per_step)
         self._dataset = dataset
         self._tokenizer = tokenizer
         self._producer = producer
@@ -136,7 +143,7 @@ class Feeder:
 
     def fill(self) -> int:
         """Publish tasks until the admission limit (or the stream's backlog limit); return how many were admitted."""
-        want = admission_limit(self._state, self._cfg) - self.cursor.admitted
+        want = admission_limit(self._state, self._cfg, self._max_groups) - self.cursor.admitted
         if want > 0 and self._max_backlog is not None:
             want = min(want, self._max_backlog - self._producer.backlog())
         if want <= 0:

@@ -448,7 +448,13 @@ def _build_rank0_data(
 
         tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path)
         feeder = Feeder(
-            JsonlDataset(cfg.data.dataset_path), tokenizer, broker.producer(TASKS, Task), state, cfg.data, broker.run_id
+            JsonlDataset(cfg.data.dataset_path),
+            tokenizer,
+            broker.producer(TASKS, Task),
+            state,
+            cfg.data,
+            broker.run_id,
+            max_groups=cfg.max_steps * cfg.data.groups_per_step,
         )
         feeder.set_max_backlog(cfg.broker.max_backlog)
     else:

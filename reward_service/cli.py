@@ -56,12 +56,18 @@ def _serve(args: argparse.Namespace) -> int:
     config = _config(args, extra)
     setup_logging(json_lines=None, prefix="reward ")
 
+    import signal
+
     import uvicorn
 
     from reward_service.app import create_app
 
     app = create_app(config)
-    uvicorn.run(app, host=config.host, port=config.port, log_level="warning", access_log=config.access_log)
+    # uvicorn logs accesses at INFO: at "warning" the access log would be on and print nothing
+    log_level = "info" if config.access_log else "warning"
+    # uvicorn re-raises the signal it shut down on; with a handler SIGTERM is a clean exit 0 (as the engine's).
+    signal.signal(signal.SIGTERM, lambda sig, frame: None)
+    uvicorn.run(app, host=config.host, port=config.port, log_level=log_level, access_log=config.access_log)
     return 0
 
 

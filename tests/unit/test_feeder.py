@@ -72,6 +72,20 @@ def test_admission_control_bounds_groups_in_flight(dataset: JsonlDataset, tokeni
     assert [t.policy_version for t in _drain(broker)] == [1, 1, 1]
 
 
+def test_admission_never_exceeds_what_the_run_will_train(dataset: JsonlDataset, tokenizer: Any) -> None:
+    """Guards against the feeder admitting groups past max_steps * groups_per_step: they would be generated
+    and scored but never trained, left pending in `scored` when the run ends."""
+    broker = MemoryBroker(BrokerConfig(redis_url="memory://"))
+    state = LearnerState()
+    data = DataConfig(groups_per_step=2, max_staleness=2, num_samples=4, seed=3)
+    feeder = Feeder(dataset, tokenizer, broker.producer(TASKS, Task), state, data, run_id="run", max_groups=4)
+    assert feeder.fill() == 4  # the staleness bound alone would allow (2 + 0 + 1) * 2 = 6
+    state.policy_version = 5
+    assert feeder.fill() == 0
+    state.num_dropped_stale = 1  # a dropped group is replaced, so the run still trains max_groups
+    assert feeder.fill() == 1
+
+
 def test_tasks_carry_the_chat_templated_prompt_and_reward_info(dataset: JsonlDataset, tokenizer: Any) -> None:
     """Guards against prompts published without the chat template's generation prompt, a wrong response budget,
     and reward info (question, rubrics, extras) not reaching the reward service."""

@@ -1,0 +1,1 @@
+"""The local launcher (`longtrace up`): composite config, process supervisor, orchestration, dashboard."""

@@ -1,0 +1,82 @@
+"""Set-up of `longtrace up` before any service starts: the tiny demo world and a tiny model built for it.
+
+Writes DATA_DIR/{train,heldout}.jsonl (LongTraceRL rows; held-out questions come from worlds never seen in
+training), DATA_DIR/sft.jsonl (one demonstration per training question), DATA_DIR/vocab.txt, and a seeded tiny
+model with a word-level tokenizer over that vocabulary in MODEL_DIR. Runs as a child job of the launcher (it
+imports torch and transformers); skipped when a previous run left a complete result (DATA_DIR/prepared.json
+with the same settings, and MODEL_DIR/config.json).
+
+    python -m deploy.launcher.prepare --config PREPARE.toml --data-dir D --model-dir M
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from broker.config import ConfigError, load_config
+from deploy.launcher.config import PrepareSection
+
+log = logging.getLogger(__name__)
+
+DONE_FILE = "prepared.json"
+
+
+def is_prepared(cfg: PrepareSection, data_dir: Path, model_dir: Path) -> bool:
+    done = data_dir / DONE_FILE
+    return (
+        done.is_file()
+        and json.loads(done.read_text()) == cfg.model_dump(mode="json")
+        and (model_dir / "config.json").is_file()
+    )
+
+
+def prepare_tiny_demo(cfg: PrepareSection, data_dir: Path, model_dir: Path) -> None:
+    from datagen.dataset import write_jsonl, write_rows
+    from datagen.synth.demo import demo_splits
+    from rollout_server.models import init_tiny_model
+
+    if is_prepared(cfg, data_dir, model_dir):
+        log.info("data and model already prepared in %s and %s", data_dir, model_dir)
+        return
+    data_dir.mkdir(parents=True, exist_ok=True)
+    splits = demo_splits(seed=cfg.seed, num_train=cfg.num_train, num_heldout=cfg.num_heldout, **cfg.synth)
+    write_rows(data_dir / "train.jsonl", splits.train)
+    write_rows(data_dir / "heldout.jsonl", splits.heldout)
+    write_jsonl(data_dir / "sft.jsonl", splits.sft)
+    (data_dir / "vocab.txt").write_text("\n".join(splits.vocabulary) + "\n")
+    log.info("wrote %d train, %d held-out rows to %s", len(splits.train), len(splits.heldout), data_dir)
+    init_tiny_model(
+        model_dir,
+        hidden_size=cfg.hidden_size,
+        num_layers=cfg.num_layers,
+        seed=cfg.seed,
+        word_vocab=splits.vocabulary,
+        arch=cfg.arch,
+    )
+    log.info("wrote the tiny model to %s", model_dir)
+    (data_dir / DONE_FILE).write_text(json.dumps(cfg.model_dump(mode="json")) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    from broker.logs import setup_logging
+
+    parser = argparse.ArgumentParser(prog="python -m deploy.launcher.prepare", description=__doc__)
+    parser.add_argument("--config", required=True, help="TOML file of the [prepare] section")
+    parser.add_argument("--data-dir", required=True, help="where the datasets go")
+    parser.add_argument("--model-dir", required=True, help="where the tiny model goes")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(PrepareSection, args.config)
+    except ConfigError as e:
+        print(f"prepare: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    setup_logging(prefix="prepare ")
+    prepare_tiny_demo(cfg, Path(args.data_dir), Path(args.model_dir))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,435 @@
+"""`longtrace up CONFIG`: the whole system on one machine, phase after phase, under one supervisor.
+
+    prepare (job)  ->  redis  ->  reward API
+    for each phase (namespace <run_id>-<phase>, RUN_DIR/phases/<phase>):
+        engines (start weights: base model or the previous phase's last export)
+        rl: reward workers, rollout workers          sft: the demonstration source (sft_source.py)
+        eval before (optional, job)
+        learner: torchrun --nproc_per_node N -m learner.train_cli (job; the feeder runs on rank 0)
+        eval after (job), then the phase's processes are stopped in reverse order
+    report (RUN_DIR/report)
+
+Each phase is a fresh learner on a fresh namespace: its policy version starts at 0 with engines that load the
+phase's starting weights, so admission control and staleness need no carry-over between phases. Any child
+failure (or a service that is not ready in time) stops everything and prints the process, its exit code and
+the tail of its log; Ctrl-C or SIGTERM stops everything in reverse start order (a second one kills at once).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from broker.config import BaseConfig, ConfigError, dump_config
+from deploy.launcher.config import PhaseConfig, UpConfig
+from deploy.launcher.dashboard import Dashboard, PhaseView, SystemSampler, resolve_mode
+from deploy.launcher.process import Child, ChildFailed, HttpReady, LogReady, ProcessSpec, RedisReady, Supervisor
+from deploy.launcher.rundir import POLICY_VERSION, STEP, RunDir
+from deploy.launcher.tomlfile import write_config
+
+log = logging.getLogger(__name__)
+
+PY = sys.executable
+CHILD_ENV = {
+    "PYTHONUNBUFFERED": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM reached the launcher (a BaseException, like KeyboardInterrupt: no `except Exception`
+    on the way may swallow it)."""
+
+    def __init__(self, sig: int) -> None:
+        super().__init__(signal.Signals(sig).name)
+        self.sig = sig
+
+
+def _threads_env(n: int) -> dict[str, str]:
+    return {**CHILD_ENV, "OMP_NUM_THREADS": str(n), "MKL_NUM_THREADS": str(n)}
+
+
+class Launcher:
+    """Runs the phases of one UpConfig under one Supervisor; `run_up` owns the signals and the final shutdown."""
+
+    def __init__(self, cfg: UpConfig, dashboard: Dashboard) -> None:
+        self.cfg = cfg
+        self.run = RunDir.at(cfg.run_dir)
+        self.sup = Supervisor(self.run.logs)
+        self.dashboard = dashboard
+        self.redis_url = cfg.redis.url
+        self.reward_url = ""
+        self.model_path = cfg.base_model_path()
+        self.global_step = 0
+
+    # -- helpers
+
+    def _config_file(self, name: str, config: BaseConfig) -> str:
+        return str(write_config(config, self.run.configs / f"{name}.toml"))
+
+    def _event(self, **event: Any) -> None:
+        with self.run.phases_file.open("a", encoding="utf-8") as f:
+            f.write(json.dumps({"time_s": round(time.time(), 3), **event}) + "\n")
+
+    def _wait(self, child: Child, timeout_s: float = 0.0) -> None:
+        """Wait for a job, refreshing the dashboard; fail the run past `timeout_s` (0: no limit)."""
+        start = time.monotonic()
+
+        def tick() -> None:
+            self.dashboard.update()
+            if timeout_s and time.monotonic() - start > timeout_s:
+                raise ChildFailed(child.name, f"ran longer than {timeout_s:.0f}s", child.log_path, child.log_tail())
+
+        self.sup.wait(child, tick=tick, tick_s=self.cfg.dashboard.refresh_s)
+
+    # -- run-wide services
+
+    def prepare(self) -> None:
+        p = self.cfg.prepare
+        if p is None:
+            return
+        from deploy.launcher.prepare import is_prepared
+
+        model_dir = Path(self.cfg.run_dir) / "model"
+        data_dir = self.cfg.data_dir
+        if is_prepared(p, data_dir, model_dir):
+            return
+        self.dashboard.note("preparing the demo data and the tiny model")
+        path = str(write_config(p, self.run.configs / "prepare.toml"))
+        argv = [PY, "-m", "deploy.launcher.prepare", "--config", path, "--data-dir", str(data_dir)]
+        child = self.sup.start(ProcessSpec("prepare", [*argv, "--model-dir", str(model_dir)], CHILD_ENV, job=True))
+        self._wait(child)
+
+    def start_redis(self) -> None:
+        from broker.embedded import free_port
+
+        if self.redis_url:
+            from broker.base import BrokerError
+            from broker.redis_streams import RedisBroker
+            from broker.settings import BrokerConfig
+
+            for name in self.cfg.phases:
+                rid = self.cfg.phase_run_id(name)
+                try:
+                    broker = RedisBroker(
+                        BrokerConfig(redis_url=self.redis_url, run_id=rid, retry_attempts=2, retry_deadline_s=10.0)
+                    )
+                except BrokerError as e:
+                    raise ConfigError(f"--redis.url: {e}") from e
+                try:
+                    # Group ids are deduplicated per namespace for days: a reused namespace would publish nothing.
+                    used = next(broker.client.scan_iter(match=broker.key("*"), count=1000), None) is not None
+                finally:
+                    broker.close()
+                if used:
+                    raise ConfigError(f"--run_id {self.cfg.run_id}: Redis at --redis.url already holds run {rid!r}")
+            return
+        port = self.cfg.redis.port or free_port()
+        argv = [PY, "-m", "deploy.cli", "redis", "--port", str(port), "--dir", str(Path(self.cfg.run_dir) / "redis")]
+        if self.cfg.redis.appendonly:
+            argv.append("--appendonly")
+        self.redis_url = f"redis://127.0.0.1:{port}/0"
+        spec = ProcessSpec(
+            "redis", argv, CHILD_ENV, ready=RedisReady(self.redis_url), ready_timeout_s=self.cfg.startup_timeout_s
+        )
+        self.sup.start(spec)
+
+    def start_reward_api(self) -> None:
+        from broker.embedded import free_port
+
+        if not self.cfg.reward.serve:
+            return
+        port = free_port()
+        cfg = self.cfg.reward_config(self.redis_url, next(iter(self.cfg.phases)), port)
+        path = self._config_file("reward-api", cfg)
+        self.reward_url = f"http://127.0.0.1:{port}"
+        spec = ProcessSpec(
+            "reward-api",
+            [PY, "-m", "deploy.cli", "reward", "serve", "--config", path],
+            CHILD_ENV,
+            ready=HttpReady(f"{self.reward_url}/health"),
+            ready_timeout_s=self.cfg.startup_timeout_s,
+            stop_timeout_s=15.0,
+        )
+        self.sup.start(spec)
+
+    # -- one phase
+
+    def phase_model(self, index: int, name: str) -> str:
+        if self.cfg.phases[name].init == "base" or index == 0:
+            return self.model_path
+        from learner.weight_sync.disk import latest_export
+
+        prev = list(self.cfg.phases)[index - 1]
+        found = latest_export(self.run.phase_dir(prev) / "exports")
+        if found is None:
+            raise ConfigError(f"--phases.{name}.init previous: phase {prev!r} left no export in its exports/")
+        return str(found[0])
+
+    def run_phase(self, index: int, name: str) -> None:
+        phase = self.cfg.phases[name]
+        self._event(phase=name, kind=phase.kind, event="start", steps=phase.steps, index=index)
+        try:
+            self._run_phase(index, name, phase)
+        except BaseException as e:
+            status = "interrupted" if isinstance(e, Interrupted) else "failed"
+            self._event(phase=name, kind=phase.kind, event="end", status=status, index=index)
+            raise
+        self._event(phase=name, kind=phase.kind, event="end", status="ok", index=index)
+
+    def _run_phase(self, index: int, name: str, phase: PhaseConfig) -> None:
+        from broker.embedded import free_port
+
+        cfg = self.cfg
+        phase_dir = self.run.phase_dir(name)
+        model = self.phase_model(index, name)
+        dataset = cfg.phase_dataset_path(phase)
+        train = cfg.train_config(self.redis_url, name, model, dataset, str(phase_dir))
+        log.info("phase %s starts from %s", name, model)
+        self.dashboard.start_phase(
+            PhaseView(name, phase.kind, index, len(cfg.phases), phase.steps),
+            SystemSampler(self.redis_url, cfg.phase_run_id(name)),
+        )
+        started: list[Child] = []
+
+        def start(spec: ProcessSpec, wait_ready: bool = True) -> Child:
+            child = self.sup.start(spec, wait_ready=wait_ready)
+            started.append(child)
+            return child
+
+        # Engines load their weights in parallel; then everything that needs them.
+        engines, engine_urls = [], []
+        for i in range(cfg.engines.num_engines):
+            port = free_port()
+            ecfg = cfg.engine_config(self.redis_url, name, i, port, model)
+            spec = ProcessSpec(
+                f"{name}-engine-{i}",
+                [PY, "-m", "deploy.cli", "engine", "serve", "--config", self._config_file(f"{name}-engine-{i}", ecfg)],
+                _threads_env(cfg.engines.num_threads),
+                ready=HttpReady(f"http://127.0.0.1:{port}/health"),
+                ready_timeout_s=cfg.startup_timeout_s,
+                stop_timeout_s=20.0,
+            )
+            engines.append(start(spec, wait_ready=False))
+            engine_urls.append(f"http://127.0.0.1:{port}")
+        for child in engines:
+            self.sup.wait_ready(child)
+        if phase.kind == "rl":
+            self._start_rl_services(name, start)
+        else:
+            self._start_sft_source(name, phase, train, dataset, model, start)
+        if phase.eval_before:
+            self.evaluate(name, "before", engine_urls, model, expect_version=0)
+        learner = self._start_learner(name, train, start)
+        self._wait(learner, cfg.phase_timeout_s)
+        self.dashboard.update()
+        steps = self.run.metrics(name)
+        if len(steps) < phase.steps or steps[-1][STEP] != phase.steps:
+            raise ChildFailed(
+                learner.name,
+                f"exited 0 after {len(steps)} logged steps, expected {phase.steps}",
+                learner.log_path,
+                learner.log_tail(),
+            )
+        self.global_step += phase.steps
+        if phase.eval_after:
+            version = int(steps[-1][POLICY_VERSION])
+            self.evaluate(name, "after", engine_urls, model, expect_version=version)
+        for child in reversed(started):
+            self.sup.stop(child)
+        self.dashboard.end_phase()
+
+    def _start_rl_services(self, name: str, start: Callable[..., Child]) -> None:
+        cfg = self.cfg
+        for i in range(cfg.reward.num_workers):
+            rcfg = cfg.reward_config(self.redis_url, name, 0, consumer=f"reward-{i}")
+            start(
+                ProcessSpec(
+                    f"{name}-reward-worker-{i}",
+                    [
+                        PY,
+                        "-m",
+                        "deploy.cli",
+                        "reward",
+                        "worker",
+                        "--config",
+                        self._config_file(f"{name}-reward-{i}", rcfg),
+                    ],
+                    CHILD_ENV,
+                    ready=LogReady(r"reward worker \S+ consuming"),
+                    ready_timeout_s=cfg.startup_timeout_s,
+                    stop_timeout_s=rcfg.worker.shutdown_timeout_s + 5,
+                )
+            )
+        for i in range(cfg.rollout.num_workers):
+            ocfg = cfg.rollout_config(self.redis_url, name, i)
+            start(
+                ProcessSpec(
+                    f"{name}-rollout-{i}",
+                    [PY, "-m", "rollout_server.worker", "--config", self._config_file(f"{name}-rollout-{i}", ocfg)],
+                    CHILD_ENV,
+                    ready=LogReady(r"rollout worker \S+ reading"),
+                    ready_timeout_s=cfg.startup_timeout_s,
+                    stop_timeout_s=ocfg.shutdown_timeout_s + 5,
+                )
+            )
+
+    def _start_sft_source(
+        self, name: str, phase: PhaseConfig, train: Any, dataset: str, model: str, start: Callable[..., Child]
+    ) -> None:
+        from deploy.launcher.sft_source import SftSourceConfig
+
+        broker = self.cfg.reward_config(self.redis_url, name, 0).broker
+        scfg = SftSourceConfig(
+            broker=broker,
+            dataset_path=dataset,
+            tokenizer_path=model,
+            groups_per_step=train.data.groups_per_step,
+            max_staleness=train.data.max_staleness,
+            num_steps=phase.steps,
+            seed=train.data.seed,
+        )
+        path = self._config_file(f"{name}-sft-source", scfg)
+        start(
+            ProcessSpec(
+                f"{name}-sft-source", [PY, "-m", "deploy.launcher.sft_source", "--config", path], CHILD_ENV, job=True
+            )
+        )
+
+    def _start_learner(self, name: str, train: Any, start: Callable[..., Child]) -> Child:
+        from broker.embedded import free_port
+
+        path = self._config_file(f"{name}-learner", train)
+        argv = [
+            PY, "-m", "torch.distributed.run",
+            "--nnodes", "1",
+            "--nproc_per_node", str(self.cfg.learner.nproc_per_node),
+            "--master_addr", "127.0.0.1",
+            "--master_port", str(free_port()),
+            "-m", "learner.train_cli", "--config", path,
+        ]  # fmt: skip
+        return start(
+            ProcessSpec(
+                f"{name}-learner", argv, _threads_env(self.cfg.learner.num_threads), job=True, stop_timeout_s=30.0
+            )
+        )
+
+    def evaluate(self, phase: str, when: str, engine_urls: list[str], model: str, expect_version: int) -> None:
+        from deploy.launcher.evaluate import EvalJobConfig
+
+        e = self.cfg.eval
+        rollout = self.cfg.rollout_config(self.redis_url, phase, 0)
+        ecfg = EvalJobConfig(
+            engine_urls=engine_urls,
+            reward_url=self.reward_url,
+            dataset_path=self.cfg.eval_dataset_path(),
+            tokenizer_path=model,
+            out_path=str(self.run.eval_file),
+            phase=phase,
+            when=when,
+            step=self.global_step,
+            expect_version=expect_version,
+            processor=rollout.processor,
+            max_questions=e.max_questions,
+            temperature=e.temperature,
+            max_new_tokens=e.max_new_tokens,
+            stop_token_ids=e.stop_token_ids,
+            batch_size=e.batch_size,
+            timeout_s=e.timeout_s,
+        )
+        name = f"{phase}-eval-{when}"
+        path = self._config_file(name, ecfg)
+        self.dashboard.note(f"evaluating {phase} ({when}) on the held-out questions")
+        child = self.sup.start(
+            ProcessSpec(name, [PY, "-m", "deploy.launcher.evaluate", "--config", path], CHILD_ENV, job=True)
+        )
+        self._wait(child)
+        result = self.run.evals()[-1]
+        self.dashboard.note(
+            f"held-out {phase}/{when}: accuracy {result['accuracy']:.3f} rubric hits "
+            f"{result['rubric_hit_rate']:.3f} well-formed {result['well_formed_rate']:.3f}"
+        )
+
+    # -- everything
+
+    def run_all(self) -> None:
+        self.prepare()
+        self.start_redis()
+        self.start_reward_api()
+        for i, name in enumerate(self.cfg.phases):
+            self.run_phase(i, name)
+
+    def write_processes(self) -> None:
+        procs = [
+            {
+                "name": c.name,
+                "argv": c.spec.argv,
+                "pid": c.pid,
+                "exit_code": self.sup.exit_codes.get(c.name),
+                "killed": c.killed,
+                "log": str(c.log_path),
+            }
+            for c in self.sup.children
+        ]
+        self.run.processes_file.write_text(json.dumps(procs, indent=2) + "\n")
+
+
+def run_up(cfg: UpConfig, dashboard_mode: str | None = None, out: Any = None) -> int:
+    """Run `cfg` to the end; 0 on success, 1 when a process failed, 130 when interrupted."""
+    out = out or sys.stdout
+    run = RunDir.at(cfg.run_dir)
+    if run.phases_file.exists():
+        raise ConfigError(f"--run_dir {cfg.run_dir} holds a previous run: choose another --run_dir or remove it")
+    run.root.mkdir(parents=True, exist_ok=True)
+    run.logs.mkdir(exist_ok=True)
+    dump_config(cfg, run.config)
+    file_log = logging.FileHandler(run.logs / "launcher.log")
+    file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(file_log)
+    dashboard = Dashboard(run, resolve_mode(dashboard_mode or cfg.dashboard.mode, out), out)
+    launcher = Launcher(cfg, dashboard)
+
+    def interrupt(sig: int, frame: FrameType | None) -> None:
+        raise Interrupted(sig)
+
+    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    code = 0
+    try:
+        launcher.run_all()
+        dashboard.note(f"all {len(cfg.phases)} phases finished")
+    except ChildFailed as e:
+        code = 1
+        dashboard.note(f"FAILED: process {e.name!r} {e.reason}")
+        print(f"\nlongtrace up: {e}", file=sys.stderr)
+    except Interrupted as e:
+        code = 130
+        dashboard.note(f"{e}: stopping every process")
+    finally:
+        # A second Ctrl-C skips the grace periods instead of interrupting the shutdown.
+        for s in previous:
+            signal.signal(s, lambda *_: launcher.sup.hurry())
+        try:
+            launcher.sup.stop_all(cfg.shutdown_timeout_s)
+            launcher.write_processes()
+            dashboard.close()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            logging.getLogger().removeHandler(file_log)
+            file_log.close()
+    if code == 0 and cfg.report:
+        from deploy.report import write_report
+
+        path = write_report(run.root)
+        dashboard.note(f"report: {path}")
+    print(f"longtrace up: run directory {run.root} (logs in {run.logs})", file=out, flush=True)
+    return code

@@ -1,0 +1,254 @@
+"""`longtrace report RUN_DIR`: PNG plots and a markdown summary of a `longtrace up` run (into RUN_DIR/report/).
+
+Reads only the run directory (deploy/launcher/rundir.py names its files and the metric keys):
+- reward.png: reward, accuracy (outcome) and rubric hit rate per step, held-out evaluations as markers;
+- throughput.png: steps per minute and samples per second (over the last 10 steps), train tokens per second;
+- staleness.png: mean lag of the trained groups and the groups dropped as stale;
+- queues.png: depth of the tasks / rollouts / scored / dead streams over time;
+- report.md: per-phase summary, held-out accuracy before and after each phase, the plots.
+Steps are numbered run-wide (phases one after another); phase boundaries are drawn as vertical lines.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from deploy.launcher import rundir as rd
+from deploy.launcher.dashboard import fmt_duration, rates
+from deploy.launcher.rundir import RunDir
+
+
+def _num(x: Any) -> float:
+    return float(x) if x is not None else math.nan
+
+
+def _mean(xs: list[float]) -> float:
+    xs = [x for x in xs if not math.isnan(x)]
+    return sum(xs) / len(xs) if xs else math.nan
+
+
+def _f(x: float, digits: int = 3) -> str:
+    return "-" if math.isnan(x) else f"{x:.{digits}f}"
+
+
+def phase_summaries(run: RunDir) -> list[dict[str, Any]]:
+    """One dict per phase: steps, wall time, reward/accuracy/rubric over the first and last 10 steps, drops."""
+    ends = {e["phase"]: e for e in run.phase_events() if e["event"] == "end"}
+    starts = {e["phase"]: e for e in run.phase_events() if e["event"] == "start"}
+    out = []
+    for phase in run.phase_names():
+        steps = run.metrics(phase)
+        first, last = steps[:10], steps[-10:]
+        start, end = starts.get(phase, {}), ends.get(phase, {})
+        wall = end.get("time_s", math.nan) - start.get("time_s", math.nan) if end and start else math.nan
+        r = rates(steps, window=max(1, len(steps) - 1))
+        out.append(
+            {
+                "phase": phase,
+                "kind": start.get("kind", ""),
+                "status": end.get("status", "running"),
+                "steps": len(steps),
+                "wall_s": wall,
+                "steps_per_min": r["steps_per_min"],
+                "samples_per_s": r["samples_per_s"],
+                "reward_first": _mean([_num(m.get(rd.REWARD)) for m in first]),
+                "reward_last": _mean([_num(m.get(rd.REWARD)) for m in last]),
+                "accuracy_first": _mean([_num(m.get(rd.ACCURACY)) for m in first]),
+                "accuracy_last": _mean([_num(m.get(rd.ACCURACY)) for m in last]),
+                "rubric_last": _mean([_num(m.get(rd.RUBRIC_HITS)) for m in last]),
+                "loss_last": _mean([_num(m.get(rd.LOSS)) for m in last]),
+                "staleness_mean": _mean([rd.mean_staleness(m) for m in steps]),
+                "dropped_stale": _num(steps[-1].get(rd.GROUPS_DROPPED_STALE)) if steps else math.nan,
+                "trained": _num(steps[-1].get(rd.GROUPS_TRAINED)) if steps else math.nan,
+            }
+        )
+    return out
+
+
+def _phase_lines(ax: Any, metrics: list[dict[str, Any]]) -> None:
+    seen: set[str] = set()
+    for m in metrics:
+        if m["phase"] not in seen:
+            seen.add(m["phase"])
+            x = m["global_step"] - 0.5
+            ax.axvline(x, color="grey", lw=0.8, ls="--")
+            ax.text(x, 1.0, f" {m['phase']}", transform=ax.get_xaxis_transform(), va="top", fontsize=8, color="grey")
+
+
+def _plot_reward(plt: Any, run: RunDir, metrics: list[dict[str, Any]], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    x = [m["global_step"] for m in metrics]
+    for key, label in ((rd.REWARD, "reward"), (rd.ACCURACY, "accuracy (outcome)"), (rd.RUBRIC_HITS, "rubric hit rate")):
+        ax.plot(x, [_num(m.get(key)) for m in metrics], label=label, lw=1.2)
+    evals = run.evals()
+    if evals:
+        ax.scatter(
+            [e["step"] for e in evals],
+            [e["accuracy"] for e in evals],
+            marker="D",
+            color="black",
+            zorder=5,
+            label="held-out accuracy",
+        )
+        for e in evals:
+            ax.annotate(
+                f"{e['accuracy']:.2f}",
+                (e["step"], e["accuracy"]),
+                textcoords="offset points",
+                xytext=(4, 4),
+                fontsize=8,
+            )
+    _phase_lines(ax, metrics)
+    ax.set_xlabel("step")
+    ax.set_ylim(-0.02, 1.05)
+    ax.set_title("reward, accuracy and rubric hits (training groups) per step")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_throughput(plt: Any, metrics: list[dict[str, Any]], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(9, 4))
+    x, spm, sps = [], [], []
+    for i, m in enumerate(metrics):
+        same = [s for s in metrics[: i + 1] if s["phase"] == m["phase"]]
+        r = rates(same)
+        x.append(m["global_step"])
+        spm.append(r["steps_per_min"])
+        sps.append(r["samples_per_s"])
+    ax.plot(x, spm, label="steps/min", color="tab:blue")
+    ax.set_xlabel("step")
+    ax.set_ylabel("steps/min")
+    ax2 = ax.twinx()
+    ax2.plot(x, sps, label="samples/s", color="tab:orange")
+    ax2.plot(
+        x,
+        [_num(m.get(rd.TOKENS_PER_S)) / 100 for m in metrics],
+        label="train tokens/s / 100",
+        color="tab:green",
+        lw=0.8,
+    )
+    ax2.set_ylabel("samples/s, tokens/s / 100")
+    _phase_lines(ax, metrics)
+    lines = ax.get_lines()[:1] + ax2.get_lines()
+    ax.legend(lines, [ln.get_label() for ln in lines], loc="upper left", fontsize=8)
+    ax.set_title("throughput (over the last 10 steps)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_staleness(plt: Any, metrics: list[dict[str, Any]], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(9, 4))
+    x = [m["global_step"] for m in metrics]
+    ax.plot(x, [rd.mean_staleness(m) for m in metrics], label="mean lag of trained groups (versions)")
+    ax.plot(x, [_num(m.get(rd.GROUPS_DROPPED_STALE)) for m in metrics], label="groups dropped as stale (total)")
+    _phase_lines(ax, metrics)
+    ax.set_xlabel("step")
+    ax.set_title("staleness")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_queues(plt: Any, run: RunDir, path: Path) -> None:
+    samples = run.system()
+    fig, ax = plt.subplots(figsize=(9, 4))
+    if samples:
+        t0 = samples[0]["time_s"]
+        t = [(s["time_s"] - t0) / 60 for s in samples]
+        for stream in rd.STREAMS:
+            ax.plot(t, [s.get(stream, math.nan) for s in samples], label=stream, lw=1.0)
+        phase = None
+        for s, ts in zip(samples, t, strict=True):
+            if s["phase"] != phase:
+                phase = s["phase"]
+                ax.axvline(ts, color="grey", lw=0.8, ls="--")
+                ax.text(ts, 1.0, f" {phase}", transform=ax.get_xaxis_transform(), va="top", fontsize=8, color="grey")
+        ax.legend(fontsize=8)
+    ax.set_xlabel("minutes since the first phase started")
+    ax.set_ylabel("entries (unread + pending)")
+    ax.set_title("queue depth")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write the plots and report.md into RUN_DIR/report; return the path of report.md."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run = RunDir.at(run_dir)
+    if not run.phases_file.is_file():
+        raise ValueError(f"RUN_DIR {run_dir}: no {run.phases_file.name}, not a `longtrace up` run directory")
+    out = run.report_dir
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = run.all_metrics()
+    _plot_reward(plt, run, metrics, out / "reward.png")
+    _plot_throughput(plt, metrics, out / "throughput.png")
+    _plot_staleness(plt, metrics, out / "staleness.png")
+    _plot_queues(plt, run, out / "queues.png")
+    path = out / "report.md"
+    path.write_text(render_markdown(run))
+    return path
+
+
+def render_markdown(run: RunDir) -> str:
+    lines = [f"# Run report: {run.root}", "", "## Phases", ""]
+    lines += [
+        "| phase | kind | status | steps | wall | steps/min | samples/s | reward (first→last 10) | "
+        "accuracy (first→last 10) | rubric hits (last 10) | loss (last 10) | mean lag | dropped stale |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in phase_summaries(run):
+        lines.append(
+            f"| {s['phase']} | {s['kind']} | {s['status']} | {s['steps']} | {fmt_duration(s['wall_s'])} | "
+            f"{_f(s['steps_per_min'], 1)} | {_f(s['samples_per_s'], 1)} | {_f(s['reward_first'])} → "
+            f"{_f(s['reward_last'])} | {_f(s['accuracy_first'])} → {_f(s['accuracy_last'])} | {_f(s['rubric_last'])} | "
+            f"{_f(s['loss_last'])} | {_f(s['staleness_mean'], 2)} | {_f(s['dropped_stale'], 0)} |"
+        )
+    evals = run.evals()
+    if evals:
+        lines += ["", "## Held-out evaluation", ""]
+        lines += [
+            "| phase | when | step | accuracy | rubric hit rate | well-formed | questions |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for e in evals:
+            lines.append(
+                f"| {e['phase']} | {e['when']} | {e['step']} | {e['accuracy']:.3f} | {e['rubric_hit_rate']:.3f} | "
+                f"{e['well_formed_rate']:.3f} | {e['num_questions']} |"
+            )
+        after = {e["phase"]: e for e in evals if e["when"] == "after"}
+        kinds = {e["phase"]: e.get("kind") for e in run.phase_events()}
+        sft = [after[p] for p in after if kinds.get(p) == "sft"]
+        rl = [after[p] for p in after if kinds.get(p) == "rl"]
+        if sft and rl:
+            gain = rl[-1]["accuracy"] - sft[-1]["accuracy"]
+            lines += [
+                "",
+                f"Held-out accuracy after RL ({rl[-1]['accuracy']:.3f}) minus after SFT ({sft[-1]['accuracy']:.3f}): "
+                f"**{gain:+.3f}**",
+            ]
+        examples = evals[-1].get("examples", [])
+        if examples:
+            lines += ["", f"Responses of the last evaluation ({evals[-1]['phase']}, {evals[-1]['when']}):", ""]
+            for ex in examples:
+                lines.append(f"- label `{ex['label']}`, accuracy {ex['accuracy']:.0f}: `{ex['response']!r}`")
+    lines += ["", "## Plots", ""]
+    for name, title in (
+        ("reward", "Reward, accuracy, rubric hits"),
+        ("throughput", "Throughput"),
+        ("staleness", "Staleness"),
+        ("queues", "Queue depth"),
+    ):
+        lines.append(f"![{title}]({name}.png)")
+    lines += ["", f"Logs: `{run.logs}`. Config: `{run.config}`.", ""]
+    return "\n".join(lines)
