@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv lint fmt test test-unit test-gpu demo clean
+.PHONY: venv lint fmt test test-unit test-gpu smoke-gpu demo clean
 
 venv: $(STAMP)
 
@@ -39,6 +39,10 @@ test-gpu: venv
 	$(BIN)/pytest -q -m gpu $(PYTEST_ARGS) tests
 
 # The local end-to-end run: tiny world + tiny model, SFT then async GRPO with the rubric reward, report at the end.
+# The CUDA path of our own code (megatron + NCCL, weight sync over NCCL, a few RL steps) on one GPU.
+smoke-gpu: venv
+	bash deploy/gpu/smoke.sh
+
 demo: venv
 	$(BIN)/longtrace up configs/demo.toml --run_dir runs/demo-$$(date +%Y%m%d-%H%M%S)
 

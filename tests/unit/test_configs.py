@@ -1,54 +1,21 @@
-"""Every shipped TOML parses with its config class, and UpConfig's cross-service checks reject what would break a run."""
+"""UpConfig: the cross-service checks reject what would break a run (every shipped TOML is parsed in test_deploy_configs.py)."""
 
 from __future__ import annotations
 
-import importlib
-import re
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from broker.config import ConfigError, load_config
 from deploy.launcher.config import UpConfig
+from tests.unit.test_deploy_configs import config_files
 
 ROOT = Path(__file__).resolve().parents[2]
-
-# File name (without .toml) -> config class, unless the file's first line names one.
-CONFIG_CLASSES = {
-    "up": "deploy.launcher.config:UpConfig",
-    "serve": "rollout_server.engine.config:EngineConfig",
-    "learner": "learner.train_config:TrainConfig",
-    "reward": "reward_service.config:RewardConfig",
-    "rollout": "rollout_server.worker.config:RolloutConfig",
-    "engine": "rollout_server.launch:LaunchConfig",
-}
-
-
-def _shipped_tomls() -> list[Path]:
-    return sorted(p for d in ("configs", "deploy") for p in (ROOT / d).rglob("*.toml"))
-
-
-def _config_class(path: Path) -> Any:
-    """From a first line `# config: module:Class`, else from the file name."""
-    header = re.match(r"#\s*config:\s*([\w.]+:\w+)\s*$", (path.read_text().splitlines() or [""])[0])
-    target = header.group(1) if header else CONFIG_CLASSES.get(path.stem)
-    assert target, f"{path}: no config class; name it after a service or start it with '# config: module:Class'"
-    module, name = target.split(":")
-    return getattr(importlib.import_module(module), name)
-
-
-@pytest.mark.parametrize("path", _shipped_tomls(), ids=lambda p: str(p.relative_to(ROOT)))
-def test_shipped_config_parses(path: Path) -> None:
-    """Guards against a shipped TOML that no longer loads (a renamed key, a value a validator now rejects)."""
-    cls = _config_class(path)
-    config = load_config(cls, path)
-    assert isinstance(config, cls)
 
 
 def test_demo_and_debug_configs_are_shipped() -> None:
     """Guards against `make demo` or the CI end-to-end test naming a config that is not in the repository."""
-    shipped = {p.relative_to(ROOT).as_posix() for p in _shipped_tomls()}
+    shipped = {p.relative_to(ROOT).as_posix() for p in config_files()}
     assert {"configs/demo.toml", "configs/debug/up.toml"} <= shipped
 
 

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# One rollout engine on this node: `longtrace engine launch` starts SGLang (engine.toml: TP8, memory
+# fraction 0.7) and keeps it in the engine registry while it lives, so rollout workers and the learner's
+# weight sync find it without a restart. Start or stop engines at any time; a late engine loads the newest
+# HF export (RUN_DIR/exports). Several engines on one node: ENGINE_PORT and
+# CUDA_VISIBLE_DEVICES per engine, e.g. two TP4 engines:
+#
+#   CUDA_VISIBLE_DEVICES=0,1,2,3 ENGINE_PORT=30000 deploy/torchrun/engine.sh --tp_size 4
+#   CUDA_VISIBLE_DEVICES=4,5,6,7 ENGINE_PORT=30001 deploy/torchrun/engine.sh --tp_size 4
+#
+# Extra arguments are LaunchConfig overrides (--tp_size 4, --extra_args '["--log-level","debug"]', ...).
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+source "$LT_DIR/nccl.sh"
+
+ENGINE_PORT="${ENGINE_PORT:-30000}"
+ENGINE_HOST="${ENGINE_HOST:-0.0.0.0}"
+ENGINE_ID="${ENGINE_ID:-$(hostname -s)-$ENGINE_PORT}"
+# The recipes run 128K + 32K tokens, beyond the YaRN-derived 131072 of DeepSeek-R1-0528-Qwen3-8B.
+export SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN="${SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN:-1}"
+
+# An engine that joins a running training starts from the learner's newest HF export (RUN_DIR/exports/LATEST,
+# written at every weight push), at that weight version, instead of serving the initial weights until the
+# next push; from then on it is a member of the weight-update group like the others.
+EXPORT_DIR="${EXPORT_DIR:-${RUN_DIR:+$RUN_DIR/exports}}"
+weight_version=""
+if [[ -n "$EXPORT_DIR" && -f "$EXPORT_DIR/LATEST" ]]; then
+    mapfile -t latest < <("$PYTHON" -c 'import json, sys; d = json.load(open(sys.argv[1])); print(d["path"]); print(d["version"])' "$EXPORT_DIR/LATEST")
+    MODEL_PATH="${latest[0]}"
+    weight_version="${latest[1]}"
+fi
+
+cmd=("$PYTHON" -m deploy.cli engine launch --config "$ENGINE_CONFIG"
+    --host "$ENGINE_HOST" --port "$ENGINE_PORT"
+    --engine_id "$ENGINE_ID" --advertise_url "http://$NODE_ADDR:$ENGINE_PORT"
+    --broker.redis_url "$REDIS_URL")
+lt_opt cmd --broker.run_id "$RUN_ID"
+lt_opt cmd --model_path "$MODEL_PATH"
+if [[ -n "$weight_version" ]]; then
+    cmd+=(--weight_version "\"$weight_version\"")  # a TOML string: the version stays text ("7", not 7)
+fi
+lt_exec "${cmd[@]}" "$@"
