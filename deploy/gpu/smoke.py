@@ -301,7 +301,7 @@ def run_smoke(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             if learner.returncode != 0:
                 raise SmokeFailed(f"learner exited with code {learner.returncode}:\n{procs.tail('learner', 40)}")
             t_trained = time.monotonic()
-            engine_version = httpx.get(f"{engine_url}/get_weight_version", timeout=10).json()["weight_version"]
+            engine_version = httpx.get(f"{engine_url}/get_model_info", timeout=10).json()["weight_version"]
             probe = httpx.post(
                 f"{engine_url}/generate",
                 json={"text": "documents alpha", "sampling_params": {"max_new_tokens": 4, "temperature": 0}},

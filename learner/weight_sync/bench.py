@@ -90,7 +90,7 @@ def run_weight_sync_bench(
                 raws.append(raw_broadcast())
             if not all(r.ok for r in pushes):
                 raise RuntimeError(f"weight push failed: {[r.failed for r in pushes]}")
-            version = httpx.get(url + "/get_weight_version", timeout=30).json()["weight_version"]
+            version = httpx.get(url + "/get_model_info", timeout=30).json()["weight_version"]
             assert version == str(1 + rounds), f"engine reports version {version!r}"
         finally:
             if sync is not None:

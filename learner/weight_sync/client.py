@@ -106,11 +106,10 @@ class EngineClient:
         return info
 
     def weight_version(self, url: str) -> str:
-        r = self._retry.call(
-            lambda: self.request("GET", url + "/get_weight_version"), (EngineUnreachable,), f"GET {url}"
-        )
+        """The engine's weight version, from /get_model_info (SGLang 0.5.23 has no /get_weight_version)."""
+        r = self._retry.call(lambda: self.request("GET", url + "/get_model_info"), (EngineUnreachable,), f"GET {url}")
         if r.status_code != 200:
-            raise EngineCallError(f"GET {url}/get_weight_version answered {r.status_code}")
+            raise EngineCallError(f"GET {url}/get_model_info answered {r.status_code}")
         return str(r.json()["weight_version"])
 
     def pause(self, url: str, mode: str, timeout_s: float) -> None:

@@ -1,4 +1,6 @@
-"""Async client of one engine's SGLang native HTTP API: /generate with logprobs, /health, /get_weight_version.
+"""Async client of one engine's SGLang native HTTP API: /generate with logprobs, /health, /get_model_info.
+
+The weight version is read from /get_model_info: SGLang 0.5.23 has no /get_weight_version (docs/deploy.md).
 
 Errors are typed by what the caller should do: `EngineError` (connection, timeout, 5xx, a malformed reply)
 means try another engine; `RequestRejected` (a 4xx) means the request itself is wrong and retrying is futile.
@@ -151,15 +153,15 @@ class EngineClient:
 
     async def weight_version(self) -> int:
         try:
-            resp = await self._http.get(f"{self.url}/get_weight_version", timeout=self._health_timeout)
+            resp = await self._http.get(f"{self.url}/get_model_info", timeout=self._health_timeout)
         except httpx.HTTPError as e:
-            raise EngineError(f"{self.url}/get_weight_version: {type(e).__name__}: {e}") from e
+            raise EngineError(f"{self.url}/get_model_info: {type(e).__name__}: {e}") from e
         if resp.status_code != 200:
-            raise EngineError(f"{self.url}/get_weight_version answered {resp.status_code}")
+            raise EngineError(f"{self.url}/get_model_info answered {resp.status_code}")
         try:
             raw = _decode_version(resp.content).weight_version
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
-            raise EngineError(f"malformed /get_weight_version reply: {e}") from e
+            raise EngineError(f"malformed /get_model_info reply: {e}") from e
         return parse_weight_version(raw, self._default_version)
 
 
