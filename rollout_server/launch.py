@@ -71,6 +71,9 @@ class LaunchConfig(BaseConfig):
     """Timeout of one /health probe during startup."""
     shutdown_timeout_s: float = Field(default=30.0, gt=0)
     """After SIGTERM, how long the engine may take to exit before it is killed."""
+    export_dir: str = ""
+    """The learner's HF export directory (weight_sync `export_dir`). When set, the engine loads the newest export
+    before it is registered, so an engine that joins between updates never serves stale weights."""
     dry_run: bool = False
     """Print the engine's command line and exit."""
 
@@ -190,6 +193,12 @@ def launch(cfg: LaunchConfig) -> int:
                 return 0
             log.error("engine %s did not become healthy (exit code %s)", info.engine_id, proc.poll())
             return 1
+        if cfg.export_dir:
+            from learner.weight_sync.disk import catch_up  # light: no torch
+
+            version = catch_up(local_url, cfg.export_dir, timeout_s=cfg.startup_timeout_s)
+            if version is not None:
+                info.weight_version = version
         log.info("engine %s healthy at %s; registering", info.engine_id, url)
         while proc.poll() is None and not stop.event.is_set():
             broker.engines.register(info, cfg.heartbeat_ttl_s)

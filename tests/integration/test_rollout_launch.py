@@ -4,8 +4,11 @@ config errors. Starting real engines and their registry heartbeats is covered by
 from __future__ import annotations
 
 import shlex
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 
 def _launch(*args: str) -> subprocess.CompletedProcess[str]:
@@ -49,3 +52,56 @@ def test_builtin_dry_run_runs_engine_serve_and_bad_flags_are_named() -> None:
     assert bad.returncode == 2 and "--model_path" in bad.stderr and "Traceback" not in bad.stderr
     typo = _launch("--tp-sise", "2", "--dry_run")
     assert typo.returncode == 2 and "tp_sise" in typo.stderr
+
+
+def test_late_engine_loads_the_newest_export_before_it_registers(redis_url: str, tmp_path: Path) -> None:
+    """Guards against an engine that joins between weight updates serving its start-up weights: with
+    --export_dir the launcher loads LATEST (/update_weights_from_disk) before registering, so the registry and
+    the engine report the export's version and generate with its weights."""
+    import json
+    import shutil
+
+    import httpx
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from broker.factory import connect
+    from broker.settings import BrokerConfig
+    from rollout_server.models import init_tiny_model
+
+    start = init_tiny_model(tmp_path / "start", seed=0)
+    trained = init_tiny_model(tmp_path / "trained", seed=1)
+    exports = tmp_path / "exports"
+    shutil.copytree(trained, exports / "v00000003")
+    (exports / "LATEST").write_text(json.dumps({"version": 3, "path": "v00000003"}))
+
+    cmd = [
+        sys.executable, "-m", "rollout_server.launch", "--model_path", str(start), "--port", "0",
+        "--engine_id", "late", f"--broker.redis_url={redis_url}", "--broker.run_id=late",
+        "--export_dir", str(exports), "--extra_args", '["--num_threads", "1"]',
+    ]  # fmt: skip
+    launcher = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    broker = connect(BrokerConfig(redis_url=redis_url, run_id="late"))
+    try:
+        deadline = time.monotonic() + 120
+        while not (live := broker.engines.live()):
+            assert launcher.poll() is None, launcher.stderr.read().decode()[-3000:] if launcher.stderr else ""
+            assert time.monotonic() < deadline, "the engine never registered"
+            time.sleep(0.2)
+        assert live[0].weight_version == 3
+        url = live[0].url
+        assert httpx.get(f"{url}/get_model_info", timeout=10).json()["weight_version"] == "3"
+        prompt = [5, 17, 33, 41]
+        out = httpx.post(
+            f"{url}/generate",
+            json={"input_ids": prompt, "sampling_params": {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True}},
+            timeout=60,
+        ).json()
+        expected = AutoModelForCausalLM.from_pretrained(trained).generate(
+            torch.tensor([prompt]), max_new_tokens=8, do_sample=False, min_new_tokens=8
+        )[0, len(prompt) :]
+        assert out["output_ids"] == expected.tolist()
+    finally:
+        broker.close()
+        launcher.send_signal(signal.SIGTERM)
+        launcher.wait(timeout=60)
