@@ -371,6 +371,10 @@ def _counters(state: LearnerState) -> dict[str, float]:
 
 def train_loop(t: Training) -> None:
     state = t.state
+    if state.step > 0:
+        # Resumed: the engines may hold weights the checkpoint never saw (a push after it, then the crash), or
+        # weights older than it; push the checkpoint's now so generation and training agree again.
+        state.policy_version = t.weight_sync.push(state.step, t.learner.model).version
     while state.step < t.max_steps:
         batch = t.data.next_batch()
         metrics = t.learner.train_step(batch)
