@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "learner.cli",
     "datagen.cli",
     "deploy.commands",
+    "deploy.fuzz_cli",
 )
 
 

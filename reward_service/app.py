@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -42,6 +43,18 @@ T = TypeVar("T")
 
 ROUTES = ("/evaluate", "/v1/score", "/v1/score_group", "/health", "/metrics", "/docs", "/openapi.json")
 OPEN_ROUTES = frozenset({"/health", "/metrics", "/docs", "/openapi.json", "/docs/oauth2-redirect"})
+
+
+class SafeJSONResponse(JSONResponse):
+    """JSONResponse that survives strings with lone surrogates (from a JSON \\ud800 escape, echoed in an error
+    or a judge's message): UTF-8 cannot encode them, so such a body is sent \\u-escaped instead of failing."""
+
+    def render(self, content: Any) -> bytes:
+        text = json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        try:
+            return text.encode("utf-8")
+        except UnicodeEncodeError:
+            return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
 
 
 class _Guard:
@@ -94,7 +107,7 @@ class _Guard:
         if hmac.compare_digest(given, self._token):
             return None
         ERRORS.labels("unauthorized").inc()
-        return JSONResponse(
+        return SafeJSONResponse(
             {"detail": "missing or wrong bearer token"}, status_code=401, headers={"WWW-Authenticate": "Bearer"}
         )
 
@@ -119,7 +132,7 @@ class _Guard:
 
     def _too_large(self, size: str) -> Response:
         ERRORS.labels("body_too_large").inc()
-        return JSONResponse(
+        return SafeJSONResponse(
             {"detail": f"request body of {size} bytes exceeds the limit of {self.max_body_bytes} (--max_body_mb)"},
             status_code=413,
         )
@@ -171,23 +184,23 @@ def create_app(config: RewardConfig, judge: Judge | None = None) -> FastAPI:
         errors = [
             {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in exc.errors()
         ]
-        return JSONResponse({"detail": errors}, status_code=422)
+        return SafeJSONResponse({"detail": errors}, status_code=422)
 
     @app.exception_handler(BadRequest)
     async def _bad(_: Request, exc: BadRequest) -> JSONResponse:
         ERRORS.labels("bad_request").inc()
-        return JSONResponse({"detail": str(exc)}, status_code=422)
+        return SafeJSONResponse({"detail": str(exc)}, status_code=422)
 
     @app.exception_handler(JudgeError)
     async def _judge_failed(_: Request, exc: JudgeError) -> JSONResponse:
         ERRORS.labels("judge").inc()
         log.warning("judge failed: %s", exc)
-        return JSONResponse({"detail": f"judge failed: {exc}"}, status_code=502)
+        return SafeJSONResponse({"detail": f"judge failed: {exc}"}, status_code=502)
 
     @app.exception_handler(TimeoutError)
     async def _timeout(_: Request, exc: TimeoutError) -> JSONResponse:
         ERRORS.labels("timeout").inc()
-        return JSONResponse({"detail": f"scoring took longer than {config.request_timeout_s} s"}, status_code=504)
+        return SafeJSONResponse({"detail": f"scoring took longer than {config.request_timeout_s} s"}, status_code=504)
 
     @app.post("/evaluate", response_model=EvaluateResponse, tags=["reward"])
     async def evaluate(req: EvaluateRequest) -> EvaluateResponse:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field
@@ -83,6 +84,8 @@ class WorkerConfig(BaseConfig):
     """In-process retries of a group whose judge failed; after them the entry goes to the dead stream."""
     retry_backoff_s: Annotated[float, Field(ge=0)] = 2.0
     """First wait before retrying a failed group (full jitter, doubling per retry)."""
+    max_entry_mb: Annotated[float, Field(gt=0)] = 64.0
+    """A group whose encoded entry is larger goes to the dead stream unscored (a runaway or hostile producer)."""
     zero_ill_formed: bool = True
     """Training mode: truncated, aborted, ill-formed and unfinished samples get 0 without a judge call."""
     publish_timeout_s: Annotated[float, Field(gt=0)] = 600.0
@@ -103,6 +106,8 @@ class RewardConfig(BaseConfig):
     """Port of the HTTP API (the LongTraceRL reference port)."""
     auth_token_env: str = ""
     """Environment variable holding a bearer token the API requires; empty means no auth. Never logged."""
+    auth_token_file: str = ""
+    """File holding the bearer token instead (e.g. a mounted secret); set at most one of the two. Never logged."""
     max_body_mb: Annotated[float, Field(gt=0)] = 64.0
     """Largest request body accepted (HTTP 413 beyond it); LongTraceRL histories carry the 128K-token prompt."""
     max_batch: Annotated[int, Field(ge=1)] = 4096
@@ -129,7 +134,18 @@ class RewardConfig(BaseConfig):
     """The stream worker."""
 
     def auth_token(self) -> str | None:
-        """The bearer token from `auth_token_env`, or None when auth is off; ConfigError if the variable is unset."""
+        """The bearer token from `auth_token_file` or `auth_token_env`, or None when auth is off; ConfigError if
+        the named file or variable holds none."""
+        if self.auth_token_file:
+            if self.auth_token_env:
+                raise ConfigError("--auth_token_file and --auth_token_env: set at most one")
+            path = Path(self.auth_token_file)
+            if not path.is_file():
+                raise ConfigError(f"--auth_token_file: no such file {self.auth_token_file!r}")
+            token = path.read_text().strip()
+            if not token:
+                raise ConfigError(f"--auth_token_file: {self.auth_token_file!r} is empty")
+            return token
         if not self.auth_token_env:
             return None
         token = os.environ.get(self.auth_token_env, "")

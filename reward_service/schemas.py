@@ -10,7 +10,7 @@ reject unknown keys, so a typo never silently changes a reward.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -18,11 +18,20 @@ from broker.schemas import Status
 from reward_service.config import CombinationRule
 from reward_service.rubric import LONGRLVR, parse_chunk_ids
 
+# A gold answer; NaN and infinities are refused (they could only ever be judged wrong).
+Label = str | int | Annotated[float, Field(allow_inf_nan=False)]
+
 
 class HistoryMessage(BaseModel):
     """One chat message. Only assistant messages are read: `content` (the answer) and `reasoning_content`."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={
+            "if": {"properties": {"role": {"const": "assistant"}}},
+            "then": {"properties": {"content": {"type": ["string", "null"]}}},
+        },
+    )
 
     role: str
     content: str | list[Any] | None = None
@@ -40,7 +49,16 @@ class HistoryMessage(BaseModel):
 class ExtraRewardInfo(BaseModel):
     """LongTraceRL's `metadata.extra_reward_info` plus the flags slime injects."""
 
-    model_config = ConfigDict(extra="ignore")
+    # The schema also says what the scorer checks: a question unless the judge is skipped (ratio 1).
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={
+            "anyOf": [
+                {"required": ["question"], "properties": {"question": {"type": "string"}}},
+                {"required": ["rubric_reward_ratio"], "properties": {"rubric_reward_ratio": {"const": 1}}},
+            ]
+        },
+    )
 
     question: str | None = None
     """The question; required whenever the outcome is judged (rubric_reward_ratio < 1)."""
@@ -65,7 +83,9 @@ class ExtraRewardInfo(BaseModel):
 class _Response(BaseModel):
     """A response given as a chat `history` (the judged text is its last assistant message) or a `response`."""
 
-    history: list[HistoryMessage] | None = None
+    model_config = ConfigDict(json_schema_extra={"anyOf": [{"required": ["history"]}, {"required": ["response"]}]})
+
+    history: list[HistoryMessage] | None = Field(None, json_schema_extra={"minItems": 1})
     """Chat history; the last message must be the assistant's answer (else the sample scores 0, as the reference)."""
     response: str | None = None
     """The raw response text `<think>…</think>answer`; used when there is no history."""
@@ -84,7 +104,7 @@ class EvaluateRequest(_Response):
 
     model_config = ConfigDict(extra="ignore")
 
-    label: str | int | float
+    label: Label
     """The gold answer."""
     extra_reward_info: ExtraRewardInfo
 
@@ -129,7 +149,7 @@ class ScoreGroupRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    label: str | int | float
+    label: Label
     extra_reward_info: ExtraRewardInfo
     samples: list[GroupSample] = Field(min_length=1)
     combination: CombinationRule | None = None

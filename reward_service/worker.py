@@ -5,7 +5,9 @@ a ScoredGroup with dedup key = group id, THEN ack. A replica that dies before it
 pending; another replica reclaims it (broker XAUTOCLAIM) and the dedup key drops a second publish, so
 nothing is lost or duplicated. A judge failure is retried in-process `max_group_retries` times with
 backoff, then the entry goes to the dead stream with the reason; it never becomes a reward of 0. A group
-whose reward info cannot be scored (e.g. a non-integer longrlvr chunk id) goes to the dead stream at once.
+whose reward info cannot be scored (e.g. a non-integer longrlvr chunk id) or whose entry is larger than
+`max_entry_mb` goes to the dead stream at once. Undecodable entries never reach the worker: the broker
+moves them to the dead stream when it reads them.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import time
 
 from broker.base import ROLLOUTS, SCORED, Broker, Entry
 from broker.retry import RetryPolicy
-from broker.schemas import Group, SampleReward, ScoredGroup
+from broker.schemas import Group, SampleReward, ScoredGroup, encode
 from reward_service.config import RewardConfig
 from reward_service.judges import Judge, JudgeError
 from reward_service.metrics import WORKER_GROUPS
@@ -74,6 +76,14 @@ class RewardWorker:
         """Score one group, publish it, then ack; or dead-letter it with the reason."""
         group = entry.msg
         start = time.perf_counter()
+        # The broker hands over decoded messages; re-encoding (msgspec, ~1 GB/s) gives the entry's exact size.
+        size = len(encode(group))
+        if size > self.config.worker.max_entry_mb * 1024 * 1024:
+            await self._dead(
+                entry,
+                f"entry of {size} bytes exceeds the limit of {self.config.worker.max_entry_mb} MB (--worker.max_entry_mb)",
+            )
+            return
         attempts = 0
 
         async def attempt() -> list[SampleReward]:

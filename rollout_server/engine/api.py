@@ -2,26 +2,27 @@
 
 Validation errors answer 400 (SGLang overrides FastAPI's 422) with {object, message, type, param,
 code}; /generate errors answer 400 with {"error": {"message"}}; control endpoints answer
-{success, message} with 200 or 400. Control endpoints require `Authorization: Bearer <token>` when the
-env var named by `api_key_env` is set.
+{success, message} with 200 or 400. The guard (guard.py) in front of the app refuses bodies over
+`max_body_mb` (413) and control calls without `Authorization: Bearer <token>` when a token is configured
+(401), both before any body is parsed.
 """
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
-import os
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from http import HTTPStatus
 from typing import Any
 
-from fastapi import Body, Depends, FastAPI, HTTPException, Request
+from fastapi import Body, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
 
 from rollout_server.engine.engine import ClientDisconnected, Engine
+from rollout_server.engine.guard import Guard, SafeJSONResponse, error_response
 from rollout_server.engine.protocol import (
     AbortReq,
     ContinueGenerationReqInput,
@@ -38,58 +39,45 @@ log = logging.getLogger(__name__)
 
 
 def _result(success: bool, message: str, **extra: Any) -> JSONResponse:
-    return JSONResponse(
+    return SafeJSONResponse(
         {"success": success, "message": message, **extra}, status_code=200 if success else HTTPStatus.BAD_REQUEST
     )
 
 
 def _error(message: str, status: int = HTTPStatus.BAD_REQUEST) -> JSONResponse:
-    return JSONResponse({"error": {"message": message}}, status_code=status)
+    return SafeJSONResponse({"error": {"message": message}}, status_code=status)
 
 
 def sse(obj: Any) -> bytes:
-    return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
+    # ensure_ascii: an echoed rid may hold a lone surrogate, which UTF-8 cannot encode
+    return b"data: " + json.dumps(obj, ensure_ascii=True).encode() + b"\n\n"
 
 
 def build_app(engine: Engine) -> FastAPI:
     """The FastAPI app of one engine (the engine's scheduler is started and stopped by the caller)."""
     from rollout_server.engine.openai_api import add_openai_routes
 
-    app = FastAPI(title="longtrace built-in engine (SGLang native API)")
+    app = FastAPI(title="longtrace built-in engine (SGLang native API)", default_response_class=SafeJSONResponse)
     app.state.engine = engine
-    token = os.environ.get(engine.config.api_key_env, "")
-
-    async def require_token(request: Request) -> None:
-        if not token:
-            return
-        got = request.headers.get("authorization", "")
-        if not hmac.compare_digest(got.encode(), f"Bearer {token}".encode()):
-            raise HTTPException(HTTPStatus.UNAUTHORIZED, "control endpoints need Authorization: Bearer <token>")
-
-    control = [Depends(require_token)]
+    token = engine.config.api_key()
+    log.info("engine HTTP API: control auth %s", "on" if token else "off")
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         message = "; ".join(
             f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg', '')}" for e in exc.errors()
         ) or str(exc)
-        return JSONResponse(
+        return SafeJSONResponse(
             {"object": "error", "message": message, "type": "Bad Request", "param": None, "code": 400},
             status_code=HTTPStatus.BAD_REQUEST,
         )
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:
-        return JSONResponse(
-            {
-                "object": "error",
-                "message": exc.detail,
-                "type": str(exc.status_code),
-                "param": None,
-                "code": exc.status_code,
-            },
-            status_code=exc.status_code,
-        )
+        # FastAPI's own errors (a body it cannot parse, 404, 405) keep a reason, in SGLang's shape
+        response = error_response(str(exc.detail), exc.status_code)
+        response.headers.update(exc.headers or {})
+        return response
 
     # ---------------- health and info ----------------
     @app.get("/health")
@@ -129,7 +117,9 @@ def build_app(engine: Engine) -> FastAPI:
         ]
 
     # ---------------- generation ----------------
-    @app.api_route("/generate", methods=["POST", "PUT"], response_model=None)
+    # One route per method: FastAPI names a multi-method route's operations alike (a duplicate operationId).
+    @app.put("/generate", response_model=None, operation_id="generate_put")
+    @app.post("/generate", response_model=None, operation_id="generate")
     async def generate(obj: GenerateReqInput, request: Request) -> Response | dict[str, Any] | list[dict[str, Any]]:
         try:
             items, single = engine.prepare(obj)
@@ -160,42 +150,43 @@ def build_app(engine: Engine) -> FastAPI:
         return StreamingResponse(stream(), media_type="text/event-stream")
 
     # ---------------- control ----------------
-    @app.api_route("/flush_cache", methods=["GET", "POST"], dependencies=control)
+    @app.get("/flush_cache", operation_id="flush_cache_get")
+    @app.post("/flush_cache", operation_id="flush_cache")
     async def flush_cache() -> Response:
         ok, message = await engine.flush_cache()
         return PlainTextResponse(message, status_code=200 if ok else HTTPStatus.BAD_REQUEST)
 
-    @app.post("/pause_generation", dependencies=control)
+    @app.post("/pause_generation")
     async def pause_generation(obj: PauseGenerationReqInput | None = Body(None)) -> JSONResponse:
         mode = (obj or PauseGenerationReqInput()).mode
         await engine.pause(mode)
         return JSONResponse({"message": "Generation paused successfully.", "status": "ok", "success": True})
 
-    @app.post("/continue_generation", dependencies=control)
+    @app.post("/continue_generation")
     async def continue_generation(obj: ContinueGenerationReqInput | None = Body(None)) -> JSONResponse:
         await engine.resume()
         return JSONResponse({"message": "Generation continued successfully.", "status": "ok", "success": True})
 
-    @app.post("/abort_request", dependencies=control)
+    @app.post("/abort_request")
     async def abort_request(obj: AbortReq) -> JSONResponse:
         n = await engine.abort(obj.rid, obj.abort_all)
         return _result(True, f"Aborted {n} request(s).")
 
-    @app.post("/update_weight_version", dependencies=control)
+    @app.post("/update_weight_version")
     async def update_weight_version(obj: UpdateWeightVersionReqInput) -> JSONResponse:
         await engine.update_weight_version(obj.new_version, obj.abort_all_requests)
         return _result(True, f"Weight version updated to {obj.new_version}", new_version=obj.new_version)
 
-    @app.post("/init_weights_update_group", dependencies=control)
+    @app.post("/init_weights_update_group")
     async def init_weights_update_group(obj: InitWeightsUpdateGroupReqInput) -> JSONResponse:
         return _result(*await engine.init_weights_update_group(obj))
 
-    @app.post("/destroy_weights_update_group", dependencies=control)
+    @app.post("/destroy_weights_update_group")
     async def destroy_weights_update_group(obj: DestroyWeightsUpdateGroupReqInput | None = Body(None)) -> JSONResponse:
         name = (obj or DestroyWeightsUpdateGroupReqInput()).group_name
         return _result(*await engine.destroy_weights_update_group(name))
 
-    @app.post("/update_weights_from_distributed", dependencies=control)
+    @app.post("/update_weights_from_distributed")
     async def update_weights_from_distributed(obj: UpdateWeightsFromDistributedReqInput) -> JSONResponse:
         ok, message = await engine.update_weights_from_distributed(obj)
         if ok and obj.weight_version is not None:
@@ -203,7 +194,7 @@ def build_app(engine: Engine) -> FastAPI:
             message += f" Weight version updated to {obj.weight_version}."
         return _result(ok, message)
 
-    @app.post("/update_weights_from_disk", dependencies=control)
+    @app.post("/update_weights_from_disk")
     async def update_weights_from_disk(obj: UpdateWeightFromDiskReqInput) -> JSONResponse:
         ok, message, num_paused = await engine.update_weights_from_disk(obj)
         if ok and obj.weight_version is not None:
@@ -212,4 +203,5 @@ def build_app(engine: Engine) -> FastAPI:
         return _result(ok, message, num_paused_requests=num_paused)
 
     add_openai_routes(app, engine)
+    app.add_middleware(Guard, max_body_bytes=int(engine.config.max_body_mb * 1024 * 1024), token=token)
     return app

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
@@ -39,6 +41,12 @@ class EngineConfig(BaseConfig):
     """Return log_softmax(logits) without temperature scaling (SGLang's SGLANG_RETURN_ORIGINAL_LOGPROB)."""
     api_key_env: str = "LONGTRACE_ENGINE_API_KEY"
     """Name of the env var holding the bearer token for control endpoints; unset or empty means no auth."""
+    api_key_file: str = ""
+    """File holding the bearer token instead (e.g. a mounted secret); wins over `api_key_env`. Never logged."""
+    max_body_mb: float = Field(64.0, gt=0)
+    """Largest request body accepted (HTTP 413 beyond it, checked before parsing); a 128K-token prompt is ~1 MB."""
+    max_request_items: int = Field(1024, ge=1)
+    """Most sequences one request may ask for (prompts x n); more is refused with 400, not queued."""
     control_timeout_s: float = Field(60.0, gt=0)
     """How long a control endpoint waits for the scheduler thread to run its command."""
     health_timeout_s: float = Field(20.0, gt=0)
@@ -57,3 +65,16 @@ class EngineConfig(BaseConfig):
     """The registry forgets this engine this long after its last heartbeat."""
     log_level: str = "INFO"
     """Log level of the engine process."""
+
+    def api_key(self) -> str | None:
+        """The control endpoints' bearer token: from `api_key_file` if set (it must hold one), else from the env
+        var `api_key_env` (unset or empty: no auth). The value is never logged."""
+        if self.api_key_file:
+            path = Path(self.api_key_file)
+            if not path.is_file():
+                raise ValueError(f"--api_key_file: no such file {self.api_key_file!r}")
+            token = path.read_text().strip()
+            if not token:
+                raise ValueError(f"--api_key_file: {self.api_key_file!r} is empty")
+            return token
+        return (os.environ.get(self.api_key_env, "") if self.api_key_env else "") or None

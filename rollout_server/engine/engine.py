@@ -56,6 +56,16 @@ class Item:
     created_s: float
 
 
+def check_text(text: str, name: str) -> str:
+    """Refuse text that UTF-8 cannot encode (a lone surrogate from a JSON \\ud800 escape): the tokenizer
+    would fail on it with a TypeError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{name} is not valid Unicode: {e.reason} at position {e.start}") from None
+    return text
+
+
 def _per_item(value: Any, batch: int, name: str, default: Any) -> list[Any]:
     if value is None:
         return [default] * batch
@@ -157,7 +167,7 @@ class Engine:
         if obj.text is not None:
             single = isinstance(obj.text, str)
             texts = [obj.text] if isinstance(obj.text, str) else obj.text
-            prompts = [list(self.tokenizer.encode(t)) for t in texts]
+            prompts = [list(self.tokenizer.encode(check_text(t, "text"))) for t in texts]
         else:
             assert obj.input_ids is not None
             single = not obj.input_ids or not isinstance(obj.input_ids[0], list)
@@ -172,10 +182,17 @@ class Engine:
             rids = _per_item(obj.rid, batch, "rid", None)
         else:
             rids = [obj.rid if single else (f"{obj.rid}_{i}" if obj.rid else None) for i in range(batch)]
+        all_params = [SamplingParams.from_dict(raw_params[i], self.vocab_size) for i in range(batch)]
+        num_items = sum(p.n for p in all_params)
+        if num_items > self.config.max_request_items:
+            raise ValueError(
+                f"the request asks for {num_items} sequences (prompts x n); the limit is "
+                f"{self.config.max_request_items} (--max_request_items)"
+            )
         now = time.monotonic()
         items: list[Item] = []
         for i, ids in enumerate(prompts):
-            params = SamplingParams.from_dict(raw_params[i], self.vocab_size)
+            params = all_params[i]
             self._check_prompt(ids)
             if params.max_new_tokens == -1:
                 max_new = self.context_length - len(ids) - 1
@@ -413,6 +430,7 @@ class Engine:
         async with self._weight_lock:
             if obj.abort_all_requests:
                 await self._call(lambda: self.scheduler.abort(None, "Abort by update_weights_from_distributed."))
+            targets = self._in_place_targets(obj.group_name, obj.names, dtypes, obj.shapes)
             try:
                 tensors = await asyncio.to_thread(
                     self.receiver.receive,
@@ -421,17 +439,42 @@ class Engine:
                     obj.shapes,
                     self.runner.device,
                     self.config.weight_update_timeout_s,
+                    targets,
                 )
             except (TimeoutError, RuntimeError) as e:  # a dead or mismatched peer
                 return False, f"Failed to receive weights on {obj.group_name!r}: {e}"
-            named = list(zip(obj.names, tensors, strict=True))
-            try:
-                await self._call(lambda: self.runner.load_weights(named))
-            except ValueError as e:
-                return False, f"Failed to update weights: {e}"
+            if targets is None:  # received into new tensors: validate, then copy between two scheduler steps
+                named = list(zip(obj.names, tensors, strict=True))
+                try:
+                    await self._call(lambda: self.runner.load_weights(named))
+                except ValueError as e:
+                    return False, f"Failed to update weights: {e}"
             if obj.flush_cache:
                 await self._flush_if_idle()
         return True, "Succeeded to update parameter online."
+
+    def _in_place_targets(
+        self, group_name: str, names: Sequence[str], dtypes: Sequence[torch.dtype], shapes: Sequence[Sequence[int]]
+    ) -> list[torch.Tensor] | None:
+        """The parameters themselves as receive buffers, when generation is paused (no forward reads them) and
+        every name is a contiguous parameter of that dtype and shape on the group's device; else None."""
+        if not self.scheduler.paused:
+            return None
+        gloo = self.receiver.backends[group_name] == "gloo"
+        params = self.runner.parameter_names()
+        targets = []
+        for name, dtype, shape in zip(names, dtypes, shapes, strict=True):
+            p = params.get(name)
+            if (
+                p is None
+                or p.dtype != dtype
+                or tuple(p.shape) != tuple(shape)
+                or not p.is_contiguous()
+                or (p.device.type != "cpu" if gloo else p.device != self.runner.device)
+            ):
+                return None
+            targets.append(p.data)
+        return targets
 
     async def update_weights_from_disk(self, obj: UpdateWeightFromDiskReqInput) -> tuple[bool, str, int]:
         async with self._weight_lock:

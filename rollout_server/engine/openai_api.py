@@ -7,39 +7,50 @@ parameters, and `stream: true` sends `chat.completion.chunk` / `text_completion`
 
 from __future__ import annotations
 
+import inspect
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from http import HTTPStatus
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict
+from jinja2 import TemplateError
+from pydantic import BaseModel, ConfigDict, Field
 
-from rollout_server.engine.engine import ClientDisconnected, Engine, Item
+from rollout_server.engine.engine import ClientDisconnected, Engine, Item, check_text
+from rollout_server.engine.guard import SafeJSONResponse
 from rollout_server.engine.protocol import GenerateReqInput
+
+
+class ContentPart(BaseModel):
+    """One part of a message's list-form content; only text parts are used."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: str
+    text: str = ""
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: str
-    content: str | list[dict[str, Any]] | None = None
+    content: str | list[ContentPart] | None = None
 
 
 class _SamplingFields(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str = ""
-    max_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    min_p: float = 0.0
-    n: int = 1
+    max_tokens: int | None = Field(None, ge=0)
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(-1, ge=-1)
+    min_p: float = Field(0.0, ge=0, le=1)
+    n: int = Field(1, ge=1)
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    seed: int | None = None
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     stream: bool = False
@@ -62,8 +73,8 @@ class _SamplingFields(BaseModel):
 
 
 class ChatCompletionRequest(_SamplingFields):
-    messages: list[ChatMessage]
-    max_completion_tokens: int | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=0)
     chat_template_kwargs: dict[str, Any] | None = None
 
 
@@ -73,7 +84,7 @@ class CompletionRequest(_SamplingFields):
 
 
 def _openai_error(message: str, status: int = HTTPStatus.BAD_REQUEST) -> JSONResponse:
-    return JSONResponse(
+    return SafeJSONResponse(
         {"object": "error", "message": message, "type": "BadRequestError", "param": None, "code": status},
         status_code=status,
     )
@@ -89,7 +100,20 @@ def _finish(out: dict[str, Any]) -> tuple[str | None, Any]:
 def _content(message: ChatMessage) -> str:
     if message.content is None or isinstance(message.content, str):
         return message.content or ""
-    return "".join(part.get("text", "") for part in message.content if part.get("type") == "text")
+    return "".join(part.text for part in message.content if part.type == "text")
+
+
+def _template_kwargs(tokenizer: Any, given: dict[str, Any] | None) -> dict[str, Any]:
+    """`chat_template_kwargs` are template variables (enable_thinking, ...); names that apply_chat_template
+    or the renderer use themselves (tokenize, messages, eos_token, ...) would change the call or fail it."""
+    if not given:
+        return {}
+    reserved = set(inspect.signature(tokenizer.apply_chat_template).parameters) | {"messages"}
+    reserved |= set(getattr(tokenizer, "special_tokens_map", {}))
+    bad = sorted(set(given) & reserved)
+    if bad:
+        raise ValueError(f"chat_template_kwargs may not set {', '.join(bad)}")
+    return given
 
 
 def add_openai_routes(app: FastAPI, engine: Engine) -> None:
@@ -141,22 +165,20 @@ def add_openai_routes(app: FastAPI, engine: Engine) -> None:
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response | dict[str, Any]:
-        if not req.messages:
-            return _openai_error("messages must not be empty")
         try:
-            ids = engine.tokenizer.apply_chat_template(
+            text = engine.tokenizer.apply_chat_template(
                 [{"role": m.role, "content": _content(m)} for m in req.messages],
                 add_generation_prompt=True,
                 tokenize=False,
-                **(req.chat_template_kwargs or {}),
+                **_template_kwargs(engine.tokenizer, req.chat_template_kwargs),
             )
-            input_ids = list(engine.tokenizer.encode(ids, add_special_tokens=False))
+            input_ids = list(engine.tokenizer.encode(check_text(text, "messages"), add_special_tokens=False))
             max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
             obj = GenerateReqInput(
                 input_ids=input_ids, sampling_params=req.sampling_params(max_tokens), return_logprob=req.logprobs
             )
             items, _ = engine.prepare(obj)
-        except ValueError as e:
+        except (ValueError, TemplateError) as e:  # TemplateError: the template refused the messages
             return _openai_error(str(e))
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:

@@ -100,8 +100,11 @@ class SamplingParams:
         if "max_new_tokens" in raw and raw["max_new_tokens"] is None:
             kwargs["max_new_tokens"] = -1  # resolved to the context budget by the engine
         stop = kwargs.get("stop", [])
-        kwargs["stop"] = [stop] if isinstance(stop, str) else list(stop)
-        kwargs["stop_token_ids"] = list(kwargs.get("stop_token_ids", []))
+        if not isinstance(stop, (str, list)):
+            raise ValueError(f"sampling_params.stop must be a non-empty string or a list of them, got {stop!r}")
+        kwargs["stop"] = [stop] if isinstance(stop, str) else stop
+        if not isinstance(kwargs.get("stop_token_ids", []), list):
+            raise ValueError(f"sampling_params.stop_token_ids must be a list of ints, got {kwargs['stop_token_ids']!r}")
         try:
             params = cls(**kwargs)
         except TypeError as e:  # pragma: no cover - unknown keys are caught above
@@ -122,6 +125,9 @@ class SamplingParams:
             check_type(name, getattr(self, name), (bool,))
         if self.sampling_seed is not None:
             check_type("sampling_seed", self.sampling_seed, (int,))
+            # torch seeds are 64-bit; sample j of n uses seed + j
+            if not -(2**63) <= self.sampling_seed < 2**63:
+                raise ValueError(f"sampling_params.sampling_seed must be in [-2^63, 2^63), got {self.sampling_seed}")
         if not all(isinstance(s, str) and s for s in self.stop):
             raise ValueError(f"sampling_params.stop must be a non-empty string or a list of them, got {self.stop!r}")
         if not all(isinstance(t, int) and not isinstance(t, bool) for t in self.stop_token_ids):
@@ -163,7 +169,8 @@ def _filter_sorted(probs: torch.Tensor, params: Sequence[SamplingParams]) -> tup
     probs_sort, probs_idx = probs.sort(dim=-1, descending=True)
     vocab = probs.shape[-1]
     top_p = torch.tensor([p.top_p for p in params], dtype=probs.dtype, device=probs.device)
-    top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=probs.device)
+    # top_k beyond the vocabulary keeps everything (and would overflow an int64 tensor)
+    top_k = torch.tensor([min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params], device=probs.device)
     min_p = torch.tensor([p.min_p for p in params], dtype=probs.dtype, device=probs.device)
     cumsum = probs_sort.cumsum(dim=-1)
     # Keep the smallest prefix whose mass reaches top_p (the token crossing the threshold stays).

@@ -30,6 +30,7 @@ def serve(config: EngineConfig) -> None:
     from rollout_server.engine.api import build_app
     from rollout_server.engine.engine import Engine
 
+    config.api_key()  # a bad --api_key_file fails before the model loads
     port = config.port or free_port(config.host)
     engine = Engine(config)
     engine.start()

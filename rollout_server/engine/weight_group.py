@@ -17,6 +17,7 @@ import threading
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import torch
 import torch.distributed as dist
@@ -110,6 +111,9 @@ class WeightReceiver:
         if backend == "nccl" and not torch.cuda.is_available():
             raise ValueError("backend nccl needs CUDA; use gloo on CPU")
         init_method = f"tcp://{master_address}:{master_port}"
+        parts = urlsplit(init_method)  # .port raises ValueError itself when out of range
+        if not parts.hostname or parts.port is None:  # torch's rendezvous would only assert
+            raise ValueError(f"master_address {master_address!r} with port {master_port} is not a host:port")
         self.groups[group_name] = run_with_timeout(
             lambda: init_custom_process_group(backend, init_method, world_size, rank, group_name, timeout_s),
             timeout_s + 5.0,
@@ -128,12 +132,17 @@ class WeightReceiver:
         shapes: Sequence[Sequence[int]],
         device: torch.device,
         timeout_s: float,
+        out: Sequence[torch.Tensor] | None = None,
     ) -> list[torch.Tensor]:
-        """Receive one broadcast from rank 0 per tensor, in order; the group is marked broken on timeout."""
+        """Receive one broadcast from rank 0 per tensor, in order, into `out` when given (the parameters
+        themselves: no allocation, no copy), else into new tensors; the group is marked broken on timeout."""
         group = self.group(group_name)
         if self.backends[group_name] == "gloo":
             device = torch.device("cpu")
-        tensors = [torch.empty(tuple(s), dtype=d, device=device) for d, s in zip(dtypes, shapes, strict=True)]
+        if out is not None:
+            tensors = list(out)
+        else:
+            tensors = [torch.empty(tuple(s), dtype=d, device=device) for d, s in zip(dtypes, shapes, strict=True)]
 
         def recv() -> None:
             handles = [dist.broadcast(t, src=0, group=group, async_op=True) for t in tensors]

@@ -123,8 +123,8 @@ class RolloutConfig(BaseConfig):
     """Wait between publish attempts while the rollouts stream stays full (backpressure)."""
     metrics_port: int = Field(default=0, ge=0, le=65535)
     """Port of the Prometheus /metrics endpoint; 0 disables it."""
-    metrics_host: str = "0.0.0.0"
-    """Address the /metrics endpoint binds to."""
+    metrics_host: str = "127.0.0.1"
+    """Address the /metrics endpoint binds to (loopback unless told otherwise, like every service)."""
     default_weight_version: int = 0
     """The integer version of an engine whose weight_version is SGLang's initial "default"."""
 

@@ -1,0 +1,124 @@
+"""`longtrace bench fuzz`: schemathesis against the reward service and the built-in engine (registered by deploy/cli.py).
+
+longtrace bench fuzz [--json] [--max-examples N] [--services reward,engine] [--seed S] [--no-http]
+
+Prints one JSON object: {requests, status_5xx, status_4xx_without_reason, transport_errors, endpoints, seconds,
+per_service: {...}}. Each service is fuzzed in-process (ASGI) and once over real HTTP with bearer auth on, so
+the control endpoints are reached authenticated. Exit status 1 when any request failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+
+def register(commands: argparse._SubParsersAction[Any], benches: argparse._SubParsersAction[Any]) -> None:
+    """Add `bench fuzz`. Keep imports inside the handler."""
+    bench = benches.add_parser(
+        "fuzz",
+        help="schemathesis (property-based) fuzzing of the reward and engine HTTP APIs: 5xx and unexplained 4xx",
+    )
+    bench.add_argument("--json", action="store_true", help="print only the JSON result")
+    bench.add_argument("--max-examples", type=int, default=100, help="generated requests per operation and mode")
+    bench.add_argument("--services", default="reward,engine", help="comma-separated: reward, engine")
+    bench.add_argument("--seed", type=int, default=0, help="hypothesis seed (same seed, same requests)")
+    bench.add_argument("--no-http", action="store_true", help="skip the runs over real HTTP")
+    bench.set_defaults(func=_bench)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import json
+    import logging
+    import tempfile
+
+    from broker.config import ConfigError
+    from broker.logs import setup_logging
+
+    services = [s.strip() for s in args.services.split(",") if s.strip()]
+    unknown = sorted(set(services) - {"reward", "engine"})
+    if unknown or not services:
+        raise ConfigError(f"--services: unknown {unknown or 'empty list'}; choose from reward, engine")
+    if args.max_examples < 1:
+        raise ConfigError(f"--max-examples must be >= 1, got {args.max_examples}")
+    setup_logging("ERROR" if args.json else "WARNING")
+    logging.getLogger("torch.distributed").setLevel(logging.CRITICAL)  # fuzzed rendezvous failures
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    from deploy.fuzz import FuzzReport
+
+    per: dict[str, FuzzReport] = {}
+    kw = {"max_examples": args.max_examples, "seed": args.seed}
+    if "reward" in services:
+        per["reward"] = _reward(kw, http=not args.no_http)
+    if "engine" in services:
+        with tempfile.TemporaryDirectory(prefix="fuzz-engine-") as tmp:
+            per["engine"] = _engine(tmp, kw, http=not args.no_http)
+    total = FuzzReport()
+    for report in per.values():
+        total = total.merge(report)
+    out = total.as_dict()
+    out["failures"] = out["failures"][:10]
+    out["per_service"] = {name: r.as_dict() for name, r in per.items()}
+    out["max_examples"] = args.max_examples
+    print(json.dumps(out) if args.json else json.dumps(out, indent=2))
+    return 0 if total.ok else 1
+
+
+def _reward(kw: dict[str, Any], http: bool) -> Any:
+    from deploy.fuzz import fuzz_app, fuzz_url, reward_app
+    from rollout_server.engine.server import BackgroundServer
+
+    report = fuzz_app(reward_app(), **kw)
+    if http:
+        token = os.urandom(16).hex()
+        with BackgroundServer(reward_app(token=token)) as server:
+            report = report.merge(fuzz_url(server.url, headers={"Authorization": f"Bearer {token}"}, **kw))
+    return report
+
+
+def _engine(tmp: str, kw: dict[str, Any], http: bool) -> Any:
+    from deploy.fuzz import ENGINE_FOLLOW_UPS, engine_config, fuzz_app, fuzz_url
+    from rollout_server.engine.api import build_app
+    from rollout_server.engine.engine import Engine
+    from rollout_server.engine.server import BackgroundServer
+    from rollout_server.models import init_tiny_model
+
+    model = init_tiny_model(os.path.join(tmp, "model"))
+    token = os.urandom(16).hex()
+    token_file = os.path.join(tmp, "token")
+    with open(token_file, "w") as f:
+        f.write(token)
+    auth = {"Authorization": f"Bearer {token}"}  # so the control endpoints are fuzzed past the guard
+    engine = Engine(engine_config(model, api_key_file=token_file))
+    engine.start()
+    try:
+        report = fuzz_app(build_app(engine), headers=auth, follow_ups=ENGINE_FOLLOW_UPS, **kw)
+        if http:
+            with BackgroundServer(build_app(engine)) as server:
+                report = report.merge(fuzz_url(server.url, headers=auth, follow_ups=ENGINE_FOLLOW_UPS, **kw))
+    finally:
+        engine.shutdown()
+    return report
+
+
+def main() -> None:
+    """Run the bench alone (`python -m deploy.fuzz_cli`), before deploy/cli.py registers it."""
+    import sys
+
+    from broker.config import ConfigError
+
+    parser = argparse.ArgumentParser(prog="longtrace bench")
+    benches = parser.add_subparsers(dest="bench")
+    register(benches, benches)  # only `benches` is used
+    args = parser.parse_args(["fuzz", *sys.argv[1:]])
+    try:
+        sys.exit(args.func(args))
+    except ConfigError as e:
+        print(f"longtrace: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
