@@ -216,7 +216,9 @@ def run_smoke(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     logs = work / "logs"
     logs.mkdir()
     procs = Procs(logs)
-    base_env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    # Keep a PYTHONPATH the caller set (packages installed with --target on a machine without our venv).
+    pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    base_env = {**os.environ, "PYTHONPATH": pythonpath, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
     base_env |= {"NCCL_SOCKET_IFNAME": "lo", "NCCL_IB_DISABLE": "1", "NCCL_DEBUG": os.environ.get("NCCL_DEBUG", "WARN")}
     if args.cpu:
         base_env["CUDA_VISIBLE_DEVICES"] = ""

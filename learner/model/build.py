@@ -58,6 +58,10 @@ def build_model(arch: HFArch, cfg: LearnerModelConfig) -> torch.nn.Module:
         position_embedding_type="rope",
         rotary_base=arch.rope_theta,  # annotated int in megatron, used as a float base
     )
+    if torch.cuda.is_available():
+        # Parallel linears allocate on the current device, but norms are created on the CPU; megatron's own
+        # get_model moves the module the same way (seen on an H100: a CPU RMSNorm weight in a CUDA forward).
+        model.cuda(torch.cuda.current_device())
     if config.bf16:
         wrapped: torch.nn.Module = Float16Module(config, model)
         return wrapped

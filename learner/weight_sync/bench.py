@@ -24,6 +24,24 @@ logger = logging.getLogger(__name__)
 RAW_ROUTE = "/bench/raw_broadcast"
 
 
+def _engine_env(backend: str) -> dict[str, str]:
+    """The engine child's environment. With NCCL it gets the second GPU when there is one; on a single GPU the
+    two processes get different NCCL host ids, since NCCL refuses two ranks of one communicator on one device
+    ("Duplicate GPU detected") and otherwise uses its socket transport, as between nodes."""
+    import os
+
+    import torch
+
+    env = dict(os.environ)
+    if backend == "nccl":
+        if torch.cuda.device_count() >= 2:
+            env["CUDA_VISIBLE_DEVICES"] = "1"
+        else:
+            os.environ["NCCL_HOSTID"] = "longtrace-bench-learner"  # read by NCCL when the group is built
+            env["NCCL_HOSTID"] = "longtrace-bench-engine"
+    return env
+
+
 def run_weight_sync_bench(
     hidden_size: int = 768,
     num_layers: int = 12,
@@ -55,7 +73,9 @@ def run_weight_sync_bench(
         port = free_port("127.0.0.1")
         url = f"http://127.0.0.1:{port}"
         cmd = [sys.executable, "-m", "learner.weight_sync.bench", str(model_dir), str(port), backend]
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            cmd, env=_engine_env(backend), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
         sync: DistributedWeightSync | None = None
         try:
             _wait_healthy(url, proc, startup_timeout_s)

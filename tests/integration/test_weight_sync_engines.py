@@ -60,8 +60,10 @@ class EngineProc:
             cmd += ["--broker.redis_url", broker_url, "--broker.run_id", run_id, "--engine_id", f"e{self.port}"]
             cmd += ["--heartbeat_interval_s", "0.3", "--heartbeat_ttl_s", "2"]
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-        if device == "cuda":  # the learner holds GPU 0; NCCL refuses two ranks on one GPU
-            env["CUDA_VISIBLE_DEVICES"] = "1"
+        if device == "cuda":
+            # NCCL refuses two ranks of one group on one GPU ("Duplicate GPU detected") unless they claim
+            # different hosts; it then uses its socket transport, as between nodes (deploy/gpu/smoke.py).
+            env["NCCL_HOSTID"] = f"engine-{self.port}"
         self.log = log
         self._log_file = log.open("w")
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self._log_file, stderr=subprocess.STDOUT)
@@ -193,13 +195,12 @@ def test_push_to_two_engines_gives_the_learners_logprobs_and_version(
 
 @pytest.mark.gpu
 def test_push_over_nccl_gives_the_learners_logprobs_and_version(
-    models: tuple[Path, Path], learner_model: Any, tmp_path: Path
+    models: tuple[Path, Path], learner_model: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The same test over NCCL: learner on GPU 0, two engines on GPU 1 (NCCL refuses two ranks of one group on
-    one GPU, so a single-GPU machine cannot run it)."""
-    if torch.cuda.device_count() < 2:
-        pytest.skip("needs 2 GPUs: NCCL refuses two ranks of one group on the same GPU (Duplicate GPU detected)")
+    """The same test over NCCL: the learner and two engines share GPU 0, each process with its own NCCL host id
+    (NCCL refuses two ranks of one group on one GPU otherwise)."""
     torch.cuda.set_device(0)
+    monkeypatch.setenv("NCCL_HOSTID", "learner")  # read when the weight-update communicator is built
     engines = [EngineProc(models[0], tmp_path / f"gpu{i}.log", device="cuda") for i in range(2)]
     try:
         for e in engines:
