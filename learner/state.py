@@ -31,6 +31,7 @@ class LearnerState(msgspec.Struct, kw_only=True):
     num_dropped_zero_variance: int = 0
     num_dead_lettered: int = 0
     num_duplicates: int = 0
+    stopped_early: bool = False  # early_stop ended training: a restart must not train on to max_steps
 
     @property
     def num_released(self) -> int:

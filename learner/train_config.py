@@ -114,6 +114,19 @@ class CheckpointConfig(BaseConfig):
     """Complete checkpoints kept on disk; older ones are deleted after a save."""
 
 
+class EarlyStopConfig(BaseConfig):
+    """End training before `max_steps` once the train loss has fallen far enough. Meant for a warm start: RL gains
+    most from an SFT phase that stops just after its loss leaves the plateau, and the step at which that happens
+    moves with the seed (docs/demo_tuning.md), while the loss level does not."""
+
+    loss_below: float = Field(0.0, ge=0)
+    """Stop when the mean `loss` of the last `window_steps` steps is below this; 0: never stop early."""
+    window_steps: int = Field(10, ge=1)
+    """Steps averaged (a single noisy step never ends training)."""
+    min_steps: int = Field(0, ge=0)
+    """Never stop before this step."""
+
+
 class TrainConfig(LearnerConfig):
     """`longtrace learner`: LearnerConfig's `model` section plus the training loop's sections."""
 
@@ -130,6 +143,8 @@ class TrainConfig(LearnerConfig):
     """Optimizer."""
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     """Checkpoints and resume."""
+    early_stop: EarlyStopConfig = Field(default_factory=EarlyStopConfig)
+    """Stop before max_steps on a low train loss (off by default); the last step is checkpointed and pushed."""
     weight_sync: WeightSyncConfig = Field(default_factory=NoSyncConfig)
     """How weights reach the engines after a step (`type`: none | distributed | disk). With `none` the policy
     version key is still set to the step count, so admission control and staleness work without engines."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -58,7 +59,7 @@ from learner.model.hf_config import HFArch, load_hf_arch
 from learner.model.load import load_hf_weights
 from learner.parallel import ParallelLayout, destroy_parallel, init_parallel
 from learner.state import LearnerState
-from learner.train_config import OptimConfig, TrainConfig
+from learner.train_config import EarlyStopConfig, OptimConfig, TrainConfig
 from learner.weight_sync.base import WeightSync
 from learner.weight_sync.factory import build_weight_sync
 from learner.weight_sync.sources import MegatronSource
@@ -353,6 +354,7 @@ class Training:
     checkpointer: Checkpointer
     metrics_logger: MetricsLogger
     max_steps: int
+    early_stop: EarlyStop
     close: Callable[[], None]
 
 
@@ -369,22 +371,56 @@ def _counters(state: LearnerState) -> dict[str, float]:
     }
 
 
+class EarlyStop:
+    """Decides on rank 0 whether training ends before max_steps (EarlyStopConfig) and tells every rank, so all of
+    them leave the loop after the same step (a rank that trained on alone would hang in its next collective)."""
+
+    def __init__(self, cfg: EarlyStopConfig, group: Any) -> None:
+        self.cfg = cfg
+        self._group = group
+        self._losses: deque[float] = deque(maxlen=cfg.window_steps)
+
+    def __call__(self, step: int, loss: float) -> bool:
+        if self.cfg.loss_below <= 0:
+            return False
+        self._losses.append(loss)
+        full = len(self._losses) == self.cfg.window_steps
+        hit = full and step >= self.cfg.min_steps and sum(self._losses) / len(self._losses) < self.cfg.loss_below
+        if self._group is None:
+            return hit
+        flag = torch.tensor([1 if hit else 0], dtype=torch.int32)
+        dist.broadcast(flag, src=0, group=self._group)
+        return bool(flag.item())
+
+
 def train_loop(t: Training) -> None:
     state = t.state
     if state.step > 0:
         # Resumed: the engines may hold weights the checkpoint never saw (a push after it, then the crash), or
         # weights older than it; push the checkpoint's now so generation and training agree again.
         state.policy_version = t.weight_sync.push(state.step, t.learner.model).version
-    while state.step < t.max_steps:
+    while state.step < t.max_steps and not state.stopped_early:
         batch = t.data.next_batch()
         metrics = t.learner.train_step(batch)
         state.step += 1
         state.num_trained_groups += len(batch.group_ids)
-        if (push := t.weight_sync.maybe_push(state.step, t.learner.model)) is not None:
+        state.stopped_early = t.early_stop(state.step, metrics["loss"])
+        push = t.weight_sync.maybe_push(state.step, t.learner.model)
+        if push is None and state.stopped_early:
+            push = t.weight_sync.push(state.step, t.learner.model)  # the engines and exports get the last step
+        if push is not None:
             state.policy_version = push.version
             metrics |= push.metrics()
-        t.checkpointer.maybe_save(state.step)
-        t.metrics_logger.log(state.step, metrics | _counters(state))
+        if not t.checkpointer.maybe_save(state.step) and state.stopped_early:
+            t.checkpointer.save(state.step)
+        t.metrics_logger.log(state.step, metrics | _counters(state) | {"stopped_early": float(state.stopped_early)})
+    if state.stopped_early:
+        logger.info(
+            "stopped early after step %d of %d: mean loss below %s",
+            state.step,
+            t.max_steps,
+            t.early_stop.cfg.loss_below,
+        )
 
 
 def build_training(cfg: TrainConfig, layout: ParallelLayout) -> Training:
@@ -428,6 +464,7 @@ def build_training(cfg: TrainConfig, layout: ParallelLayout) -> Training:
         checkpointer=checkpointer,
         metrics_logger=metrics_logger,
         max_steps=cfg.max_steps,
+        early_stop=EarlyStop(cfg.early_stop, group),
         close=partial(_close_all, closers),
     )
 

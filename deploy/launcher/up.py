@@ -70,6 +70,9 @@ class Launcher:
         self.reward_url = ""
         self.model_path = cfg.base_model_path()
         self.global_step = 0
+        # Called on every dashboard tick while a job runs; the chaos bench (deploy/chaos.py) injects its faults
+        # here, killing and respawning children through `self.sup` (Supervisor.kill / respawn).
+        self.on_tick: Callable[[], None] | None = None
 
     # -- helpers
 
@@ -86,6 +89,8 @@ class Launcher:
 
         def tick() -> None:
             self.dashboard.update()
+            if self.on_tick is not None:
+                self.on_tick()
             if timeout_s and time.monotonic() - start > timeout_s:
                 raise ChildFailed(child.name, f"ran longer than {timeout_s:.0f}s", child.log_path, child.log_tail())
 
@@ -233,14 +238,18 @@ class Launcher:
         self._wait(learner, cfg.phase_timeout_s)
         self.dashboard.update()
         steps = self.run.metrics(name)
-        if len(steps) < phase.steps or steps[-1][STEP] != phase.steps:
+        # A learner may end before phase.steps only by its early_stop rule, which marks its last step.
+        stopped_early = bool(steps) and bool(steps[-1].get("stopped_early"))
+        if not steps or (steps[-1][STEP] != phase.steps and not stopped_early):
             raise ChildFailed(
                 learner.name,
                 f"exited 0 after {len(steps)} logged steps, expected {phase.steps}",
                 learner.log_path,
                 learner.log_tail(),
             )
-        self.global_step += phase.steps
+        if stopped_early:
+            log.info("phase %s stopped early at step %d of %d (learner early_stop)", name, steps[-1][STEP], phase.steps)
+        self.global_step += int(steps[-1][STEP])
         if phase.eval_after:
             version = int(steps[-1][POLICY_VERSION])
             self.evaluate(name, "after", engine_urls, model, expect_version=version)

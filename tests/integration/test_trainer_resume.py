@@ -212,3 +212,31 @@ def test_sigkill_then_resume_retrains_the_same_step_and_loses_nothing(tmp_path: 
     assert broker.client.xpending(broker.key(SCORED), CONSUMER_GROUP)["pending"] == 0  # type: ignore[attr-defined]
     assert scored.backlog() == 3 * GROUPS_PER_STEP + driver.done - 4 * GROUPS_PER_STEP
     assert json.loads((run_dir / "config.json").read_text())["max_steps"] == 4
+
+
+def test_early_stop_ends_on_the_loss_checkpoints_and_stays_stopped(tmp_path: Path, redis_url: str) -> None:
+    """Guards against early stop ending on one rank only (the other would hang in its next collective), against
+    leaving the last step without a checkpoint (the next phase and a restart would lose it), and against a restart
+    training on to max_steps after training had already ended early."""
+    config = _write_inputs(tmp_path, redis_url)
+    # Any loss is below 1e9: the mean over a full 2-step window ends training after step 2 of 4.
+    config.write_text(config.read_text() + "[early_stop]\nloss_below = 1e9\nwindow_steps = 2\n")
+    run_dir = tmp_path / "run"
+    driver = Driver(redis_url, limit=10**6)
+    driver.start()
+    try:
+        for attempt in (1, 2):  # the second run resumes from the final checkpoint and must not train
+            proc = _launch(config, tmp_path / f"run{attempt}.log")
+            try:
+                assert proc.wait(300) == 0, (tmp_path / f"run{attempt}.log").read_text()[-4000:]
+            finally:
+                _kill_tree(proc)
+    finally:
+        driver.stop.set()
+        driver.join(10)
+    metrics = read_metrics(run_dir)
+    assert [m["step"] for m in metrics] == [1, 2]
+    assert [m["stopped_early"] for m in metrics] == [0.0, 1.0]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+    state = LearnerState.load(run_dir / "checkpoints" / "step_00000002" / "learner_state.json")
+    assert state.stopped_early and state.step == 2 and state.num_trained_groups == 2 * GROUPS_PER_STEP
