@@ -51,7 +51,8 @@ class EmbeddedRedis:
         self.host = host
         self.port = port or free_port(host)
         self._tmp = None if data_dir else tempfile.TemporaryDirectory(prefix="longtrace-redis-")
-        self.data_dir = Path(data_dir or self._tmp.name)  # type: ignore[union-attr]
+        # Absolute: redis-server changes into --dir before it opens --logfile, so a relative path fails to start.
+        self.data_dir = Path(data_dir or self._tmp.name).resolve()  # type: ignore[union-attr]
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.appendonly = appendonly
         self.password = password
