@@ -7,6 +7,10 @@ a `Broker` and never touch Redis themselves.
 Delivery is at-least-once. A consumer acks an entry only once its output is durable; entries of a
 dead consumer are reclaimed after `claim_idle_s`; publishing with a dedup key makes redelivery
 idempotent (the same group id is published to a stream at most once).
+
+Backpressure counts only entries not yet delivered to the stream's consumer group: what a consumer holds
+(delivered, not acked) is bounded by the consumer itself (the learner holds a checkpoint's worth), and
+counting it would let a holder that waits for more input deadlock the producers that would supply it.
 """
 
 from __future__ import annotations
@@ -34,6 +38,21 @@ class BrokerError(RuntimeError):
 
 class BackpressureTimeout(BrokerError):
     """A producer waited `timeout_s` for a full stream to drain below its backlog limit."""
+
+
+class EntryTooLarge(ValueError):
+    """A message's encoding is larger than `max_entry_mb`; nothing of its batch was published."""
+
+
+def check_entry_sizes(stream: str, payloads: Sequence[bytes], max_entry_mb: float) -> None:
+    """Refuse the whole batch if one encoded message exceeds `max_entry_mb` (before anything is appended)."""
+    limit = int(max_entry_mb * 1024 * 1024)
+    for i, p in enumerate(payloads):
+        if len(p) > limit:
+            raise EntryTooLarge(
+                f"message {i} of {len(payloads)} to stream {stream!r} is {len(p) / 2**20:.2f} MB encoded, over "
+                f"the limit of {max_entry_mb:g} MB (--broker.max_entry_mb)"
+            )
 
 
 @dataclass(frozen=True)
@@ -66,13 +85,19 @@ class Producer(abc.ABC, Generic[M]):
 
         With `dedup_key`, a message whose key was already published to this stream is skipped (its id
         is None): that is what makes a consumer's redelivered work idempotent. While the stream's
-        backlog is at its limit the call waits, up to `timeout_s` (the config default when None), then
-        raises BackpressureTimeout.
+        backlog is at its limit (`undelivered()` >= max_backlog) the call waits, up to `timeout_s` (the
+        config default when None), then raises BackpressureTimeout. A message encoded larger than
+        `max_entry_mb` raises EntryTooLarge before anything of the batch is published.
         """
 
     @abc.abstractmethod
     def backlog(self) -> int:
         """Entries in the stream that are not yet acked (unread plus pending)."""
+
+    @abc.abstractmethod
+    def undelivered(self) -> int:
+        """Entries not yet delivered to the stream's consumer group (all of them before a group exists): what
+        backpressure counts."""
 
 
 class Consumer(abc.ABC, Generic[M]):
@@ -84,8 +109,9 @@ class Consumer(abc.ABC, Generic[M]):
     def read(self, count: int, block_s: float | None = None) -> list[Entry[M]]:
         """Return up to `count` entries, in this order of preference: this consumer's own pending
         entries (after a restart), entries idle longer than `claim_idle_s` in other consumers
-        (XAUTOCLAIM), then new entries (blocking up to `block_s`). Entries that cannot be decoded or
-        were delivered more than `max_deliveries` times are moved to the dead stream and not returned.
+        (XAUTOCLAIM), then new entries (blocking up to `block_s`). Entries that cannot be decoded (no
+        payload field included) or were delivered more than `max_deliveries` times are moved to the dead
+        stream and not returned.
         """
 
     @abc.abstractmethod

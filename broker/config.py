@@ -10,6 +10,7 @@ import json
 import tomllib
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -93,5 +94,20 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
 
 
 def dump_config(config: BaseModel, path: str | Path) -> None:
-    """Write the resolved config as JSON (into a run directory), for reproducibility."""
-    Path(path).write_text(json.dumps(config.model_dump(mode="json"), indent=2) + "\n")
+    """Write the resolved config as JSON (into a run directory), for reproducibility; passwords inside URLs
+    (`redis://:secret@host`) are masked, since run directories get shared."""
+    data = _mask_url_passwords(config.model_dump(mode="json"))
+    Path(path).write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _mask_url_passwords(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _mask_url_passwords(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_mask_url_passwords(v) for v in value]
+    if isinstance(value, str) and "://" in value and "@" in value:
+        parts = urlsplit(value)
+        if parts.password:
+            user = parts.username or ""
+            return urlunsplit(parts._replace(netloc=f"{user}:***@{parts.netloc.rsplit('@', 1)[1]}"))
+    return value

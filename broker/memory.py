@@ -1,7 +1,7 @@
 """The in-process broker: the same contract as `RedisBroker`, for learner and rollout unit tests.
 
 Messages are stored encoded, so a test sees the same (de)serialisation, SchemaError dead letters,
-redelivery counts, claims of idle entries, backpressure and dedup as against Redis. One condition
+redelivery counts, claims of idle entries, backpressure (on undelivered entries) and dedup as against Redis. One condition
 variable per store guards everything; blocking calls wait on it with a timeout.
 
 `memory://NAME` URLs share one store per NAME within the process (so services built by one test talk
@@ -30,6 +30,7 @@ from broker.base import (
     PolicyVersion,
     Producer,
     RunState,
+    check_entry_sizes,
 )
 from broker.schemas import DeadLetter, M, SchemaError, decode, encode
 from broker.settings import BrokerConfig
@@ -61,6 +62,10 @@ class _Stream:
         self.entries[entry_id] = payload
         self.seqs[entry_id] = seq
         return entry_id
+
+    def undelivered(self) -> int:
+        """Entries not yet handed to the group (every pending entry is still in `entries`)."""
+        return len(self.entries) - len(self.pending)
 
     def remove(self, entry_id: str) -> bool:
         """Ack and delete; return whether the entry was pending."""
@@ -115,6 +120,7 @@ class MemoryProducer(Producer[M]):
     ) -> list[str | None]:
         cfg = self._b.config
         payloads = [encode(m) for m in msgs]
+        check_entry_sizes(self._stream, payloads, cfg.max_entry_mb)
         keys = [dedup_key(m) for m in msgs] if dedup_key else None
         timeout_s = cfg.backpressure_timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout_s
@@ -123,12 +129,12 @@ class MemoryProducer(Producer[M]):
         with store.cond:
             s = store.stream(self._b.run_id, self._stream)
             for i, payload in enumerate(payloads):
-                while len(s.entries) >= cfg.max_backlog:
+                while s.undelivered() >= cfg.max_backlog:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         raise BackpressureTimeout(
-                            f"stream {self._stream!r} stayed at its backlog limit {cfg.max_backlog} for "
-                            f"{timeout_s:.1f}s; published {i} of {len(msgs)}"
+                            f"stream {self._stream!r} stayed at its backlog limit of {cfg.max_backlog} undelivered "
+                            f"entries (--broker.max_backlog) for {timeout_s:.1f}s; published {i} of {len(msgs)}"
                         )
                     store.cond.wait(left)
                 if keys is not None:
@@ -145,6 +151,10 @@ class MemoryProducer(Producer[M]):
     def backlog(self) -> int:
         with self._b.store.cond:
             return len(self._b.store.stream(self._b.run_id, self._stream).entries)
+
+    def undelivered(self) -> int:
+        with self._b.store.cond:
+            return self._b.store.stream(self._b.run_id, self._stream).undelivered()
 
 
 class MemoryConsumer(Consumer[M]):
@@ -219,6 +229,7 @@ class MemoryConsumer(Consumer[M]):
             s.last_delivered = s.seqs[new[-1]]
             for i in new:
                 s.pending[i] = _Pending(self.name, now, 1)
+            self._b.store.cond.notify_all()  # room for a producer waiting on backpressure
         return [(i, 1) for i in new]
 
     def _deliver(self, s: _Stream, entry_id: str, now: float) -> int:

@@ -2,18 +2,21 @@
 
 Keys are `longtrace:{<run_id>}:<name>`; the braces are a cluster hash tag, so one run lives in one slot
 and every transaction or Lua script may touch all of its keys. Each entry has one field, `d`, the
-msgspec-encoded message. A stream is a queue: consumers XACK and XDEL an entry in one MULTI, so XLEN is
-the backlog (unread plus pending) that producers wait on. Needs Redis >= 6.2 (XPENDING IDLE). Async
-services call this through asyncio.to_thread.
+msgspec-encoded message; an entry without it (a foreign producer) is dead-lettered like an undecodable
+one. A stream is a queue: consumers XACK and XDEL an entry in one MULTI, so XLEN is the backlog (unread
+plus pending) and XLEN minus the group's pending count (XINFO GROUPS) is what is not yet delivered.
+Needs Redis >= 6.2 (XPENDING IDLE); XINFO GROUPS `lag` (7.0) is not used. Async services call this
+through asyncio.to_thread.
 
 Idempotency: a publish with a dedup key WATCHes the keys, skips those already set, then SETs each new
 key and XADDs its message in one MULTI/EXEC, so neither a crash nor a retry after a lost reply can lose
 or double a message. Without a dedup key a publish that is retried after its reply was lost may append
 the message twice (at-least-once). Acks and dead letters are idempotent.
 
-Backpressure: a producer adds only as many entries as fit under `max_backlog` (XLEN read in the same
-round trip) and polls XLEN while the stream is full. XLEN is not watched (consumers change it all the
-time), so producers publishing at the same instant may overshoot the limit by their batches.
+Backpressure: a producer adds only as many entries as fit under `max_backlog` undelivered ones (XLEN and
+XINFO GROUPS read in the same round trip) and polls both while the stream is full. Entries a consumer
+holds do not count (see broker.base). Neither is watched (consumers change them all the time), so
+producers publishing at the same instant may overshoot the limit by their batches.
 
 Every call has a socket timeout; a blocking read blocks in chunks shorter than that timeout. Lost
 connections are retried with jittered exponential backoff (broker.retry.RetryPolicy), bounded by
@@ -51,6 +54,7 @@ from broker.base import (
     PolicyVersion,
     Producer,
     RunState,
+    check_entry_sizes,
 )
 from broker.logs import warn_once
 from broker.retry import RetryPolicy
@@ -146,10 +150,45 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _round_trip(conn: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
-    """Send `commands` pipelined on one connection and read every reply (error replies as exceptions)."""
+def _read_replies(conn: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
+    """Send `commands` pipelined on one connection and read every reply; error replies are returned as
+    ResponseError values, so the connection stays in step with the server."""
     conn.send_packed_command(conn.pack_commands(commands))
-    return [conn.read_response() for _ in commands]
+    replies: list[Any] = []
+    for _ in commands:
+        try:
+            replies.append(conn.read_response())
+        except ResponseError as e:
+            replies.append(e)
+    return replies
+
+
+def _round_trip(conn: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
+    """As `_read_replies`, then raise the first error reply."""
+    replies = _read_replies(conn, commands)
+    for r in replies:
+        if isinstance(r, ResponseError):
+            raise r
+    return replies
+
+
+def _undelivered(xlen: Any, groups: Any) -> int:
+    """XLEN minus the pending count of the stream's groups (XINFO GROUPS, raw or parsed by redis-py). Every
+    pending entry is still in the stream (acks delete atomically), so this is what no consumer has yet.
+    XINFO GROUPS on a stream that does not exist yet is an error reply: nothing is pending then."""
+    if isinstance(groups, ResponseError):
+        if "no such key" not in str(groups).lower():
+            raise groups
+        groups = []
+    pending = 0
+    for g in groups:
+        pairs = g.items() if isinstance(g, dict) else zip(g[::2], g[1::2], strict=True)
+        pending += next(int(v) for k, v in pairs if _text(k) == "pending")
+    return max(0, int(xlen) - pending)
+
+
+# A delivered entry before triage: id, its fields (None when it was deleted while pending), delivery count.
+_Raw = tuple[str, dict[bytes, bytes] | None, int]
 
 
 def _entries(reply: Any) -> list[tuple[bytes, dict[bytes, bytes] | None]]:
@@ -173,6 +212,7 @@ class RedisProducer(Producer[M]):
         timeout_s = cfg.backpressure_timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout_s
         payloads = [encode(m) for m in msgs]
+        check_entry_sizes(self._stream, payloads, cfg.max_entry_mb)
         keys = [self._b.key(f"dedup:{self._stream}:{dedup_key(m)}") for m in msgs] if dedup_key else None
         ids: list[str | None] = [None] * len(msgs)
         todo = list(range(len(msgs)))
@@ -192,8 +232,8 @@ class RedisProducer(Producer[M]):
     def _publish_some(
         self, todo: list[int], payloads: list[bytes], keys: list[str] | None
     ) -> dict[int, str | None] | None:
-        """One optimistic attempt on one connection, two round trips: [WATCH dedup keys, MGET them, XLEN],
-        then [MULTI, (SET key, XADD) per new message that fits under the backlog limit, EXEC].
+        """One optimistic attempt on one connection, two round trips: [WATCH dedup keys, MGET them, XLEN,
+        XINFO GROUPS], then [MULTI, (SET key, XADD) per new message that fits under the backlog limit, EXEC].
 
         Returns the messages it settled (entry id, or None for a duplicate), a prefix of `todo` in order;
         the rest found the stream full. None when EXEC aborted because a watched key changed. The MULTI
@@ -205,12 +245,15 @@ class RedisProducer(Producer[M]):
         client = self._b.client
         conn: Any = client.connection_pool.get_connection()
         try:
-            first: list[tuple[Any, ...]] = [("XLEN", self._key)]
+            first: list[tuple[Any, ...]] = [("XLEN", self._key), ("XINFO", "GROUPS", self._key)]
             if keys is not None:
                 batch_keys: list[str] = [keys[i] for i in todo]
                 first = [("WATCH", *batch_keys), ("MGET", *batch_keys), *first]
-            replies = _round_trip(conn, first)
-            room = self._b.config.max_backlog - int(replies[-1])
+            replies = _read_replies(conn, first)
+            for r in replies[:-1]:
+                if isinstance(r, ResponseError):
+                    raise r
+            room = self._b.config.max_backlog - _undelivered(replies[-2], replies[-1])
             seen = replies[1] if keys is not None else [None] * len(todo)
             settled: dict[int, str | None] = {}
             fresh: list[int] = []
@@ -252,20 +295,32 @@ class RedisProducer(Producer[M]):
             client.connection_pool.release(conn)
 
     def _wait_for_room(self, deadline: float, timeout_s: float, done: int, total: int) -> None:
-        """Poll XLEN (cheap, unlike resending payloads) until the stream is below its limit."""
+        """Poll the undelivered count (cheap, unlike resending payloads) until the stream is below its limit."""
         sleep_s = 0.002
-        while self.backlog() >= self._b.config.max_backlog:
+        while self.undelivered() >= self._b.config.max_backlog:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise BackpressureTimeout(
-                    f"stream {self._stream!r} stayed at its backlog limit {self._b.config.max_backlog} for "
-                    f"{timeout_s:.1f}s; published {done} of {total}"
+                    f"stream {self._stream!r} stayed at its backlog limit of {self._b.config.max_backlog} undelivered "
+                    f"entries (--broker.max_backlog) for {timeout_s:.1f}s; published {done} of {total}"
                 )
             time.sleep(min(sleep_s, left))
             sleep_s = min(sleep_s * 2, 0.05)
 
     def backlog(self) -> int:
         return int(self._b.call(lambda: self._b.client.xlen(self._key), "XLEN"))
+
+    def undelivered(self) -> int:
+        def run() -> int:
+            pipe = self._b.client.pipeline(transaction=False)
+            pipe.xlen(self._key)
+            pipe.xinfo_groups(self._key)
+            xlen, groups = pipe.execute(raise_on_error=False)
+            if isinstance(xlen, ResponseError):
+                raise xlen
+            return _undelivered(xlen, groups)
+
+        return self._b.call(run, "XLEN+XINFO GROUPS")
 
 
 class RedisConsumer(Consumer[M]):
@@ -311,8 +366,8 @@ class RedisConsumer(Consumer[M]):
                 if entries or (not raw and time.monotonic() >= deadline):
                     return entries
 
-    def _take(self, count: int, deadline: float) -> list[tuple[str, bytes | None, int]]:
-        """Deliver up to `count` raw entries (id, payload or None if deleted, delivery count)."""
+    def _take(self, count: int, deadline: float) -> list[_Raw]:
+        """Deliver up to `count` raw entries."""
         if self._recover_from is not None:
             got = self._read_own_pending(count)
             if got:
@@ -323,7 +378,7 @@ class RedisConsumer(Consumer[M]):
                 return got
         return self._read_new(count, min(deadline - time.monotonic(), self._b.block_chunk_s))
 
-    def _read_own_pending(self, count: int) -> list[tuple[str, bytes | None, int]]:
+    def _read_own_pending(self, count: int) -> list[_Raw]:
         start = self._recover_from
         assert start is not None
         reply = self._b.call(
@@ -336,9 +391,9 @@ class RedisConsumer(Consumer[M]):
         if not pairs:
             return []
         counts = self._delivery_counts([i for i, _ in pairs])
-        return [(i.decode(), f.get(FIELD) if f else None, n) for (i, f), n in zip(pairs, counts, strict=True)]
+        return [(i.decode(), f, n) for (i, f), n in zip(pairs, counts, strict=True)]
 
-    def _claim_idle(self, count: int) -> list[tuple[str, bytes | None, int]]:
+    def _claim_idle(self, count: int) -> list[_Raw]:
         """Claim entries idle longer than claim_idle_s in the group's pending list (a dead consumer's).
 
         XPENDING IDLE + XCLAIM rather than XAUTOCLAIM: XAUTOCLAIM would also hand this consumer the
@@ -347,10 +402,19 @@ class RedisConsumer(Consumer[M]):
         also tells other consumers that their holder is alive.
         """
         idle_ms = int(self._b.config.claim_idle_s * 1000)
-        scan = max(self._b.config.max_backlog, count)  # the pending list is bounded by the backlog
-        rows: Any = self._b.call(
-            lambda: self._b.client.xpending_range(self._key, self.group, "-", "+", scan, idle=idle_ms), "XPENDING"
-        )
+        # Paged: the pending list holds what consumers hold besides the backlog (the learner: a checkpoint's worth).
+        page = max(self._b.config.max_backlog, count)
+        rows: list[Any] = []
+        start = "-"
+        while True:
+            got: Any = self._b.call(
+                functools.partial(self._b.client.xpending_range, self._key, self.group, start, "+", page, idle=idle_ms),
+                "XPENDING",
+            )
+            rows += got
+            if len(got) < page:
+                break
+            start = "(" + _text(got[-1]["message_id"])  # exclusive range start (Redis >= 6.2)
         held = [r["message_id"] for r in rows if _text(r["message_id"]) in self._delivered]
         theirs = {r["message_id"]: r["times_delivered"] for r in rows if _text(r["message_id"]) not in self._delivered}
         if held:
@@ -373,7 +437,7 @@ class RedisConsumer(Consumer[M]):
             log.info("%s claimed %d idle entries of %s", self.name, len(pairs), self._stream)
         else:
             self._next_claim_s = time.monotonic() + self._b.claim_interval_s
-        return [(_text(i), f.get(FIELD) if f else None, theirs[i] + 1) for i, f in pairs]
+        return [(_text(i), f, theirs[i] + 1) for i, f in pairs]
 
     def _delivery_counts(self, ids: list[bytes]) -> list[int]:
         def run() -> list[Any]:
@@ -385,7 +449,7 @@ class RedisConsumer(Consumer[M]):
         # An id claimed away by another consumer in between has no row here: count it as one delivery more.
         return [rows[0]["times_delivered"] if rows else 1 for rows in self._b.call(run, "XPENDING")]
 
-    def _read_new(self, count: int, block_s: float) -> list[tuple[str, bytes | None, int]]:
+    def _read_new(self, count: int, block_s: float) -> list[_Raw]:
         block_ms = int(block_s * 1000)
 
         def run() -> Any:
@@ -398,17 +462,25 @@ class RedisConsumer(Consumer[M]):
                 self._recover_from = "0"
                 raise
 
-        return [(i.decode(), f.get(FIELD) if f else None, 1) for i, f in _entries(self._b.call(run, "XREADGROUP"))]
+        return [(i.decode(), f, 1) for i, f in _entries(self._b.call(run, "XREADGROUP"))]
 
-    def _triage(self, raw: list[tuple[str, bytes | None, int]]) -> list[Entry[M]]:
-        """Decode; entries that are undecodable or delivered too often go to `dead`, deleted ones are acked."""
+    def _triage(self, raw: list[_Raw]) -> list[Entry[M]]:
+        """Decode; entries that are undecodable (no payload field included) or delivered too often go to `dead`,
+        deleted ones are acked."""
         out: list[Entry[M]] = []
         dead: list[tuple[str, bytes, int, str]] = []
         gone: list[str] = []
         max_deliveries = self._b.config.max_deliveries
-        for entry_id, payload, n in raw:
-            if payload is None:
+        for entry_id, fields, n in raw:
+            if fields is None:  # deleted while pending (outside the broker): nothing left to give up on
                 gone.append(entry_id)
+                continue
+            payload = fields.get(FIELD)
+            if payload is None:
+                # A foreign producer's entry: keep all its fields (msgpack map) so the letter shows what came.
+                names = sorted(_text(k) for k in fields)
+                reason = f"undecodable: no payload field {FIELD.decode()!r} (the entry has fields {names})"
+                dead.append((entry_id, msgspec.msgpack.encode(fields), n, reason))
             elif n > max_deliveries:
                 dead.append((entry_id, payload, n, f"delivered {n} times (max_deliveries {max_deliveries})"))
             else:
@@ -552,7 +624,8 @@ class RedisRunState(RunState):
 
 
 class RedisBroker(Broker):
-    """The queues and keys of one run on one Redis (redis://, rediss:// with user:password, unix://)."""
+    """The queues and keys of one run on one Redis (redis://, rediss:// with user:password, unix://); the password
+    may instead come from `redis_password_file` or `redis_password_env`."""
 
     def __init__(self, config: BrokerConfig) -> None:
         if not config.redis_url.startswith(("redis://", "rediss://", "unix://")):
@@ -563,8 +636,12 @@ class RedisBroker(Broker):
         self.config = config
         self.run_id = config.run_id
         self.url = redact_url(config.redis_url)
+        # From a file or the environment, so that it is in neither argv nor the URL (which errors and logs
+        # print redacted anyway).
+        password = config.redis_password()
         self.client = redis.Redis.from_url(
             config.redis_url,
+            **({"password": password} if password is not None else {}),
             socket_timeout=config.socket_timeout_s,
             socket_connect_timeout=config.connect_timeout_s,
             retry=Retry(NoBackoff(), 0),  # retries are ours (below), bounded by a deadline

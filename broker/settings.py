@@ -5,14 +5,25 @@ Every service config embeds it as its `broker` section (`--broker.redis_url ...`
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+from urllib.parse import urlsplit
+
 from pydantic import Field
 
-from broker.config import BaseConfig
+from broker.config import BaseConfig, ConfigError
+
+PASSWORD_ENV = "LONGTRACE_REDIS_PASSWORD"
 
 
 class BrokerConfig(BaseConfig):
     redis_url: str = "redis://127.0.0.1:6379/0"
-    """Redis URL: redis:// or rediss:// (TLS), with user:password for ACLs; memory:// for the in-process backend."""
+    """Redis URL: redis:// or rediss:// (TLS), with user:password for ACLs; memory:// for the in-process backend.
+    A password here is visible in argv; prefer `redis_password_file` or `redis_password_env`."""
+    redis_password_file: str = ""
+    """File holding the Redis password (e.g. a mounted secret), so it is not in argv or the URL. Never logged."""
+    redis_password_env: str = PASSWORD_ENV
+    """Environment variable holding the Redis password, used when it is set and non-empty. Never logged."""
     run_id: str = "default"
     """Namespace of every stream and key of this run."""
     socket_timeout_s: float = Field(10.0, gt=0)
@@ -24,7 +35,11 @@ class BrokerConfig(BaseConfig):
     retry_deadline_s: float = Field(60.0, gt=0)
     """Give up retrying a Redis call after this long."""
     max_backlog: int = Field(256, ge=1)
-    """A producer waits while a stream holds this many unacked entries (bounds Redis memory)."""
+    """A producer waits while a stream holds this many entries not yet delivered to its consumer group (bounds
+    Redis memory). Entries a consumer holds (delivered, not acked) do not count: the learner holds its until a
+    checkpoint, and counting them would deadlock producers behind entries that only more input can release."""
+    max_entry_mb: float = Field(64.0, gt=0)
+    """Largest encoded message a producer may publish; a larger one is refused with an error naming this flag."""
     backpressure_timeout_s: float = Field(600.0, gt=0)
     """How long a producer waits for a full stream to drain before raising BackpressureTimeout."""
     block_s: float = Field(1.0, ge=0)
@@ -35,3 +50,24 @@ class BrokerConfig(BaseConfig):
     """An entry delivered more often than this goes to the dead stream."""
     dedup_ttl_s: float = Field(7 * 24 * 3600.0, gt=0)
     """How long a published dedup key (group id) is remembered."""
+
+    def redis_password(self) -> str | None:
+        """The password from `redis_password_file`, else from `redis_password_env` when set, else None (the URL's
+        own, if any, applies). ConfigError for a missing or empty file, or a password given in two places."""
+        password: str | None = None
+        source = ""
+        if self.redis_password_file:
+            path = Path(self.redis_password_file)
+            if not path.is_file():
+                raise ConfigError(f"--broker.redis_password_file: no such file {self.redis_password_file!r}")
+            password = path.read_text().strip()
+            if not password:
+                raise ConfigError(f"--broker.redis_password_file: {self.redis_password_file!r} is empty")
+            source = "--broker.redis_password_file"
+        elif self.redis_password_env and os.environ.get(self.redis_password_env):
+            password = os.environ[self.redis_password_env]
+            source = f"environment variable {self.redis_password_env} (--broker.redis_password_env)"
+        if password is not None and not self.redis_url.startswith("memory://"):
+            if urlsplit(self.redis_url).password is not None:
+                raise ConfigError(f"--broker.redis_url has a password and {source} sets one too: set it in one place")
+        return password

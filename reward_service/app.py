@@ -2,21 +2,20 @@
 
 Routes: POST /evaluate (drop-in for the LongTraceRL reward server), POST /v1/score (a batch of samples),
 POST /v1/score_group (one group: normalisation + combination rule), GET /health, GET /metrics, and the
-OpenAPI docs at /docs. A pure-ASGI guard in front of the app enforces the body-size limit before anything
-is parsed (413), checks the bearer token (401) and records request metrics. Malformed bodies get 422 with
-the reason; a judge that fails gets 502 with its error, never a reward of 0.
+OpenAPI docs at /docs. The shared pure-ASGI guard (broker.asgi_guard) in front of the app checks the bearer
+token (401) and enforces the body-size limit (413) before anything is parsed; an outer layer records request
+metrics. Malformed bodies get 422 with the reason; a judge that fails gets 502 with its error, never a reward
+of 0.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -24,6 +23,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from broker.asgi_guard import Guard, SafeJSONResponse
 from reward_service.config import RewardConfig
 from reward_service.judges import Judge, JudgeError, build_judge
 from reward_service.metrics import ERRORS, REGISTRY, REQUEST_SECONDS, REQUESTS
@@ -45,29 +45,14 @@ ROUTES = ("/evaluate", "/v1/score", "/v1/score_group", "/health", "/metrics", "/
 OPEN_ROUTES = frozenset({"/health", "/metrics", "/docs", "/openapi.json", "/docs/oauth2-redirect"})
 
 
-class SafeJSONResponse(JSONResponse):
-    """JSONResponse that survives strings with lone surrogates (from a JSON \\ud800 escape, echoed in an error
-    or a judge's message): UTF-8 cannot encode them, so such a body is sent \\u-escaped instead of failing."""
+class _RequestMetrics:
+    """Request count and latency by route and status, as a pure ASGI layer around the guard (so refusals count).
 
-    def render(self, content: Any) -> bytes:
-        text = json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-        try:
-            return text.encode("utf-8")
-        except UnicodeEncodeError:
-            return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
-
-
-class _Guard:
-    """Body limit, bearer auth and request metrics, as one pure ASGI middleware (no per-request task overhead).
-
-    The body is read here, counted against the limit, and replayed to the app: an oversized or lying
-    Content-Length is refused with 413 before any JSON is parsed.
+    A request that ends without a response (the client went away mid-body) is recorded as 499.
     """
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int, token: str | None) -> None:
+    def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self.max_body_bytes = max_body_bytes
-        self._token = f"Bearer {token}".encode() if token else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -76,7 +61,7 @@ class _Guard:
         path: str = scope["path"]
         route = path if path in ROUTES else "other"
         start = time.perf_counter()
-        status = 500
+        status = 0
 
         async def send_and_record(message: Message) -> None:
             nonlocal status
@@ -85,71 +70,13 @@ class _Guard:
             await send(message)
 
         try:
-            refusal = self._check_auth(scope, path)
-            body: bytes | None = b""
-            if refusal is None:
-                body, refusal = await self._read_body(scope, receive)
-            if refusal is not None:
-                await refusal(scope, receive, send_and_record)
-                return
-            if body is None:  # the client went away mid-body: nobody to answer
-                status = 499
-                return
-            await self.app(scope, _replay(body, receive), send_and_record)
+            await self.app(scope, receive, send_and_record)
+        except BaseException:
+            status = status or 500
+            raise
         finally:
-            REQUESTS.labels(route, str(status)).inc()
+            REQUESTS.labels(route, str(status or 499)).inc()
             REQUEST_SECONDS.labels(route).observe(time.perf_counter() - start)
-
-    def _check_auth(self, scope: Scope, path: str) -> Response | None:
-        if self._token is None or path in OPEN_ROUTES:
-            return None
-        given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
-        if hmac.compare_digest(given, self._token):
-            return None
-        ERRORS.labels("unauthorized").inc()
-        return SafeJSONResponse(
-            {"detail": "missing or wrong bearer token"}, status_code=401, headers={"WWW-Authenticate": "Bearer"}
-        )
-
-    async def _read_body(self, scope: Scope, receive: Receive) -> tuple[bytes | None, Response | None]:
-        declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
-            return b"", self._too_large(declared.decode("latin-1"))
-        chunks: list[bytes] = []
-        size = 0
-        more = True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None, None
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                return b"", self._too_large(f"more than {self.max_body_bytes}")
-            chunks.append(chunk)
-            more = message.get("more_body", False)
-        return b"".join(chunks), None
-
-    def _too_large(self, size: str) -> Response:
-        ERRORS.labels("body_too_large").inc()
-        return SafeJSONResponse(
-            {"detail": f"request body of {size} bytes exceeds the limit of {self.max_body_bytes} (--max_body_mb)"},
-            status_code=413,
-        )
-
-
-def _replay(body: bytes, receive: Receive) -> Receive:
-    """The buffered body as one message, then the real channel (which reports a disconnect)."""
-    sent = False
-
-    async def replay() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay
 
 
 def create_app(config: RewardConfig, judge: Judge | None = None) -> FastAPI:
@@ -226,5 +153,12 @@ def create_app(config: RewardConfig, judge: Judge | None = None) -> FastAPI:
     async def metrics() -> Response:
         return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
-    app.add_middleware(_Guard, max_body_bytes=int(config.max_body_mb * 1024 * 1024), token=token)
+    app.add_middleware(
+        Guard,
+        max_body_bytes=int(config.max_body_mb * 1024 * 1024),
+        token=token,
+        needs_auth=lambda path: path not in OPEN_ROUTES,
+        on_refusal=lambda kind: ERRORS.labels(kind).inc(),
+    )
+    app.add_middleware(_RequestMetrics)  # added last: the outermost layer
     return app

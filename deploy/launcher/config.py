@@ -11,9 +11,8 @@ URL (the embedded server's port is only known at start), the run id (one namespa
 `<run_id>-<phase>`), the model directory (the base model, then each phase's last export), ports, consumer
 names and the learner's run directory. A section that sets one of them is an error: the validators check,
 they never rewrite a section. They also check invariants between services: the engines sample at the
-temperature the learner assumes, the `scored` stream can hold what the learner keeps unacked until its next
-checkpoint, the learner's parallel layout fits its ranks, and a phase that starts from the previous phase's
-weights has an earlier phase that exports them.
+temperature the learner assumes, the learner's parallel layout fits its ranks, and a phase that starts from the
+previous phase's weights has an earlier phase that exports them.
 """
 
 from __future__ import annotations
@@ -332,15 +331,6 @@ class UpConfig(BaseConfig):
             raise ValueError(
                 f"--{flag}.eval_after: without weight sync the engines never hold the trained weights; "
                 "set a weight_sync type or eval_after = false"
-            )
-        # The learner keeps what it read from `scored` unacked until its next checkpoint, and the reward
-        # workers stop publishing when `scored` holds max_backlog entries: a smaller limit deadlocks the run.
-        held = (train.checkpoint.interval_steps + train.data.max_staleness + 1) * train.data.groups_per_step
-        if reward.broker.max_backlog < held:
-            raise ValueError(
-                f"--reward.config.broker.max_backlog {reward.broker.max_backlog} < {held} = (checkpoint.interval_steps "
-                f"+ max_staleness + 1) * groups_per_step of phase {name}: the learner holds that many scored "
-                "groups unacked until a checkpoint, so the reward workers would block forever"
             )
         if phase.kind != "rl":
             return

@@ -13,14 +13,12 @@ never used again: it is dropped (and destroyed once no thread is inside it) and 
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +30,6 @@ from learner.weight_sync.client import EngineCallError, EngineClient, wait_all
 from learner.weight_sync.config import DistributedSyncConfig
 
 logger = logging.getLogger(__name__)
-_AGENT_STORE_ENV = "TORCHELASTIC_USE_AGENT_STORE"
 
 
 @dataclass(frozen=True, order=True)
@@ -59,21 +56,6 @@ def free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind(("" if host in ("127.0.0.1", "localhost") else host, 0))
         return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def own_rendezvous_store() -> Iterator[None]:
-    """Let rank 0 host the group's rendezvous store under torchrun too.
-
-    torchrun sets TORCHELASTIC_USE_AGENT_STORE, which makes every rank of a tcp:// rendezvous a client of
-    the agent's store: rank 0 would then host nothing and the engines' connections time out.
-    """
-    saved = os.environ.pop(_AGENT_STORE_ENV, None)
-    try:
-        yield
-    finally:
-        if saved is not None:
-            os.environ[_AGENT_STORE_ENV] = saved
 
 
 class GroupFailed(RuntimeError):
@@ -157,11 +139,10 @@ class StageGroup:
 
         group_box: dict[str, Any] = {}
 
-        def rendezvous() -> None:
-            with own_rendezvous_store():
-                group_box["group"] = init_custom_process_group(
-                    self.backend, f"tcp://{self.address}:{port}", world_size, 0, name, self.cfg.init_timeout_s
-                )
+        def rendezvous() -> None:  # rank 0 hosts the group's store, under torchrun too (see weight_group)
+            group_box["group"] = init_custom_process_group(
+                self.backend, f"tcp://{self.address}:{port}", world_size, 0, name, self.cfg.init_timeout_s
+            )
 
         error, _ = self._guarded(rendezvous, futures, 2 * self.cfg.init_timeout_s + 15, f"building group {name!r}")
         if error is None:  # the group exists on our side, so every engine's join returns now

@@ -39,15 +39,24 @@ def init_custom_process_group(
     Rank 0 hosts the rendezvous store. Works without a default process group. The store and the
     group's collectives use `timeout_s` (gloo enforces it; NCCL collectives may still block, hence
     `run_with_timeout`).
+
+    The TCPStore is built here, not by torch's `rendezvous(tcp://...)` as SGLang does: under torchrun
+    (TORCHELASTIC_USE_AGENT_STORE=True) that rendezvous makes every rank a client of the elastic agent's
+    store, so rank 0 (the learner) would host nothing and the engines' connections would time out. This
+    group is not torchrun's: its rank 0 always hosts the store, whatever the environment says.
     """
+    from torch._C._distributed_c10d import TCPStore
     from torch.distributed.distributed_c10d import Backend, PrefixStore, _new_process_group_helper, _world
-    from torch.distributed.rendezvous import rendezvous
 
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
+    parts = urlsplit(init_method)
+    if parts.scheme != "tcp" or not parts.hostname or parts.port is None:
+        raise ValueError(f"init_method {init_method!r} must be tcp://host:port")
     timeout = timedelta(seconds=timeout_s)
-    store, rank, world_size = next(rendezvous(init_method, rank, world_size, timeout=timeout))
-    store.set_timeout(timeout)
+    # As torch's tcp:// rendezvous does without an agent store: multi_tenant lets several groups of this
+    # process share one port; the host waits (up to `timeout`) for every rank to connect.
+    store = TCPStore(parts.hostname, parts.port, world_size, is_master=rank == 0, timeout=timeout, multi_tenant=True)
     prefixed = PrefixStore(group_name, store)
     new_group: Any = _new_process_group_helper  # private helper; group_name is a NewType of str
     group: dist.ProcessGroup

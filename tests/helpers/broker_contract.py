@@ -26,6 +26,7 @@ from broker.base import (
     Consumer,
     EngineInfo,
     Entry,
+    EntryTooLarge,
 )
 from broker.schemas import DeadLetter, Group, RewardInfo, Sample, SampleReward, ScoredGroup, Task, decode
 
@@ -264,13 +265,57 @@ def test_backpressure_blocks_then_times_out_then_resumes(make_broker: MakeBroker
     seen: list[str] = []
     deadline = time.monotonic() + 10
     while len(seen) < 8 and time.monotonic() < deadline:
-        assert producer.backlog() <= 3
+        assert producer.undelivered() <= 3
         entries = consumer.read(2, block_s=0.2)
         consumer.ack([e.id for e in entries])
         seen += [e.msg.group_id for e in entries]
     publisher.join(10)
     assert seen == [f"g{i}" for i in (0, 1, 2, 4, 5, 6, 7, 8)]  # in order
     assert len(result) == 1 and all(result[0])
+
+
+def test_held_entries_do_not_block_producers_but_undelivered_ones_do(make_broker: MakeBroker) -> None:
+    """Guards against the default deadlock: the learner holds delivered, unacked `scored` entries until its next
+    checkpoint (336 with the defaults, over max_backlog 256). If held entries counted towards backpressure, the
+    reward workers would block forever publishing the very entries the learner needs to reach that checkpoint.
+    Entries nobody has taken yet must still block, or Redis memory is unbounded."""
+    broker = make_broker(max_backlog=3, claim_idle_s=3600)
+    producer = broker.producer(TASKS, Task)
+    assert producer.undelivered() == 0  # the stream does not exist yet
+    producer.publish([make_task(i) for i in range(3)])
+    assert producer.undelivered() == 3  # no consumer group yet: everything counts
+    with pytest.raises(BackpressureTimeout, match="--broker.max_backlog"):
+        producer.publish([make_task(3)], timeout_s=0.2)
+    holder = broker.consumer(TASKS, Task, "learner", "l")
+    held = _drain(holder, 3)
+    assert (producer.undelivered(), producer.backlog()) == (0, 3)
+    assert all(producer.publish([make_task(i) for i in range(3, 6)], timeout_s=5))  # nothing acked, yet room
+    held += _drain(holder, 3)
+    assert all(producer.publish([make_task(i) for i in range(6, 9)], timeout_s=5))
+    with pytest.raises(BackpressureTimeout):  # 6 held do not count, 3 undelivered do
+        producer.publish([make_task(9)], timeout_s=0.2)
+    assert (producer.undelivered(), producer.backlog()) == (3, 9)
+    # A producer blocked on undelivered entries resumes as soon as they are delivered, acked or not.
+    result: list[list[str | None]] = []
+    blocked = threading.Thread(target=lambda: result.append(producer.publish([make_task(9)], timeout_s=10)))
+    blocked.start()
+    held += _drain(holder, 3)
+    blocked.join(10)
+    assert len(result) == 1 and all(result[0])
+    holder.ack([e.id for e in held])
+    assert producer.backlog() == 1 and [e.msg.group_id for e in _drain(holder, 1)] == ["g9"]
+
+
+def test_oversized_message_is_refused_at_publish(make_broker: MakeBroker) -> None:
+    """Guards against a runaway producer writing an arbitrarily large entry into Redis (memory, and every consumer
+    has to read it): the whole batch is refused before anything is appended, naming the flag."""
+    broker = make_broker(max_entry_mb=0.01)
+    producer = broker.producer(TASKS, Task)
+    big = make_task(1, prompt_len=4096)  # 16 KB of prompt ids > 0.01 MB
+    with pytest.raises(EntryTooLarge, match=r"message 1 of 2 .* over the limit of 0.01 MB \(--broker.max_entry_mb\)"):
+        producer.publish([make_task(0), big])
+    assert producer.backlog() == 0
+    assert all(producer.publish([make_task(0)]))
 
 
 def test_policy_version_cas_and_wait_for_change(make_broker: MakeBroker) -> None:

@@ -20,7 +20,6 @@ import httpx
 import psutil
 import pytest
 
-import rollout_server.engine.guard
 from deploy.fuzz import engine_config
 from rollout_server.engine.api import build_app
 from rollout_server.engine.engine import Engine
@@ -150,7 +149,7 @@ def test_token_compare_is_constant_time(engine: Engine, monkeypatch: pytest.Monk
         seen.append(a)
         return compare(a, b)
 
-    monkeypatch.setattr(rollout_server.engine.guard.hmac, "compare_digest", recording)
+    monkeypatch.setattr("broker.asgi_guard.hmac.compare_digest", recording)
     monkeypatch.setenv("LT_AUTH_ENGINE", TOKEN)
     _calls(
         engine,

@@ -17,7 +17,6 @@ import httpx
 import psutil
 import pytest
 
-import reward_service.app
 from broker.config import ConfigError
 from broker.embedded import free_port
 from reward_service.app import create_app
@@ -44,7 +43,7 @@ def test_auth_is_checked_before_the_body_is_read_or_parsed(monkeypatch: pytest.M
     making the server buffer a large body, and against the probes and docs requiring the token."""
     monkeypatch.setenv("LT_AUTH_REWARD", TOKEN)
     config = RewardConfig(auth_token_env="LT_AUTH_REWARD", max_body_mb=0.001)
-    malformed, big, ok, health, metrics, docs, schema, lower = _requests(
+    malformed, big, ok, health, metrics, docs, schema, lower, scheme = _requests(
         config,
         ("POST", "/v1/score_group", b"{not json", {"content-type": "application/json"}),
         ("POST", "/evaluate", b"x" * 10_000, {}),
@@ -54,12 +53,14 @@ def test_auth_is_checked_before_the_body_is_read_or_parsed(monkeypatch: pytest.M
         ("GET", "/docs", None, {}),
         ("GET", "/openapi.json", None, {}),
         ("POST", "/evaluate", SCORE, {"authorization": f"bearer {TOKEN.upper()}"}),
+        ("POST", "/evaluate", SCORE, {"authorization": f"bearer {TOKEN}"}),
     )
     assert malformed.status_code == 401 and big.status_code == 401
     assert malformed.json()["detail"] and malformed.headers["www-authenticate"] == "Bearer"
     assert ok.status_code == 200
     assert [r.status_code for r in (health, metrics, docs, schema)] == [200] * 4
     assert lower.status_code == 401  # the token itself is case-sensitive
+    assert scheme.status_code == 200  # the scheme is not (RFC 7235), as on the engine: one shared guard
 
 
 def test_token_compare_is_constant_time(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -72,7 +73,7 @@ def test_token_compare_is_constant_time(monkeypatch: pytest.MonkeyPatch) -> None
         seen.append((a, b))
         return compare(a, b)
 
-    monkeypatch.setattr(reward_service.app.hmac, "compare_digest", recording)
+    monkeypatch.setattr("broker.asgi_guard.hmac.compare_digest", recording)
     monkeypatch.setenv("LT_AUTH_REWARD", TOKEN)
     config = RewardConfig(auth_token_env="LT_AUTH_REWARD")
     wrong, right = _requests(
@@ -81,7 +82,7 @@ def test_token_compare_is_constant_time(monkeypatch: pytest.MonkeyPatch) -> None
         ("POST", "/evaluate", SCORE, {"authorization": f"Bearer {TOKEN}"}),
     )
     assert (wrong.status_code, right.status_code) == (401, 200)
-    assert [given for given, _ in seen] == [f"Bearer {TOKEN[:-1]}X".encode(), f"Bearer {TOKEN}".encode()]
+    assert [given for given, _ in seen] == [f"{TOKEN[:-1]}X".encode(), TOKEN.encode()]  # the credential part
 
 
 def test_token_from_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -14,7 +14,7 @@ import pytest
 from reward_service.app import create_app
 from reward_service.config import LlmJudgeConfig, RewardConfig
 from reward_service.judges.llm import LlmJudge
-from tests.integration.test_llm_judge import StubJudgeApi
+from tests.helpers.judge_stub import StubJudgeApi
 
 GROUP: dict[str, Any] = {
     "label": "Paris",

@@ -22,7 +22,7 @@ from tests.integration.test_reward_worker import BROKER_FLAGS, EXPECTED, _drain,
 
 @pytest.fixture
 def broker_config(redis_url: str) -> BrokerConfig:
-    return BrokerConfig(redis_url=redis_url, run_id=f"fq-{uuid.uuid4().hex[:8]}", **BROKER_FLAGS)  # type: ignore[arg-type]
+    return BrokerConfig(redis_url=redis_url, run_id=f"fq-{uuid.uuid4().hex[:8]}", **BROKER_FLAGS)
 
 
 @pytest.fixture
@@ -57,7 +57,7 @@ def test_malformed_and_oversized_entries_go_to_dead_and_the_worker_keeps_going(
     """Guards against a poison entry stopping the reward worker (crash, retry loop, stuck pending entry) or
     vanishing without a trace: each must land in `dead` with a reason naming the problem and its original
     bytes, while valid groups before and after it are scored."""
-    config = RewardConfig(broker=broker_config, worker={"max_entry_mb": 0.05})  # type: ignore[arg-type]
+    config = RewardConfig(broker=broker_config, worker={"max_entry_mb": 0.05})
     producer = broker.producer(ROLLOUTS, Group)
     producer.publish([_group("g-before", standard(0))])
     garbage = b"\xc1\xff not msgpack \x00"
@@ -102,19 +102,20 @@ def test_poison_entries_do_not_starve_later_groups(broker: RedisBroker, broker_c
     assert [s.group_id for s in _drain(broker, SCORED, ScoredGroup, 1)] == ["g-late"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="broker bug: an entry without the `d` field is read as deleted and acked silently (RedisConsumer._take "
-    "returns payload None); it should be dead-lettered. Remove this mark when broker/redis_streams.py is fixed.",
-)
 def test_entry_without_the_payload_field_is_dead_lettered(broker: RedisBroker, broker_config: BrokerConfig) -> None:
     """Guards against a foreign entry (another field name, e.g. from a misconfigured producer) disappearing
-    from `rollouts` without a dead letter, so nobody learns that a producer is broken."""
+    from `rollouts` without a dead letter (it used to be read as deleted and acked silently), so nobody learns
+    that a producer is broken: it must land in `dead` with a reason naming the fields and keep its bytes."""
     config = RewardConfig(broker=broker_config)
-    foreign = _xadd_raw(broker, {b"payload": encode(_group("foreign", standard(0)))})
+    original = encode(_group("foreign", standard(0)))
+    foreign = _xadd_raw(broker, {b"payload": original})
     broker.producer(ROLLOUTS, Group).publish([_group("g-ok", standard(1))])
-    dead = _score(broker, config, want_scored=1, want_dead=1, timeout_s=1.0)
+    dead = _score(broker, config, want_scored=1, want_dead=1, timeout_s=5.0)
     assert [d.entry_id for d in dead] == [foreign]
+    assert dead[0].reason == "undecodable: no payload field 'd' (the entry has fields ['payload'])"
+    assert msgspec.msgpack.decode(dead[0].payload) == {b"payload": original}
+    assert [s.group_id for s in _drain(broker, SCORED, ScoredGroup, 1)] == ["g-ok"]
+    assert broker.producer(ROLLOUTS, Group).backlog() == 0
 
 
 def test_tasks_are_not_groups_even_when_fields_overlap() -> None:

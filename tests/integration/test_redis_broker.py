@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -19,6 +20,7 @@ import pytest
 import redis
 
 from broker.base import ROLLOUTS, SCORED, TASKS, BackpressureTimeout, Broker, BrokerError
+from broker.config import ConfigError
 from broker.embedded import EmbeddedRedis, free_port
 from broker.factory import connect
 from broker.redis_streams import RedisBroker
@@ -57,7 +59,9 @@ def test_keys_are_namespaced_by_run_with_a_hash_tag(make_broker: Callable[..., B
     broker.consumer(ROLLOUTS, Group, "reward", "w").read(1, block_s=0)
     broker.policy_version.set(1)
     broker.state.set("a", "b")
-    keys = sorted(k.decode() for k in redis.Redis.from_url(redis_url, socket_timeout=5).keys("*"))
+    keys = sorted(
+        k.decode() if isinstance(k, bytes) else k for k in redis.Redis.from_url(redis_url, socket_timeout=5).keys("*")
+    )
     assert keys and all(k.startswith("longtrace:{ns}:") for k in keys), keys
 
 
@@ -180,6 +184,40 @@ def test_password_url_works_and_a_wrong_password_fails_fast() -> None:
         assert time.monotonic() - start < 5, "bad credentials were retried"
         with pytest.raises(ValueError, match="--broker.redis_url"):
             connect(_config("http://localhost:6379"))
+
+
+def test_password_from_a_file_or_the_environment_and_never_logged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Guards against the Redis password having to sit in the URL (argv of every service, visible to any local
+    user through ps), against a missing file or a doubly given password being silently ignored, and against log
+    lines and errors that print the URL with its password."""
+    password = "pw-9c2e7d41b0"  # a distinctive string to grep logs for
+    monkeypatch.delenv("LONGTRACE_REDIS_PASSWORD", raising=False)
+    with EmbeddedRedis(password=password) as server:
+        bare = f"redis://{server.host}:{server.port}/0"
+        secret = tmp_path / "redis-password"
+        secret.write_text(password + "\n")
+        from_file = connect(_config(bare, run_id="pw", redis_password_file=str(secret)))
+        from_file.producer(TASKS, Task).publish([make_task(1)])
+        from_file.close()
+        monkeypatch.setenv("LONGTRACE_REDIS_PASSWORD", password)
+        from_env = connect(_config(bare, run_id="pw"))
+        assert from_env.consumer(TASKS, Task, "g", "c").read(1, block_s=1)[0].msg == make_task(1)
+        from_env.close()
+        with pytest.raises(ConfigError, match="set it in one place"):
+            connect(_config(server.url, run_id="pw"))
+        monkeypatch.delenv("LONGTRACE_REDIS_PASSWORD")
+        with pytest.raises(ConfigError, match="--broker.redis_password_file: no such file"):
+            connect(_config(bare, run_id="pw", redis_password_file=str(tmp_path / "missing")))
+        with pytest.raises(BrokerError, match="refused the credentials") as refused:
+            connect(_config(server.url.replace(password, "wrong-" + password), run_id="pw"))
+        assert password not in str(refused.value)
+    # Redis gone: every retry logs a warning naming the URL, and the final error names it too.
+    with caplog.at_level(logging.DEBUG), pytest.raises(BrokerError) as lost:
+        connect(_config(server.url, run_id="pw", retry_attempts=2, retry_deadline_s=5, connect_timeout_s=1))
+    assert "failed (attempt 1/2)" in caplog.text and f"{server.host}:{server.port}" in caplog.text
+    assert password not in caplog.text and password not in str(lost.value)
 
 
 def test_longtrace_redis_prints_url_and_stops_on_sigterm(tmp_path: Path) -> None:

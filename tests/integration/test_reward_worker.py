@@ -24,7 +24,7 @@ from reward_service.config import RewardConfig
 from reward_service.judges.llm import LlmJudge
 from reward_service.judges.rule import RuleJudge
 from reward_service.worker import RewardWorker
-from tests.integration.test_llm_judge import StubJudgeApi
+from tests.helpers.judge_stub import StubJudgeApi
 
 BROKER_FLAGS = {"claim_idle_s": 1.0, "block_s": 0.1, "socket_timeout_s": 5.0}
 

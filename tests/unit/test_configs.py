@@ -57,7 +57,6 @@ def test_up_config_accepts_a_minimal_file(tmp_path: Path) -> None:
         (["--phases.rl.learner.max_steps", "9"], "--phases.rl.learner.max_steps is set by the launcher"),
         (["--rollout.config.sampling.temperature", "0.7"], "--rollout.config.sampling.temperature (0.7)"),
         (["--learner.config.optim.lr", "-1"], "--learner.config.optim.lr"),
-        (["--reward.config.broker.max_backlog", "8"], "--reward.config.broker.max_backlog 8 <"),
         (["--learner.config.model.tp_size", "4"], "not a multiple of tp*pp*cp"),
         (["--engines.config.context_length", "64"], "exceeds --engines.config.context_length 64"),
         (["--learner.config.weight_sync.type", "none"], "eval_after: without weight sync"),
