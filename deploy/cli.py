@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "datagen.cli",
     "deploy.commands",
     "deploy.fuzz_cli",
+    "deploy.eval.cli",
 )
 
 

@@ -224,9 +224,9 @@ class EvalSection(BaseConfig):
     max_new_tokens: int = Field(64, ge=1)
     """Longest answer."""
     stop_token_ids: list[int] = []
-    """Stop token ids sent to the engines (besides the tokenizer's EOS)."""
+    """Stop token ids sent to the engines; empty: the processor's stop tokens as the tokenizer spells them."""
     batch_size: int = Field(32, ge=1)
-    """Prompts per /generate request."""
+    """Requests in flight per engine (one prompt per request)."""
     timeout_s: float = Field(600.0, gt=0)
     """Timeout of one /generate or /v1/score request."""
 

@@ -1,7 +1,8 @@
 """Held-out evaluation through the running system: prompts to the engines, answers to the reward API.
 
-The prompts are tokenized exactly as the RL feeder does (learner.feeder.prompt_ids), the responses are
-parsed by the rollout worker's message processor, and well-formed answers are scored by the reward
+A job of `longtrace up` on the core of `longtrace eval` (deploy/eval/run.py) with one sample per question:
+the prompts are tokenized exactly as the RL feeder does (learner.feeder.prompt_ids), the responses are
+generated and parsed as the rollout worker does, and well-formed answers are scored by the reward
 service's `/v1/score` (the judge and rubric of training). An ill-formed, truncated or unfinished answer
 counts as wrong. One JSON line per evaluation is appended to the output file: accuracy (outcome mean),
 rubric hit rate (raw rubric reward mean), well-formed rate, mean response tokens, engine weight versions
@@ -20,13 +21,13 @@ import json
 import logging
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from pydantic import Field
 
 from broker.config import BaseConfig, ConfigError, load_config
+from deploy.eval.config import EvalConfig
 
 log = logging.getLogger(__name__)
 
@@ -59,103 +60,61 @@ class EvalJobConfig(BaseConfig):
     max_new_tokens: int = Field(64, ge=1)
     """Longest answer."""
     stop_token_ids: list[int] = []
-    """Stop token ids (besides the tokenizer's EOS)."""
+    """Stop token ids; empty: the processor's stop tokens as the tokenizer spells them."""
     batch_size: int = Field(32, ge=1)
-    """Prompts per /generate request."""
+    """Requests in flight per engine (each request is one prompt; the engine batches them continuously)."""
     timeout_s: float = Field(600.0, gt=0)
     """Timeout of one HTTP request."""
     num_examples: int = Field(3, ge=0)
     """Questions whose response is kept in the result (for the report)."""
 
 
-def _version(value: str) -> int | None:
-    try:
-        return int(value)
-    except ValueError:
-        return None  # "default": the engine's start-up weights
+def eval_config(cfg: EvalJobConfig) -> EvalConfig:
+    """The job as an EvalConfig of `longtrace eval`: one sample per question, no top-p / top-k cut, the answer
+    budget `max_new_tokens` (the engines' context length caps prompt + answer)."""
+    return EvalConfig(
+        dataset_path=cfg.dataset_path,
+        engine_urls=cfg.engine_urls,
+        reward_url=cfg.reward_url,
+        tokenizer_path=cfg.tokenizer_path,
+        k=1,
+        temperature=cfg.temperature,
+        top_p=1.0,
+        top_k=-1,
+        max_context_len=2**31 - 1,
+        max_response_len=cfg.max_new_tokens,
+        max_questions=cfg.max_questions,
+        concurrency=cfg.batch_size,
+        timeout_s=cfg.timeout_s,
+        processor=cfg.processor,
+        stop_token_ids=cfg.stop_token_ids or None,
+        expect_version=cfg.expect_version,
+    )
 
 
 def run(cfg: EvalJobConfig) -> dict[str, Any]:
-    import httpx
-    from transformers import AutoTokenizer
-
-    from learner.feeder import JsonlDataset, prompt_ids
-    from rollout_server.worker.processors import get_processor
+    from deploy.eval.aggregate import summarize
+    from deploy.eval.run import run_eval, version_number
 
     t0 = time.monotonic()
-    dataset = JsonlDataset(cfg.dataset_path)
-    rows = [dataset[i] for i in range(min(cfg.max_questions, len(dataset)))]
-    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path)
-    processor = get_processor(cfg.processor)
-    client = httpx.Client(timeout=cfg.timeout_s)
-    try:
-        versions = []
-        for url in cfg.engine_urls:
-            r = client.get(f"{url}/weight_version")
-            r.raise_for_status()
-            versions.append(_version(str(r.json()["weight_version"])))
-        if cfg.expect_version is not None and any((v or 0) != cfg.expect_version for v in versions):
-            raise RuntimeError(
-                f"engines serve weight versions {versions}, expected {cfg.expect_version}: "
-                "the last weights did not reach them"
-            )
-        sampling = {
-            "temperature": cfg.temperature,
-            "max_new_tokens": cfg.max_new_tokens,
-            "stop_token_ids": cfg.stop_token_ids,
-            "skip_special_tokens": False,
-            "no_stop_trim": True,
-        }
-        batches = [rows[i : i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size)]
-
-        def generate(k: int) -> list[dict[str, Any]]:
-            url = cfg.engine_urls[k % len(cfg.engine_urls)]
-            body = {"input_ids": [prompt_ids(tokenizer, row) for row in batches[k]], "sampling_params": sampling}
-            r = client.post(f"{url}/generate", json=body)
-            r.raise_for_status()
-            out: list[dict[str, Any]] = r.json()
-            return out
-
-        with ThreadPoolExecutor(max_workers=len(cfg.engine_urls)) as pool:
-            outputs = [o for batch in pool.map(generate, range(len(batches))) for o in batch]
-        requests, lengths, well_formed = [], [], []
-        for row, out in zip(rows, outputs, strict=True):
-            finish = out["meta_info"]["finish_reason"]["type"]
-            parsed = processor.parse(out["text"], finish)
-            ok = parsed.status == "completed" and not parsed.ill_formed and not parsed.task_unfinished
-            well_formed.append(ok)
-            lengths.append(len(out.get("output_ids") or []))
-            if ok:
-                message = {"role": "assistant", "content": parsed.content, "reasoning_content": parsed.reasoning}
-                requests.append({"history": [message], "label": row.label, "extra_reward_info": row.extra_reward_info})
-        outcome, rubric = [0.0] * len(rows), [0.0] * len(rows)
-        if requests:
-            r = client.post(f"{cfg.reward_url}/v1/score", json={"samples": requests})
-            r.raise_for_status()
-            results = iter(r.json()["results"])
-            for i, ok in enumerate(well_formed):
-                if ok:
-                    res = next(results)
-                    outcome[i], rubric[i] = float(res["outcome_reward"]), float(res["rubric_reward"])
-    finally:
-        client.close()
-    n = len(rows)
+    done = run_eval(eval_config(cfg), cfg.engine_urls, cfg.reward_url)
+    metrics = summarize(s.to_dict() for s in done.samples)
     result = {
         "phase": cfg.phase,
         "when": cfg.when,
         "step": cfg.step,
         "time_s": round(time.time(), 3),
-        "num_questions": n,
-        "accuracy": sum(outcome) / n,
-        "rubric_hit_rate": sum(rubric) / n,
-        "well_formed_rate": sum(well_formed) / n,
-        "response_len_mean": sum(lengths) / n,
+        "num_questions": done.num_questions,
+        "accuracy": metrics["avg_at_k"],
+        "rubric_hit_rate": metrics["rubric_hit_rate"],
+        "well_formed_rate": metrics["well_formed_rate"],
+        "response_len_mean": metrics["mean_response_tokens"],
         "temperature": cfg.temperature,
-        "weight_versions": versions,
+        "weight_versions": [version_number(e.weight_version) for e in done.engines],
         "eval_s": round(time.monotonic() - t0, 2),
         "examples": [
-            {"question": row.question, "label": row.label, "response": out["text"], "accuracy": outcome[i]}
-            for i, (row, out) in enumerate(zip(rows[: cfg.num_examples], outputs, strict=False))
+            {"question": s.question, "label": s.label, "response": s.response, "accuracy": s.outcome}
+            for s in done.samples[: cfg.num_examples]
         ],
     }
     out_path = Path(cfg.out_path)

@@ -1,0 +1,157 @@
+"""`longtrace eval` subcommands (register them with `register(commands, benches)`).
+
+    longtrace eval --config configs/eval.toml [--model DIR] [--json] [--key value ...]
+    longtrace eval compare RUN_A RUN_B [--json] [--max-flips N]
+
+`python -m deploy.eval.cli ARGS` is `longtrace eval ARGS`. The `eval` parser hands every argument to this module
+unparsed: its overrides (`--k 8`) would otherwise be read as the `compare` positional by argparse.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from broker.config import ConfigError
+
+_RUN_EPILOG = (
+    "Every EvalConfig key is an override: --k 8 --temperature 0 --max_questions 100 --engine_urls "
+    "'[\"http://host:30000\"]' --reward_url http://host:7248 --local.num_threads 4 ... "
+    "Compare two runs: longtrace eval compare RUN_A RUN_B."
+)
+
+
+def register(commands: argparse._SubParsersAction[Any], benches: argparse._SubParsersAction[Any]) -> None:
+    """Add `eval` (and `eval compare`). Imports nothing heavy."""
+    parser = commands.add_parser(
+        "eval",
+        help="avg@k / pass@k evaluation of a JSONL through engines and the reward API; `eval compare A B`",
+        description="longtrace eval --config FILE [--model DIR] [--key value ...] | longtrace eval compare A B "
+        "(run `longtrace eval --help` for the options)",
+        prefix_chars="+",  # nothing is parsed here: _eval parses its arguments itself
+        add_help=False,
+    )
+    parser.add_argument("argv", nargs=argparse.REMAINDER, help="arguments of `eval` or `eval compare`")
+    parser.set_defaults(func=_eval)
+
+
+def _run_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="longtrace eval",
+        description="Generate k samples per question of an eval JSONL through the engines (a URL, or a router), "
+        "score them with the reward API at η = 0, write OUT_DIR/samples.jsonl and summary.json, print a table. "
+        "With --model DIR and no engine / reward URL, a local built-in engine and reward API are started.",
+        epilog=_RUN_EPILOG,
+        allow_abbrev=False,
+    )
+    parser.add_argument("--config", default=None, help="TOML file of an EvalConfig (e.g. configs/eval.toml)")
+    parser.add_argument("--model", default=None, help="model directory (EvalConfig.model_path)")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
+    return parser
+
+
+def _compare_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="longtrace eval compare",
+        description="Two eval runs side by side: metrics with deltas (B - A), the settings that differ, and the "
+        "questions right in one run and wrong in the other (right: at least half of its samples correct).",
+        allow_abbrev=False,
+    )
+    parser.add_argument("run_a", help="out_dir of run A (or its summary.json)")
+    parser.add_argument("run_b", help="out_dir of run B (or its summary.json)")
+    parser.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    parser.add_argument("--max-flips", type=int, default=20, help="flipped questions listed per direction")
+    return parser
+
+
+def _eval(args: argparse.Namespace) -> int:
+    argv = list(args.argv)
+    if argv and argv[0] == "compare":
+        return _compare(argv[1:])
+    return _run(argv)
+
+
+def _run(argv: list[str]) -> int:
+    from broker.config import load_config
+    from broker.logs import setup_logging
+    from deploy.eval.config import EvalConfig
+    from deploy.eval.local import services
+    from deploy.eval.outputs import SAMPLES_FILE, SampleWriter, build_summary, write_summary
+    from deploy.eval.run import EvalError, prepare, run_eval
+    from deploy.eval.table import format_summary
+    from deploy.launcher.process import ChildFailed
+
+    t0 = time.monotonic()
+    ns, overrides = _run_parser().parse_known_args(argv)
+    if ns.model is not None:
+        overrides += ["--model_path", json.dumps(ns.model)]
+    cfg = load_config(EvalConfig, ns.config, overrides)
+    setup_logging(prefix="eval ")
+    out_dir = Path(cfg.out_dir or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg.out_dir = str(out_dir)
+    writer = SampleWriter(out_dir)
+    try:
+        with services(cfg, out_dir / "logs") as svc:
+            inputs = prepare(cfg)  # while local services start
+            svc.wait_ready()
+            try:
+                run = run_eval(cfg, svc.engine_urls, svc.reward_url, inputs, writer.write, keep_responses=False)
+            except EvalError:
+                if svc.supervisor is not None:
+                    svc.supervisor.check()  # a local service that died explains the failure best (its log tail)
+                raise
+    except (EvalError, ChildFailed) as e:
+        writer.close()
+        print(f"longtrace eval: error: {e}\n(samples so far: {writer.partial})", file=sys.stderr)
+        return 1
+    except ValueError as e:  # a bad file named by a flag (dataset, reward config)
+        writer.close()
+        raise ConfigError(str(e)) from e
+    writer.finish()
+    summary = build_summary(cfg, run, local=svc.local, wall_s=time.monotonic() - t0)
+    summary_path = write_summary(out_dir, summary)
+    if ns.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(format_summary(summary))
+        print(f"\nsamples: {out_dir / SAMPLES_FILE}\nsummary: {summary_path}")
+    return 0
+
+
+def _compare(argv: list[str]) -> int:
+    from deploy.eval.compare import compare, load
+    from deploy.eval.table import format_compare
+
+    ns = _compare_parser().parse_args(argv)
+    try:
+        a, b = load(ns.run_a), load(ns.run_b)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    result = compare(a, b)
+    print(json.dumps(result, indent=2) if ns.json else format_compare(result, ns.max_flips))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m deploy.eval.cli ARGS`: the same as `longtrace eval ARGS`."""
+    parser = argparse.ArgumentParser(prog="longtrace")
+    commands = parser.add_subparsers(dest="command", required=True)
+    register(commands, argparse.ArgumentParser().add_subparsers())
+    args = parser.parse_args(["eval", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        code = args.func(args)
+    except ConfigError as e:
+        print(f"longtrace eval: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,539 @@
+"""The evaluation core: k samples per question through the engines, scored by the reward API with η = 0.
+
+Per question (a bounded number at once, so long prompts are not all held in memory):
+
+    row (by byte offset) -> prompt ids (learner.feeder.prompt_ids: exactly the RL feeder's tokenization)
+    -> token budget min(max_response_len, max_context_len - prompt_len) (the rollout worker's plan_group)
+    -> k samples through the rollout worker's SampleGenerator (least-outstanding routing, retries on another
+       engine, resumption after a pause) -> parsed by the worker's message processor
+    -> well-formed answers to POST /v1/score -> SampleRecords, reward = outcome
+
+An ill-formed, truncated or unfinished answer is not sent to the judge: it counts wrong (outcome 0, rubric 0).
+A prompt that alone fills the context is not sent either; its k samples count wrong with `error` set.
+Both `longtrace eval` (deploy/eval/cli.py) and the launcher's held-out eval (deploy/launcher/evaluate.py) run this.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from broker.config import ConfigError
+from broker.retry import RetryPolicy
+from broker.schemas import RewardInfo, Sample, Task, pack_ids
+from deploy.eval.config import EvalConfig
+
+log = logging.getLogger(__name__)
+
+# /v1/score computes the rubric only when η > 0 and asks the judge only when η < 1: any η strictly between
+# returns both raw parts. The combined reward it returns is ignored, since with η = 0 the reward is the outcome.
+BOTH_PARTS_ETA = 0.5
+PROMPT_TOO_LONG = "prompt_too_long"
+_PROGRESS_EVERY_S = 30.0
+
+
+class EvalError(RuntimeError):
+    """The evaluation cannot go on (an engine or the reward API refused or failed); the message says why."""
+
+
+class _Retryable(Exception):
+    """A reward API answer worth retrying (502/503/504)."""
+
+
+@dataclass
+class SampleRecord:
+    """One line of samples.jsonl. id, response, answer, well_formed, finished, outcome, rubric and reward are a
+    contract (ablation tools read them): keep their names and meaning."""
+
+    id: str
+    question_index: int
+    question: str
+    label: str
+    dataset_name: str
+    sample_index: int
+    response: str
+    """The raw response text (stop token kept)."""
+    answer: str
+    """The parsed final answer (after </think>); empty when truncated or unfinished."""
+    well_formed: bool
+    """Completed with a stop token, exactly one </think>, non-empty reasoning and answer: the only ones judged."""
+    finished: bool
+    """Ended with a stop token (not cut at max tokens, not aborted)."""
+    status: str
+    """completed | truncated | aborted."""
+    outcome: float
+    """The judge's verdict, 1 or 0 (0 when not well-formed)."""
+    rubric: float
+    """Raw rubric hit fraction (0 when not well-formed)."""
+    reward: float
+    """The reward at η = 0: the outcome."""
+    prompt_tokens: int
+    response_tokens: int
+    weight_version: int | None
+    """The weight version that generated the last tokens (None: nothing generated)."""
+    engine: str
+    gen_s: float
+    error: str = ""
+    """Why the sample was not generated (prompt_too_long), else empty."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    url: str
+    model_path: str
+    weight_version: str
+    """As the engine reports it ("default" before any update)."""
+    context_length: int | None
+
+
+@dataclass
+class EvalRun:
+    samples: list[SampleRecord]
+    num_questions: int
+    engines: list[EngineInfo]
+    judge: str
+    max_context_len: int
+    """The context limit applied: --max_context_len capped by the engines' context length."""
+    stop_token_ids: list[int]
+    timings: dict[str, float]
+
+
+@dataclass
+class Inputs:
+    """What an eval needs before it talks to any service (loaded while local services start)."""
+
+    dataset: Any
+    ids: list[str]
+    tokenizer: Any
+    processor: Any
+    stop_token_ids: list[int]
+    load_s: float
+
+
+def version_number(raw: str) -> int | None:
+    """An engine's weight version as an integer; None for "default" (the start-up weights) or a non-integer."""
+    return int(raw) if raw.lstrip("-").isdigit() else None
+
+
+def explicit_id(row: Any) -> str | None:
+    """The row's own question id: the builder's metadata.longtrace.question_id, or a top-level / metadata "id"."""
+    provenance = row.metadata_extra.get("longtrace")
+    for value in (
+        provenance.get("question_id") if isinstance(provenance, dict) else None,
+        row.extra.get("id"),
+        row.metadata_extra.get("id"),
+    ):
+        if isinstance(value, str | int) and str(value):
+            return str(value)
+    return None
+
+
+def question_ids(rows: Sequence[str | None]) -> list[str]:
+    """Each question's id: its own when the evaluated rows' ids are all present and unique, else its row index
+    (so two runs over the same file always match question by question)."""
+    if all(r is not None for r in rows) and len(set(rows)) == len(rows):
+        return [str(r) for r in rows]
+    if any(r is not None for r in rows):
+        log.warning("question ids are missing or repeated in the dataset: questions are identified by row index")
+    return [str(i) for i in range(len(rows))]
+
+
+def sample_seed(seed: int, question_index: int, sample_index: int) -> int:
+    """A 63-bit sampling seed per (question, sample): reproducible runs, independent samples."""
+    digest = hashlib.sha256(f"{seed}:{question_index}:{sample_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def stop_token_ids(configured: list[int] | None, tokenizer: Any, processor: Any) -> list[int]:
+    """The configured ids, else the processor's stop tokens as this tokenizer spells them, else its defaults."""
+    if configured is not None:
+        return list(configured)
+    vocab = tokenizer.get_vocab()
+    found = [int(vocab[t]) for t in processor.stop_tokens if t in vocab]
+    return found or list(processor.default_stop_token_ids)
+
+
+def effective_context_len(configured: int, engines: Sequence[EngineInfo]) -> int:
+    """--max_context_len capped so that prompt + budget < every engine's context length (else it answers 400)."""
+    limits = [e.context_length - 1 for e in engines if e.context_length]
+    cap = min(limits, default=configured)
+    if cap < configured:
+        log.info("max_context_len %d capped at %d by the engines' context length", configured, cap)
+    return max(2, min(configured, cap))
+
+
+async def engine_info(http: httpx.AsyncClient, url: str, timeout_s: float) -> EngineInfo:
+    """Model path and weight version (/get_model_info) and context length (/get_server_info) of one engine."""
+    try:
+        info = await http.get(f"{url}/get_model_info", timeout=timeout_s)
+        info.raise_for_status()
+        server = await http.get(f"{url}/get_server_info", timeout=timeout_s)
+    except httpx.HTTPError as e:
+        raise EvalError(f"--engine_urls {url}: {type(e).__name__}: {e}") from e
+    model = info.json()
+    context = server.json().get("context_length") if server.status_code == 200 else None
+    return EngineInfo(
+        url=url,
+        model_path=str(model.get("model_path", "")),
+        weight_version=str(model.get("weight_version", "default")),
+        context_length=context if isinstance(context, int) and context > 1 else None,
+    )
+
+
+def check_versions(engines: Sequence[EngineInfo], expect: int | None) -> None:
+    if expect is None:
+        return
+    served = [version_number(e.weight_version) or 0 for e in engines]
+    if any(v != expect for v in served):
+        raise EvalError(
+            f"engines serve weight versions {[e.weight_version for e in engines]}, expected {expect} "
+            "(--expect_version): the last weights did not reach them"
+        )
+
+
+class RewardClient:
+    """POST /v1/score with retries on transport errors and 502/503/504; a 4xx is a clear error at once."""
+
+    def __init__(self, http: httpx.AsyncClient, url: str, timeout_s: float) -> None:
+        self._http = http
+        self._url = url.rstrip("/")
+        self._timeout = timeout_s
+        self._retry = RetryPolicy(max_attempts=5, base_s=0.5, max_backoff_s=10.0, deadline_s=max(60.0, timeout_s))
+
+    async def judge_kind(self) -> str:
+        try:
+            r = await self._http.get(f"{self._url}/health", timeout=10.0)
+            r.raise_for_status()
+        except httpx.HTTPError as e:
+            raise EvalError(f"--reward_url {self._url}: {type(e).__name__}: {e}") from e
+        return str(r.json().get("judge", ""))
+
+    async def score(self, samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        async def once() -> list[dict[str, Any]]:
+            r = await self._http.post(f"{self._url}/v1/score", json={"samples": samples}, timeout=self._timeout)
+            if r.status_code in (502, 503, 504):
+                raise _Retryable(f"{r.status_code}: {r.text[:300]}")
+            if r.status_code == 401:
+                raise EvalError(f"--reward_url {self._url}: 401 (set --reward_auth_token_env or _file): {r.text[:300]}")
+            if r.status_code != 200:
+                raise EvalError(f"--reward_url {self._url}/v1/score answered {r.status_code}: {r.text[:500]}")
+            results: list[dict[str, Any]] = r.json()["results"]
+            return results
+
+        try:
+            return await self._retry.acall(once, (httpx.TransportError, _Retryable), what="POST /v1/score")
+        except (httpx.TransportError, _Retryable) as e:
+            raise EvalError(f"--reward_url {self._url}/v1/score failed: {e!r}") from e
+
+
+def score_request(row: Any, sample: Sample) -> dict[str, Any]:
+    """An /evaluate body for a well-formed sample, as the launcher's eval and slime send it (history form)."""
+    message = {"role": "assistant", "content": sample.content, "reasoning_content": sample.reasoning}
+    info = {**row.extra_reward_info, "rubric_reward_ratio": BOTH_PARTS_ETA}
+    return {"history": [message], "label": row.label, "extra_reward_info": info}
+
+
+class _Pipeline:
+    """Runs every question through generate -> parse -> score, a bounded number at once."""
+
+    def __init__(
+        self,
+        cfg: EvalConfig,
+        inputs: Inputs,
+        rollout_cfg: Any,
+        generator: Any,
+        reward: RewardClient,
+        on_question: Callable[[list[SampleRecord]], None] | None,
+        keep_responses: bool,
+    ) -> None:
+        self.cfg = cfg
+        self.dataset = inputs.dataset
+        self.ids = inputs.ids
+        self.tokenizer = inputs.tokenizer
+        self.processor = inputs.processor
+        self.rollout_cfg = rollout_cfg
+        self.generator = generator
+        self.reward = reward
+        self.on_question = on_question
+        self.keep_responses = keep_responses
+        # Enough questions in flight to keep every engine slot busy while others are being scored.
+        slots = 2 * math.ceil(cfg.concurrency * len(rollout_cfg.engines.urls) / cfg.k)
+        self._slots = asyncio.Semaphore(max(2, slots))
+        # One tokenizer thread: a fast tokenizer is not safe to call from several threads at once.
+        self._tok_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eval-tokenize")
+        self._done = self._correct = self._samples = 0
+        self._next_log = time.monotonic() + _PROGRESS_EVERY_S
+
+    async def run(self) -> list[SampleRecord]:
+        from reward_service.scoring import gather_or_cancel
+        from rollout_server.worker.generation import SampleFailed, SampleRejected
+
+        try:
+            per_question = await gather_or_cancel(self._question(i) for i in range(len(self.ids)))
+        except (SampleFailed, SampleRejected) as e:
+            raise EvalError(str(e)) from e
+        finally:
+            self._tok_pool.shutdown(wait=False, cancel_futures=True)
+        return [r for records in per_question for r in records]
+
+    async def _question(self, index: int) -> list[SampleRecord]:
+        from learner.feeder import prompt_ids
+        from reward_service.scoring import gather_or_cancel
+        from rollout_server.worker.generation import TaskRejected, plan_group
+
+        async with self._slots:
+            row = self.dataset[index]
+            ids = await asyncio.get_running_loop().run_in_executor(self._tok_pool, prompt_ids, self.tokenizer, row)
+            task = Task(
+                run_id="eval",
+                group_id=f"q{index}",
+                dataset_index=index,
+                prompt_ids=pack_ids(ids),
+                label=row.label,
+                reward_info=RewardInfo(question=row.question),
+                policy_version=0,
+            )
+            try:
+                plan = plan_group(task, self.rollout_cfg, self.processor)
+            except TaskRejected as e:
+                log.warning("question %s: %s; its samples count wrong", self.ids[index], e)
+                records = [self._unsent(index, row, len(ids), j) for j in range(self.cfg.k)]
+            else:
+                samples = await gather_or_cancel(self._generate(plan, index, j) for j in range(self.cfg.k))
+                records = await self._score(index, row, len(ids), samples)
+        self._progress(records)
+        if self.on_question is not None:
+            self.on_question(records)
+        if not self.keep_responses:
+            records = [dataclasses.replace(r, response="", answer="") for r in records]
+        return records
+
+    async def _generate(self, plan: Any, index: int, j: int) -> Sample:
+        params = {**plan.sampling_params, "sampling_seed": sample_seed(self.cfg.seed, index, j)}
+        sample: Sample = await self.generator.generate_sample(
+            dataclasses.replace(plan, sampling_params=params), f"eval-q{index}-s{j}"
+        )
+        return sample
+
+    async def _score(self, index: int, row: Any, prompt_len: int, samples: list[Sample]) -> list[SampleRecord]:
+        ok = [s.status == "completed" and not s.ill_formed and not s.task_unfinished for s in samples]
+        judged = [score_request(row, s) for s, good in zip(samples, ok, strict=True) if good]
+        results = iter(await self.reward.score(judged) if judged else [])
+        records = []
+        for j, (s, good) in enumerate(zip(samples, ok, strict=True)):
+            res = next(results) if good else {}
+            outcome, rubric = float(res.get("outcome_reward", 0.0)), float(res.get("rubric_reward", 0.0))
+            records.append(
+                SampleRecord(
+                    id=self.ids[index],
+                    question_index=index,
+                    question=row.question,
+                    label=row.label,
+                    dataset_name=row.dataset_name,
+                    sample_index=j,
+                    response=s.text,
+                    answer=s.content,
+                    well_formed=good,
+                    finished=not s.task_unfinished,
+                    status=s.status,
+                    outcome=outcome,
+                    rubric=rubric,
+                    reward=outcome,
+                    prompt_tokens=prompt_len,
+                    response_tokens=len(s.response_ids_np()),
+                    weight_version=s.weight_segments[-1].version if s.weight_segments else None,
+                    engine=s.engine_id,
+                    gen_s=round(s.gen_s, 3),
+                )
+            )
+        return records
+
+    def _unsent(self, index: int, row: Any, prompt_len: int, j: int) -> SampleRecord:
+        return SampleRecord(
+            id=self.ids[index],
+            question_index=index,
+            question=row.question,
+            label=row.label,
+            dataset_name=row.dataset_name,
+            sample_index=j,
+            response="",
+            answer="",
+            well_formed=False,
+            finished=False,
+            status="truncated",
+            outcome=0.0,
+            rubric=0.0,
+            reward=0.0,
+            prompt_tokens=prompt_len,
+            response_tokens=0,
+            weight_version=None,
+            engine="",
+            gen_s=0.0,
+            error=PROMPT_TOO_LONG,
+        )
+
+    def _progress(self, records: list[SampleRecord]) -> None:
+        self._done += 1
+        self._samples += len(records)
+        self._correct += sum(r.outcome >= 0.5 for r in records)
+        now = time.monotonic()
+        if now >= self._next_log or self._done == len(self.ids):
+            self._next_log = now + _PROGRESS_EVERY_S
+            log.info(
+                "%d/%d questions, %d samples, accuracy so far %.3f",
+                self._done,
+                len(self.ids),
+                self._samples,
+                self._correct / max(1, self._samples),
+            )
+
+
+def open_dataset(path: str, max_questions: int) -> tuple[Any, list[str]]:
+    """The dataset (rows read by byte offset) and the ids of its first `max_questions` rows (0: all), every
+    evaluated row parsed once up front so a bad row fails before any generation."""
+    from pathlib import Path
+
+    from learner.feeder import JsonlDataset
+
+    if not Path(path).is_file():
+        raise ConfigError(f"--dataset_path: no such file {path!r}")
+    try:
+        dataset = JsonlDataset(path)
+        n = min(max_questions or len(dataset), len(dataset))
+        ids = question_ids([explicit_id(dataset[i]) for i in range(n)])
+    except ValueError as e:
+        raise ConfigError(f"--dataset_path: {e}".replace("--data.dataset_path: ", "")) from e
+    return dataset, ids
+
+
+def rollout_config(cfg: EvalConfig, engine_urls: list[str], stop_ids: list[int], max_context_len: int) -> Any:
+    """The rollout worker's config for the eval's sampling: static engines, no registry, the builtin router."""
+    from rollout_server.worker.config import RolloutConfig
+
+    return RolloutConfig.model_validate(
+        {
+            "engines": {"urls": engine_urls, "use_registry": False},
+            "router": {"type": "builtin", "max_inflight_per_engine": cfg.concurrency, "engine_wait_timeout_s": 120.0},
+            "sampling": {
+                "num_samples": cfg.k,
+                "max_response_len": cfg.max_response_len,
+                "max_context_len": max_context_len,
+                "temperature": cfg.temperature,
+                "top_p": cfg.top_p,
+                "top_k": cfg.top_k,
+                "stop_token_ids": stop_ids,
+            },
+            "processor": cfg.processor,
+            "request_timeout_s": cfg.timeout_s,
+            "connect_timeout_s": cfg.connect_timeout_s,
+            "health_timeout_s": cfg.connect_timeout_s,
+            "max_attempts": cfg.max_attempts,
+        }
+    )
+
+
+def prepare(cfg: EvalConfig) -> Inputs:
+    """Parse the evaluated rows, load the tokenizer, resolve the stop token ids."""
+    from transformers import AutoTokenizer
+
+    from rollout_server.worker.processors import get_processor
+
+    t0 = time.monotonic()
+    dataset, ids = open_dataset(cfg.dataset_path, cfg.max_questions)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
+    processor = get_processor(cfg.processor)
+    stop_ids = stop_token_ids(cfg.stop_token_ids, tokenizer, processor)
+    return Inputs(dataset, ids, tokenizer, processor, stop_ids, round(time.monotonic() - t0, 3))
+
+
+async def evaluate(
+    cfg: EvalConfig,
+    engine_urls: list[str],
+    reward_url: str,
+    inputs: Inputs | None = None,
+    on_question: Callable[[list[SampleRecord]], None] | None = None,
+    keep_responses: bool = True,
+) -> EvalRun:
+    """Evaluate `cfg.dataset_path` on `engine_urls` with the reward API at `reward_url`.
+
+    `inputs`: from `prepare(cfg)` (done here when None). `on_question` gets each question's records as soon as
+    they are scored (in completion order); `keep_responses=False` drops the texts from the returned records."""
+    from rollout_server.worker.client import make_http_client
+    from rollout_server.worker.generation import SampleGenerator
+    from rollout_server.worker.metrics import RolloutMetrics
+    from rollout_server.worker.router import BuiltinRouter
+
+    inputs = inputs or prepare(cfg)
+    t0 = time.monotonic()
+    urls = [u.rstrip("/") for u in engine_urls]
+    engine_token, reward_token = cfg.engine_token(), cfg.reward_token()
+    engine_http = make_http_client()
+    if engine_token:
+        engine_http.headers["Authorization"] = f"Bearer {engine_token}"
+    reward_http = httpx.AsyncClient(
+        timeout=httpx.Timeout(cfg.timeout_s, connect=cfg.connect_timeout_s),
+        headers={"Authorization": f"Bearer {reward_token}"} if reward_token else None,
+        trust_env=False,
+    )
+    try:
+        engines = list(await asyncio.gather(*(engine_info(engine_http, u, cfg.connect_timeout_s) for u in urls)))
+        check_versions(engines, cfg.expect_version)
+        reward = RewardClient(reward_http, reward_url, cfg.timeout_s)
+        judge = await reward.judge_kind()
+        max_context_len = effective_context_len(cfg.max_context_len, engines)
+        rcfg = rollout_config(cfg, urls, inputs.stop_token_ids, max_context_len)
+        router = BuiltinRouter(rcfg, None, engine_http)
+        await router.start()
+        log.info(
+            "evaluating %d questions x %d samples on %s (judge %s, stop ids %s)",
+            len(inputs.ids),
+            cfg.k,
+            urls,
+            judge,
+            inputs.stop_token_ids,
+        )
+        t1 = time.monotonic()
+        try:
+            generator = SampleGenerator(rcfg, router, inputs.processor, RolloutMetrics())
+            pipeline = _Pipeline(cfg, inputs, rcfg, generator, reward, on_question, keep_responses)
+            samples = await pipeline.run()
+        finally:
+            await router.close()
+    finally:
+        await engine_http.aclose()
+        await reward_http.aclose()
+    t2 = time.monotonic()
+    return EvalRun(
+        samples=samples,
+        num_questions=len(inputs.ids),
+        engines=engines,
+        judge=judge,
+        max_context_len=max_context_len,
+        stop_token_ids=inputs.stop_token_ids,
+        timings={"load_s": inputs.load_s, "setup_s": round(t1 - t0, 3), "eval_s": round(t2 - t1, 3)},
+    )
+
+
+def run_eval(
+    cfg: EvalConfig,
+    engine_urls: list[str],
+    reward_url: str,
+    inputs: Inputs | None = None,
+    on_question: Callable[[list[SampleRecord]], None] | None = None,
+    keep_responses: bool = True,
+) -> EvalRun:
+    """`evaluate` on a fresh event loop."""
+    return asyncio.run(evaluate(cfg, engine_urls, reward_url, inputs, on_question, keep_responses))
