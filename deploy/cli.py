@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "deploy.commands",
     "deploy.fuzz_cli",
     "deploy.eval.cli",
+    "deploy.chaos_cli",
 )
 
 

@@ -10,6 +10,10 @@ gets SIGTERM when the launcher dies without cleaning up (PR_SET_PDEATHSIG).
 Every child writes stdout and stderr to `<log_dir>/<name>.log`. A child that exits while it should be
 running (a service), or with a non-zero code (a job), raises `ChildFailed`, whose message names the process,
 its exit code, its log file and the tail of that log.
+
+Supervised restarts (used by the chaos bench, deploy/chaos.py): `kill` SIGKILLs a child and all its
+descendants at once, as a crash would, and `respawn` starts it again in place (same `Child` object, same
+name and log file, optionally a new spec), so whoever holds the child keeps following it.
 """
 
 from __future__ import annotations
@@ -139,6 +143,10 @@ class Child:
     known: dict[int, psutil.Process] = field(default_factory=dict)
     """Descendants seen so far: a crashed child's orphans are still found and stopped."""
     """SIGKILL was needed (the child or a descendant ignored SIGTERM past its deadline)."""
+    log_offset: int = 0
+    """Size of the log file when this run of the child started: readiness looks only at its own lines."""
+    restarts: int = 0
+    """How often `Supervisor.respawn` started the child again."""
 
     @property
     def name(self) -> str:
@@ -153,7 +161,12 @@ class Child:
         return self.proc.poll()
 
     def read_log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        """The log of the current run of the child (a respawned child appends to the same file)."""
+        if not self.log_path.exists():
+            return ""
+        with self.log_path.open("rb") as f:
+            f.seek(self.log_offset)
+            return f.read().decode(errors="replace")
 
     def log_tail(self, num_lines: int = 30, max_bytes: int = 16384) -> str:
         if not self.log_path.exists():
@@ -216,21 +229,8 @@ class Supervisor:
         # A Ctrl-C between the fork and the bookkeeping below would leave an untracked child: block it until then.
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         try:
-            with log_path.open("ab") as out:
-                out.write(f"# longtrace up: {time.strftime('%H:%M:%S')} start: {' '.join(spec.argv)}\n".encode())
-                out.flush()
-                proc = subprocess.Popen(
-                    spec.argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    cwd=spec.cwd,
-                    env={**os.environ, **spec.env},
-                    start_new_session=True,
-                    # preexec_fn is unsafe only when other threads fork at the same time; the launcher has none.
-                    preexec_fn=_child_setup(os.getpid()),
-                )
-            child = Child(spec, proc, log_path, time.monotonic())
+            proc, offset = self._spawn(spec, log_path)
+            child = Child(spec, proc, log_path, time.monotonic(), log_offset=offset)
             self.children.append(child)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
@@ -238,6 +238,26 @@ class Supervisor:
         if wait_ready:
             self.wait_ready(child)
         return child
+
+    @staticmethod
+    def _spawn(spec: ProcessSpec, log_path: Path) -> tuple[subprocess.Popen[bytes], int]:
+        """Fork `spec` with its output appended to `log_path`; return the process and where its lines start."""
+        with log_path.open("ab") as out:
+            offset = out.tell()
+            out.write(f"# longtrace up: {time.strftime('%H:%M:%S')} start: {' '.join(spec.argv)}\n".encode())
+            out.flush()
+            proc = subprocess.Popen(
+                spec.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=spec.cwd,
+                env={**os.environ, **spec.env},
+                start_new_session=True,
+                # preexec_fn is unsafe only when other threads fork at the same time; the launcher has none.
+                preexec_fn=_child_setup(os.getpid()),
+            )
+        return proc, offset
 
     def wait_ready(self, child: Child) -> None:
         """Wait until `child` passes its readiness probe, watching every child meanwhile."""
@@ -289,6 +309,44 @@ class Supervisor:
                 tick()
                 next_tick = time.monotonic() + tick_s
             time.sleep(self.poll_s)
+
+    # -- supervised restarts (the chaos bench)
+
+    def kill(self, child: Child) -> int:
+        """SIGKILL the child's group and every descendant at once, as a crash would: no grace, no cleanup.
+        Returns the child's exit code; `check` does not report it (call `respawn` before the next check)."""
+        self._remember_descendants(child)
+        alive = [p for p in child.known.values() if _is_alive(p)]
+        self._signal_group(child, signal.SIGKILL)
+        for p in alive:  # descendants in sessions of their own (redis-server, an engine's server)
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        psutil.wait_procs(alive, timeout=10)
+        code = child.proc.wait(timeout=10)
+        log.warning("%s killed (%s), %d descendants with it", child.name, _describe_exit(code), len(alive))
+        return code
+
+    def respawn(self, child: Child, spec: ProcessSpec | None = None, wait_ready: bool = True) -> Child:
+        """Start an ended child again in place (optionally with a new spec of the same name): the same `Child`
+        object, so the phase's list of started processes and a `wait` on it follow the new process."""
+        if child.returncode is None:
+            raise ValueError(f"{child.name} still runs: kill it before respawning it")
+        spec = spec or child.spec
+        if spec.name != child.name:
+            raise ValueError(f"respawn {child.name!r} as {spec.name!r}: a respawned child keeps its name")
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            proc, offset = self._spawn(spec, child.log_path)
+            child.spec, child.proc, child.log_offset = spec, proc, offset
+            child.started_s, child.known, child.stopping = time.monotonic(), {}, False
+            child.restarts += 1
+            self.exit_codes.pop(child.name, None)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        log.info("respawned %s (pid %d, restart %d)", child.name, proc.pid, child.restarts)
+        if wait_ready:
+            self.wait_ready(child)
+        return child
 
     # -- stop
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import msgspec
@@ -144,12 +144,20 @@ class EngineClient:
 
     async def healthy(self) -> bool:
         """True when /health answers 200 within the health timeout (SGLang: a 1-token generation probe)."""
+        return await self.health() == "ok"
+
+    async def health(self) -> Literal["ok", "unhealthy", "unreachable"]:
+        """`ok`: /health answered 200. `unhealthy`: it answered otherwise or timed out (a paused SGLang engine
+        holds its generation probe). `unreachable`: the connection failed (no process listens: it is gone)."""
         try:
             resp = await self._http.get(f"{self.url}/health", timeout=self._health_timeout)
+        except (httpx.ConnectError, httpx.RemoteProtocolError) as e:
+            log.debug("%s/health: %r", self.url, e)
+            return "unreachable"
         except httpx.HTTPError as e:
             log.debug("%s/health: %r", self.url, e)
-            return False
-        return resp.status_code == 200
+            return "unhealthy"
+        return "ok" if resp.status_code == 200 else "unhealthy"
 
     async def weight_version(self) -> int:
         try:

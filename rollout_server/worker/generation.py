@@ -119,6 +119,10 @@ def plan_group(task: Task, cfg: RolloutConfig, processor: MessageProcessor) -> G
     return GroupPlan(prompt_ids, min(max_response, room), params, num_samples)
 
 
+UNREACHABLE_POLLS = 3
+"""Consecutive refused /health connections after which a paused sample stops waiting for its engine."""
+
+
 class SampleGenerator:
     """Generates samples and groups through a router; shared by all groups of a worker."""
 
@@ -228,10 +232,22 @@ class SampleGenerator:
 
     async def _wait_generating(self, engine: Engine) -> bool:
         """Poll the engine's /health until it answers 200. SGLang and the built-in engine both hold a request sent
-        while paused until generation continues, so a live engine is enough to resubmit to."""
+        while paused until generation continues, so a live engine is enough to resubmit to.
+
+        False (resubmit elsewhere) after resume_timeout_s, and at once when the engine is gone: the router took it
+        out of rotation (registry heartbeat expired, circuit open) or its port refuses connections
+        UNREACHABLE_POLLS times in a row. A paused engine still accepts connections; a killed one does not, and
+        waiting out the timeout for it stalled a whole group (and the learner behind it) in the chaos bench."""
         deadline = time.monotonic() + self._cfg.resume_timeout_s
+        unreachable = 0
         while time.monotonic() < deadline:
-            if await engine.client.healthy():
+            if engine.removed or engine.open_until is not None:
+                return False
+            status = await engine.client.health()
+            if status == "ok":
                 return True
+            unreachable = unreachable + 1 if status == "unreachable" else 0
+            if unreachable >= UNREACHABLE_POLLS:
+                return False
             await asyncio.sleep(self._cfg.resume_poll_s)
         return False

@@ -142,3 +142,28 @@ def test_registry_engines_join_and_leave_but_finish_their_requests() -> None:
         await router.close()
 
     asyncio.run(main())
+
+
+def test_paused_sample_stops_waiting_for_a_dead_engine() -> None:
+    """Guards against a sample paused by a weight push waiting out resume_timeout_s (600 s) on an engine that was
+    killed meanwhile: its group, and the learner waiting for that group, stalled (found by `bench chaos`). A
+    refused connection, or the router taking the engine out of rotation, must end the wait at once."""
+    from rollout_server.worker.generation import SampleGenerator
+    from rollout_server.worker.metrics import RolloutMetrics
+
+    async def main() -> None:
+        url = _dead_url()
+        cfg = load_config(
+            RolloutConfig,
+            overrides=["--engines.use_registry", "false", "--engines.urls", f'["{url}"]', "--resume_poll_s", "0.01"],
+        )
+        assert cfg.resume_timeout_s >= 60
+        router = BuiltinRouter(cfg, None)
+        generator = SampleGenerator(cfg, router, processor=None, metrics=RolloutMetrics())  # type: ignore[arg-type]
+        async with router.lease() as engine:
+            assert not await asyncio.wait_for(generator._wait_generating(engine), timeout=10)
+            engine.removed = True  # left the registry: no /health poll at all
+            assert not await asyncio.wait_for(generator._wait_generating(engine), timeout=1)
+        await router.close()
+
+    asyncio.run(main())
