@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "deploy.fuzz_cli",
     "deploy.eval.cli",
     "deploy.chaos_cli",
+    "deploy.ablate_cli",
 )
 
 
