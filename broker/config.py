@@ -111,3 +111,29 @@ def _mask_url_passwords(value: Any) -> Any:
             user = parts.username or ""
             return urlunsplit(parts._replace(netloc=f"{user}:***@{parts.netloc.rsplit('@', 1)[1]}"))
     return value
+
+
+def merge_tables(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """`extra` over `base`, recursively for tables (copies; neither argument changes)."""
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = merge_tables(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def has_path(d: dict[str, Any], dotted: str) -> bool:
+    """Whether the nested tables hold the dotted key (`reward.config.eta`)."""
+    for part in dotted.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return False
+        d = d[part]
+    return True
+
+
+def get_path(d: dict[str, Any], dotted: str, default: Any) -> Any:
+    """The value at the dotted key, or `default`."""
+    for part in dotted.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return default
+        d = d[part]
+    return d

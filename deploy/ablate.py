@@ -36,7 +36,7 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from broker.config import BaseConfig, ConfigError, load_config
+from broker.config import BaseConfig, ConfigError, load_config, merge_tables
 from deploy.ablate_samples import HackingConfig, evaluate_export, indicators, read_samples, write_samples
 
 log = logging.getLogger(__name__)
@@ -125,13 +125,6 @@ class AblateConfig(BaseConfig):
 # -- resolved configs
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
@@ -180,7 +173,7 @@ class Plan:
         path = Path(cfg.up_config)
         if not path.is_file():
             raise ConfigError(f"--up_config: no such file {str(path)!r}")
-        self.base = _merge(tomllib.loads(path.read_text()), cfg.up)
+        self.base = merge_tables(tomllib.loads(path.read_text()), cfg.up)
         for key, phase in (("--sft_phase", cfg.sft_phase), ("--rl_phase", cfg.rl_phase)):
             if phase not in self.base.get("phases", {}):
                 raise ConfigError(f"{key} {phase!r}: {cfg.up_config} has no [phases.{phase}]")
@@ -198,7 +191,7 @@ class Plan:
 
     def _seeded(self, seed: int, name: str) -> dict[str, Any]:
         # A deep copy: runs' dicts must share no table with each other or with the base.
-        return _merge(
+        return merge_tables(
             copy.deepcopy(self.base),
             {
                 "run_dir": str(self.run_dir(seed, name)),
@@ -220,7 +213,7 @@ class Plan:
         """The RL phase alone, from the SFT export as its base model, on the SFT run's data."""
         d = self._seeded(seed, variant.name)
         data = self.run_dir(seed, "sft") / "data"
-        rl = _merge(
+        rl = merge_tables(
             d["phases"][self.cfg.rl_phase],
             {
                 "init": "base",
@@ -234,8 +227,10 @@ class Plan:
         d.pop("prepare")
         d["model_path"] = sft_export
         d["phases"] = {self.cfg.rl_phase: rl}
-        d["eval"] = _merge(d.get("eval", {}), {"dataset_path": str(data / "heldout.jsonl")})
-        d["reward"] = _merge(d.get("reward", {}), {"config": {"eta": variant.eta, "combination": variant.combination}})
+        d["eval"] = merge_tables(d.get("eval", {}), {"dataset_path": str(data / "heldout.jsonl")})
+        d["reward"] = merge_tables(
+            d.get("reward", {}), {"config": {"eta": variant.eta, "combination": variant.combination}}
+        )
         return d
 
     def resolve(self, d: dict[str, Any], flag: str) -> Any:

@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "deploy.eval.cli",
     "deploy.chaos_cli",
     "deploy.ablate_cli",
+    "deploy.bench_async_cli",
 )
 
 

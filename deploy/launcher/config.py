@@ -23,7 +23,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from broker.config import BaseConfig
+from broker.config import BaseConfig, get_path, has_path, merge_tables
 
 C = TypeVar("C", bound=BaseModel)
 
@@ -60,30 +60,6 @@ LAUNCHER_KEYS: dict[str, tuple[str, ...]] = {
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_]*$")
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    """`extra` over `base`, recursively for tables (copies; neither argument changes)."""
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def _has(d: dict[str, Any], dotted: str) -> bool:
-    for part in dotted.split("."):
-        if not isinstance(d, dict) or part not in d:
-            return False
-        d = d[part]
-    return True
-
-
-def _get(d: dict[str, Any], dotted: str, default: Any) -> Any:
-    for part in dotted.split("."):
-        if not isinstance(d, dict) or part not in d:
-            return default
-        d = d[part]
-    return d
-
-
 def _nest(dotted: str, value: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     d = out
@@ -110,7 +86,7 @@ def _build(cls: type[C], data: dict[str, Any], flag: str) -> C:
 
 def _forbid_launcher_keys(section: str, flag: str, data: dict[str, Any]) -> None:
     for key in LAUNCHER_KEYS[section]:
-        if _has(data, key):
+        if has_path(data, key):
             raise ValueError(f"--{flag}.{key} is set by the launcher (see deploy/launcher/config.py); remove it")
 
 
@@ -356,7 +332,7 @@ class UpConfig(BaseConfig):
     def reward_config(self, redis_url: str, phase_name: str, port: int, consumer: str = "") -> Any:
         from reward_service.config import RewardConfig
 
-        data = _merge(
+        data = merge_tables(
             self.reward.config,
             {
                 "host": "127.0.0.1",
@@ -370,7 +346,7 @@ class UpConfig(BaseConfig):
     def engine_config(self, redis_url: str, phase_name: str, index: int, port: int, model_path: str) -> Any:
         from rollout_server.engine.config import EngineConfig
 
-        data = _merge(
+        data = merge_tables(
             self.engines.config,
             {
                 "model_path": model_path,
@@ -386,7 +362,7 @@ class UpConfig(BaseConfig):
     def rollout_config(self, redis_url: str, phase_name: str, index: int) -> Any:
         from rollout_server.worker.config import RolloutConfig
 
-        data = _merge(
+        data = merge_tables(
             self.rollout.config,
             {
                 "broker": {"redis_url": redis_url, "run_id": self.phase_run_id(phase_name)},
@@ -399,7 +375,7 @@ class UpConfig(BaseConfig):
         from learner.train_config import TrainConfig
 
         phase = self.phases[name]
-        merged = _merge(self.learner.config, phase.learner)
+        merged = merge_tables(self.learner.config, phase.learner)
         launcher: dict[str, Any] = {
             "broker": {"redis_url": redis_url, "run_id": self.phase_run_id(name)},
             "model": {"hf_path": model_path},
@@ -409,10 +385,10 @@ class UpConfig(BaseConfig):
             # sft: demonstrations arrive on `scored` from the launcher's publisher; the learner admits no tasks.
             "data": {"dataset_path": dataset_path if phase.kind == "rl" else ""},
         }
-        if _get(merged, "weight_sync.type", "none") != "none":
-            launcher = _merge(launcher, _nest("weight_sync.export_dir", f"{phase_dir}/exports"))
+        if get_path(merged, "weight_sync.type", "none") != "none":
+            launcher = merge_tables(launcher, _nest("weight_sync.export_dir", f"{phase_dir}/exports"))
         flag = "learner.config" if not phase.learner else f"phases.{name}.learner"
-        return _build(TrainConfig, _merge(merged, launcher), flag)
+        return _build(TrainConfig, merge_tables(merged, launcher), flag)
 
     # -- paths
 
