@@ -161,6 +161,14 @@ class TrainConfig(LearnerConfig):
             raise ValueError("--model.hf_path is required (the HF model directory to train)")
         if self.loss.mode == "grpo" and not self.data.dataset_path:
             raise ValueError("--data.dataset_path is required (the LongTraceRL JSONL the feeder publishes)")
+        every_k = getattr(self.weight_sync, "every_k_steps", 1)
+        if self.weight_sync.type != "none" and every_k > self.data.max_staleness + 1:
+            # Admission follows the policy version, which moves only on a push: tasks for step v + 1 are admitted
+            # once version v - max_staleness is out, so with rarer pushes the learner starves for data.
+            raise ValueError(
+                f"--weight_sync.every_k_steps {every_k} > --data.max_staleness {self.data.max_staleness} + 1: "
+                "admission waits for pushes that come too rarely, so the learner would starve"
+            )
         if self.model.cp_size > 1:
             raise ValueError("--model.cp_size > 1: the training loop does not split sequences over CP ranks yet")
         if self.model.sequence_parallel and self.batch.pad_multiple % self.model.tp_size:

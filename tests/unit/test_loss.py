@@ -130,6 +130,10 @@ def test_train_config_defaults_are_the_paper_recipe_and_errors_name_the_flag(tmp
     assert (cfg.loss.kl_coef, cfg.loss.entropy_coef, cfg.batch.zero_variance_filter) == (0.0, 0.0, False)
     with pytest.raises(ConfigError, match="--model.cp_size"):
         load_config(TrainConfig, None, ["--model.hf_path", "m", "--data.dataset_path", "d", "--model.cp_size", "2"])
+    # Pushes rarer than the staleness window starve admission (found by bench async's warm start).
+    rare = ["--weight_sync.type", "disk", "--weight_sync.export_dir", "e", "--weight_sync.every_k_steps", "3"]
+    with pytest.raises(ConfigError, match="--weight_sync.every_k_steps 3 > --data.max_staleness"):
+        load_config(TrainConfig, None, ["--model.hf_path", "m", "--data.dataset_path", "d", *rare])
     (tmp_path / "c.toml").write_text('[data]\ndataset_path = "d.jsonl"\n')
     out = subprocess.run(
         [sys.executable, "-m", "learner.train_cli", "--config", str(tmp_path / "c.toml")],
