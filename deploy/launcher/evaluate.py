@@ -26,19 +26,22 @@ from typing import Any
 
 from pydantic import Field
 
-from broker.config import BaseConfig, ConfigError, load_config
+from broker.config import ConfigError, load_config
 from deploy.eval.config import EvalConfig
+from deploy.launcher.config import EvalSection
 
 log = logging.getLogger(__name__)
 
 
-class EvalJobConfig(BaseConfig):
+class EvalJobConfig(EvalSection):
+    """One held-out evaluation: the launcher's `[eval]` section plus what the launcher knows at that moment."""
+
+    dataset_path: str
+    """Held-out LongTraceRL JSONL."""
     engine_urls: list[str] = Field(min_length=1)
     """Engines to generate with (base URLs)."""
     reward_url: str
     """Base URL of the reward API."""
-    dataset_path: str
-    """Held-out LongTraceRL JSONL."""
     tokenizer_path: str
     """Tokenizer with the chat template (the model directory)."""
     out_path: str
@@ -53,18 +56,6 @@ class EvalJobConfig(BaseConfig):
     """Every engine must report this weight version; None: no check."""
     processor: str = "qwen3"
     """Message processor of the responses (the rollout workers')."""
-    max_questions: int = Field(256, ge=1)
-    """Questions evaluated (the first ones of the file)."""
-    temperature: float = Field(0.0, ge=0)
-    """Sampling temperature (0: greedy)."""
-    max_new_tokens: int = Field(64, ge=1)
-    """Longest answer."""
-    stop_token_ids: list[int] = []
-    """Stop token ids; empty: the processor's stop tokens as the tokenizer spells them."""
-    batch_size: int = Field(32, ge=1)
-    """Requests in flight per engine (each request is one prompt; the engine batches them continuously)."""
-    timeout_s: float = Field(600.0, gt=0)
-    """Timeout of one HTTP request."""
     num_examples: int = Field(3, ge=0)
     """Questions whose response is kept in the result (for the report)."""
 

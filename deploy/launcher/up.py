@@ -338,6 +338,7 @@ class Launcher:
         e = self.cfg.eval
         rollout = self.cfg.rollout_config(self.redis_url, phase, 0)
         ecfg = EvalJobConfig(
+            **e.model_dump(exclude={"dataset_path"}),
             engine_urls=engine_urls,
             reward_url=self.reward_url,
             dataset_path=self.cfg.eval_dataset_path(),
@@ -348,12 +349,6 @@ class Launcher:
             step=self.global_step,
             expect_version=expect_version,
             processor=rollout.processor,
-            max_questions=e.max_questions,
-            temperature=e.temperature,
-            max_new_tokens=e.max_new_tokens,
-            stop_token_ids=e.stop_token_ids,
-            batch_size=e.batch_size,
-            timeout_s=e.timeout_s,
         )
         name = f"{phase}-eval-{when}"
         path = self._config_file(name, ecfg)
