@@ -24,6 +24,13 @@ def register(commands: argparse._SubParsersAction[Any], benches: argparse._SubPa
     p.add_argument("--dir", default=None, help="data directory (default: a temporary one, removed on exit)")
     p.add_argument("--appendonly", action="store_true", help="write an append-only file (survives a crash)")
     p.add_argument(
+        "--appendfsync",
+        choices=("always", "everysec", "no"),  # broker.embedded.APPENDFSYNC_POLICIES (not imported: it imports redis)
+        default="everysec",
+        help="fsync of the append-only file: always (no acknowledged write lost in a crash), everysec (up to 1 s "
+        "lost), no (the OS decides) (default: %(default)s)",
+    )
+    p.add_argument(
         "--password-env", default=None, metavar="VAR", help="require the password held in environment variable VAR"
     )
     p.add_argument("--maxmemory-mb", type=int, default=None, help="Redis maxmemory in MiB (default: unlimited)")
@@ -68,6 +75,7 @@ def _run_redis(args: argparse.Namespace) -> int:
         appendonly=args.appendonly,
         password=password,
         maxmemory_mb=args.maxmemory_mb,
+        appendfsync=args.appendfsync,
     ) as server:
         print(server.url, flush=True)
         while not stop.wait(0.5):

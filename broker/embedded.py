@@ -12,9 +12,15 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Literal, get_args
 from urllib.parse import quote
 
 import redis
+
+AppendFsync = Literal["always", "everysec", "no"]
+"""When redis-server fsyncs its append-only file: after every write (no acknowledged write is lost in a crash),
+once a second (up to a second of acknowledged writes lost), or when the OS flushes."""
+APPENDFSYNC_POLICIES: tuple[str, ...] = get_args(AppendFsync)
 
 
 def redis_server_binary() -> str:
@@ -47,7 +53,10 @@ class EmbeddedRedis:
         appendonly: bool = False,
         password: str | None = None,
         maxmemory_mb: int | None = None,
+        appendfsync: AppendFsync = "everysec",
     ) -> None:
+        if appendfsync not in APPENDFSYNC_POLICIES:
+            raise ValueError(f"appendfsync {appendfsync!r}: use one of {', '.join(APPENDFSYNC_POLICIES)}")
         self.host = host
         self.port = port or free_port(host)
         self._tmp = None if data_dir else tempfile.TemporaryDirectory(prefix="longtrace-redis-")
@@ -57,6 +66,7 @@ class EmbeddedRedis:
         self.appendonly = appendonly
         self.password = password
         self.maxmemory_mb = maxmemory_mb
+        self.appendfsync = appendfsync
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -72,7 +82,9 @@ class EmbeddedRedis:
             "--dir", str(self.data_dir),
             "--save", "",
             "--appendonly", "yes" if self.appendonly else "no",
-            "--appendfsync", "everysec",
+            # In argv, not a CONFIG SET after the start: a restart from this argv keeps the policy, and no write
+            # is acknowledged under a weaker one in between.
+            "--appendfsync", self.appendfsync,
             "--protected-mode", "no",
             "--daemonize", "no",
             "--logfile", str(self.data_dir / "redis.log"),

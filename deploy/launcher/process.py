@@ -118,8 +118,8 @@ class ProcessSpec:
     """Short unique name: the log file is `<name>.log`."""
     argv: list[str]
     """Command line (argv[0] is looked up on PATH)."""
-    env: dict[str, str] = field(default_factory=dict)
-    """Variables set on top of the launcher's environment."""
+    env: dict[str, str] = field(default_factory=dict, repr=False)
+    """Variables set on top of the launcher's environment (left out of repr: it may hold the Redis password)."""
     ready: Readiness | None = None
     """How to tell the child serves; None: running counts as ready."""
     ready_timeout_s: float = 120.0

@@ -66,7 +66,10 @@ class Launcher:
         self.run = RunDir.at(cfg.run_dir)
         self.sup = Supervisor(self.run.logs)
         self.dashboard = dashboard
+        # The launcher's own clients (namespace check, dashboard, chaos probe) use the URL as given; the services
+        # get it without its password in their config files, and the password in their environment.
         self.redis_url = cfg.redis.url
+        self.child_redis_url, self.redis_password = cfg.redis.child_url_and_password()
         self.reward_url = ""
         self.model_path = cfg.base_model_path()
         self.global_step = 0
@@ -78,6 +81,13 @@ class Launcher:
 
     def _config_file(self, name: str, config: BaseConfig) -> str:
         return str(write_config(config, self.run.configs / f"{name}.toml"))
+
+    def _broker_env(self, env: dict[str, str], broker: Any) -> dict[str, str]:
+        """`env` plus the Redis password, in the variable the service's BrokerConfig reads it from: the
+        environment of a process is readable only by its user, its argv by everyone (ps)."""
+        if self.redis_password is None:
+            return env
+        return {**env, broker.redis_password_env: self.redis_password}
 
     def _event(self, **event: Any) -> None:
         with self.run.phases_file.open("a", encoding="utf-8") as f:
@@ -142,7 +152,10 @@ class Launcher:
         argv = [PY, "-m", "deploy.cli", "redis", "--port", str(port), "--dir", str(Path(self.cfg.run_dir) / "redis")]
         if self.cfg.redis.appendonly:
             argv.append("--appendonly")
-        self.redis_url = f"redis://127.0.0.1:{port}/0"
+        # At start, not CONFIG SET later: a write acknowledged in between could be lost, and a restart (the
+        # chaos bench's Redis fault) starts from this argv again.
+        argv += ["--appendfsync", self.cfg.redis.appendfsync]
+        self.redis_url = self.child_redis_url = f"redis://127.0.0.1:{port}/0"
         spec = ProcessSpec(
             "redis", argv, CHILD_ENV, ready=RedisReady(self.redis_url), ready_timeout_s=self.cfg.startup_timeout_s
         )
@@ -154,13 +167,13 @@ class Launcher:
         if not self.cfg.reward.serve:
             return
         port = free_port()
-        cfg = self.cfg.reward_config(self.redis_url, next(iter(self.cfg.phases)), port)
+        cfg = self.cfg.reward_config(self.child_redis_url, next(iter(self.cfg.phases)), port)
         path = self._config_file("reward-api", cfg)
         self.reward_url = f"http://127.0.0.1:{port}"
         spec = ProcessSpec(
             "reward-api",
             [PY, "-m", "deploy.cli", "reward", "serve", "--config", path],
-            CHILD_ENV,
+            self._broker_env(CHILD_ENV, cfg.broker),
             ready=HttpReady(f"{self.reward_url}/health"),
             ready_timeout_s=self.cfg.startup_timeout_s,
             stop_timeout_s=15.0,
@@ -198,7 +211,7 @@ class Launcher:
         phase_dir = self.run.phase_dir(name)
         model = self.phase_model(index, name)
         dataset = cfg.phase_dataset_path(phase)
-        train = cfg.train_config(self.redis_url, name, model, dataset, str(phase_dir))
+        train = cfg.train_config(self.child_redis_url, name, model, dataset, str(phase_dir))
         log.info("phase %s starts from %s", name, model)
         self.dashboard.start_phase(
             PhaseView(name, phase.kind, index, len(cfg.phases), phase.steps),
@@ -215,11 +228,11 @@ class Launcher:
         engines, engine_urls = [], []
         for i in range(cfg.engines.num_engines):
             port = free_port()
-            ecfg = cfg.engine_config(self.redis_url, name, i, port, model)
+            ecfg = cfg.engine_config(self.child_redis_url, name, i, port, model)
             spec = ProcessSpec(
                 f"{name}-engine-{i}",
                 [PY, "-m", "deploy.cli", "engine", "serve", "--config", self._config_file(f"{name}-engine-{i}", ecfg)],
-                _threads_env(cfg.engines.num_threads),
+                self._broker_env(_threads_env(cfg.engines.num_threads), ecfg.broker),
                 ready=HttpReady(f"http://127.0.0.1:{port}/health"),
                 ready_timeout_s=cfg.startup_timeout_s,
                 stop_timeout_s=20.0,
@@ -260,7 +273,7 @@ class Launcher:
     def _start_rl_services(self, name: str, start: Callable[..., Child]) -> None:
         cfg = self.cfg
         for i in range(cfg.reward.num_workers):
-            rcfg = cfg.reward_config(self.redis_url, name, 0, consumer=f"reward-{i}")
+            rcfg = cfg.reward_config(self.child_redis_url, name, 0, consumer=f"reward-{i}")
             start(
                 ProcessSpec(
                     f"{name}-reward-worker-{i}",
@@ -273,19 +286,19 @@ class Launcher:
                         "--config",
                         self._config_file(f"{name}-reward-{i}", rcfg),
                     ],
-                    CHILD_ENV,
+                    self._broker_env(CHILD_ENV, rcfg.broker),
                     ready=LogReady(r"reward worker \S+ consuming"),
                     ready_timeout_s=cfg.startup_timeout_s,
                     stop_timeout_s=rcfg.worker.shutdown_timeout_s + 5,
                 )
             )
         for i in range(cfg.rollout.num_workers):
-            ocfg = cfg.rollout_config(self.redis_url, name, i)
+            ocfg = cfg.rollout_config(self.child_redis_url, name, i)
             start(
                 ProcessSpec(
                     f"{name}-rollout-{i}",
                     [PY, "-m", "rollout_server.worker", "--config", self._config_file(f"{name}-rollout-{i}", ocfg)],
-                    CHILD_ENV,
+                    self._broker_env(CHILD_ENV, ocfg.broker),
                     ready=LogReady(r"rollout worker \S+ reading"),
                     ready_timeout_s=cfg.startup_timeout_s,
                     stop_timeout_s=ocfg.shutdown_timeout_s + 5,
@@ -297,7 +310,7 @@ class Launcher:
     ) -> None:
         from deploy.launcher.sft_source import SftSourceConfig
 
-        broker = self.cfg.reward_config(self.redis_url, name, 0).broker
+        broker = self.cfg.reward_config(self.child_redis_url, name, 0).broker
         scfg = SftSourceConfig(
             broker=broker,
             dataset_path=dataset,
@@ -310,7 +323,10 @@ class Launcher:
         path = self._config_file(f"{name}-sft-source", scfg)
         start(
             ProcessSpec(
-                f"{name}-sft-source", [PY, "-m", "deploy.launcher.sft_source", "--config", path], CHILD_ENV, job=True
+                f"{name}-sft-source",
+                [PY, "-m", "deploy.launcher.sft_source", "--config", path],
+                self._broker_env(CHILD_ENV, broker),
+                job=True,
             )
         )
 
@@ -328,7 +344,11 @@ class Launcher:
         ]  # fmt: skip
         return start(
             ProcessSpec(
-                f"{name}-learner", argv, _threads_env(self.cfg.learner.num_threads), job=True, stop_timeout_s=30.0
+                f"{name}-learner",
+                argv,
+                self._broker_env(_threads_env(self.cfg.learner.num_threads), train.broker),
+                job=True,
+                stop_timeout_s=30.0,
             )
         )
 
@@ -336,7 +356,7 @@ class Launcher:
         from deploy.launcher.evaluate import EvalJobConfig
 
         e = self.cfg.eval
-        rollout = self.cfg.rollout_config(self.redis_url, phase, 0)
+        rollout = self.cfg.rollout_config(self.child_redis_url, phase, 0)
         ecfg = EvalJobConfig(
             **e.model_dump(exclude={"dataset_path"}),
             engine_urls=engine_urls,
