@@ -130,9 +130,11 @@ class RedisSection(BaseConfig):
     def _check_url(self) -> RedisSection:
         if self.url and not self.url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("--redis.url must start with redis://, rediss:// or unix:// (or be empty: embedded)")
-        if "appendfsync" in self.model_fields_set and self.url:
+        # Checked on the value, not on model_fields_set: a config dumped to TOML and loaded again (the launcher's
+        # and the ablation's resolved configs) sets every field explicitly.
+        if self.appendfsync != "everysec" and self.url:
             raise ValueError("--redis.appendfsync applies to the embedded Redis only: unset it or --redis.url")
-        if "appendfsync" in self.model_fields_set and not self.appendonly:
+        if self.appendfsync != "everysec" and not self.appendonly:
             raise ValueError("--redis.appendfsync applies to the append-only file: set --redis.appendonly true")
         return self
 

@@ -96,3 +96,16 @@ def test_appendfsync_config_errors_name_the_flag(tmp_path: Path) -> None:
     assert cfg.up.redis.appendfsync == "everysec"  # the policy of the run is the chaos bench's, applied above
     with pytest.raises(ConfigError, match="set the policy once"):
         load_chaos_config(CHAOS_CONFIG, [*chaos, "--up.redis.appendfsync", "everysec"])
+
+
+@pytest.mark.parametrize("overrides", [[], ["--redis.appendonly", "true", "--redis.appendfsync", "always"]])
+def test_a_dumped_up_config_loads_again(tmp_path: Path, overrides: list[str]) -> None:
+    """Guards against a check on which fields were *given* (model_fields_set): the ablation and the launcher write
+    resolved configs with every field set, and `longtrace up` on such a file failed with "--redis.appendfsync
+    applies to the append-only file"."""
+    from deploy.launcher.tomlfile import write_config
+
+    cfg = load_config(UpConfig, UP_CONFIG, ["--run_dir", str(tmp_path / "run"), *overrides])
+    path = write_config(cfg, tmp_path / "resolved.toml")
+    again = load_config(UpConfig, path)
+    assert again.redis == cfg.redis
