@@ -305,16 +305,18 @@ def sft_export(plan: Plan, seed: int) -> Path:
 
 
 def export_steps(plan: Plan, run_dir: Path) -> dict[int, Path]:
-    """RL step -> the HF export of the weights after it (policy versions mapped to steps by metrics.jsonl)."""
+    """RL step -> the HF export of the weights after it (policy versions mapped to steps by metrics.jsonl). A step
+    whose export was pruned after its evaluation counts while its samples file exists, so a reused run
+    (`--reuse_finished_runs`) keeps its whole curve."""
     from deploy.launcher.rundir import POLICY_VERSION, STEP, RunDir
     from learner.weight_sync.disk import export_name
 
     exports = run_dir / "phases" / plan.cfg.rl_phase / "exports"
     out = {}
     for m in RunDir.at(run_dir).metrics(plan.cfg.rl_phase):
-        path = exports / export_name(int(m[POLICY_VERSION]))
-        if int(m[STEP]) in plan.eval_steps and path.is_dir():
-            out[int(m[STEP])] = path
+        step, path = int(m[STEP]), exports / export_name(int(m[POLICY_VERSION]))
+        if step in plan.eval_steps and (path.is_dir() or (run_dir / "samples" / f"step-{step}.jsonl").is_file()):
+            out[step] = path
     return out
 
 
@@ -521,6 +523,12 @@ def summarize(
         for key in FINAL_KEYS:
             entry[key] = spread({s: per_seed[s][last[s]][key] for s in cfg.seeds})
         entry["final_accuracy"] = entry["accuracy"]
+        # Held-out samples behind each final rate, over all seeds: the scale of its sampling noise (checks' z).
+        entry["num_samples"] = int(sum(per_seed[s][last[s]].get("num_samples", 0) for s in cfg.seeds))
+        # Mean accuracy over the RL curve (steps > 0): separates "learns faster" from "ends higher".
+        entry["accuracy_curve_mean"] = spread(
+            {s: _mean([per_seed[s][k]["accuracy"] for k in steps if k > 0]) for s in cfg.seeds}
+        )
         entry["gain_over_sft"] = spread(
             {s: per_seed[s][last[s]]["accuracy"] - per_seed[s][0]["accuracy"] for s in cfg.seeds}
         )
@@ -558,14 +566,31 @@ def _ratio(variants: dict[str, Any]) -> float:
     return a / b if b > 0 else math.nan
 
 
+def difference_z(a: dict[str, Any], b: dict[str, Any], key: str) -> float:
+    """z of the difference of two variants' pooled final rates `key` (two-proportion test over all seeds' held-out
+    samples): |z| < 2 means the difference is within the sampling noise of the evaluation alone (seed-to-seed
+    variation of training comes on top of it)."""
+    n1, n2 = a.get("num_samples", 0), b.get("num_samples", 0)
+    if not n1 or not n2:
+        return math.nan
+    p1, p2 = a[key]["mean"], b[key]["mean"]
+    pooled = (p1 * n1 + p2 * n2) / (n1 + n2)
+    se = math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
+    return (p1 - p2) / se if se > 0 else 0.0
+
+
 def direction_checks(variants: dict[str, Any]) -> dict[str, Any]:
     """The paper's directions on this task (None when a variant is missing): positive-only >= outcome-only in
-    final held-out accuracy, and rubric-on-every-sample hacks more than positive-only."""
+    final held-out accuracy, and rubric-on-every-sample hacks more than positive-only. Each difference comes with
+    its z (`difference_z`): a direction that holds at |z| < 2 is not evidence either way."""
     out: dict[str, Any] = {}
     if "positive_only" in variants and "outcome_only" in variants:
         p, o = variants["positive_only"]["accuracy"], variants["outcome_only"]["accuracy"]
         out["positive_only_ge_outcome_only"] = p["mean"] >= o["mean"]
         out["positive_only_minus_outcome_only"] = p["mean"] - o["mean"]
+        out["positive_only_minus_outcome_only_z"] = difference_z(
+            variants["positive_only"], variants["outcome_only"], "accuracy"
+        )
         out["seeds_positive_only_ge_outcome_only"] = sum(p["per_seed"][s] >= o["per_seed"][s] for s in p["per_seed"])
         out["paper_positive_only_minus_outcome_only"] = PAPER["positive_only"] - PAPER["outcome_only"]
     else:
@@ -574,11 +599,24 @@ def direction_checks(variants: dict[str, Any]) -> dict[str, Any]:
         b, p = variants["both"]["hacking_rate"], variants["positive_only"]["hacking_rate"]
         out["both_hacks_more_than_positive_only"] = b["mean"] > p["mean"]
         out["both_minus_positive_only_hacking"] = b["mean"] - p["mean"]
+        out["both_minus_positive_only_hacking_z"] = difference_z(
+            variants["both"], variants["positive_only"], "hacking_rate"
+        )
+        out["both_minus_positive_only_rubric_without_outcome"] = (
+            variants["both"]["rubric_without_outcome_rate"]["mean"]
+            - variants["positive_only"]["rubric_without_outcome_rate"]["mean"]
+        )
+        out["both_minus_positive_only_rubric_without_outcome_z"] = difference_z(
+            variants["both"], variants["positive_only"], "rubric_without_outcome_rate"
+        )
         out["both_minus_positive_only_ill_formed"] = (
             variants["both"]["ill_formed_rate"]["mean"] - variants["positive_only"]["ill_formed_rate"]["mean"]
         )
         out["both_minus_positive_only_accuracy"] = (
             variants["both"]["accuracy"]["mean"] - variants["positive_only"]["accuracy"]["mean"]
+        )
+        out["both_minus_positive_only_accuracy_z"] = difference_z(
+            variants["both"], variants["positive_only"], "accuracy"
         )
         out["paper_both_minus_positive_only"] = PAPER["both"] - PAPER["positive_only"]
     else:

@@ -301,24 +301,34 @@ HACKING_BARS = (
 
 def _plot_hacking(plt: Any, summary: dict[str, Any], path: Path) -> None:
     names = list(summary["variants"])
-    fig, ax = plt.subplots(figsize=(9, 4))
+    # Left: the rare failure modes (listing, ill-formed); right: wrong answers that still name the whole chain,
+    # the rubric credit a wrong answer can earn (common on this task, so on its own scale).
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [3, 1]})
     width = 0.8 / len(HACKING_BARS)
     for j, (key, label) in enumerate(HACKING_BARS):
-        stats = [summary["variants"][n][key] for n in names]
-        means = [s["mean"] for s in stats]
-        err = [
-            [m - s["min"] for m, s in zip(means, stats, strict=True)],
-            [s["max"] - m for m, s in zip(means, stats, strict=True)],
-        ]
         xs = [i + (j - (len(HACKING_BARS) - 1) / 2) * width for i in range(len(names))]
-        ax.bar(xs, means, width, yerr=err, capsize=3, label=label)
+        _bars(ax, xs, [summary["variants"][n][key] for n in names], width, label)
     ax.set_xticks(range(len(names)), names)
     ax.set_ylabel("fraction of held-out samples (final step)")
-    ax.set_title("hacking indicator, ill-formed and unfinished outputs (bars: mean, whiskers: min-max over seeds)")
+    ax.set_title("hacking, ill-formed, unfinished (mean; whiskers: min-max over seeds)", fontsize=10)
     ax.legend(fontsize=8)
+    stats = [summary["variants"][n].get("rubric_without_outcome_rate") for n in names]
+    if all(stats):
+        _bars(ax2, list(range(len(names))), stats, 0.6, "wrong, whole chain named", color="tab:purple")
+        ax2.set_xticks(range(len(names)), names, rotation=20)
+        ax2.set_title("wrong answers naming the whole chain", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _bars(ax: Any, xs: list[float], stats: list[Any], width: float, label: str, **kw: Any) -> None:
+    means = [s["mean"] for s in stats]
+    err = [
+        [m - s["min"] for m, s in zip(means, stats, strict=True)],
+        [s["max"] - m for m, s in zip(means, stats, strict=True)],
+    ]
+    ax.bar(xs, means, width, yerr=err, capsize=3, label=label, **kw)
 
 
 def _ms(s: dict[str, Any]) -> str:
@@ -356,12 +366,20 @@ def render_ablation_markdown(summary: dict[str, Any], out_dir: Path) -> str:
         "## Directions of the paper",
         "",
         f"- positive-only >= outcome-only in final held-out accuracy: **{checks.get('positive_only_ge_outcome_only')}** "
-        f"(here {_f(checks.get('positive_only_minus_outcome_only', math.nan))}; paper {paper['positive_only']} vs "
+        f"(here {_f(checks.get('positive_only_minus_outcome_only', math.nan))}, "
+        f"z {_f(checks.get('positive_only_minus_outcome_only_z', math.nan))}; paper {paper['positive_only']} vs "
         f"{paper['outcome_only']})",
         f"- rubric on every sample hacks more than positive-only: "
         f"**{checks.get('both_hacks_more_than_positive_only')}** "
-        f"(hacking-rate difference {_f(checks.get('both_minus_positive_only_hacking', math.nan))}; paper: "
+        f"(hacking-rate difference {_f(checks.get('both_minus_positive_only_hacking', math.nan))}, "
+        f"z {_f(checks.get('both_minus_positive_only_hacking_z', math.nan))}; paper: "
         f"{paper['both']} vs {paper['positive_only']}, the policy learns to list entities)",
+        f"- rubric on every sample vs positive-only: accuracy "
+        f"{_f(checks.get('both_minus_positive_only_accuracy', math.nan))} "
+        f"(z {_f(checks.get('both_minus_positive_only_accuracy_z', math.nan))}), wrong answers naming the whole "
+        f"chain {_f(checks.get('both_minus_positive_only_rubric_without_outcome', math.nan))} "
+        f"(z {_f(checks.get('both_minus_positive_only_rubric_without_outcome_z', math.nan))})",
+        "- |z| < 2: within the sampling noise of the held-out evaluation alone (seed-to-seed spread comes on top).",
         "",
         "## Plots",
         "",

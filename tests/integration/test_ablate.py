@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from broker.config import ConfigError, load_config
-from deploy.ablate import AblateConfig, Plan, Variant, check_reward_only
+from deploy.ablate import AblateConfig, Plan, Variant, check_reward_only, difference_z
 from deploy.ablate_samples import SAMPLE_FIELDS, HackingConfig, indicators, read_samples, write_samples
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -94,6 +94,15 @@ def test_debug_ablation_runs_variants_from_one_sft_export_and_reports(
     assert "| positive_only |" in md and "| both |" in md and "![held-out accuracy per variant](variants.png)" in md
     assert (out / "report" / "variants.png").stat().st_size > 10_000 and (out / "report" / "hacking.png").is_file()
 
+    # Re-summarising the finished runs (--reuse_finished_runs) starts nothing and keeps every curve point, although
+    # the evaluated exports were pruned: the samples files stand in for them.
+    code = _cli(["bench", "ablation", "--config", str(DEBUG), "--json", *argv, "--reuse_finished_runs", "true"])
+    assert code == 0
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for v, entry in again["variants"].items():
+        assert entry["curve_steps"] == [0, 2, 3]
+        assert entry["curves"]["accuracy"] == summary["variants"][v]["curves"]["accuracy"]
+
 
 def _base(tmp_path: Path, **kw: Any) -> AblateConfig:
     return load_config(AblateConfig, DEBUG, ["--out_dir", str(tmp_path / "a")]).model_copy(update=kw)
@@ -149,3 +158,17 @@ def test_hacking_indicator_counts_wrong_entity_lists_not_the_demonstrated_answer
     path.write_text('{"id": 0, "response": "x"}\n')
     with pytest.raises(ValueError, match=r"samples\.jsonl:1: .*answer"):
         read_samples(path)
+
+
+def test_difference_z_separates_noise_from_a_real_difference() -> None:
+    """Guards against direction checks that call a one-sample difference a finding: the z of a difference must be
+    small for 1 of 768 samples and large for a 10-point gap over the same samples."""
+
+    def v(rate: float, n: int = 768) -> dict[str, Any]:
+        return {"num_samples": n, "hacking_rate": {"mean": rate}}
+
+    assert abs(difference_z(v(1 / 768), v(0.0), "hacking_rate")) < 2
+    assert difference_z(v(0.64), v(0.53), "hacking_rate") > 4
+    assert difference_z(v(0.53), v(0.64), "hacking_rate") < -4
+    assert difference_z(v(0.0), v(0.0), "hacking_rate") == 0.0
+    assert difference_z(v(0.5, 0), v(0.1), "hacking_rate") != difference_z(v(0.5, 0), v(0.1), "hacking_rate")  # nan
