@@ -425,13 +425,22 @@ def run_ablation(cfg: AblateConfig) -> dict[str, Any]:
     # The configs the runs really used (RUN_DIR/config.json), diffed per seed.
     used_diff = {}
     for seed in cfg.seeds:
-        used = {v.name: json.loads((plan.run_dir(seed, v.name) / "config.json").read_text()) for v in plan.variants}
+        used = {v.name: _used_config(plan.run_dir(seed, v.name)) for v in plan.variants}
         used_diff[str(seed)] = check_reward_only(used, f"seed {seed} run directories")
     summary = summarize(plan, sft, runs)
     summary["config_diff"] = {"planned": planned_diff, "used": used_diff, "only_reward_rule_differs": True}
     summary["wall_s"] = round(time.monotonic() - t0, 1)
     (plan.out / ABLATION_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _used_config(run_dir: Path) -> dict[str, Any]:
+    """RUN_DIR/config.json as UpConfig reads it today: a field added since an older (reused) run was made takes
+    its default in every run alike, instead of showing up as a difference of that run alone."""
+    from deploy.launcher.config import UpConfig
+
+    raw = json.loads((run_dir / "config.json").read_text())
+    return UpConfig.model_validate(raw).model_dump(mode="json")
 
 
 def _prune_exports(exports: Path) -> None:
