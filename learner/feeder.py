@@ -4,7 +4,9 @@ Admission control (AReaL-style, ARCHITECTURE.md "Staleness and asynchrony"): at 
 `(max_staleness + v + 1) * groups_per_step` groups are admitted in total, so generation runs at most
 `max_staleness` versions ahead of training. Groups the learner drops (stale, zero-variance, dead-lettered)
 give their slot back (the limit is raised by their count); otherwise a dropped group would leave a step
-short of groups forever.
+short of groups forever. Every admitted group id is recorded with its admission version in
+`LearnerState.admitted_unread` until the reader reads it: that is how the reader knows which groups
+are about to go stale and fills a step oldest-first (batching.py).
 
 Order: epoch e visits the rows in the permutation of `numpy.random.default_rng([seed, e])` (dataset
 order without shuffle). The cursor (epoch, position, admitted) lives in `LearnerState` and is
@@ -151,6 +153,8 @@ class Feeder:
         tasks = [self._next_task() for _ in range(want)]
         ids = self._producer.publish(tasks, dedup_key=lambda t: t.group_id)
         self.cursor.admitted += len(tasks)
+        for t in tasks:  # the reader waits for admitted groups about to go stale (batching.py, "due" groups)
+            self._state.admitted_unread[t.group_id] = t.policy_version
         num_new = sum(i is not None for i in ids)
         if num_new < len(tasks):
             logger.info("%d of %d tasks were already published (resumed run)", len(tasks) - num_new, len(tasks))

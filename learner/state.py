@@ -24,8 +24,12 @@ class LearnerState(msgspec.Struct, kw_only=True):
     step: int = 0  # optimizer steps done
     policy_version: int = 0  # version of the weights the engines have (== step while sync is disabled)
     cursor: DataCursor = msgspec.field(default_factory=DataCursor)
-    # Every group id read from `scored` (trained, dropped or duplicate): a redelivered group is skipped.
+    # Every group id whose fate is decided (trained in a saved step, dropped, dead-lettered): a redelivered copy is
+    # skipped. Groups read but carried over to a later step are not in it (batching.py, ScoredReader.ack_held).
     consumed_group_ids: list[str] = []
+    # Admitted groups not yet read from `scored`: group id -> policy version at admission (written by the feeder,
+    # removed by the reader). The reader waits for the ones about to go stale (batching.py, "due" groups).
+    admitted_unread: dict[str, int] = {}
     num_trained_groups: int = 0
     num_dropped_stale: int = 0
     num_dropped_zero_variance: int = 0

@@ -54,6 +54,18 @@ class BatchConfig(BaseConfig):
     """How long one read of the scored stream blocks before rank 0 tells the other ranks it is still waiting."""
     batch_timeout_s: float = Field(6 * 3600.0, gt=0)
     """Give up (error) when a step's groups have not all arrived within this long."""
+    due_wait_s: float = Field(30.0, ge=0)
+    """With a step's groups in, wait up to this long for older admitted groups still unread that would be stale
+    after this step, and train those first (the younger surplus waits for the next step); each group is waited for
+    at most once. 0: take the first groups to arrive."""
+
+    @model_validator(mode="after")
+    def _check_waits(self) -> BatchConfig:
+        if self.due_wait_s >= self.batch_timeout_s:
+            raise ValueError(
+                f"--batch.due_wait_s ({self.due_wait_s}) must be below --batch.batch_timeout_s ({self.batch_timeout_s})"
+            )
+        return self
 
 
 class LossConfig(BaseConfig):

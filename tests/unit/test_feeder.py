@@ -175,3 +175,28 @@ def test_missing_dataset_names_the_flag(tmp_path: Path) -> None:
     """Guards against a typo'd dataset path failing deep inside the feeder instead of naming the flag."""
     with pytest.raises(ValueError, match="--data.dataset_path"):
         JsonlDataset(tmp_path / "nope.jsonl")
+
+
+def test_admissions_are_recorded_with_their_version_until_read_and_survive_a_checkpoint(
+    dataset: JsonlDataset, tokenizer: Any, redis_url: str, tmp_path: Path
+) -> None:
+    """Guards against the reader not knowing which admitted groups are still out and how old they are (it could not
+    wait for the ones about to go stale, so they would be overtaken and dropped), and against that record being
+    lost with a restart (real redis-server)."""
+    from broker.factory import connect
+
+    broker = connect(BrokerConfig(redis_url=redis_url, run_id="feeder-due", socket_timeout_s=5, connect_timeout_s=2))
+    state = LearnerState()
+    data = DataConfig(groups_per_step=2, max_staleness=1, num_samples=4, seed=3)
+    feeder = Feeder(dataset, tokenizer, broker.producer(TASKS, Task), state, data, run_id="run")
+    assert feeder.fill() == 4
+    state.policy_version = 1
+    assert feeder.fill() == 2
+    consumer = broker.consumer(TASKS, Task, group="workers", name="w")
+    tasks = [e.msg for e in consumer.read(100, 0.2)]
+    assert len(tasks) == 6
+    assert state.admitted_unread == {t.group_id: t.policy_version for t in tasks}
+    assert sorted(state.admitted_unread.values()) == [0, 0, 0, 0, 1, 1]
+    restored = LearnerState.load(_save(state, tmp_path / "s.json"))
+    assert restored.admitted_unread == state.admitted_unread
+    broker.close()
