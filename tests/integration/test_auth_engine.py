@@ -5,19 +5,13 @@ bind by default (a real `longtrace engine serve` process)."""
 
 from __future__ import annotations
 
-import asyncio
-import hmac
 import os
-import signal
-import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 import pytest
 
 from deploy.fuzz import engine_config
@@ -26,9 +20,10 @@ from rollout_server.engine.engine import Engine
 from rollout_server.engine.guard import CONTROL_PATHS
 from rollout_server.engine.server import free_port
 from rollout_server.models import init_tiny_model
+from tests.helpers.auth_checks import GuardedServer, bearer, serving
 
 TOKEN = "eng-4c1d8e2a9f3b7a60"  # a distinctive string to grep logs for
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
+AUTH = bearer(TOKEN)
 
 # A harmless authenticated call per control endpoint (each answers 200, or 400 without touching state).
 CONTROL_CALLS: list[tuple[str, str, Any]] = [
@@ -59,16 +54,11 @@ def engine(model_dir: Path) -> Iterator[Engine]:
     eng.shutdown()
 
 
-def _calls(engine: Engine, *calls: tuple[str, str, Any, dict[str, str]]) -> list[httpx.Response]:
-    async def main() -> list[httpx.Response]:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(build_app(engine)), base_url="http://e") as c:
-            out = []
-            for method, path, body, headers in calls:
-                kw: dict[str, Any] = {"content": body} if isinstance(body, (bytes, AsyncIterator)) else {"json": body}
-                out.append(await c.request(method, path, headers=headers, timeout=30, **kw))
-            return out
-
-    return asyncio.run(main())
+@pytest.fixture
+def server(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> GuardedServer:
+    """The engine's app with its token in the env var the config names."""
+    monkeypatch.setenv("LT_AUTH_ENGINE", TOKEN)
+    return GuardedServer(lambda: build_app(engine), TOKEN, ("POST", "/abort_request", {}), error_key="message")
 
 
 def test_control_paths_are_the_documented_ones() -> None:
@@ -78,48 +68,33 @@ def test_control_paths_are_the_documented_ones() -> None:
 
 @pytest.mark.parametrize(("method", "path", "body"), CONTROL_CALLS, ids=[f"{m} {p}" for m, p, _ in CONTROL_CALLS])
 def test_every_control_endpoint_needs_the_token(
-    engine: Engine, monkeypatch: pytest.MonkeyPatch, method: str, path: str, body: Any
+    engine: Engine, server: GuardedServer, method: str, path: str, body: Any
 ) -> None:
     """Guards against an unauthenticated caller pausing, flushing, re-weighting, aborting or relabelling a
     shared engine, and against the token locking out its rightful caller."""
-    monkeypatch.setenv("LT_AUTH_ENGINE", TOKEN)
-    none, wrong, scheme, right = _calls(
-        engine,
-        (method, path, body, {}),
-        (method, path, body, {"Authorization": f"Bearer {TOKEN[:-1]}X"}),
-        (method, path, body, {"Authorization": f"Basic {TOKEN}"}),
-        (method, path, body, {"Authorization": f"bearer {TOKEN}"}),  # the scheme is case-insensitive (RFC 7235)
-    )
-    assert [r.status_code for r in (none, wrong, scheme)] == [401, 401, 401]
-    assert none.json()["message"] and none.headers["www-authenticate"] == "Bearer"
-    assert right.status_code in (200, 400) and "Bearer" not in right.text, right.text
+    for right in server.check_bearer_auth(method, path, body):
+        assert right.status_code in (200, 400) and "Bearer" not in right.text, right.text
     if path == "/pause_generation":
-        _calls(engine, ("POST", "/continue_generation", {}, {"Authorization": f"Bearer {TOKEN}"}))
+        server.calls(("POST", "/continue_generation", {}, AUTH))
     assert not engine.scheduler.paused and engine.weight_version == "default"
 
 
-def test_generation_and_probes_stay_open_and_auth_precedes_parsing(
-    engine: Engine, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_generation_and_probes_stay_open_and_auth_precedes_parsing(server: GuardedServer) -> None:
     """Guards against a token locking out rollout workers (they send none) and health probes, and against an
     unauthenticated caller getting validation errors (schema probing) or a 413 before its 401."""
-    monkeypatch.setenv("LT_AUTH_ENGINE", TOKEN)
-    responses = _calls(
-        engine,
+    responses = server.calls(
         ("POST", "/generate", {"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 2}}, {}),
         ("GET", "/health", None, {}),
         ("GET", "/get_model_info", None, {}),
         ("GET", "/get_server_info", None, {}),
         ("GET", "/get_weight_version", None, {}),
-        ("POST", "/pause_generation", b"{not json", {"content-type": "application/json"}),
-        ("POST", "/update_weights_from_disk", b"x" * 10_000, {}),
     )
-    assert [r.status_code for r in responses[:5]] == [200] * 5
+    assert [r.status_code for r in responses] == [200] * 5
     assert TOKEN not in responses[3].text  # server_info dumps the config: the env var's name, not its value
-    assert [r.status_code for r in responses[5:]] == [401, 401]
+    server.check_auth_precedes_parsing("/pause_generation", "/update_weights_from_disk")
 
 
-def test_body_limit_is_413_before_parsing(engine: Engine) -> None:
+def test_body_limit_is_413_before_parsing(server: GuardedServer) -> None:
     """Guards against a client making the engine buffer and parse an arbitrarily large body: declared, lying and
     streamed (chunked) bodies over `max_body_mb` are refused with 413 naming the flag."""
 
@@ -127,8 +102,7 @@ def test_body_limit_is_413_before_parsing(engine: Engine) -> None:
         for _ in range(20):
             yield b"[1, 2, 3, 4, 5, 6, 7, 8, 9, 0]" * 10
 
-    declared, streamed, lying, fits = _calls(
-        engine,
+    declared, streamed, lying, fits = server.calls(
         ("POST", "/generate", b"[" * 2000, {"content-type": "application/json"}),
         ("POST", "/generate", chunks(), {"content-type": "application/json"}),
         ("POST", "/generate", b"{}", {"content-length": "-5"}),
@@ -139,28 +113,15 @@ def test_body_limit_is_413_before_parsing(engine: Engine) -> None:
     assert fits.status_code == 200
 
 
-def test_token_compare_is_constant_time(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_token_compare_is_constant_time(server: GuardedServer, monkeypatch: pytest.MonkeyPatch) -> None:
     """Guards against the bearer check being rewritten with `==` (its early exit is a timing oracle on the
     token's prefix): every check, right or wrong, goes through hmac.compare_digest."""
-    compare = hmac.compare_digest
-    seen: list[bytes] = []
-
-    def recording(a: bytes, b: bytes) -> bool:
-        seen.append(a)
-        return compare(a, b)
-
-    monkeypatch.setattr("broker.asgi_guard.hmac.compare_digest", recording)
-    monkeypatch.setenv("LT_AUTH_ENGINE", TOKEN)
-    _calls(
-        engine,
-        ("POST", "/abort_request", {}, {"Authorization": "Bearer guess"}),
-        ("POST", "/abort_request", {}, {"Authorization": f"Bearer {TOKEN}"}),
-        ("POST", "/abort_request", {}, {"Authorization": f"Basic {TOKEN}"}),  # compared too: no early exit on scheme
-    )
-    assert seen == [b"guess", TOKEN.encode(), TOKEN.encode()]
+    server.check_compare_is_constant_time(monkeypatch)
 
 
-def test_token_from_a_file(engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_token_from_a_file(
+    engine: Engine, server: GuardedServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Guards against secrets having to sit in the environment, and against a missing or empty token file
     silently turning auth off."""
     (tmp_path / "token").write_text(f"{TOKEN}\n")
@@ -169,8 +130,7 @@ def test_token_from_a_file(engine: Engine, tmp_path: Path, monkeypatch: pytest.M
     base = engine.config
     try:
         engine.config = base.model_copy(update={"api_key_file": str(tmp_path / "token")})
-        env_token, file_token = _calls(
-            engine,
+        env_token, file_token = server.calls(
             ("POST", "/abort_request", {}, {"Authorization": "Bearer from-env"}),
             ("POST", "/abort_request", {}, AUTH),
         )
@@ -187,35 +147,18 @@ def test_serve_binds_loopback_and_never_logs_the_token(model_dir: Path, tmp_path
     """Guards against `longtrace engine serve` exposing its control endpoints on every interface by default, and
     against the token reaching its logs (debug level) or its answers, for right and wrong tokens alike."""
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "LONGTRACE_ENGINE_API_KEY": TOKEN, "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "deploy.cli", "engine", "serve", "--model", str(model_dir), "--port", str(port),
            "--log_level", "DEBUG", "--context_length", "64"]  # fmt: skip
     log = tmp_path / "engine.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        listening = [c.laddr.ip for c in psutil.Process(proc.pid).net_connections("inet") if c.status == "LISTEN"]
-        assert listening == ["127.0.0.1"]
+    with serving(cmd, env, log, port, TOKEN, start_timeout_s=120) as url:
         answers = [
             httpx.post(f"{url}/pause_generation", json={}, timeout=10),
-            httpx.post(f"{url}/pause_generation", json={}, headers={"Authorization": f"Bearer {TOKEN}0"}, timeout=10),
+            httpx.post(f"{url}/pause_generation", json={}, headers=bearer(f"{TOKEN}0"), timeout=10),
             httpx.post(f"{url}/abort_request", json={"abort_all": True}, headers=AUTH, timeout=10),
             httpx.get(f"{url}/get_server_info", timeout=10),
         ]
         assert [a.status_code for a in answers] == [401, 401, 200, 200]
         assert all(TOKEN not in a.text for a in answers)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
     text = log.read_text()
     assert "control auth on" in text and "DEBUG" in text  # the logs were captured, at debug level
-    assert TOKEN not in text

@@ -3,10 +3,10 @@ meet in a c10d rendezvous (gloo on CPU) and train the tiny model for a few steps
 started by `deploy/torchrun/engine.sh`, which registered itself in Redis (the only shared service).
 
 The rollout and reward services are outside this test: a driver thread turns each task into a scored group
-(token ids, engine logprobs and rewards derived from the group id), as tests/integration/test_trainer_resume.py
-does. What runs for real is exactly what a cluster runs: the scripts, torchrun's c10d rendezvous with node 0
-hosting the store, the learner CLI with the scripts' overrides, the engine launcher and registry, and weight sync
-to the registered engine at the address learner.sh passes (NODE_ADDR).
+(tests/helpers/scored_driver.py, with both rewards in every group so advantages are non-zero). What runs for
+real is exactly what a cluster runs: the scripts, torchrun's c10d rendezvous with node 0 hosting the store, the
+learner CLI with the scripts' overrides, the engine launcher and registry, and weight sync to the registered
+engine at the address learner.sh passes (NODE_ADDR).
 """
 
 from __future__ import annotations
@@ -15,61 +15,19 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
-import zlib
 from pathlib import Path
 
 import httpx
-import numpy as np
 
-from broker.base import SCORED, TASKS
 from broker.factory import connect
-from broker.schemas import Group, Sample, SampleReward, ScoredGroup, Task, WeightSegment, pack_ids, pack_logprobs
 from broker.settings import BrokerConfig
 from tests.helpers.dist import REPO_ROOT, free_port
+from tests.helpers.scored_driver import ScoredDriver
 
 RUN_ID = "multinode-test"
 STEPS = 3
 TORCHRUN = REPO_ROOT / "deploy" / "torchrun"
-
-
-def _scored(task: Task) -> ScoredGroup:
-    rng = np.random.default_rng(zlib.crc32(task.group_id.encode()))
-    samples, rewards = [], []
-    for i in range(task.num_samples):
-        n = int(rng.integers(2, 7))
-        samples.append(
-            Sample(
-                response_ids=pack_ids(rng.integers(10, 250, size=n)),
-                logprobs=pack_logprobs(-5.5 + rng.uniform(-0.6, 0.6, size=n)),
-                text="",
-                finish_reason="stop",
-                status="completed",
-                weight_segments=[WeightSegment(0, task.policy_version)],
-            )
-        )
-        r = float(i % 2)  # every group has both rewards: non-zero advantages
-        rewards.append(SampleReward(reward=r, outcome_reward=r, rubric_reward=0.0))
-    return ScoredGroup(group=Group(task=task, samples=samples), rewards=rewards)
-
-
-class Driver(threading.Thread):
-    """Stands in for rollout workers + reward service: every task becomes a scored group."""
-
-    def __init__(self, redis_url: str) -> None:
-        super().__init__(daemon=True)
-        self._broker = connect(BrokerConfig(redis_url=redis_url, run_id=RUN_ID))
-        self._tasks = self._broker.consumer(TASKS, Task, group="rollout", name="driver")
-        self._scored = self._broker.producer(SCORED, ScoredGroup)
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        while not self.stop.is_set():
-            for entry in self._tasks.read(8, block_s=0.2):
-                self._scored.publish([_scored(entry.msg)], dedup_key=lambda s: s.group_id)
-                self._tasks.ack([entry.id])
-        self._broker.close()
 
 
 def _write_inputs(tmp: Path) -> tuple[Path, Path]:
@@ -177,7 +135,7 @@ def test_two_learner_nodes_rendezvous_train_and_push_weights_to_a_registered_eng
     }
     broker = connect(BrokerConfig(redis_url=redis_url, run_id=RUN_ID))
     procs: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
-    driver = Driver(redis_url)
+    driver = ScoredDriver(redis_url, RUN_ID, alternate_rewards=True)
     try:
         procs["engine"] = (_start("engine.sh", env, tmp_path / "engine.log"), tmp_path / "engine.log")
         _wait(lambda: len(broker.engines.live()) == 1, procs, timeout_s=120)
@@ -192,10 +150,9 @@ def test_two_learner_nodes_rendezvous_train_and_push_weights_to_a_registered_eng
             assert proc.returncode == 0, f"node{node} exited {proc.returncode}:\n{logs[f'node{node}'][-4000:]}"
         version = httpx.get(f"http://127.0.0.1:{engine_port}/get_weight_version", timeout=10).json()
     finally:
-        driver.stop.set()
+        driver.close()
         for proc, _ in procs.values():
             _stop(proc)
-        driver.join(10)
         broker.close()
 
     from learner.metrics import read_metrics

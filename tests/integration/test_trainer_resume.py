@@ -1,11 +1,11 @@
 """`python -m learner.train_cli` end to end on a real Redis and 2 torchrun gloo ranks: SIGKILL, resume, compare.
 
-The rollout and reward services are outside this test: a driver thread turns each task into a scored
-group deterministically (token ids, engine logprobs and rewards derived from the group id), in task
-order, so both runs see the same data. Run 1 gets groups for 3 steps only; it checkpoints at step 2,
-trains step 3, then blocks waiting for step 4 and is SIGKILLed. Run 2 resumes from step 2 with the
-driver serving everything and must retrain step 3 bit for bit (same groups, same weights, same
-optimizer state), train step 4 and ack everything; no group is trained twice in the final history.
+The rollout and reward services are outside this test: a driver thread (tests/helpers/scored_driver.py)
+turns each task into a scored group deterministically (token ids, engine logprobs and rewards derived from
+the group id), in task order, so both runs see the same data. Run 1 gets groups for 3 steps only; it
+checkpoints at step 2, trains step 3, then blocks waiting for step 4 and is SIGKILLed. Run 2 resumes from
+step 2 with the driver serving everything and must retrain step 3 bit for bit (same groups, same weights,
+same optimizer state), train step 4 and ack everything; no group is trained twice in the final history.
 """
 
 from __future__ import annotations
@@ -15,72 +15,24 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
-import zlib
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from broker.base import SCORED, TASKS
+from broker.base import SCORED
 from broker.factory import connect
-from broker.schemas import Group, Sample, SampleReward, ScoredGroup, Task, WeightSegment, pack_ids, pack_logprobs
+from broker.schemas import ScoredGroup
 from broker.settings import BrokerConfig
 from learner.batching import CONSUMER_GROUP
 from learner.feeder import epoch_order, group_id
 from learner.metrics import read_metrics
 from learner.state import LearnerState
 from tests.helpers.dist import REPO_ROOT, free_port
+from tests.helpers.scored_driver import ScoredDriver
 
 RUN_ID = "resume-test"
 GROUPS_PER_STEP, NUM_SAMPLES = 2, 4
 DETERMINISTIC = ("loss", "grad_norm", "logp_old_mean", "entropy", "is_ratio_mean", "reward_mean", "num_loss_tokens")
-
-
-def _scored(task: Task) -> ScoredGroup:
-    rng = np.random.default_rng(zlib.crc32(task.group_id.encode()))
-    samples, rewards = [], []
-    for _ in range(task.num_samples):
-        n = int(rng.integers(2, 7))
-        samples.append(
-            Sample(
-                response_ids=pack_ids(rng.integers(10, 250, size=n)),
-                logprobs=pack_logprobs(-5.5 + rng.uniform(-0.6, 0.6, size=n)),
-                text="",
-                finish_reason="stop",
-                status="completed",
-                weight_segments=[WeightSegment(0, task.policy_version)],
-            )
-        )
-        r = float(rng.random() < 0.5)
-        rewards.append(SampleReward(reward=r, outcome_reward=r, rubric_reward=0.0))
-    return ScoredGroup(group=Group(task=task, samples=samples), rewards=rewards)
-
-
-class Driver(threading.Thread):
-    """Stands in for rollout workers + reward service: tasks -> scored groups, in order, at most `limit` of them."""
-
-    def __init__(self, redis_url: str, limit: int) -> None:
-        super().__init__(daemon=True)
-        broker = connect(BrokerConfig(redis_url=redis_url, run_id=RUN_ID))
-        self._tasks = broker.consumer(TASKS, Task, group="rollout", name="driver")
-        self._scored = broker.producer(SCORED, ScoredGroup)
-        self._broker = broker
-        self.limit = limit
-        self.done = 0
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        while not self.stop.is_set():
-            if self.done >= self.limit:
-                time.sleep(0.05)
-                continue
-            for entry in self._tasks.read(self.limit - self.done, block_s=0.2):
-                self._scored.publish([_scored(entry.msg)], dedup_key=lambda s: s.group_id)
-                self._tasks.ack([entry.id])
-                self.done += 1
-        self._broker.close()
 
 
 def _write_inputs(tmp: Path, redis_url: str) -> Path:
@@ -171,7 +123,7 @@ def test_sigkill_then_resume_retrains_the_same_step_and_loses_nothing(tmp_path: 
     run_dir = tmp_path / "run"
     scored = connect(BrokerConfig(redis_url=redis_url, run_id=RUN_ID)).producer(SCORED, ScoredGroup)
 
-    driver = Driver(redis_url, limit=3 * GROUPS_PER_STEP)
+    driver = ScoredDriver(redis_url, RUN_ID, limit=3 * GROUPS_PER_STEP)
     driver.start()
     first = _launch(config, tmp_path / "run1.log")
     try:
@@ -180,22 +132,20 @@ def test_sigkill_then_resume_retrains_the_same_step_and_loses_nothing(tmp_path: 
         assert first.poll() is None
     finally:
         _kill_tree(first)
-        driver.stop.set()
-        driver.join(10)
+        driver.close()
     killed = read_metrics(run_dir)
     assert [m["step"] for m in killed] == [1, 2, 3]
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000002"
     assert scored.backlog() == GROUPS_PER_STEP  # step 3's entries: trained, but not acked without a checkpoint
 
-    driver = Driver(redis_url, limit=10**6)
+    driver = ScoredDriver(redis_url, RUN_ID)
     driver.start()
     second = _launch(config, tmp_path / "run2.log")
     try:
         assert second.wait(300) == 0, (tmp_path / "run2.log").read_text()[-4000:]
     finally:
         _kill_tree(second)
-        driver.stop.set()
-        driver.join(10)
+        driver.close()
 
     metrics = read_metrics(run_dir)
     assert [m["step"] for m in metrics] == [1, 2, 3, 3, 4]
@@ -222,7 +172,7 @@ def test_early_stop_ends_on_the_loss_checkpoints_and_stays_stopped(tmp_path: Pat
     # Any loss is below 1e9: the mean over a full 2-step window ends training after step 2 of 4.
     config.write_text(config.read_text() + "[early_stop]\nloss_below = 1e9\nwindow_steps = 2\n")
     run_dir = tmp_path / "run"
-    driver = Driver(redis_url, limit=10**6)
+    driver = ScoredDriver(redis_url, RUN_ID)
     driver.start()
     try:
         for attempt in (1, 2):  # the second run resumes from the final checkpoint and must not train
@@ -232,8 +182,7 @@ def test_early_stop_ends_on_the_loss_checkpoints_and_stays_stopped(tmp_path: Pat
             finally:
                 _kill_tree(proc)
     finally:
-        driver.stop.set()
-        driver.join(10)
+        driver.close()
     metrics = read_metrics(run_dir)
     assert [m["step"] for m in metrics] == [1, 2]
     assert [m["stopped_early"] for m in metrics] == [0.0, 1.0]
