@@ -8,18 +8,7 @@ import torch
 
 from broker.base import DEAD, SCORED
 from broker.memory import MemoryBroker
-from broker.schemas import (
-    DeadLetter,
-    Group,
-    RewardInfo,
-    Sample,
-    SampleReward,
-    ScoredGroup,
-    Task,
-    WeightSegment,
-    pack_ids,
-    pack_logprobs,
-)
+from broker.schemas import DeadLetter, ScoredGroup, pack_logprobs
 from broker.settings import BrokerConfig
 from learner.batching import (
     ScoredReader,
@@ -32,36 +21,7 @@ from learner.batching import (
 )
 from learner.state import LearnerState
 from learner.train_config import BatchConfig, DataConfig, LossConfig
-
-
-def _scored(
-    gid: str, version: int, rewards: list[float], prompt: list[int] | None = None, resp_len: int = 3
-) -> ScoredGroup:
-    task = Task(
-        run_id="r",
-        group_id=gid,
-        dataset_index=0,
-        prompt_ids=pack_ids(prompt or [1, 2]),
-        label="x",
-        reward_info=RewardInfo(question="q"),
-        num_samples=len(rewards),
-        policy_version=version,
-    )
-    samples = [
-        Sample(
-            response_ids=pack_ids([10 + i] * resp_len),
-            logprobs=pack_logprobs([-0.5] * resp_len),
-            text="t",
-            finish_reason="stop",
-            status="completed",
-            weight_segments=[WeightSegment(0, version)],
-        )
-        for i in range(len(rewards))
-    ]
-    return ScoredGroup(
-        group=Group(task=task, samples=samples),
-        rewards=[SampleReward(reward=r, outcome_reward=float(r > 0), rubric_reward=r / 2) for r in rewards],
-    )
+from tests.helpers.scored_groups import make_scored as _scored
 
 
 def _reader(

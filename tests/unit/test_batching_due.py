@@ -9,52 +9,19 @@ import pytest
 
 from broker.base import SCORED, Broker
 from broker.factory import connect
-from broker.schemas import (
-    Group,
-    RewardInfo,
-    Sample,
-    SampleReward,
-    ScoredGroup,
-    Task,
-    WeightSegment,
-    pack_ids,
-    pack_logprobs,
-)
+from broker.schemas import ScoredGroup, pack_logprobs
 from broker.settings import BrokerConfig
 from learner.batching import CONSUMER_GROUP, ScoredReader, TrainBatch
 from learner.state import LearnerState
 from learner.train_config import BatchConfig, DataConfig, LossConfig
+from tests.helpers.scored_groups import make_scored
 
 RUN_ID = "due-test"
 
 
 def _scored(gid: str, version: int, rewards: tuple[float, ...] = (1.0, 0.0)) -> ScoredGroup:
     """A group admitted and generated at `version` (its one weight segment)."""
-    task = Task(
-        run_id=RUN_ID,
-        group_id=gid,
-        dataset_index=0,
-        prompt_ids=pack_ids([1, 2]),
-        label="x",
-        reward_info=RewardInfo(question="q"),
-        num_samples=len(rewards),
-        policy_version=version,
-    )
-    samples = [
-        Sample(
-            response_ids=pack_ids([10 + i] * 3),
-            logprobs=pack_logprobs([-0.5] * 3),
-            text="t",
-            finish_reason="stop",
-            status="completed",
-            weight_segments=[WeightSegment(0, version)],
-        )
-        for i in range(len(rewards))
-    ]
-    return ScoredGroup(
-        group=Group(task=task, samples=samples),
-        rewards=[SampleReward(reward=r, outcome_reward=r, rubric_reward=0.0) for r in rewards],
-    )
+    return make_scored(gid, version, rewards, run_id=RUN_ID)
 
 
 def _broker(redis_url: str) -> Broker:
