@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import hashlib
 import logging
 import math
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, ParamSpec, TypeVar
+from typing import Any
 
 import httpx
 
@@ -41,8 +40,6 @@ log = logging.getLogger(__name__)
 BOTH_PARTS_ETA = 0.5
 PROMPT_TOO_LONG = "prompt_too_long"
 _PROGRESS_EVERY_S = 30.0
-_P = ParamSpec("_P")
-_R = TypeVar("_R")
 
 
 class EvalError(RuntimeError):
@@ -340,11 +337,13 @@ class _Pipeline:
             res = next(results) if good else {}
             outcome, rubric = float(res.get("outcome_reward", 0.0)), float(res.get("rubric_reward", 0.0))
             records.append(
-                self._record(
-                    index,
-                    row,
-                    prompt_len,
-                    j,
+                SampleRecord(
+                    id=self.ids[index],
+                    question_index=index,
+                    question=row.question,
+                    label=row.label,
+                    dataset_name=row.dataset_name,
+                    sample_index=j,
                     response=s.text,
                     answer=s.content,
                     well_formed=good,
@@ -353,6 +352,7 @@ class _Pipeline:
                     outcome=outcome,
                     rubric=rubric,
                     reward=outcome,
+                    prompt_tokens=prompt_len,
                     response_tokens=len(s.response_ids_np()),
                     weight_version=s.weight_segments[-1].version if s.weight_segments else None,
                     engine=s.engine_id,
@@ -362,11 +362,13 @@ class _Pipeline:
         return records
 
     def _unsent(self, index: int, row: Any, prompt_len: int, j: int) -> SampleRecord:
-        return self._record(
-            index,
-            row,
-            prompt_len,
-            j,
+        return SampleRecord(
+            id=self.ids[index],
+            question_index=index,
+            question=row.question,
+            label=row.label,
+            dataset_name=row.dataset_name,
+            sample_index=j,
             response="",
             answer="",
             well_formed=False,
@@ -375,24 +377,12 @@ class _Pipeline:
             outcome=0.0,
             rubric=0.0,
             reward=0.0,
+            prompt_tokens=prompt_len,
             response_tokens=0,
             weight_version=None,
             engine="",
             gen_s=0.0,
             error=PROMPT_TOO_LONG,
-        )
-
-    def _record(self, index: int, row: Any, prompt_len: int, j: int, **sample: Any) -> SampleRecord:
-        """Sample `j` of question `index`: the question's fields from `row`, the sample's from `sample`."""
-        return SampleRecord(
-            id=self.ids[index],
-            question_index=index,
-            question=row.question,
-            label=row.label,
-            dataset_name=row.dataset_name,
-            sample_index=j,
-            prompt_tokens=prompt_len,
-            **sample,
         )
 
     def _progress(self, records: list[SampleRecord]) -> None:
@@ -537,15 +527,13 @@ async def evaluate(
     )
 
 
-def _on_a_fresh_loop(coro_fn: Callable[_P, Coroutine[Any, Any, _R]]) -> Callable[_P, _R]:
-    """`coro_fn` as a blocking call with the same parameters (and their types), run by `asyncio.run`."""
-
-    @functools.wraps(coro_fn, assigned=())  # only __wrapped__: inspect.signature shows coro_fn's parameters
-    def blocking(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-        return asyncio.run(coro_fn(*args, **kwargs))
-
-    return blocking
-
-
-run_eval = _on_a_fresh_loop(evaluate)
-"""`evaluate` on a fresh event loop (the same arguments): for callers that have none running."""
+def run_eval(
+    cfg: EvalConfig,
+    engine_urls: list[str],
+    reward_url: str,
+    inputs: Inputs | None = None,
+    on_question: Callable[[list[SampleRecord]], None] | None = None,
+    keep_responses: bool = True,
+) -> EvalRun:
+    """`evaluate` on a fresh event loop."""
+    return asyncio.run(evaluate(cfg, engine_urls, reward_url, inputs, on_question, keep_responses))
