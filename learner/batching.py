@@ -156,7 +156,6 @@ class _Pooled:
 
     entry_id: str
     group: ScoredGroup
-    seq: int  # arrival order: ties among groups of one weight version keep it
 
 
 class ScoredReader:
@@ -188,7 +187,6 @@ class ScoredReader:
         self._consumed = set(state.consumed_group_ids)
         self._held: list[str] = []  # entries of groups decided since the last checkpoint (acked after it is saved)
         self._pool: list[_Pooled] = []  # trainable groups read, not yet in a batch
-        self._seq = 0
         self._due_since: float | None = None  # when this step began waiting for due groups
         self._given_up = 0  # due groups given up on in this step
 
@@ -251,8 +249,7 @@ class ScoredReader:
             st.num_dropped_zero_variance += 1
             self._decide(entry.id, sg.group_id)
         else:
-            self._pool.append(_Pooled(entry.id, sg, self._seq))
-            self._seq += 1
+            self._pool.append(_Pooled(entry.id, sg))
 
     def _lag(self, sg: ScoredGroup) -> int:
         return self._state.policy_version - group_version(sg)
@@ -284,7 +281,9 @@ class ScoredReader:
         self._pool = keep
 
     def _oldest_first(self) -> list[_Pooled]:
-        return sorted(self._pool, key=lambda p: (group_version(p.group), p.seq))
+        # The pool is in arrival order (a carried surplus, itself in this order, then new reads) and sorted() is
+        # stable: groups of one weight version keep their arrival order.
+        return sorted(self._pool, key=lambda p: group_version(p.group))
 
     def _due_worth_waiting_for(self) -> list[str]:
         """Due groups still unread, when one arriving would displace a young group from the batch; else []."""
