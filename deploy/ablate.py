@@ -593,13 +593,16 @@ def direction_checks(variants: dict[str, Any]) -> dict[str, Any]:
     final held-out accuracy, and rubric-on-every-sample hacks more than positive-only. Each difference comes with
     its z (`difference_z`): a direction that holds at |z| < 2 is not evidence either way."""
     out: dict[str, Any] = {}
+
+    def compare(name: str, a: str, b: str, key: str) -> None:
+        """`name`: variant a's mean final `key` minus variant b's; `name_z`: its z."""
+        out[name] = variants[a][key]["mean"] - variants[b][key]["mean"]
+        out[f"{name}_z"] = difference_z(variants[a], variants[b], key)
+
     if "positive_only" in variants and "outcome_only" in variants:
         p, o = variants["positive_only"]["accuracy"], variants["outcome_only"]["accuracy"]
         out["positive_only_ge_outcome_only"] = p["mean"] >= o["mean"]
-        out["positive_only_minus_outcome_only"] = p["mean"] - o["mean"]
-        out["positive_only_minus_outcome_only_z"] = difference_z(
-            variants["positive_only"], variants["outcome_only"], "accuracy"
-        )
+        compare("positive_only_minus_outcome_only", "positive_only", "outcome_only", "accuracy")
         out["seeds_positive_only_ge_outcome_only"] = sum(p["per_seed"][s] >= o["per_seed"][s] for s in p["per_seed"])
         out["paper_positive_only_minus_outcome_only"] = PAPER["positive_only"] - PAPER["outcome_only"]
     else:
@@ -607,26 +610,13 @@ def direction_checks(variants: dict[str, Any]) -> dict[str, Any]:
     if "both" in variants and "positive_only" in variants:
         b, p = variants["both"]["hacking_rate"], variants["positive_only"]["hacking_rate"]
         out["both_hacks_more_than_positive_only"] = b["mean"] > p["mean"]
-        out["both_minus_positive_only_hacking"] = b["mean"] - p["mean"]
-        out["both_minus_positive_only_hacking_z"] = difference_z(
-            variants["both"], variants["positive_only"], "hacking_rate"
-        )
-        out["both_minus_positive_only_rubric_without_outcome"] = (
-            variants["both"]["rubric_without_outcome_rate"]["mean"]
-            - variants["positive_only"]["rubric_without_outcome_rate"]["mean"]
-        )
-        out["both_minus_positive_only_rubric_without_outcome_z"] = difference_z(
-            variants["both"], variants["positive_only"], "rubric_without_outcome_rate"
-        )
-        out["both_minus_positive_only_ill_formed"] = (
-            variants["both"]["ill_formed_rate"]["mean"] - variants["positive_only"]["ill_formed_rate"]["mean"]
-        )
-        out["both_minus_positive_only_accuracy"] = (
-            variants["both"]["accuracy"]["mean"] - variants["positive_only"]["accuracy"]["mean"]
-        )
-        out["both_minus_positive_only_accuracy_z"] = difference_z(
-            variants["both"], variants["positive_only"], "accuracy"
-        )
+        for key, name in (
+            ("hacking_rate", "hacking"),
+            ("rubric_without_outcome_rate", "rubric_without_outcome"),
+            ("ill_formed_rate", "ill_formed"),
+            ("accuracy", "accuracy"),
+        ):
+            compare(f"both_minus_positive_only_{name}", "both", "positive_only", key)
         out["paper_both_minus_positive_only"] = PAPER["both"] - PAPER["positive_only"]
     else:
         out["both_hacks_more_than_positive_only"] = None
