@@ -41,7 +41,7 @@ test-gpu: venv
 # The local end-to-end run: tiny world + tiny model, SFT then async GRPO with the rubric reward, report at the end.
 # The CUDA path of our own code (megatron + NCCL, weight sync over NCCL, a few RL steps) on one GPU.
 smoke-gpu: venv
-	bash deploy/gpu/smoke.sh
+	bash experiments/gpu/smoke.sh
 
 demo: venv
 	$(BIN)/longtrace up configs/demo.toml --run_dir runs/demo-$$(date +%Y%m%d-%H%M%S)

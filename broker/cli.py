@@ -55,7 +55,7 @@ def register(commands: argparse._SubParsersAction[Any], benches: argparse._SubPa
 
 def _run_redis(args: argparse.Namespace) -> int:
     from broker.embedded import EmbeddedRedis
-    from broker.logs import setup_logging
+    from common.logs import setup_logging
 
     setup_logging()
     password = None

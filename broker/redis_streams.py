@@ -19,7 +19,7 @@ holds do not count (see broker.base). Neither is watched (consumers change them 
 producers publishing at the same instant may overshoot the limit by their batches.
 
 Every call has a socket timeout; a blocking read blocks in chunks shorter than that timeout. Lost
-connections are retried with jittered exponential backoff (broker.retry.RetryPolicy), bounded by
+connections are retried with jittered exponential backoff (common.retry.RetryPolicy), bounded by
 `retry_attempts` and `retry_deadline_s`; redis-py's own retry is off so that retries do not nest.
 """
 
@@ -56,10 +56,10 @@ from broker.base import (
     RunState,
     check_entry_sizes,
 )
-from broker.logs import warn_once
-from broker.retry import RetryPolicy
 from broker.schemas import DeadLetter, M, SchemaError, decode, encode
 from broker.settings import BrokerConfig
+from common.logs import warn_once
+from common.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 from pydantic import Field
 
-from broker.config import BaseConfig, ConfigError
+from common.config import BaseConfig, ConfigError
 
 PASSWORD_ENV = "LONGTRACE_REDIS_PASSWORD"
 

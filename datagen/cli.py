@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from broker.config import ConfigError
+from common.config import ConfigError
 
 
 def register(commands: argparse._SubParsersAction[Any], benches: argparse._SubParsersAction[Any]) -> None:
@@ -112,7 +112,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    from broker.logs import setup_logging
+    from common.logs import setup_logging
     from datagen.dataset import DatasetError
     from datagen.stats import dataset_stats, format_stats
     from datagen.tokens import load_counter
@@ -128,7 +128,7 @@ def _stats(args: argparse.Namespace) -> int:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from broker.logs import setup_logging
+    from common.logs import setup_logging
     from datagen.builder import build_files
     from datagen.config import BuildConfig
     from datagen.dataset import DatasetError
@@ -156,7 +156,7 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from broker.logs import setup_logging
+    from common.logs import setup_logging
     from datagen.config import SynthConfig
     from datagen.synth.pipeline import synthesize, write_synth
     from datagen.tokens import load_counter

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from broker.config import BaseConfig
+from common.config import BaseConfig
 
 DEFAULT_INSTRUCTION = "Do not introduce new facts. Answer only using the provided documents."
 

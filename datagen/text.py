@@ -1,14 +1,14 @@
 """Text normalisation shared by the builder's statistics and the answer check of trajectories.
 
 `norm` is the entity rubric reward's normalisation (METHOD.md §2), imported from its one definition in
-reward_service/rubric.py so that the builder's statistics count exactly what the reward credits. The rubric
+common/text.py so that the builder's statistics count exactly what the reward credits. The rubric
 test is a plain substring test on normalised text, with no word boundaries, so "E1" matches inside "E17":
 the synthetic worlds avoid such names.
 """
 
 from __future__ import annotations
 
-from reward_service.rubric import norm
+from common.text import norm
 
 __all__ = ["answers_match", "contains_entity", "norm"]
 

@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 from typing import Any, Protocol
 
-from broker.config import ConfigError
+from common.config import ConfigError
 
 logger = logging.getLogger(__name__)
 

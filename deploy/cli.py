@@ -3,7 +3,7 @@
 Each `cli` module defines `register(commands, benches)` and imports nothing heavy at module level,
 so `longtrace --help` stays fast: torch, megatron and transformers load inside the handlers.
 Handlers whose parser sets `overrides=True` receive the leftover `--section.key value` flags as
-config overrides (see broker/config.py).
+config overrides (see common/config.py).
 """
 
 from __future__ import annotations
@@ -12,20 +12,22 @@ import argparse
 import importlib
 import sys
 
-from broker.config import ConfigError
+from common.config import ConfigError
 
 COMMAND_MODULES = (
     "broker.cli",
+    "weights.cli",
     "reward_service.cli",
     "rollout_server.cli",
     "learner.cli",
     "datagen.cli",
     "deploy.commands",
-    "deploy.fuzz_cli",
-    "deploy.eval.cli",
-    "deploy.chaos_cli",
-    "deploy.ablate_cli",
-    "deploy.bench_async_cli",
+    "experiments.fuzz_cli",
+    "eval.cli",
+    "experiments.chaos_cli",
+    "experiments.ablate_cli",
+    "experiments.bench_async_cli",
+    "experiments.bench_weight_sync_cli",
 )
 
 

@@ -39,8 +39,8 @@ def register(commands: argparse._SubParsersAction[Any], benches: argparse._SubPa
 def _up(args: argparse.Namespace) -> int:
     import logging
 
-    from broker.config import load_config
-    from broker.logs import setup_logging
+    from common.config import load_config
+    from common.logs import setup_logging
     from deploy.launcher.config import UpConfig
     from deploy.launcher.up import run_up
 
@@ -51,7 +51,7 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from broker.config import ConfigError
+    from common.config import ConfigError
     from deploy.report import write_report
 
     try:

@@ -26,7 +26,7 @@ from deploy.launcher import rundir as rd
 from deploy.launcher.dashboard import fmt_duration, rates
 from deploy.launcher.rundir import RunDir
 
-ABLATION_FILE = "ablation.json"  # written by deploy/ablate.py
+ABLATION_FILE = "ablation.json"  # written by experiments/ablate.py
 
 
 def _num(x: Any) -> float:

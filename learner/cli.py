@@ -7,15 +7,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from broker.config import ConfigError
+from common.config import ConfigError
 from learner.train_cli import register_train
-from learner.weight_sync.cli import register_weight_sync
 
 
 def register(commands: argparse._SubParsersAction[Any], benches: argparse._SubParsersAction[Any]) -> None:
     """Add this package's subcommands and benchmarks. Keep imports inside the handlers."""
     register_train(commands, benches)
-    register_weight_sync(commands, benches)
     export = commands.add_parser(
         "export-hf",
         help="export a checkpoint through the megatron model to a loadable Hugging Face directory",
@@ -45,8 +43,8 @@ def register(commands: argparse._SubParsersAction[Any], benches: argparse._SubPa
 
 
 def _export_hf(args: argparse.Namespace) -> int:
-    from broker.config import load_config
-    from broker.logs import setup_logging
+    from common.config import load_config
+    from common.logs import setup_logging
     from learner.config import LearnerConfig
 
     setup_logging()

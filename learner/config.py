@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from broker.config import BaseConfig
+from common.config import BaseConfig
 
 
 class LearnerModelConfig(BaseConfig):

@@ -26,8 +26,8 @@ def register_train(commands: argparse._SubParsersAction[Any], benches: argparse.
 
 
 def _train(args: argparse.Namespace) -> int:
-    from broker.config import load_config
-    from broker.logs import setup_logging
+    from common.config import load_config
+    from common.logs import setup_logging
     from learner.train_config import TrainConfig
 
     cfg = load_config(TrainConfig, args.config, args.overrides)
@@ -45,7 +45,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry for `python -m learner.train_cli` (what torchrun launches when the CLI is not installed)."""
-    from broker.config import ConfigError
+    from common.config import ConfigError
 
     parser = argparse.ArgumentParser(prog="learner")
     commands = parser.add_subparsers(dest="command", required=True)

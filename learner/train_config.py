@@ -10,8 +10,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from broker.config import BaseConfig
 from broker.settings import BrokerConfig
+from common.config import BaseConfig
 from learner.config import LearnerConfig
 from learner.weight_sync.config import NoSyncConfig, WeightSyncConfig
 

@@ -37,8 +37,8 @@ from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_regi
 from megatron.core.utils import get_model_config
 
 from broker.base import SCORED, TASKS, Broker
-from broker.config import dump_config
 from broker.schemas import ScoredGroup, Task
+from common.config import dump_config
 from learner import compat  # noqa: F401  (before megatron: CPU redirections when CUDA is absent)
 from learner.batching import (
     CONSUMER_GROUP,
@@ -478,7 +478,8 @@ def _build_rank0_data(
     cfg: TrainConfig, state: LearnerState
 ) -> tuple[Broker, ScoredReader, Callable[[float], TrainBatch | None]]:
     from broker.factory import connect
-    from learner.feeder import Feeder, JsonlDataset
+    from datagen.prompts import JsonlDataset
+    from learner.feeder import Feeder
 
     broker = connect(cfg.broker)
     consumer = broker.consumer(SCORED, ScoredGroup, group=CONSUMER_GROUP, name=cfg.consumer_name)

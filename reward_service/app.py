@@ -2,7 +2,7 @@
 
 Routes: POST /evaluate (drop-in for the LongTraceRL reward server), POST /v1/score (a batch of samples),
 POST /v1/score_group (one group: normalisation + combination rule), GET /health, GET /metrics, and the
-OpenAPI docs at /docs. The shared pure-ASGI guard (broker.asgi_guard) in front of the app checks the bearer
+OpenAPI docs at /docs. The shared pure-ASGI guard (common.asgi_guard) in front of the app checks the bearer
 token (401) and enforces the body-size limit (413) before anything is parsed; an outer layer records request
 metrics. Malformed bodies get 422 with the reason; a judge that fails gets 502 with its error, never a reward
 of 0.
@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from broker.asgi_guard import Guard, SafeJSONResponse
+from common.asgi_guard import Guard, SafeJSONResponse
 from reward_service.config import RewardConfig
 from reward_service.judges import Judge, JudgeError, build_judge
 from reward_service.metrics import ERRORS, REGISTRY, REQUEST_SECONDS, REQUESTS

@@ -29,7 +29,7 @@ from typing import Any
 import httpx
 import psutil
 
-from broker.embedded import free_port
+from common.net import free_port
 
 NUM_RUBRICS = 10
 RESPONSE_BYTES = 32 * 1024

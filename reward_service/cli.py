@@ -43,14 +43,14 @@ def register(commands: argparse._SubParsersAction[Any], benches: argparse._SubPa
 
 
 def _config(args: argparse.Namespace, extra: list[str]) -> Any:
-    from broker.config import load_config
+    from common.config import load_config
     from reward_service.config import RewardConfig
 
     return load_config(RewardConfig, args.config, list(args.overrides) + extra)
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from broker.logs import setup_logging
+    from common.logs import setup_logging
 
     extra = (["--host", args.host] if args.host else []) + (["--port", str(args.port)] if args.port is not None else [])
     config = _config(args, extra)
@@ -75,7 +75,7 @@ def _worker(args: argparse.Namespace) -> int:
     import asyncio
     import signal
 
-    from broker.logs import setup_logging
+    from common.logs import setup_logging
 
     config = _config(args, [])
     setup_logging(json_lines=None, prefix="reward-worker ")

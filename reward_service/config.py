@@ -1,6 +1,6 @@
 """The reward service's typed config: HTTP server, judge backend, reward recipe, broker and stream worker.
 
-Loaded with `broker.config.load_config(RewardConfig, path, overrides)`; every field can be set from TOML or
+Loaded with `common.config.load_config(RewardConfig, path, overrides)`; every field can be set from TOML or
 with `--section.key value` (e.g. `--judge.kind llm --judge.base_url http://judge:8000/v1`).
 """
 
@@ -13,8 +13,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
-from broker.config import BaseConfig, ConfigError
 from broker.settings import BrokerConfig
+from common.config import BaseConfig, ConfigError
 
 CombinationRule = Literal["positive_only", "negative_only", "both"]
 

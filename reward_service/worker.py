@@ -17,8 +17,8 @@ import logging
 import time
 
 from broker.base import ROLLOUTS, SCORED, Broker, Entry
-from broker.retry import RetryPolicy
 from broker.schemas import Group, SampleReward, ScoredGroup, encode
+from common.retry import RetryPolicy
 from reward_service.config import RewardConfig
 from reward_service.judges import Judge, JudgeError
 from reward_service.metrics import WORKER_GROUPS

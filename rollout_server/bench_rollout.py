@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from broker.base import ROLLOUTS, TASKS, Broker
-from broker.config import load_config
-from broker.embedded import EmbeddedRedis, free_port
+from broker.embedded import EmbeddedRedis
 from broker.schemas import Group, RewardInfo, Task, pack_ids
+from common.config import load_config
+from common.net import free_port
 from rollout_server.launch import LaunchConfig, engine_command, terminate, wait_healthy
 from rollout_server.worker.client import EngineClient, make_http_client
 from rollout_server.worker.config import RolloutConfig

@@ -61,8 +61,8 @@ def register(commands: argparse._SubParsersAction[Any], benches: argparse._SubPa
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from broker.config import ConfigError, load_config
-    from broker.logs import setup_logging
+    from common.config import ConfigError, load_config
+    from common.logs import setup_logging
     from rollout_server.engine.config import EngineConfig
 
     overrides = list(args.overrides)
@@ -85,7 +85,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _init_tiny(args: argparse.Namespace) -> int:
-    from broker.logs import setup_logging
+    from common.logs import setup_logging
     from rollout_server.models import init_tiny_model
 
     setup_logging()
@@ -104,8 +104,8 @@ def _init_tiny(args: argparse.Namespace) -> int:
 
 
 def _import_smollm2(args: argparse.Namespace) -> int:
-    from broker.config import ConfigError
-    from broker.logs import setup_logging
+    from common.config import ConfigError
+    from common.logs import setup_logging
     from rollout_server.models import import_smollm2
 
     setup_logging()
@@ -117,7 +117,7 @@ def _import_smollm2(args: argparse.Namespace) -> int:
 
 
 def _bench_engine(args: argparse.Namespace) -> int:
-    from broker.logs import setup_logging
+    from common.logs import setup_logging
     from rollout_server.bench_engine import run_bench
 
     setup_logging("WARNING" if args.json else "INFO")

@@ -27,9 +27,9 @@ import httpx
 from pydantic import Field, model_validator
 
 from broker.base import EngineInfo
-from broker.config import BaseConfig
-from broker.embedded import free_port
 from broker.settings import BrokerConfig
+from common.config import BaseConfig
+from common.net import free_port
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +194,7 @@ def launch(cfg: LaunchConfig) -> int:
             log.error("engine %s did not become healthy (exit code %s)", info.engine_id, proc.poll())
             return 1
         if cfg.export_dir:
-            from learner.weight_sync.disk import catch_up  # light: no torch
+            from weights.exports import catch_up
 
             version = catch_up(local_url, cfg.export_dir, timeout_s=cfg.startup_timeout_s)
             if version is not None:

@@ -52,9 +52,9 @@ def register_launch(engine_commands: argparse._SubParsersAction[Any]) -> None:
 def _worker(args: argparse.Namespace) -> int:
     import asyncio
 
-    from broker.config import load_config
     from broker.factory import connect
-    from broker.logs import setup_logging
+    from common.config import load_config
+    from common.logs import setup_logging
     from rollout_server.worker.config import RolloutConfig
     from rollout_server.worker.worker import run_worker
 
@@ -69,8 +69,8 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _launch(args: argparse.Namespace) -> int:
-    from broker.config import load_config
-    from broker.logs import setup_logging
+    from common.config import load_config
+    from common.logs import setup_logging
     from rollout_server.launch import LaunchConfig, launch
 
     cfg = load_config(LaunchConfig, args.config, args.overrides)
@@ -81,8 +81,8 @@ def _launch(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     import json
 
-    from broker.config import ConfigError
-    from broker.logs import setup_logging
+    from common.config import ConfigError
+    from common.logs import setup_logging
     from rollout_server.bench_rollout import BenchSpec, run_bench
 
     for flag in ("num_groups", "num_samples", "max_new_tokens", "prompt_len", "groups_in_flight", "repeats"):
@@ -109,7 +109,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _standalone(prog: str, handler: Callable[[argparse.Namespace], int], argv: list[str] | None) -> None:
     """`python -m ...` entry: `--config F` plus `--section.key value` overrides, as under `longtrace`."""
-    from broker.config import ConfigError
+    from common.config import ConfigError
 
     parser = argparse.ArgumentParser(prog=prog)
     parser.add_argument("--config", help="TOML config file")

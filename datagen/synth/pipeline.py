@@ -22,7 +22,7 @@ from typing import Any
 
 import msgspec
 
-from broker.config import ConfigError
+from common.config import ConfigError
 from datagen.builder import Builder, BuildStats, Trajectory, correct_by_question
 from datagen.config import BuildConfig, SynthConfig
 from datagen.dataset import Row, write_jsonl, write_rows

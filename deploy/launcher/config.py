@@ -24,8 +24,8 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from broker.config import BaseConfig, get_path, has_path, merge_tables
 from broker.embedded import AppendFsync
+from common.config import BaseConfig, get_path, has_path, merge_tables
 
 C = TypeVar("C", bound=BaseModel)
 

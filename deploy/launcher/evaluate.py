@@ -1,6 +1,6 @@
 """Held-out evaluation through the running system: prompts to the engines, answers to the reward API.
 
-A job of `longtrace up` on the core of `longtrace eval` (deploy/eval/run.py) with one sample per question:
+A job of `longtrace up` on the core of `longtrace eval` (eval/run.py) with one sample per question:
 the prompts are tokenized exactly as the RL feeder does (learner.feeder.prompt_ids), the responses are
 generated and parsed as the rollout worker does, and well-formed answers are scored by the reward
 service's `/v1/score` (the judge and rubric of training). An ill-formed, truncated or unfinished answer
@@ -26,9 +26,9 @@ from typing import Any
 
 from pydantic import Field
 
-from broker.config import ConfigError, load_config
-from deploy.eval.config import EvalConfig
+from common.config import ConfigError, load_config
 from deploy.launcher.config import EvalSection
+from eval.config import EvalConfig
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +84,8 @@ def eval_config(cfg: EvalJobConfig) -> EvalConfig:
 
 
 def run(cfg: EvalJobConfig) -> dict[str, Any]:
-    from deploy.eval.aggregate import summarize
-    from deploy.eval.run import run_eval, version_number
+    from eval.aggregate import summarize
+    from eval.run import run_eval, version_number
 
     t0 = time.monotonic()
     done = run_eval(eval_config(cfg), cfg.engine_urls, cfg.reward_url)
@@ -116,7 +116,7 @@ def run(cfg: EvalJobConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from broker.logs import setup_logging
+    from common.logs import setup_logging
 
     parser = argparse.ArgumentParser(prog="python -m deploy.launcher.evaluate", description=__doc__)
     parser.add_argument("--config", required=True, help="TOML file of an EvalJobConfig")

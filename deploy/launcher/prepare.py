@@ -17,7 +17,7 @@ import logging
 import sys
 from pathlib import Path
 
-from broker.config import ConfigError, load_config
+from common.config import ConfigError, load_config
 from deploy.launcher.config import PrepareSection
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ def prepare_tiny_demo(cfg: PrepareSection, data_dir: Path, model_dir: Path) -> N
 
 
 def main(argv: list[str] | None = None) -> None:
-    from broker.logs import setup_logging
+    from common.logs import setup_logging
 
     parser = argparse.ArgumentParser(prog="python -m deploy.launcher.prepare", description=__doc__)
     parser.add_argument("--config", required=True, help="TOML file of the [prepare] section")

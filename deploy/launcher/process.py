@@ -11,7 +11,7 @@ Every child writes stdout and stderr to `<log_dir>/<name>.log`. A child that exi
 running (a service), or with a non-zero code (a job), raises `ChildFailed`, whose message names the process,
 its exit code, its log file and the tail of that log.
 
-Supervised restarts (used by the chaos bench, deploy/chaos.py): `kill` SIGKILLs a child and all its
+Supervised restarts (used by the chaos bench, experiments/chaos.py): `kill` SIGKILLs a child and all its
 descendants at once, as a crash would, and `respawn` starts it again in place (same `Child` object, same
 name and log file, optionally a new spec), so whoever holds the child keeps following it.
 """

@@ -27,8 +27,8 @@ from typing import Any
 
 from pydantic import Field
 
-from broker.config import BaseConfig, ConfigError, load_config
 from broker.settings import BrokerConfig
+from common.config import BaseConfig, ConfigError, load_config
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ def run(cfg: SftSourceConfig, stop: threading.Event) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from broker.logs import setup_logging
+    from common.logs import setup_logging
 
     parser = argparse.ArgumentParser(prog="python -m deploy.launcher.sft_source", description=__doc__)
     parser.add_argument("--config", help="TOML file of an SftSourceConfig")

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any, TypeVar
 
-from broker.config import BaseConfig, load_config
+from common.config import BaseConfig, load_config
 
 _BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 C = TypeVar("C", bound=BaseConfig)

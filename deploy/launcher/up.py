@@ -27,7 +27,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from broker.config import BaseConfig, ConfigError, dump_config
+from common.config import BaseConfig, ConfigError, dump_config
 from deploy.launcher.config import PhaseConfig, UpConfig
 from deploy.launcher.dashboard import Dashboard, PhaseView, SystemSampler, resolve_mode
 from deploy.launcher.process import Child, ChildFailed, HttpReady, LogReady, ProcessSpec, RedisReady, Supervisor
@@ -73,7 +73,7 @@ class Launcher:
         self.reward_url = ""
         self.model_path = cfg.base_model_path()
         self.global_step = 0
-        # Called on every dashboard tick while a job runs; the chaos bench (deploy/chaos.py) injects its faults
+        # Called on every dashboard tick while a job runs; the chaos bench (experiments/chaos.py) injects its faults
         # here, killing and respawning children through `self.sup` (Supervisor.kill / respawn).
         self.on_tick: Callable[[], None] | None = None
 
@@ -125,7 +125,7 @@ class Launcher:
         self._wait(child)
 
     def start_redis(self) -> None:
-        from broker.embedded import free_port
+        from common.net import free_port
 
         if self.redis_url:
             from broker.base import BrokerError
@@ -162,7 +162,7 @@ class Launcher:
         self.sup.start(spec)
 
     def start_reward_api(self) -> None:
-        from broker.embedded import free_port
+        from common.net import free_port
 
         if not self.cfg.reward.serve:
             return
@@ -185,7 +185,7 @@ class Launcher:
     def phase_model(self, index: int, name: str) -> str:
         if self.cfg.phases[name].init == "base" or index == 0:
             return self.model_path
-        from learner.weight_sync.disk import latest_export
+        from weights.exports import latest_export
 
         prev = list(self.cfg.phases)[index - 1]
         found = latest_export(self.run.phase_dir(prev) / "exports")
@@ -205,7 +205,7 @@ class Launcher:
         self._event(phase=name, kind=phase.kind, event="end", status="ok", index=index)
 
     def _run_phase(self, index: int, name: str, phase: PhaseConfig) -> None:
-        from broker.embedded import free_port
+        from common.net import free_port
 
         cfg = self.cfg
         phase_dir = self.run.phase_dir(name)
@@ -331,7 +331,7 @@ class Launcher:
         )
 
     def _start_learner(self, name: str, train: Any, start: Callable[..., Child]) -> Child:
-        from broker.embedded import free_port
+        from common.net import free_port
 
         path = self._config_file(f"{name}-learner", train)
         argv = [

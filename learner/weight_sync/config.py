@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from broker.config import BaseConfig
+from common.config import BaseConfig
 
 
 class NoSyncConfig(BaseConfig):

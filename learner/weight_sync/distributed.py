@@ -32,12 +32,12 @@ import torch
 
 from broker.base import Broker
 from learner.weight_sync.base import PushReport, WeightSync, WeightSyncError
-from learner.weight_sync.client import EngineClient
 from learner.weight_sync.config import DistributedSyncConfig
 from learner.weight_sync.disk import write_export
 from learner.weight_sync.fleet import Fleet
 from learner.weight_sync.group import EngineRef, GroupFailed, StageGroup
 from learner.weight_sync.sources import WeightSource
+from weights.engine_client import EngineClient
 
 logger = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ def build_weight_sync(
 
         return DistributedWeightSync(cfg, source, broker if source.is_coordinator else None, initial_version)
     assert isinstance(cfg, DiskSyncConfig)
-    from learner.weight_sync.client import EngineClient
     from learner.weight_sync.disk import DiskWeightSync
     from learner.weight_sync.fleet import Fleet
+    from weights.engine_client import EngineClient
 
     if not source.is_coordinator:
         return DiskWeightSync(cfg, source, None, None, initial_version)

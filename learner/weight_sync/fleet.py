@@ -11,9 +11,9 @@ import logging
 from collections.abc import Sequence
 
 from broker.base import Broker
-from learner.weight_sync.client import EngineCallError, EngineClient
 from learner.weight_sync.config import EngineSyncConfig
 from learner.weight_sync.group import EngineRef
+from weights.engine_client import EngineCallError, EngineClient
 
 logger = logging.getLogger(__name__)
 

@@ -26,8 +26,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from learner.weight_sync.client import EngineCallError, EngineClient, wait_all
 from learner.weight_sync.config import DistributedSyncConfig
+from weights.engine_client import EngineCallError, EngineClient, wait_all
 
 logger = logging.getLogger(__name__)
 
@@ -135,11 +135,11 @@ class StageGroup:
             self.client.call(engine.url, "/init_weights_update_group", body, timeout_s=self.cfg.init_timeout_s + 10)
 
         futures = {e.url: self.client.submit(join, e, off) for e, off in zip(engines, offsets, strict=True)}
-        from rollout_server.engine.weight_group import init_custom_process_group
+        from weights.group import init_custom_process_group
 
         group_box: dict[str, Any] = {}
 
-        def rendezvous() -> None:  # rank 0 hosts the group's store, under torchrun too (see weight_group)
+        def rendezvous() -> None:  # rank 0 hosts the group's store, under torchrun too (see weights/group.py)
             group_box["group"] = init_custom_process_group(
                 self.backend, f"tcp://{self.address}:{port}", world_size, 0, name, self.cfg.init_timeout_s
             )

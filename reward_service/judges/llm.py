@@ -1,7 +1,7 @@
 """LLM outcome judge over any OpenAI-compatible chat API (the LongTraceRL reference judge, METHOD.md §2).
 
 One pooled `httpx.AsyncClient`; at most `concurrency` requests in flight; each request retried on transport
-errors, timeouts, HTTP 408/429/5xx and malformed bodies with jittered backoff (broker.retry.RetryPolicy);
+errors, timeouts, HTTP 408/429/5xx and malformed bodies with jittered backoff (common.retry.RetryPolicy);
 the judge re-asked up to `max_asks` times until both `extracted_final_answer:` and `correct:` parse.
 Verdicts are cached by (question, label, answer); concurrent requests for the same key share one call.
 When no verdict can be had the judge raises JudgeError, never returns False in its place.
@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 
-from broker.retry import RetryPolicy
+from common.retry import RetryPolicy
 from reward_service.config import LlmJudgeConfig
 from reward_service.judges.base import JudgeError
 from reward_service.metrics import JUDGE_API_REQUESTS, JUDGE_CACHE_HITS, JUDGE_CALLS, JUDGE_SECONDS

@@ -8,8 +8,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from broker.config import BaseConfig
 from broker.settings import BrokerConfig
+from common.config import BaseConfig
 
 
 class EngineConfig(BaseConfig):

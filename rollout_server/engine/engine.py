@@ -30,7 +30,8 @@ from rollout_server.engine.protocol import (
 )
 from rollout_server.engine.sampling import SamplingParams, make_generator
 from rollout_server.engine.scheduler import PauseMode, Req, Scheduler, Snapshot
-from rollout_server.engine.weight_group import WeightReceiver, parse_dtype
+from rollout_server.engine.weight_receiver import WeightReceiver
+from weights.group import parse_dtype
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -1,7 +1,7 @@
 """The engine's HTTP guard policy: which paths need the bearer token, and SGLang's error shape.
 
 The guard itself (body-size limit 413, bearer auth 401, both before any body is parsed) is the shared
-`broker.asgi_guard.Guard`. Here: only the control endpoints need the token; generation stays open
+`common.asgi_guard.Guard`. Here: only the control endpoints need the token; generation stays open
 (rollout workers send no token), as do health and info. SGLang's own `--api-key` guards every path, a
 superset of these. Errors use SGLang's shape ({object, message, type, param, code}).
 """
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp
 
-from broker.asgi_guard import Guard as _Guard
-from broker.asgi_guard import SafeJSONResponse
+from common.asgi_guard import Guard as _Guard
+from common.asgi_guard import SafeJSONResponse
 
 __all__ = ["CONTROL_PATHS", "Guard", "SafeJSONResponse", "error_response"]
 

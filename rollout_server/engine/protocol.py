@@ -5,7 +5,7 @@ cannot honour are rejected with 400 when set to a non-neutral value.
 
 The OpenAPI schema is stricter than the validation where the engine's own checks give the better message
 (`WithJsonSchema`): it documents what the engine accepts (the sampling parameters, token ids >= 0, null
-for unsupported fields), so clients and the fuzzer (deploy/fuzz.py) see the real contract, while a bad
+for unsupported fields), so clients and the fuzzer (experiments/fuzz.py) see the real contract, while a bad
 value still gets the engine's reason naming the key.
 """
 

@@ -10,8 +10,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Discriminator, Field, Tag, model_validator
 
-from broker.config import BaseConfig
 from broker.settings import BrokerConfig
+from common.config import BaseConfig
 from rollout_server.worker.processors import ProcessorName
 
 

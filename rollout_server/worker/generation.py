@@ -19,8 +19,8 @@ from typing import Any
 
 import msgspec
 
-from broker.logs import warn_once
 from broker.schemas import FinishReason, Group, Sample, SamplingParams, Task, WeightSegment, pack_ids, pack_logprobs
+from common.logs import warn_once
 from rollout_server.worker.client import EngineError, GenerateResult, RequestRejected
 from rollout_server.worker.config import RolloutConfig
 from rollout_server.worker.metrics import RolloutMetrics

@@ -1,4 +1,4 @@
-"""Auth checks shared by the services behind the one bearer guard (broker/asgi_guard.py): the built-in engine
+"""Auth checks shared by the services behind the one bearer guard (common/asgi_guard.py): the built-in engine
 and the reward API. Each check is a method of `GuardedServer`, the server under test, and asserts one of the guard's
 promises on it; the tests (tests/integration/test_auth_engine.py, test_auth_reward.py) add what is the service's own.
 
@@ -104,7 +104,7 @@ class GuardedServer:
             seen.append(a)
             return compare(a, b)
 
-        monkeypatch.setattr("broker.asgi_guard.hmac.compare_digest", recording)
+        monkeypatch.setattr("common.asgi_guard.hmac.compare_digest", recording)
         method, path, body = self.protected
         wrong = f"{self.token[:-1]}X"
         responses = self.calls(

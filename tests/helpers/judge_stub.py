@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from broker.embedded import free_port
+from common.net import free_port
 
 _ANSWER_RE = re.compile(r"\[correct_answer\]: (.*?)\n\n\[response\]: (.*?)\n\nYour judgement", re.DOTALL)
 

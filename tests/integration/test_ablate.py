@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from broker.config import ConfigError, load_config
-from deploy.ablate import AblateConfig, Plan, Variant, check_reward_only, difference_z
-from deploy.ablate_samples import SAMPLE_FIELDS, HackingConfig, indicators, read_samples, write_samples
+from common.config import ConfigError, load_config
+from experiments.ablate import AblateConfig, Plan, Variant, check_reward_only, difference_z
+from experiments.ablate_samples import SAMPLE_FIELDS, HackingConfig, indicators, read_samples, write_samples
 
 ROOT = Path(__file__).resolve().parents[2]
 DEBUG = ROOT / "configs" / "debug" / "ablate.toml"

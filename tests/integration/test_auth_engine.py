@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from deploy.fuzz import engine_config
+from experiments.fuzz import engine_config
 from rollout_server.engine.api import build_app
 from rollout_server.engine.engine import Engine
 from rollout_server.engine.guard import CONTROL_PATHS

@@ -10,8 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from broker.config import ConfigError
-from broker.embedded import free_port
+from common.config import ConfigError
+from common.net import free_port
 from reward_service.app import create_app
 from reward_service.config import RewardConfig
 from tests.helpers.auth_checks import GuardedServer, bearer, serving

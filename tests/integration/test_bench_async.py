@@ -12,10 +12,10 @@ from typing import Any
 import httpx
 import pytest
 
-from broker.config import ConfigError, load_config
+from common.config import ConfigError, load_config
 from deploy import bench_async_cli
-from deploy.bench_async import DEFAULT_CONFIG, STAGES, BenchAsyncConfig, run_bench, union_length
-from deploy.judge_stub import JudgeStub, JudgeStubConfig
+from experiments.bench_async import DEFAULT_CONFIG, STAGES, BenchAsyncConfig, run_bench, union_length
+from experiments.judge_stub import JudgeStub, JudgeStubConfig
 from reward_service.config import LlmJudgeConfig
 from reward_service.judges.llm import LlmJudge
 

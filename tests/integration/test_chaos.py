@@ -1,4 +1,4 @@
-"""`longtrace bench chaos` (deploy/chaos.py) and the supervisor's kill/respawn it relies on.
+"""`longtrace bench chaos` (experiments/chaos.py) and the supervisor's kill/respawn it relies on.
 
 The CI-sized chaos run kills a reward worker, a rollout worker, Redis and an engine of the tiny local system
 (configs/bench/chaos.toml, fewer steps) and asserts the accounting; the full bench (`longtrace bench chaos
@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from broker.config import ConfigError
-from deploy.chaos import load_chaos_config, run_chaos
-from deploy.chaos_cli import DEFAULT_CONFIG
+from common.config import ConfigError
 from deploy.launcher.process import LogReady, ProcessSpec, Supervisor
+from experiments.chaos import load_chaos_config, run_chaos
+from experiments.chaos_cli import DEFAULT_CONFIG
 
 PY = sys.executable
 

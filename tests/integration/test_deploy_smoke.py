@@ -1,4 +1,4 @@
-"""deploy/gpu/smoke.sh: one JSON line; a clear "skipped" without CUDA; every check passing on a GPU."""
+"""experiments/gpu/smoke.sh: one JSON line; a clear "skipped" without CUDA; every check passing on a GPU."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from tests.helpers.dist import REPO_ROOT
 
 def _run(*args: str, timeout_s: float) -> tuple[int, dict[str, object], str]:
     out = subprocess.run(
-        ["bash", str(REPO_ROOT / "deploy" / "gpu" / "smoke.sh"), *args],
+        ["bash", str(REPO_ROOT / "experiments" / "gpu" / "smoke.sh"), *args],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,

@@ -23,14 +23,14 @@ from typing import Any
 import httpx
 import pytest
 
-from broker.config import load_config
-from broker.embedded import free_port
-from deploy.eval.compare import compare, load
-from deploy.eval.config import EvalConfig
-from deploy.eval.run import EvalError, run_eval
-from deploy.eval.table import format_compare
+from common.config import load_config
+from common.net import free_port
 from deploy.launcher.evaluate import EvalJobConfig, run
 from deploy.launcher.process import HttpReady, ProcessSpec, Supervisor
+from eval.compare import compare, load
+from eval.config import EvalConfig
+from eval.run import EvalError, run_eval
+from eval.table import format_compare
 
 PY = sys.executable
 WORDS = ["alpha", "paris", "rome", "what", "city", "is", "the", "answer", "of", "capital", "assistant", "user"]
@@ -116,7 +116,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
 
 def _eval(*args: str, timeout_s: float = 240) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
-        [PY, "-m", "deploy.eval.cli", *args], capture_output=True, text=True, timeout=timeout_s, check=False
+        [PY, "-m", "eval.cli", *args], capture_output=True, text=True, timeout=timeout_s, check=False
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result

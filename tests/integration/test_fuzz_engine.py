@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from deploy.fuzz import ENGINE_FOLLOW_UPS, engine_config, fuzz_app, reason_of
+from experiments.fuzz import ENGINE_FOLLOW_UPS, engine_config, fuzz_app, reason_of
 from rollout_server.engine.api import build_app
 from rollout_server.engine.engine import Engine
 from rollout_server.models import init_tiny_model

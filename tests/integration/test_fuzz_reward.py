@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from deploy.fuzz import FuzzReport, fuzz_app, fuzz_url, reason_of, reward_app
+from experiments.fuzz import FuzzReport, fuzz_app, fuzz_url, reason_of, reward_app
 from reward_service.app import create_app
 from reward_service.config import RewardConfig
 from rollout_server.engine.server import BackgroundServer
@@ -125,7 +125,7 @@ def test_fuzz_bench_reports_the_figures(tmp_path: Any) -> None:
     import sys
 
     out = subprocess.run(
-        [sys.executable, "-m", "deploy.fuzz_cli", "--json", "--max-examples", "2", "--services", "reward"],
+        [sys.executable, "-m", "experiments.fuzz_cli", "--json", "--max-examples", "2", "--services", "reward"],
         capture_output=True,
         text=True,
         timeout=120,

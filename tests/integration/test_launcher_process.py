@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from broker.embedded import free_port
+from common.net import free_port
 from deploy.launcher.process import ChildFailed, HttpReady, LogReady, ProcessSpec, RedisReady, Supervisor
 
 PY = sys.executable

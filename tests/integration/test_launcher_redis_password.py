@@ -10,9 +10,9 @@ import psutil
 import pytest
 import redis
 
-from broker.config import ConfigError, load_config
 from broker.embedded import EmbeddedRedis
 from broker.settings import PASSWORD_ENV
+from common.config import ConfigError, load_config
 from deploy.launcher.config import UpConfig, split_url_password
 from deploy.launcher.dashboard import Dashboard
 from deploy.launcher.rundir import RunDir

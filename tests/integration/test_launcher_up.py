@@ -16,7 +16,7 @@ from typing import Any
 import psutil
 import pytest
 
-from broker.config import load_config
+from common.config import load_config
 from deploy.launcher.config import UpConfig
 from deploy.launcher.rundir import RunDir
 from deploy.launcher.tomlfile import write_config
@@ -136,7 +136,7 @@ def test_up_refuses_a_namespace_in_use_on_a_given_redis(redis_url: str, tmp_path
     published (dedup), so its tasks would be skipped and the learner would wait forever."""
     import redis
 
-    from broker.config import ConfigError
+    from common.config import ConfigError
     from deploy.launcher.dashboard import Dashboard
     from deploy.launcher.up import Launcher
 

@@ -20,12 +20,13 @@ import pytest
 import redis
 
 from broker.base import ROLLOUTS, SCORED, TASKS, BackpressureTimeout, Broker, BrokerError
-from broker.config import ConfigError
-from broker.embedded import EmbeddedRedis, free_port
+from broker.embedded import EmbeddedRedis
 from broker.factory import connect
 from broker.redis_streams import RedisBroker
 from broker.schemas import Group, SampleReward, ScoredGroup, Task
 from broker.settings import BrokerConfig
+from common.config import ConfigError
+from common.net import free_port
 from tests.helpers.broker_contract import *  # noqa: F403
 from tests.helpers.broker_contract import _collect, make_rollout, make_task
 

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from broker.embedded import free_port
+from common.net import free_port
 from reward_service.app import create_app
 from reward_service.config import RewardConfig
 

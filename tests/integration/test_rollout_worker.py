@@ -21,11 +21,11 @@ import psutil
 import pytest
 
 from broker.base import DEAD, ROLLOUTS, TASKS, Broker
-from broker.config import load_config
-from broker.embedded import free_port
 from broker.factory import connect
 from broker.schemas import DeadLetter, Group, RewardInfo, Task, WeightSegment, pack_ids
 from broker.settings import BrokerConfig
+from common.config import load_config
+from common.net import free_port
 from rollout_server.worker.config import RolloutConfig
 from rollout_server.worker.metrics import RolloutMetrics
 from rollout_server.worker.router import BuiltinRouter, Router, build_router

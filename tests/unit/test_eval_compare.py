@@ -1,4 +1,4 @@
-"""`longtrace eval compare` (deploy/eval/compare.py, table.py) and the `eval` CLI's argument handling."""
+"""`longtrace eval compare` (eval/compare.py, table.py) and the `eval` CLI's argument handling."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from deploy.eval.aggregate import summarize
-from deploy.eval.cli import main
-from deploy.eval.compare import compare, load
-from deploy.eval.table import format_compare, format_summary
+from eval.aggregate import summarize
+from eval.cli import main
+from eval.compare import compare, load
+from eval.table import format_compare, format_summary
 
 
 def _run(path: Path, outcomes: dict[str, list[float]], **config: Any) -> Path:

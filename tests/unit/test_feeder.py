@@ -12,7 +12,8 @@ from broker.memory import MemoryBroker
 from broker.schemas import Task
 from broker.settings import BrokerConfig
 from datagen.dataset import make_row, write_rows
-from learner.feeder import Feeder, JsonlDataset, admission_limit
+from datagen.prompts import JsonlDataset
+from learner.feeder import Feeder, admission_limit
 from learner.state import LearnerState
 from learner.train_config import DataConfig
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.config import ConfigError, load_config
+from common.config import ConfigError, load_config
 from learner.config import LearnerConfig
 from learner.model.hf_config import HFArch, check_parallel_fit
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from broker.config import ConfigError, load_config
+from common.config import ConfigError, load_config
 from learner.loss import broadcast_advantages, compute_loss, grpo_advantages, k3_kl, policy_loss, reduce_stats
 from learner.train_config import LossConfig, TrainConfig
 

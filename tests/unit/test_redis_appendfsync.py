@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 import redis
 
-from broker.config import ConfigError, load_config
 from broker.embedded import EmbeddedRedis
-from deploy.chaos import load_chaos_config
-from deploy.chaos_cli import DEFAULT_CONFIG as CHAOS_CONFIG
+from common.config import ConfigError, load_config
 from deploy.launcher.config import UpConfig
 from deploy.launcher.dashboard import Dashboard
 from deploy.launcher.rundir import RunDir
 from deploy.launcher.up import Launcher
+from experiments.chaos import load_chaos_config
+from experiments.chaos_cli import DEFAULT_CONFIG as CHAOS_CONFIG
 
 ROOT = Path(__file__).resolve().parents[2]
 UP_CONFIG = ROOT / "configs" / "debug" / "up.toml"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.config import ConfigError, load_config
+from common.config import ConfigError, load_config
 from reward_service.config import LlmJudgeConfig, RewardConfig, RuleJudgeConfig
 from reward_service.judges.llm import judge_prompt, parse_verdict
 from reward_service.judges.rule import answer_tokens, rule_match, token_f1

@@ -10,10 +10,10 @@ import msgspec
 import pytest
 
 from broker.base import DEAD, TASKS
-from broker.config import load_config
-from broker.embedded import free_port
 from broker.memory import MemoryBroker
 from broker.schemas import DeadLetter, RewardInfo, SamplingParams, Task, decode, pack_ids
+from common.config import load_config
+from common.net import free_port
 from rollout_server.worker.client import EngineError, parse_generate
 from rollout_server.worker.config import RolloutConfig
 from rollout_server.worker.generation import TaskRejected, plan_group

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 
 from broker.base import EngineInfo
-from broker.config import load_config
-from broker.embedded import free_port
 from broker.memory import MemoryBroker
+from common.config import load_config
+from common.net import free_port
 from rollout_server.worker.config import RolloutConfig
 from rollout_server.worker.router import BuiltinRouter, Engine, NoEngineAvailable
 

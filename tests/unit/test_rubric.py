@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from broker.schemas import Group, RewardInfo, Sample, Task, pack_ids
+from common.text import norm, norm_reference
 from reward_service.combine import SampleParts, combine_group, single_reward
 from reward_service.config import RewardConfig, RuleJudgeConfig
 from reward_service.judges.rule import RuleJudge
@@ -18,8 +19,6 @@ from reward_service.rubric import (
     Turn,
     f_beta,
     judged_text,
-    norm,
-    norm_reference,
     predicted_chunks,
     response_mode_turn,
     rubric_reward,

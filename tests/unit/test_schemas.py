@@ -10,7 +10,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.config import BaseConfig, ConfigError, load_config
 from broker.schemas import (
     SCHEMA_VERSION,
     DeadLetter,
@@ -29,6 +28,7 @@ from broker.schemas import (
     pack_logprobs,
 )
 from broker.settings import BrokerConfig
+from common.config import BaseConfig, ConfigError, load_config
 
 ints32 = st.lists(st.integers(-(2**31), 2**31 - 1), max_size=24)
 # Any float32 bit pattern, NaN included: buffers must round-trip bit-exactly.

@@ -10,8 +10,8 @@ import pytest
 import torch
 from pydantic import Field
 
-from broker.config import BaseConfig, ConfigError, load_config
 from broker.memory import MemoryBroker
+from common.config import BaseConfig, ConfigError, load_config
 from learner.weight_sync.base import NoSync, PushReport
 from learner.weight_sync.config import (
     DiskSyncConfig,
@@ -19,10 +19,11 @@ from learner.weight_sync.config import (
     NoSyncConfig,
     WeightSyncConfig,
 )
-from learner.weight_sync.disk import catch_up, latest_export, write_export
+from learner.weight_sync.disk import write_export
 from learner.weight_sync.distributed import iter_buckets
 from learner.weight_sync.factory import build_weight_sync
 from learner.weight_sync.sources import HFModelSource
+from weights.exports import catch_up, latest_export
 
 
 class _Root(BaseConfig):
@@ -124,12 +125,14 @@ def test_exports_are_atomic_pruned_and_found_by_late_engines(tmp_path: Path) -> 
 def _cli(argv: list[str]) -> Any:
     import argparse
 
-    from learner.weight_sync.cli import register_weight_sync
+    from experiments import bench_weight_sync_cli
+    from weights import cli as weights_cli
 
     parser = argparse.ArgumentParser(prog="longtrace")
     commands = parser.add_subparsers(dest="command", required=True)
     benches = commands.add_parser("bench").add_subparsers(dest="bench", required=True)
-    register_weight_sync(commands, benches)
+    weights_cli.register(commands, benches)
+    bench_weight_sync_cli.register(commands, benches)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -4,7 +4,7 @@ guarantees (registered by deploy/cli.py).
 longtrace bench chaos [--json] [--config configs/bench/chaos.toml] [--faults '["engine"]'] [--up.key value ...]
 
 Prints one JSON object: ok, kills, groups_admitted, groups_trained, groups_lost, groups_duplicated, recovery_s per
-fault, and the details (deploy/chaos.py). Exit status 1 unless ok (nothing lost, duplicated or left pending, every
+fault, and the details (experiments/chaos.py). Exit status 1 unless ok (nothing lost, duplicated or left pending, every
 fault recovered, the run finished).
 """
 
@@ -36,8 +36,8 @@ def _bench(args: argparse.Namespace) -> int:
     import json
     import logging
 
-    from broker.logs import setup_logging
-    from deploy.chaos import load_chaos_config, run_chaos
+    from common.logs import setup_logging
+    from experiments.chaos import load_chaos_config, run_chaos
 
     cfg = load_chaos_config(args.config, args.overrides)
     setup_logging(level="INFO", prefix="chaos ")

@@ -33,8 +33,8 @@ def _bench(args: argparse.Namespace) -> int:
     import logging
     import tempfile
 
-    from broker.config import ConfigError
-    from broker.logs import setup_logging
+    from common.config import ConfigError
+    from common.logs import setup_logging
 
     services = [s.strip() for s in args.services.split(",") if s.strip()]
     unknown = sorted(set(services) - {"reward", "engine"})
@@ -46,7 +46,7 @@ def _bench(args: argparse.Namespace) -> int:
     logging.getLogger("torch.distributed").setLevel(logging.CRITICAL)  # fuzzed rendezvous failures
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    from deploy.fuzz import FuzzReport
+    from experiments.fuzz import FuzzReport
 
     per: dict[str, FuzzReport] = {}
     kw = {"max_examples": args.max_examples, "seed": args.seed}
@@ -67,7 +67,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _reward(kw: dict[str, Any], http: bool) -> Any:
-    from deploy.fuzz import fuzz_app, fuzz_url, reward_app
+    from experiments.fuzz import fuzz_app, fuzz_url, reward_app
     from rollout_server.engine.server import BackgroundServer
 
     report = fuzz_app(reward_app(), **kw)
@@ -79,7 +79,7 @@ def _reward(kw: dict[str, Any], http: bool) -> Any:
 
 
 def _engine(tmp: str, kw: dict[str, Any], http: bool) -> Any:
-    from deploy.fuzz import ENGINE_FOLLOW_UPS, engine_config, fuzz_app, fuzz_url
+    from experiments.fuzz import ENGINE_FOLLOW_UPS, engine_config, fuzz_app, fuzz_url
     from rollout_server.engine.api import build_app
     from rollout_server.engine.engine import Engine
     from rollout_server.engine.server import BackgroundServer
@@ -104,10 +104,10 @@ def _engine(tmp: str, kw: dict[str, Any], http: bool) -> Any:
 
 
 def main() -> None:
-    """Run the bench alone (`python -m deploy.fuzz_cli`), before deploy/cli.py registers it."""
+    """Run the bench alone (`python -m experiments.fuzz_cli`), before deploy/cli.py registers it."""
     import sys
 
-    from broker.config import ConfigError
+    from common.config import ConfigError
 
     parser = argparse.ArgumentParser(prog="longtrace bench")
     benches = parser.add_subparsers(dest="bench")

@@ -11,7 +11,7 @@ directories' config.json) the runs; any other difference is an error. Outcome-on
 
 Held-out accuracy over steps without a mid-phase evaluation in the launcher: the RL phase keeps every HF
 export the weight sync writes (`export_keep_last` above the step count; the demo already exports at every
-push), and after the run `deploy/ablate_samples.py` evaluates the exports of the wanted steps. The RL phase
+push), and after the run `experiments/ablate_samples.py` evaluates the exports of the wanted steps. The RL phase
 stays one phase, so its optimizer, KL reference (the SFT export) and data order are those of `longtrace up`.
 The launcher's own engine evaluation after the phase is kept as a cross-check of the final step.
 """
@@ -36,8 +36,8 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from broker.config import BaseConfig, ConfigError, load_config, merge_tables
-from deploy.ablate_samples import HackingConfig, evaluate_export, indicators, read_samples, write_samples
+from common.config import BaseConfig, ConfigError, load_config, merge_tables
+from experiments.ablate_samples import HackingConfig, evaluate_export, indicators, read_samples, write_samples
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ class AblateConfig(BaseConfig):
     keep_exports: bool = False
     """Keep every RL export after evaluation; off: only the newest one is kept."""
     hacking: HackingConfig = Field(default_factory=HackingConfig)
-    """The hacking indicator (deploy/ablate_samples.py)."""
+    """The hacking indicator (experiments/ablate_samples.py)."""
     run_timeout_s: float = Field(3600.0, gt=0)
     """One `longtrace up` run that takes longer fails the ablation."""
 
@@ -296,7 +296,7 @@ def run_up(plan: Plan, d: dict[str, Any], name: str, timeout_s: float) -> float:
 
 
 def sft_export(plan: Plan, seed: int) -> Path:
-    from learner.weight_sync.disk import latest_export
+    from weights.exports import latest_export
 
     found = latest_export(plan.run_dir(seed, "sft") / "phases" / plan.cfg.sft_phase / "exports")
     if found is None:
@@ -309,7 +309,7 @@ def export_steps(plan: Plan, run_dir: Path) -> dict[int, Path]:
     whose export was pruned after its evaluation counts while its samples file exists, so a reused run
     (`--reuse_finished_runs`) keeps its whole curve."""
     from deploy.launcher.rundir import POLICY_VERSION, STEP, RunDir
-    from learner.weight_sync.disk import export_name
+    from weights.exports import export_name
 
     exports = run_dir / "phases" / plan.cfg.rl_phase / "exports"
     out = {}
@@ -444,7 +444,7 @@ def _used_config(run_dir: Path) -> dict[str, Any]:
 
 
 def _prune_exports(exports: Path) -> None:
-    from learner.weight_sync.disk import latest_export
+    from weights.exports import latest_export
 
     found = latest_export(exports)
     for p in exports.glob("v*"):
@@ -552,7 +552,7 @@ def summarize(
         "seeds": cfg.seeds,
         "rl_steps": plan.rl_steps,
         "eval_steps": plan.eval_steps,
-        "held_out": "greedy per-sample evaluation of the HF exports (deploy/ablate_samples.py); system_eval_accuracy "
+        "held_out": "greedy per-sample evaluation of the HF exports (experiments/ablate_samples.py); system_eval_accuracy "
         "is the launcher's engine evaluation after the RL phase",
         "hacking_definition": f"wrong samples naming >= {cfg.hacking.listing_min_entities} distinct entities "
         f"(/{cfg.hacking.entity_pattern}/) in the answer, or in the whole response when it is not well-formed",

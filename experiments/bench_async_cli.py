@@ -3,7 +3,7 @@
 longtrace bench async [--config configs/bench/async.toml] [--json] [--section.key value ...]
 
 Prints one JSON object (--json) or a short table: sync_steps_per_min, async_steps_per_min, speedup, ideal_speedup,
-efficiency and per-stage busy seconds per step of both runs (deploy/bench_async.py says how each is measured).
+efficiency and per-stage busy seconds per step of both runs (experiments/bench_async.py says how each is measured).
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ def _bench(args: argparse.Namespace) -> int:
     import json
     import sys
 
-    from broker.config import load_config
-    from broker.logs import setup_logging
-    from deploy.bench_async import DEFAULT_CONFIG, BenchAsyncConfig, BenchError, format_table, run_bench
+    from common.config import load_config
+    from common.logs import setup_logging
+    from experiments.bench_async import DEFAULT_CONFIG, BenchAsyncConfig, BenchError, format_table, run_bench
 
     cfg = load_config(BenchAsyncConfig, args.config or DEFAULT_CONFIG, args.overrides)
     setup_logging("WARNING")

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from broker.retry import RetryPolicy
+from common.retry import RetryPolicy
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -3,7 +3,7 @@
     longtrace eval --config configs/eval.toml [--model DIR] [--json] [--key value ...]
     longtrace eval compare RUN_A RUN_B [--json] [--max-flips N]
 
-`python -m deploy.eval.cli ARGS` is `longtrace eval ARGS`. The `eval` parser hands every argument to this module
+`python -m eval.cli ARGS` is `longtrace eval ARGS`. The `eval` parser hands every argument to this module
 unparsed: its overrides (`--k 8`) would otherwise be read as the `compare` positional by argparse.
 """
 
@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from broker.config import ConfigError
+from common.config import ConfigError
 
 _RUN_EPILOG = (
     "Every EvalConfig key is an override: --k 8 --temperature 0 --max_questions 100 --engine_urls "
@@ -76,14 +76,14 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _run(argv: list[str]) -> int:
-    from broker.config import load_config
-    from broker.logs import setup_logging
-    from deploy.eval.config import EvalConfig
-    from deploy.eval.local import services
-    from deploy.eval.outputs import SAMPLES_FILE, SampleWriter, build_summary, write_summary
-    from deploy.eval.run import EvalError, prepare, run_eval
-    from deploy.eval.table import format_summary
+    from common.config import load_config
+    from common.logs import setup_logging
     from deploy.launcher.process import ChildFailed
+    from eval.config import EvalConfig
+    from eval.local import services
+    from eval.outputs import SAMPLES_FILE, SampleWriter, build_summary, write_summary
+    from eval.run import EvalError, prepare, run_eval
+    from eval.table import format_summary
 
     t0 = time.monotonic()
     ns, overrides = _run_parser().parse_known_args(argv)
@@ -124,8 +124,8 @@ def _run(argv: list[str]) -> int:
 
 
 def _compare(argv: list[str]) -> int:
-    from deploy.eval.compare import compare, load
-    from deploy.eval.table import format_compare
+    from eval.compare import compare, load
+    from eval.table import format_compare
 
     ns = _compare_parser().parse_args(argv)
     try:
@@ -138,7 +138,7 @@ def _compare(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m deploy.eval.cli ARGS`: the same as `longtrace eval ARGS`."""
+    """`python -m eval.cli ARGS`: the same as `longtrace eval ARGS`."""
     parser = argparse.ArgumentParser(prog="longtrace")
     commands = parser.add_subparsers(dest="command", required=True)
     register(commands, argparse.ArgumentParser().add_subparsers())

@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from deploy.eval.aggregate import summarize
-from deploy.eval.config import EvalConfig
-from deploy.eval.run import EvalRun, SampleRecord, version_number
+from eval.aggregate import summarize
+from eval.config import EvalConfig
+from eval.run import EvalRun, SampleRecord, version_number
 
 SAMPLES_FILE = "samples.jsonl"
 SUMMARY_FILE = "summary.json"

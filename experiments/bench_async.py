@@ -1,6 +1,6 @@
 """`longtrace bench async`: the same system synchronous (`max_staleness = 0`) and asynchronous (`max_staleness = 2`).
 
-    judge stub (deploy/judge_stub.py: 1 s per call, N calls at once, asyncio sleep = I/O like a remote LLM)
+    judge stub (experiments/judge_stub.py: 1 s per call, N calls at once, asyncio sleep = I/O like a remote LLM)
     run "sync":  longtrace up  [prepare] -> phase sft (warm start) -> phase rl, max_staleness 0
     run "async": longtrace up  model = the warm start's export  ->   phase rl, max_staleness 2
     while each runs, a thread copies every ScoredGroup off the `scored` stream (XRANGE: reads, never consumes)
@@ -41,7 +41,7 @@ from typing import Any
 
 from pydantic import Field, ValidationError, model_validator
 
-from broker.config import BaseConfig, ConfigError, get_path, has_path, merge_tables
+from common.config import BaseConfig, ConfigError, get_path, has_path, merge_tables
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class BenchAsyncConfig(BaseConfig):
             raise ValueError(f"--warmup_steps {self.warmup_steps} leaves no measured step of --steps {self.steps}")
         for key in BENCH_KEYS:
             if has_path(self.up, key):
-                raise ValueError(f"--up.{key} is set by the bench (deploy/bench_async.py); remove it")
+                raise ValueError(f"--up.{key} is set by the bench (experiments/bench_async.py); remove it")
         judge = get_path(self.up, "reward.config.judge.kind", "rule")
         if judge != "llm":
             raise ValueError(f"--up.reward.config.judge.kind must be llm (the stub judge), got {judge!r}")
@@ -147,7 +147,7 @@ class RunPlan:
         """The model both RL phases start from (the warm start's last export when the bench trains it)."""
         if self.cfg.model_path:
             return self.cfg.model_path
-        from learner.weight_sync.disk import latest_export
+        from weights.exports import latest_export
 
         found = latest_export(self.run_dir("sync") / "phases" / "sft" / "exports")
         if found is None:
@@ -439,9 +439,9 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 
 def run_bench(cfg: BenchAsyncConfig, progress: Any = None) -> dict[str, Any]:
     """Both runs against one judge stub; the result dict (what `--json` prints)."""
-    from broker.embedded import free_port
-    from deploy.judge_stub import JudgeStub, JudgeStubConfig
+    from common.net import free_port
     from deploy.launcher.rundir import RunDir
+    from experiments.judge_stub import JudgeStub, JudgeStubConfig
 
     def note(text: str) -> None:
         if progress is not None:

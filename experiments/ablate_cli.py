@@ -41,13 +41,13 @@ def register(commands: argparse._SubParsersAction[Any], benches: argparse._SubPa
 def _run(path: str, overrides: list[str], quiet: bool) -> dict[str, Any]:
     import logging
 
-    from broker.logs import setup_logging
-    from deploy.ablate import load, run_ablation
+    from common.logs import setup_logging
     from deploy.report import write_ablation_report
+    from experiments.ablate import load, run_ablation
 
     cfg = load(path, overrides)
     setup_logging(level="WARNING" if quiet else "INFO", prefix="ablate ")
-    logging.getLogger("deploy.ablate").setLevel(logging.WARNING if quiet else logging.INFO)
+    logging.getLogger("experiments.ablate").setLevel(logging.WARNING if quiet else logging.INFO)
     summary = run_ablation(cfg)
     summary["report"] = str(write_ablation_report(cfg.out_dir))
     return summary

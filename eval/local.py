@@ -14,8 +14,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from deploy.eval.config import EvalConfig
 from deploy.launcher.process import Child, HttpReady, ProcessSpec, Supervisor
+from eval.config import EvalConfig
 
 _ENV = {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -85,7 +85,7 @@ def services(cfg: EvalConfig, log_dir: Path) -> Iterator[Services]:
     if cfg.engine_urls and cfg.reward_url:
         yield Services(list(cfg.engine_urls), cfg.reward_url, None)
         return
-    from broker.embedded import free_port
+    from common.net import free_port
 
     assert cfg.model_path, "EvalConfig requires --model when a URL is missing"
     with Supervisor(log_dir) as sup:

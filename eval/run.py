@@ -10,7 +10,7 @@ Per question (a bounded number at once, so long prompts are not all held in memo
 
 An ill-formed, truncated or unfinished answer is not sent to the judge: it counts wrong (outcome 0, rubric 0).
 A prompt that alone fills the context is not sent either; its k samples count wrong with `error` set.
-Both `longtrace eval` (deploy/eval/cli.py) and the launcher's held-out eval (deploy/launcher/evaluate.py) run this.
+Both `longtrace eval` (eval/cli.py) and the launcher's held-out eval (deploy/launcher/evaluate.py) run this.
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ from typing import Any
 
 import httpx
 
-from broker.config import ConfigError
-from broker.retry import RetryPolicy
 from broker.schemas import RewardInfo, Sample, Task, pack_ids
-from deploy.eval.config import EvalConfig
+from common.config import ConfigError
+from common.retry import RetryPolicy
+from eval.config import EvalConfig
 
 log = logging.getLogger(__name__)
 
@@ -290,7 +290,7 @@ class _Pipeline:
         return [r for records in per_question for r in records]
 
     async def _question(self, index: int) -> list[SampleRecord]:
-        from learner.feeder import prompt_ids
+        from datagen.prompts import prompt_ids
         from reward_service.scoring import gather_or_cancel
         from rollout_server.worker.generation import TaskRejected, plan_group
 
@@ -406,7 +406,7 @@ def open_dataset(path: str, max_questions: int) -> tuple[Any, list[str]]:
     evaluated row parsed once up front so a bad row fails before any generation."""
     from pathlib import Path
 
-    from learner.feeder import JsonlDataset
+    from datagen.prompts import JsonlDataset
 
     if not Path(path).is_file():
         raise ConfigError(f"--dataset_path: no such file {path!r}")

@@ -1,6 +1,6 @@
 """GPU smoke test of LongTrace's own CUDA paths, self-contained (no network, no model hub), under 8 minutes.
 
-    bash deploy/gpu/smoke.sh                 # or: python -m deploy.gpu.smoke [--steps 3] [--learner-ranks 1]
+    bash experiments/gpu/smoke.sh                 # or: python -m experiments.gpu.smoke [--steps 3] [--learner-ranks 1]
 
 It builds a tiny Qwen3 model and a word-level dataset locally, starts an embedded Redis, the built-in engine
 on CUDA, a rollout worker and a reward worker (rule judge), then runs the megatron-core learner under
@@ -203,7 +203,8 @@ def run_smoke(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     import redis as redis_lib
     import torch
 
-    from broker.embedded import EmbeddedRedis, free_port
+    from broker.embedded import EmbeddedRedis
+    from common.net import free_port
     from learner.metrics import read_metrics
 
     t0 = time.monotonic()
@@ -283,7 +284,7 @@ def run_smoke(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 "--standalone",
                 f"--nproc-per-node={args.learner_ranks}",
                 "-m",
-                "deploy.gpu.smoke",
+                "experiments.gpu.smoke",
                 "--learner-rank-entry",
                 "-m",
                 "deploy.cli",
@@ -367,7 +368,7 @@ def learner_rank_entry(argv: list[str]) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="deploy/gpu/smoke.sh", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="experiments/gpu/smoke.sh", description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=3, help="GRPO steps (each followed by a weight push)")
     p.add_argument("--learner-ranks", type=int, default=1, choices=(1, 2), help="learner ranks (2: TP2, one GPU)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="learner dtype on CUDA")

@@ -72,7 +72,7 @@ def run_weight_sync_bench(
         )
         port = free_port("127.0.0.1")
         url = f"http://127.0.0.1:{port}"
-        cmd = [sys.executable, "-m", "learner.weight_sync.bench", str(model_dir), str(port), backend]
+        cmd = [sys.executable, "-m", "experiments.bench_weight_sync", str(model_dir), str(port), backend]
         proc = subprocess.Popen(
             cmd, env=_engine_env(backend), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
         )

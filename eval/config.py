@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from broker.config import BaseConfig, ConfigError
+from common.config import BaseConfig, ConfigError
 from rollout_server.worker.processors import ProcessorName
 
 

@@ -49,8 +49,8 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from broker.base import EngineInfo
-from broker.config import BaseConfig
 from broker.embedded import AppendFsync
+from common.config import BaseConfig
 from deploy.launcher.config import UpConfig
 
 log = logging.getLogger(__name__)
@@ -342,7 +342,7 @@ class ChaosMonkey:
         self.current = record
 
     def _respawn_spec(self, fault: Fault, child: Any) -> Any:
-        from broker.embedded import free_port
+        from common.net import free_port
 
         spec = child.spec
         if fault == "learner":
@@ -357,8 +357,8 @@ class ChaosMonkey:
     def _engine_spec(self, child: Any) -> Any:
         """The engine's config on a new port, starting from the newest export at its version: it registers
         with the newest weights, and the changed URL makes the learner rebuild its weight group."""
-        from broker.config import load_config
-        from broker.embedded import free_port
+        from common.config import load_config
+        from common.net import free_port
         from deploy.launcher.process import HttpReady
         from deploy.launcher.tomlfile import write_config
         from rollout_server.engine.config import EngineConfig
@@ -418,7 +418,7 @@ def _copy_latest_export(export_dir: Path, dest: Path, attempts: int = 5) -> tupl
     with the pruning (files vanished) is retried with the then newest export."""
     import shutil
 
-    from learner.weight_sync.disk import latest_export
+    from weights.exports import latest_export
 
     for _ in range(attempts):
         found = latest_export(export_dir)
@@ -502,7 +502,7 @@ def account(cfg: ChaosConfig, launcher: Any, probe: Probe) -> dict[str, Any]:
 
 def run_chaos(cfg: ChaosConfig) -> dict[str, Any]:
     """Run `cfg.up` with the faults injected; return the bench's JSON object (raises nothing the run caused)."""
-    from broker.config import ConfigError, dump_config
+    from common.config import ConfigError, dump_config
     from deploy.launcher.dashboard import Dashboard
     from deploy.launcher.process import ChildFailed
     from deploy.launcher.rundir import RunDir
@@ -583,6 +583,6 @@ def run_chaos(cfg: ChaosConfig) -> dict[str, Any]:
 
 
 def load_chaos_config(path: str | Path, overrides: list[str]) -> ChaosConfig:
-    from broker.config import load_config
+    from common.config import load_config
 
     return load_config(ChaosConfig, path, overrides)

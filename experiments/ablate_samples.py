@@ -28,7 +28,7 @@ from typing import Any
 
 from pydantic import Field
 
-from broker.config import BaseConfig
+from common.config import BaseConfig
 
 SAMPLE_FIELDS = ("id", "response", "answer", "well_formed", "finished", "outcome", "rubric", "reward")
 
@@ -140,7 +140,7 @@ def evaluate_export(
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from learner.feeder import JsonlDataset, prompt_ids
+    from datagen.prompts import JsonlDataset, prompt_ids
     from reward_service.combine import single_reward
     from reward_service.judges import build_judge
     from reward_service.schemas import ScoreRequest

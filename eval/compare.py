@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from deploy.eval.aggregate import by_question, question_accuracy
-from deploy.eval.outputs import load_run
+from eval.aggregate import by_question, question_accuracy
+from eval.outputs import load_run
 
 METRICS = (
     "avg_at_k",

@@ -6,7 +6,7 @@ of calls at once; its latency is I/O for the reward worker, not local compute. T
 answers in the reference format (`extracted_final_answer: ... correct: yes|no`, yes when the gold answer occurs
 in the response). It records when each call held a slot, so the bench can report the judge's busy time.
 
-    python -m deploy.judge_stub --delay_s 1.0 --concurrency 8 --port 8000    (serves until Ctrl-C)
+    python -m experiments.judge_stub --delay_s 1.0 --concurrency 8 --port 8000    (serves until Ctrl-C)
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 
 from pydantic import Field
 
-from broker.config import BaseConfig
+from common.config import BaseConfig
 
 _PROMPT_RE = re.compile(r"\[correct_answer\]: (.*?)\n\n\[response\]: (.*?)\n\nYour judgement", re.DOTALL)
 
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     import logging
     import sys
 
-    from broker.config import load_config
+    from common.config import load_config
 
     cfg = load_config(JudgeStubConfig, None, list(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=logging.INFO)
