@@ -78,7 +78,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _run(argv: list[str]) -> int:
     from common.config import load_config
     from common.logs import setup_logging
-    from deploy.launcher.process import ChildFailed
+    from common.supervisor import ChildFailed
     from eval.config import EvalConfig
     from eval.local import services
     from eval.outputs import SAMPLES_FILE, SampleWriter, build_summary, write_summary

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from deploy.launcher.process import Child, HttpReady, ProcessSpec, Supervisor
+from common.supervisor import Child, HttpReady, ProcessSpec, Supervisor
 from eval.config import EvalConfig
 
 _ENV = {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}

@@ -359,7 +359,7 @@ class ChaosMonkey:
         with the newest weights, and the changed URL makes the learner rebuild its weight group."""
         from common.config import load_config
         from common.net import free_port
-        from deploy.launcher.process import HttpReady
+        from common.supervisor import HttpReady
         from deploy.launcher.tomlfile import write_config
         from rollout_server.engine.config import EngineConfig
 
@@ -503,8 +503,8 @@ def account(cfg: ChaosConfig, launcher: Any, probe: Probe) -> dict[str, Any]:
 def run_chaos(cfg: ChaosConfig) -> dict[str, Any]:
     """Run `cfg.up` with the faults injected; return the bench's JSON object (raises nothing the run caused)."""
     from common.config import ConfigError, dump_config
+    from common.supervisor import ChildFailed
     from deploy.launcher.dashboard import Dashboard
-    from deploy.launcher.process import ChildFailed
     from deploy.launcher.rundir import RunDir
     from deploy.launcher.up import Interrupted, Launcher
 

@@ -28,9 +28,9 @@ from types import FrameType
 from typing import Any
 
 from common.config import BaseConfig, ConfigError, dump_config
+from common.supervisor import Child, ChildFailed, HttpReady, LogReady, ProcessSpec, RedisReady, Supervisor
 from deploy.launcher.config import PhaseConfig, UpConfig
 from deploy.launcher.dashboard import Dashboard, PhaseView, SystemSampler, resolve_mode
-from deploy.launcher.process import Child, ChildFailed, HttpReady, LogReady, ProcessSpec, RedisReady, Supervisor
 from deploy.launcher.rundir import POLICY_VERSION, STEP, RunDir
 from deploy.launcher.tomlfile import write_config
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from common.config import ConfigError
-from deploy.launcher.process import LogReady, ProcessSpec, Supervisor
+from common.supervisor import LogReady, ProcessSpec, Supervisor
 from experiments.chaos import load_chaos_config, run_chaos
 from experiments.chaos_cli import DEFAULT_CONFIG
 

@@ -25,8 +25,8 @@ import pytest
 
 from common.config import load_config
 from common.net import free_port
+from common.supervisor import HttpReady, ProcessSpec, Supervisor
 from deploy.launcher.evaluate import EvalJobConfig, run
-from deploy.launcher.process import HttpReady, ProcessSpec, Supervisor
 from eval.compare import compare, load
 from eval.config import EvalConfig
 from eval.run import EvalError, run_eval

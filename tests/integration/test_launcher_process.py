@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from common.net import free_port
-from deploy.launcher.process import ChildFailed, HttpReady, LogReady, ProcessSpec, RedisReady, Supervisor
+from common.supervisor import ChildFailed, HttpReady, LogReady, ProcessSpec, RedisReady, Supervisor
 
 PY = sys.executable
 ENV = {"PYTHONUNBUFFERED": "1"}
@@ -148,7 +148,7 @@ def test_children_die_with_a_killed_launcher(tmp_path: Path) -> None:
     script = textwrap.dedent(
         f"""
         import sys, time
-        from deploy.launcher.process import ProcessSpec, Supervisor
+        from common.supervisor import ProcessSpec, Supervisor
         sup = Supervisor({str(tmp_path / "logs")!r})
         child = sup.start(ProcessSpec("sleeper", [sys.executable, "-c", "import time; time.sleep(300)"]))
         print(child.pid, flush=True)

@@ -125,7 +125,19 @@ def test_engine_image_launcher_needs_only_its_light_dependencies() -> None:
     import subprocess
     import sys
 
-    project = ("common", "broker", "weights", "reward_service", "rollout_server", "learner", "datagen", "eval", "deploy", "experiments", "tests")
+    project = (
+        "common",
+        "broker",
+        "weights",
+        "reward_service",
+        "rollout_server",
+        "learner",
+        "datagen",
+        "eval",
+        "deploy",
+        "experiments",
+        "tests",
+    )
     third_party = ("annotated_types", "typing_extensions", "typing_inspection", "pydantic_core", "anyio", "sniffio")
     transport = ("certifi", "h11", "httpcore", "idna", "async_timeout")  # httpx's and redis-py's own dependencies
     allowed = ",".join((*LIGHT_DEPS, *project, *third_party, *transport))
