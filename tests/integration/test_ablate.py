@@ -23,7 +23,7 @@ DEBUG = ROOT / "configs" / "debug" / "ablate.toml"
 
 
 def _cli(argv: list[str]) -> int:
-    from deploy import ablate_cli
+    from experiments import ablate_cli
 
     parser = argparse.ArgumentParser(prog="longtrace")
     commands = parser.add_subparsers(dest="command", required=True)

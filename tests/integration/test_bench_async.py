@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from common.config import ConfigError, load_config
-from deploy import bench_async_cli
+from experiments import bench_async_cli
 from experiments.bench_async import DEFAULT_CONFIG, STAGES, BenchAsyncConfig, run_bench, union_length
 from experiments.judge_stub import JudgeStub, JudgeStubConfig
 from reward_service.config import LlmJudgeConfig
