@@ -13,8 +13,28 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from pydantic import Field
+
+from common.config import BaseConfig
+
 T = TypeVar("T")
 log = logging.getLogger(__name__)
+
+
+class RetryConfig(BaseConfig):
+    """How a call is retried: the one shape every config section that retries uses (`[...retry]` tables)."""
+
+    max_attempts: int = Field(5, ge=1)
+    """Tries in all, the first included (1: never retried)."""
+    base_s: float = Field(0.1, gt=0)
+    """Backoff before the first retry (the cap of its full-jitter draw); doubles per retry."""
+    max_backoff_s: float = Field(5.0, gt=0)
+    """Largest backoff between two tries."""
+    deadline_s: float = Field(60.0, gt=0)
+    """No retry starts after this long since the first try."""
+
+    def policy(self) -> RetryPolicy:
+        return RetryPolicy(self.max_attempts, self.base_s, self.max_backoff_s, self.deadline_s)
 
 
 @dataclass(frozen=True)
