@@ -29,7 +29,7 @@ SENDER = """
 import json, sys, threading
 import httpx, torch, torch.distributed as dist
 from safetensors.torch import load_file
-from rollout_server.engine.weight_group import init_custom_process_group
+from weights.group import init_custom_process_group
 
 url, port, path, group_name = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 params = sorted(load_file(path).items())

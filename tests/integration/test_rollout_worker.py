@@ -297,7 +297,8 @@ def test_worker_killed_mid_group_is_reclaimed_by_another(engines: Engines, redis
     """Guards against losing a task when its worker dies (SIGKILL) mid-generation: the unacked task must be
     reclaimed by another worker after claim_idle_s and published exactly once, and the stream left empty."""
     prompt = _prompt(engines.model_a, "Who founded the company?")
-    common = [f"--sampling.max_response_len={LONG}", "--sampling.ignore_eos=true", "--broker.claim_idle_s=2"]
+    # 8 x LONG tokens: still generating when the kill lands, also on a fast machine (the group must be unfinished).
+    common = [f"--sampling.max_response_len={8 * LONG}", "--sampling.ignore_eos=true", "--broker.claim_idle_s=2"]
     port = free_port()
     victim_cmd = [sys.executable, "-m", "rollout_server.worker", "--worker_id", "victim", "--metrics_port", str(port)]
     victim_cmd += _overrides(redis_url, *common)
@@ -306,7 +307,6 @@ def test_worker_killed_mid_group_is_reclaimed_by_another(engines: Engines, redis
     victim = subprocess.Popen(victim_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         _wait_metric(port, "rollout_in_flight_groups", 2.0, victim)
-        time.sleep(0.5)
     finally:
         victim.send_signal(signal.SIGKILL)
         victim.wait(timeout=10)
