@@ -647,7 +647,7 @@ class RedisBroker(Broker):
             retry=Retry(NoBackoff(), 0),  # retries are ours (below), bounded by a deadline
             driver_info=None,  # no CLIENT SETINFO: Redis 6.2 does not know it
         )
-        self._retry = RetryPolicy(max_attempts=config.retry_attempts, deadline_s=config.retry_deadline_s)
+        self._retry: RetryPolicy = config.retry.policy()
         # How often a reader looks for idle entries of dead consumers, and the longest single block of a
         # blocking read (under the socket timeout, so a block never reads as a dead connection).
         self.claim_interval_s = min(config.claim_idle_s, 1.0)

@@ -5,15 +5,29 @@ Every service config embeds it as its `broker` section (`--broker.redis_url ...`
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from common.config import BaseConfig, ConfigError
+from common.retry import RetryConfig, move_retry_keys
+
+log = logging.getLogger(__name__)
 
 PASSWORD_ENV = "LONGTRACE_REDIS_PASSWORD"
+
+
+class BrokerRetryConfig(RetryConfig):
+    """RetryConfig of a Redis call on connection loss (`[broker.retry]`)."""
+
+    max_attempts: int = Field(8, ge=1)
+    """Tries in all, the first included (1: never retried)."""
+    deadline_s: float = Field(60.0, gt=0)
+    """No retry starts after this long since the first try (a Redis restart must end within it)."""
 
 
 class BrokerConfig(BaseConfig):
@@ -30,10 +44,9 @@ class BrokerConfig(BaseConfig):
     """Timeout of every Redis call (blocking reads add their block time)."""
     connect_timeout_s: float = Field(5.0, gt=0)
     """Timeout of opening a connection."""
-    retry_attempts: int = Field(8, ge=1)
-    """Attempts of a Redis call on connection loss, with jittered exponential backoff."""
-    retry_deadline_s: float = Field(60.0, gt=0)
-    """Give up retrying a Redis call after this long."""
+    retry: BrokerRetryConfig = Field(default_factory=BrokerRetryConfig)
+    """Retries of a Redis call on connection loss, with jittered exponential backoff (8 attempts within 60 s).
+    Was `retry_attempts` / `retry_deadline_s`, still read (with a warning)."""
     max_backlog: int = Field(256, ge=1)
     """A producer waits while a stream holds this many entries not yet delivered to its consumer group (bounds
     Redis memory). Entries a consumer holds (delivered, not acked) do not count: the learner holds its until a
@@ -50,6 +63,13 @@ class BrokerConfig(BaseConfig):
     """An entry delivered more often than this goes to the dead stream."""
     dedup_ttl_s: float = Field(7 * 24 * 3600.0, gt=0)
     """How long a published dedup key (group id) is remembered."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_retry_keys(cls, data: Any) -> Any:
+        return move_retry_keys(
+            data, "broker", {"retry_attempts": ("max_attempts", 0), "retry_deadline_s": ("deadline_s", 0)}
+        )
 
     def redis_password(self) -> str | None:
         """The password from `redis_password_file`, else from `redis_password_env` when set, else None (the URL's

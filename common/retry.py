@@ -9,11 +9,11 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from pydantic import Field
+from pydantic import BaseModel, Field
 
 from common.config import BaseConfig
 
@@ -26,15 +26,44 @@ class RetryConfig(BaseConfig):
 
     max_attempts: int = Field(5, ge=1)
     """Tries in all, the first included (1: never retried)."""
-    base_s: float = Field(0.1, gt=0)
+    base_s: float = Field(0.1, ge=0)
     """Backoff before the first retry (the cap of its full-jitter draw); doubles per retry."""
-    max_backoff_s: float = Field(5.0, gt=0)
+    max_backoff_s: float = Field(5.0, ge=0)
     """Largest backoff between two tries."""
     deadline_s: float = Field(60.0, gt=0)
     """No retry starts after this long since the first try."""
 
     def policy(self) -> RetryPolicy:
         return RetryPolicy(self.max_attempts, self.base_s, self.max_backoff_s, self.deadline_s)
+
+
+def move_retry_keys(data: Any, section: str, moves: Mapping[str, tuple[str, int]], table: str = "retry") -> Any:
+    """A config's raw table with its deprecated flat retry keys moved into its `retry` table (the RetryConfig
+    shape; `table` names it), each with a warning naming the new key, so files and flags written before keep
+    loading. `section` names the config's own table in the warning (`judge`; empty at the top level).
+
+    `moves`: old key -> (RetryConfig field, amount added to the value); 1 turns a count of retries into attempts,
+    which count the first try. Setting an old key and its new one both is an error: which one wins is unclear."""
+    if not isinstance(data, dict) or not any(old in data for old in moves):
+        return data
+    retry = data.get(table, {})
+    if isinstance(retry, BaseModel):
+        retry = retry.model_dump(exclude_unset=True)
+    if not isinstance(retry, dict):
+        return data  # not a table: validation names `retry`
+    data, retry = dict(data), dict(retry)
+    at = f"{section}." if section else ""
+    for old, (new, add) in moves.items():
+        if old not in data:
+            continue
+        value = data.pop(old)
+        if new in retry:
+            raise ValueError(f"--{at}{old} is deprecated and --{at}{table}.{new} is set too: keep the latter")
+        retry[new] = value + add if add and isinstance(value, int) and not isinstance(value, bool) else value
+        hint = f" (= {old} + {add}: attempts count the first try)" if add else ""
+        log.warning("--%s%s is deprecated: use --%s%s.%s%s", at, old, at, table, new, hint)
+    data[table] = retry
+    return data
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from common.config import BaseConfig, ConfigError
+from common.retry import RetryConfig, move_retry_keys
 from rollout_server.worker.processors import ProcessorName
 
 
@@ -32,6 +33,32 @@ class LocalConfig(BaseConfig):
     """RewardConfig TOML of the local reward API (e.g. an LLM judge); empty: the rule judge (`contains`)."""
     startup_timeout_s: float = Field(300.0, gt=0)
     """How long the local engine and reward API may take to answer /health."""
+
+
+class EngineRetryConfig(RetryConfig):
+    """RetryConfig of a sample whose engine failed (`[engine_retry]`, the rollout worker's `retry`)."""
+
+    max_attempts: int = Field(3, ge=1)
+    """Engine failures one sample tolerates, the first try included (1: never retried)."""
+    base_s: float = Field(0.5, ge=0)
+    """The first retry waits up to this long (full jitter, doubling per retry)."""
+    max_backoff_s: float = Field(30.0, ge=0)
+    """Cap of one backoff wait."""
+    deadline_s: float = Field(86400.0, gt=0)
+    """No retry starts after this long since the sample's first request; a day by default, so in effect the attempts bound it."""
+
+
+class RewardRetryConfig(RetryConfig):
+    """RetryConfig of a /v1/score request to the reward API (`[reward_retry]`)."""
+
+    max_attempts: int = Field(5, ge=1)
+    """Tries in all, the first included (1: never retried)."""
+    base_s: float = Field(0.5, ge=0)
+    """The first retry waits up to this long (full jitter, doubling per retry)."""
+    max_backoff_s: float = Field(10.0, ge=0)
+    """Cap of one backoff wait."""
+    deadline_s: float = Field(60.0, gt=0)
+    """No retry starts after this long since the first try, or after `timeout_s` when that is longer."""
 
 
 class EvalConfig(BaseConfig):
@@ -67,8 +94,12 @@ class EvalConfig(BaseConfig):
     """Timeout of one /generate or /v1/score request (a 32K-token answer can take many minutes)."""
     connect_timeout_s: float = Field(10.0, gt=0)
     """Timeout of opening a connection (and of the engines' info endpoints)."""
-    max_attempts: int = Field(3, ge=1)
-    """Engine failures one sample tolerates (each retried on another engine) before the eval fails."""
+    engine_retry: EngineRetryConfig = Field(default_factory=EngineRetryConfig)
+    """Retries of a sample after an engine failure, each on another engine; after the last the eval fails (3
+    attempts). Was `max_attempts`; still read, with a warning."""
+    reward_retry: RewardRetryConfig = Field(default_factory=RewardRetryConfig)
+    """Retries of a /v1/score request on transport errors and 502/503/504 (5 attempts, 0.5 s first backoff, 10 s
+    cap); its deadline is raised to at least `timeout_s`."""
     processor: ProcessorName = "qwen3"
     """Message processor that parses responses (the rollout workers'): qwen3 | deepseek_r1."""
     stop_token_ids: list[int] | None = None
@@ -88,6 +119,11 @@ class EvalConfig(BaseConfig):
     """File holding the engines' bearer token instead (never logged)."""
     local: LocalConfig = Field(default_factory=LocalConfig)
     """The local engine and reward API of `--model`."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_retry_keys(cls, data: Any) -> Any:
+        return move_retry_keys(data, "", {"max_attempts": ("max_attempts", 0)}, table="engine_retry")
 
     @model_validator(mode="after")
     def _check(self) -> EvalConfig:

@@ -30,7 +30,7 @@ import httpx
 
 from broker.schemas import RewardInfo, Sample, Task, pack_ids
 from common.config import ConfigError
-from common.retry import RetryPolicy
+from common.retry import RetryConfig, RetryPolicy
 from eval.config import EvalConfig
 
 log = logging.getLogger(__name__)
@@ -207,11 +207,14 @@ def check_versions(engines: Sequence[EngineInfo], expect: int | None) -> None:
 class RewardClient:
     """POST /v1/score with retries on transport errors and 502/503/504; a 4xx is a clear error at once."""
 
-    def __init__(self, http: httpx.AsyncClient, url: str, timeout_s: float) -> None:
+    def __init__(self, http: httpx.AsyncClient, url: str, timeout_s: float, retry: RetryConfig) -> None:
         self._http = http
         self._url = url.rstrip("/")
         self._timeout = timeout_s
-        self._retry = RetryPolicy(max_attempts=5, base_s=0.5, max_backoff_s=10.0, deadline_s=max(60.0, timeout_s))
+        # The deadline is at least one request's timeout: a request that fails after a long wait is still retried.
+        self._retry = RetryPolicy(
+            retry.max_attempts, retry.base_s, retry.max_backoff_s, max(retry.deadline_s, timeout_s)
+        )
 
     async def judge_kind(self) -> str:
         try:
@@ -440,7 +443,7 @@ def rollout_config(cfg: EvalConfig, engine_urls: list[str], stop_ids: list[int],
             "request_timeout_s": cfg.timeout_s,
             "connect_timeout_s": cfg.connect_timeout_s,
             "health_timeout_s": cfg.connect_timeout_s,
-            "max_attempts": cfg.max_attempts,
+            "retry": cfg.engine_retry.model_dump(),
         }
     )
 
@@ -491,7 +494,7 @@ async def evaluate(
     try:
         engines = list(await asyncio.gather(*(engine_info(engine_http, u, cfg.connect_timeout_s) for u in urls)))
         check_versions(engines, cfg.expect_version)
-        reward = RewardClient(reward_http, reward_url, cfg.timeout_s)
+        reward = RewardClient(reward_http, reward_url, cfg.timeout_s, cfg.reward_retry)
         judge = await reward.judge_kind()
         max_context_len = effective_context_len(cfg.max_context_len, engines)
         rcfg = rollout_config(cfg, urls, inputs.stop_token_ids, max_context_len)

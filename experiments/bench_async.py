@@ -260,15 +260,14 @@ class ScoredObserver:
         from broker.base import SCORED, BrokerError
         from broker.redis_streams import FIELD, RedisBroker
         from broker.schemas import SchemaError, ScoredGroup, decode
-        from broker.settings import BrokerConfig
+        from broker.settings import BrokerConfig, BrokerRetryConfig
 
         cfg = BrokerConfig(
             redis_url=self.redis_url,
             run_id=self.run_id,
             socket_timeout_s=2.0,
             connect_timeout_s=2.0,
-            retry_attempts=1,
-            retry_deadline_s=2.0,
+            retry=BrokerRetryConfig(max_attempts=1, deadline_s=2.0),
         )
         broker: RedisBroker | None = None
         last = "-"

@@ -157,7 +157,7 @@ class Probe:
 
         from broker.base import BrokerError
         from broker.redis_streams import RedisBroker
-        from broker.settings import BrokerConfig
+        from broker.settings import BrokerConfig, BrokerRetryConfig
 
         self._redis = redis.Redis.from_url(redis_url, socket_timeout=2.0, socket_connect_timeout=1.0)
         self._errors: tuple[type[BaseException], ...] = (redis.ConnectionError, redis.TimeoutError, BrokerError)
@@ -168,8 +168,7 @@ class Probe:
                 run_id=run_id,
                 socket_timeout_s=2.0,
                 connect_timeout_s=1.0,
-                retry_attempts=1,
-                retry_deadline_s=2.0,
+                retry=BrokerRetryConfig(max_attempts=1, deadline_s=2.0),
             )
         )
         self.prefix = self._broker.key("")

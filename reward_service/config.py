@@ -11,10 +11,11 @@ import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from broker.settings import BrokerConfig
 from common.config import BaseConfig, ConfigError
+from common.retry import RetryConfig, move_retry_keys
 
 CombinationRule = Literal["positive_only", "negative_only", "both"]
 
@@ -31,6 +32,20 @@ class RuleJudgeConfig(BaseConfig):
     """Token-F1 at or above which the answer counts as correct (mode f1)."""
 
 
+class JudgeRetryConfig(RetryConfig):
+    """RetryConfig of one judge API request (`[judge.retry]`): after a transport error, a timeout, HTTP
+    408/429/5xx or a malformed body."""
+
+    max_attempts: int = Field(4, ge=1)
+    """Tries of one request in all, the first included (1: never retried)."""
+    base_s: float = Field(1.0, ge=0)
+    """The first retry waits up to this long (full jitter, doubling per retry)."""
+    max_backoff_s: float = Field(30.0, ge=0)
+    """Cap of one backoff wait."""
+    deadline_s: float = Field(600.0, gt=0)
+    """No retry starts after this long since the first try of a request."""
+
+
 class LlmJudgeConfig(BaseConfig):
     """Outcome judge over any OpenAI-compatible chat API, with the BrowseComp-style prompt of METHOD.md §2."""
 
@@ -44,14 +59,9 @@ class LlmJudgeConfig(BaseConfig):
     """Judge model name (the LongTraceRL reference default)."""
     timeout_s: Annotated[float, Field(gt=0)] = 120.0
     """Timeout of one API request (connect, write, read and pool wait each)."""
-    max_retries: Annotated[int, Field(ge=0)] = 3
-    """Retries of one API request after a transport error, timeout, HTTP 408/429/5xx or a malformed body."""
-    backoff_base_s: Annotated[float, Field(ge=0)] = 1.0
-    """First retry waits up to this long (full jitter, doubling per retry)."""
-    max_backoff_s: Annotated[float, Field(ge=0)] = 30.0
-    """Cap of one backoff wait."""
-    deadline_s: Annotated[float, Field(gt=0)] = 600.0
-    """No retry starts after this long since the first attempt of a request."""
+    retry: JudgeRetryConfig = Field(default_factory=JudgeRetryConfig)
+    """Retries of one API request (4 attempts, 1 s first backoff, 30 s cap, 600 s deadline). Was `max_retries`
+    (retries: attempts - 1), `backoff_base_s`, `max_backoff_s`, `deadline_s`; still read, with a warning."""
     max_asks: Annotated[int, Field(ge=1)] = 3
     """Times the judge is asked until both `extracted_final_answer:` and `correct:` parse."""
     concurrency: Annotated[int, Field(ge=1)] = 64
@@ -65,8 +75,34 @@ class LlmJudgeConfig(BaseConfig):
     extra_body: dict[str, Any] = {"thinking": {"type": "disabled"}}
     """Extra top-level request fields (the reference disables the judge's thinking this way); {} for plain APIs."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_retry_keys(cls, data: Any) -> Any:
+        moves = {
+            "max_retries": ("max_attempts", 1),
+            "backoff_base_s": ("base_s", 0),
+            "max_backoff_s": ("max_backoff_s", 0),
+            "deadline_s": ("deadline_s", 0),
+        }
+        return move_retry_keys(data, "judge", moves)
+
 
 JudgeConfig = Annotated[RuleJudgeConfig | LlmJudgeConfig, Field(discriminator="kind")]
+
+
+class GroupRetryConfig(RetryConfig):
+    """RetryConfig of scoring one group whose judge failed (`[worker.retry]`); after the last try the entry goes
+    to the dead stream."""
+
+    max_attempts: int = Field(4, ge=1)
+    """Tries of one group in all, the first included (1: dead-lettered at its first judge failure)."""
+    base_s: float = Field(2.0, ge=0)
+    """The first retry waits up to this long (full jitter, doubling per retry)."""
+    max_backoff_s: float = Field(60.0, ge=0)
+    """Cap of one backoff wait."""
+    deadline_s: float = Field(86400.0, gt=0)
+    """No retry starts after this long since the first try; a day by default, so in effect the attempts bound it (the judge's own
+    deadline bounds each try)."""
 
 
 class WorkerConfig(BaseConfig):
@@ -80,10 +116,9 @@ class WorkerConfig(BaseConfig):
     """Groups fetched per read."""
     concurrency: Annotated[int, Field(ge=1)] = 16
     """Groups scored at once (their samples are judged concurrently, bounded by the judge)."""
-    max_group_retries: Annotated[int, Field(ge=0)] = 3
-    """In-process retries of a group whose judge failed; after them the entry goes to the dead stream."""
-    retry_backoff_s: Annotated[float, Field(ge=0)] = 2.0
-    """First wait before retrying a failed group (full jitter, doubling per retry)."""
+    retry: GroupRetryConfig = Field(default_factory=GroupRetryConfig)
+    """In-process retries of a group whose judge failed (4 attempts, 2 s first backoff, 60 s cap). Was
+    `max_group_retries` (retries: attempts - 1) and `retry_backoff_s`; still read, with a warning."""
     max_entry_mb: Annotated[float, Field(gt=0)] = 64.0
     """A group whose encoded entry is larger goes to the dead stream unscored (a runaway or hostile producer)."""
     zero_ill_formed: bool = True
@@ -92,6 +127,12 @@ class WorkerConfig(BaseConfig):
     """How long to wait for room in `scored` (backpressure) before giving up on the process."""
     shutdown_timeout_s: Annotated[float, Field(gt=0)] = 30.0
     """On SIGTERM, in-flight groups get this long to finish; unfinished ones stay pending for another replica."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_retry_keys(cls, data: Any) -> Any:
+        moves = {"max_group_retries": ("max_attempts", 1), "retry_backoff_s": ("base_s", 0)}
+        return move_retry_keys(data, "worker", moves)
 
     def consumer_name(self) -> str:
         return self.consumer or f"{socket.gethostname()}-{os.getpid()}"

@@ -3,8 +3,8 @@
 Each replica is one consumer in a shared consumer group. Per group: score its samples concurrently, publish
 a ScoredGroup with dedup key = group id, THEN ack. A replica that dies before its ack leaves the entry
 pending; another replica reclaims it (broker XAUTOCLAIM) and the dedup key drops a second publish, so
-nothing is lost or duplicated. A judge failure is retried in-process `max_group_retries` times with
-backoff, then the entry goes to the dead stream with the reason; it never becomes a reward of 0. A group
+nothing is lost or duplicated. A judge failure is retried in-process (`worker.retry`: attempts and
+backoff), then the entry goes to the dead stream with the reason; it never becomes a reward of 0. A group
 whose reward info cannot be scored (e.g. a non-integer longrlvr chunk id) or whose entry is larger than
 `max_entry_mb` goes to the dead stream at once. Undecodable entries never reach the worker: the broker
 moves them to the dead stream when it reads them.
@@ -34,12 +34,7 @@ class RewardWorker:
         self.scorer = Scorer(judge, config)
         self.consumer = broker.consumer(ROLLOUTS, Group, config.worker.group, self.name)
         self.producer = broker.producer(SCORED, ScoredGroup)
-        self._retry = RetryPolicy(
-            max_attempts=config.worker.max_group_retries + 1,
-            base_s=config.worker.retry_backoff_s,
-            max_backoff_s=max(config.worker.retry_backoff_s, 60.0),
-            deadline_s=float("inf"),  # bounded by attempts; the judge's own deadline bounds each attempt
-        )
+        self._retry: RetryPolicy = config.worker.retry.policy()
         self.num_scored = 0
         self.num_dead = 0
 

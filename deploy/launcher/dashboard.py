@@ -38,11 +38,10 @@ class SystemSampler:
         from broker.base import DEAD, ROLLOUTS, SCORED, TASKS
         from broker.factory import connect
         from broker.schemas import DeadLetter, Group, ScoredGroup, Task
-        from broker.settings import BrokerConfig
+        from broker.settings import BrokerConfig, BrokerRetryConfig
 
-        cfg = BrokerConfig(
-            redis_url=redis_url, run_id=run_id, socket_timeout_s=2.0, retry_attempts=2, retry_deadline_s=5.0
-        )
+        retry = BrokerRetryConfig(max_attempts=2, deadline_s=5.0)
+        cfg = BrokerConfig(redis_url=redis_url, run_id=run_id, socket_timeout_s=2.0, retry=retry)
         self.broker = connect(cfg)
         self.producers: dict[str, Producer[Any]] = {
             "tasks": self.broker.producer(TASKS, Task),

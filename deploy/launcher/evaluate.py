@@ -27,7 +27,7 @@ from typing import Any
 from pydantic import Field
 
 from common.config import ConfigError, load_config
-from deploy.launcher.config import EvalSection
+from deploy.launcher.sections import EvalSection
 from eval.config import EvalConfig
 
 log = logging.getLogger(__name__)

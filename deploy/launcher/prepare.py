@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from common.config import ConfigError, load_config
-from deploy.launcher.config import PrepareSection
+from deploy.launcher.sections import PrepareSection
 
 log = logging.getLogger(__name__)
 

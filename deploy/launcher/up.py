@@ -13,6 +13,7 @@ Each phase is a fresh learner on a fresh namespace: its policy version starts at
 phase's starting weights, so admission control and staleness need no carry-over between phases. Any child
 failure (or a service that is not ready in time) stops everything and prints the process, its exit code and
 the tail of its log; Ctrl-C or SIGTERM stops everything in reverse start order (a second one kills at once).
+How each child is started (argv, environment, readiness) is in specs.py.
 """
 
 from __future__ import annotations
@@ -27,22 +28,19 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from broker.settings import BrokerConfig
 from common.config import BaseConfig, ConfigError, dump_config
-from common.supervisor import Child, ChildFailed, HttpReady, LogReady, ProcessSpec, RedisReady, Supervisor
-from deploy.launcher.config import PhaseConfig, UpConfig
+from common.supervisor import Child, ChildFailed, ProcessSpec, Supervisor
+from deploy.launcher import specs
+from deploy.launcher.config import UpConfig
 from deploy.launcher.dashboard import Dashboard, PhaseView, SystemSampler, resolve_mode
 from deploy.launcher.rundir import POLICY_VERSION, STEP, RunDir
+from deploy.launcher.sections import PhaseConfig
+from deploy.launcher.specs import CHILD_ENV, threads_env
 from deploy.launcher.tomlfile import write_config
+from learner.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
-
-PY = sys.executable
-CHILD_ENV = {
-    "PYTHONUNBUFFERED": "1",
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-}
 
 
 class Interrupted(BaseException):
@@ -52,10 +50,6 @@ class Interrupted(BaseException):
     def __init__(self, sig: int) -> None:
         super().__init__(signal.Signals(sig).name)
         self.sig = sig
-
-
-def _threads_env(n: int) -> dict[str, str]:
-    return {**CHILD_ENV, "OMP_NUM_THREADS": str(n), "MKL_NUM_THREADS": str(n)}
 
 
 class Launcher:
@@ -82,7 +76,7 @@ class Launcher:
     def _config_file(self, name: str, config: BaseConfig) -> str:
         return str(write_config(config, self.run.configs / f"{name}.toml"))
 
-    def _broker_env(self, env: dict[str, str], broker: Any) -> dict[str, str]:
+    def _broker_env(self, env: dict[str, str], broker: BrokerConfig) -> dict[str, str]:
         """`env` plus the Redis password, in the variable the service's BrokerConfig reads it from: the
         environment of a process is readable only by its user, its argv by everyone (ps)."""
         if self.redis_password is None:
@@ -120,9 +114,7 @@ class Launcher:
             return
         self.dashboard.note("preparing the demo data and the tiny model")
         path = str(write_config(p, self.run.configs / "prepare.toml"))
-        argv = [PY, "-m", "deploy.launcher.prepare", "--config", path, "--data-dir", str(data_dir)]
-        child = self.sup.start(ProcessSpec("prepare", [*argv, "--model-dir", str(model_dir)], CHILD_ENV, job=True))
-        self._wait(child)
+        self._wait(self.sup.start(specs.prepare(path, str(data_dir), str(model_dir))))
 
     def start_redis(self) -> None:
         from common.net import free_port
@@ -130,14 +122,13 @@ class Launcher:
         if self.redis_url:
             from broker.base import BrokerError
             from broker.redis_streams import RedisBroker
-            from broker.settings import BrokerConfig
+            from broker.settings import BrokerRetryConfig
 
             for name in self.cfg.phases:
                 rid = self.cfg.phase_run_id(name)
                 try:
-                    broker = RedisBroker(
-                        BrokerConfig(redis_url=self.redis_url, run_id=rid, retry_attempts=2, retry_deadline_s=10.0)
-                    )
+                    retry = BrokerRetryConfig(max_attempts=2, deadline_s=10.0)
+                    broker = RedisBroker(BrokerConfig(redis_url=self.redis_url, run_id=rid, retry=retry))
                 except BrokerError as e:
                     raise ConfigError(f"--redis.url: {e}") from e
                 try:
@@ -148,18 +139,11 @@ class Launcher:
                 if used:
                     raise ConfigError(f"--run_id {self.cfg.run_id}: Redis at --redis.url already holds run {rid!r}")
             return
-        port = self.cfg.redis.port or free_port()
-        argv = [PY, "-m", "deploy.cli", "redis", "--port", str(port), "--dir", str(Path(self.cfg.run_dir) / "redis")]
-        if self.cfg.redis.appendonly:
-            argv.append("--appendonly")
-        # At start, not CONFIG SET later: a write acknowledged in between could be lost, and a restart (the
-        # chaos bench's Redis fault) starts from this argv again.
-        argv += ["--appendfsync", self.cfg.redis.appendfsync]
+        r = self.cfg.redis
+        port = r.port or free_port()
+        data_dir = str(Path(self.cfg.run_dir) / "redis")
         self.redis_url = self.child_redis_url = f"redis://127.0.0.1:{port}/0"
-        spec = ProcessSpec(
-            "redis", argv, CHILD_ENV, ready=RedisReady(self.redis_url), ready_timeout_s=self.cfg.startup_timeout_s
-        )
-        self.sup.start(spec)
+        self.sup.start(specs.redis(port, data_dir, r.appendonly, r.appendfsync, self.cfg.startup_timeout_s))
 
     def start_reward_api(self) -> None:
         from common.net import free_port
@@ -170,15 +154,8 @@ class Launcher:
         cfg = self.cfg.reward_config(self.child_redis_url, next(iter(self.cfg.phases)), port)
         path = self._config_file("reward-api", cfg)
         self.reward_url = f"http://127.0.0.1:{port}"
-        spec = ProcessSpec(
-            "reward-api",
-            [PY, "-m", "deploy.cli", "reward", "serve", "--config", path],
-            self._broker_env(CHILD_ENV, cfg.broker),
-            ready=HttpReady(f"{self.reward_url}/health"),
-            ready_timeout_s=self.cfg.startup_timeout_s,
-            stop_timeout_s=15.0,
-        )
-        self.sup.start(spec)
+        env = self._broker_env(CHILD_ENV, cfg.broker)
+        self.sup.start(specs.reward_api(path, self.reward_url, env, self.cfg.startup_timeout_s))
 
     # -- one phase
 
@@ -229,16 +206,13 @@ class Launcher:
         for i in range(cfg.engines.num_engines):
             port = free_port()
             ecfg = cfg.engine_config(self.child_redis_url, name, i, port, model)
-            spec = ProcessSpec(
-                f"{name}-engine-{i}",
-                [PY, "-m", "deploy.cli", "engine", "serve", "--config", self._config_file(f"{name}-engine-{i}", ecfg)],
-                self._broker_env(_threads_env(cfg.engines.num_threads), ecfg.broker),
-                ready=HttpReady(f"http://127.0.0.1:{port}/health"),
-                ready_timeout_s=cfg.startup_timeout_s,
-                stop_timeout_s=20.0,
-            )
+            assert ecfg.broker is not None  # the launcher always gives engines its broker (the registry)
+            path = self._config_file(f"{name}-engine-{i}", ecfg)
+            env = self._broker_env(threads_env(cfg.engines.num_threads), ecfg.broker)
+            url = f"http://127.0.0.1:{port}"
+            spec = specs.engine(f"{name}-engine-{i}", path, url, env, cfg.startup_timeout_s)
             engines.append(start(spec, wait_ready=False))
-            engine_urls.append(f"http://127.0.0.1:{port}")
+            engine_urls.append(url)
         for child in engines:
             self.sup.wait_ready(child)
         if phase.kind == "rl":
@@ -274,39 +248,19 @@ class Launcher:
         cfg = self.cfg
         for i in range(cfg.reward.num_workers):
             rcfg = cfg.reward_config(self.child_redis_url, name, 0, consumer=f"reward-{i}")
-            start(
-                ProcessSpec(
-                    f"{name}-reward-worker-{i}",
-                    [
-                        PY,
-                        "-m",
-                        "deploy.cli",
-                        "reward",
-                        "worker",
-                        "--config",
-                        self._config_file(f"{name}-reward-{i}", rcfg),
-                    ],
-                    self._broker_env(CHILD_ENV, rcfg.broker),
-                    ready=LogReady(r"reward worker \S+ consuming"),
-                    ready_timeout_s=cfg.startup_timeout_s,
-                    stop_timeout_s=rcfg.worker.shutdown_timeout_s + 5,
-                )
-            )
+            path = self._config_file(f"{name}-reward-{i}", rcfg)
+            env = self._broker_env(CHILD_ENV, rcfg.broker)
+            grace_s = rcfg.worker.shutdown_timeout_s + 5
+            start(specs.reward_worker(f"{name}-reward-worker-{i}", path, env, cfg.startup_timeout_s, grace_s))
         for i in range(cfg.rollout.num_workers):
             ocfg = cfg.rollout_config(self.child_redis_url, name, i)
-            start(
-                ProcessSpec(
-                    f"{name}-rollout-{i}",
-                    [PY, "-m", "rollout_server.worker", "--config", self._config_file(f"{name}-rollout-{i}", ocfg)],
-                    self._broker_env(CHILD_ENV, ocfg.broker),
-                    ready=LogReady(r"rollout worker \S+ reading"),
-                    ready_timeout_s=cfg.startup_timeout_s,
-                    stop_timeout_s=ocfg.shutdown_timeout_s + 5,
-                )
-            )
+            path = self._config_file(f"{name}-rollout-{i}", ocfg)
+            env = self._broker_env(CHILD_ENV, ocfg.broker)
+            grace_s = ocfg.shutdown_timeout_s + 5
+            start(specs.rollout_worker(f"{name}-rollout-{i}", path, env, cfg.startup_timeout_s, grace_s))
 
     def _start_sft_source(
-        self, name: str, phase: PhaseConfig, train: Any, dataset: str, model: str, start: Callable[..., Child]
+        self, name: str, phase: PhaseConfig, train: TrainConfig, dataset: str, model: str, start: Callable[..., Child]
     ) -> None:
         from deploy.launcher.sft_source import SftSourceConfig
 
@@ -321,36 +275,14 @@ class Launcher:
             seed=train.data.seed,
         )
         path = self._config_file(f"{name}-sft-source", scfg)
-        start(
-            ProcessSpec(
-                f"{name}-sft-source",
-                [PY, "-m", "deploy.launcher.sft_source", "--config", path],
-                self._broker_env(CHILD_ENV, broker),
-                job=True,
-            )
-        )
+        start(specs.sft_source(f"{name}-sft-source", path, self._broker_env(CHILD_ENV, broker)))
 
-    def _start_learner(self, name: str, train: Any, start: Callable[..., Child]) -> Child:
+    def _start_learner(self, name: str, train: TrainConfig, start: Callable[..., Child]) -> Child:
         from common.net import free_port
 
         path = self._config_file(f"{name}-learner", train)
-        argv = [
-            PY, "-m", "torch.distributed.run",
-            "--nnodes", "1",
-            "--nproc_per_node", str(self.cfg.learner.nproc_per_node),
-            "--master_addr", "127.0.0.1",
-            "--master_port", str(free_port()),
-            "-m", "learner.train_cli", "--config", path,
-        ]  # fmt: skip
-        return start(
-            ProcessSpec(
-                f"{name}-learner",
-                argv,
-                self._broker_env(_threads_env(self.cfg.learner.num_threads), train.broker),
-                job=True,
-                stop_timeout_s=30.0,
-            )
-        )
+        env = self._broker_env(threads_env(self.cfg.learner.num_threads), train.broker)
+        return start(specs.learner(f"{name}-learner", path, self.cfg.learner.nproc_per_node, free_port(), env))
 
     def evaluate(self, phase: str, when: str, engine_urls: list[str], model: str, expect_version: int) -> None:
         from deploy.launcher.evaluate import EvalJobConfig
@@ -373,10 +305,7 @@ class Launcher:
         name = f"{phase}-eval-{when}"
         path = self._config_file(name, ecfg)
         self.dashboard.note(f"evaluating {phase} ({when}) on the held-out questions")
-        child = self.sup.start(
-            ProcessSpec(name, [PY, "-m", "deploy.launcher.evaluate", "--config", path], CHILD_ENV, job=True)
-        )
-        self._wait(child)
+        self._wait(self.sup.start(specs.evaluation(name, path)))
         result = self.run.evals()[-1]
         self.dashboard.note(
             f"held-out {phase}/{when}: accuracy {result['accuracy']:.3f} rubric hits "

@@ -93,12 +93,7 @@ class LlmJudge:
             trust_env=False,  # a judge on the cluster network must not go through a proxy from the environment
         )
         self._semaphore = asyncio.Semaphore(config.concurrency)
-        self._retry = RetryPolicy(
-            max_attempts=config.max_retries + 1,
-            base_s=config.backoff_base_s,
-            max_backoff_s=config.max_backoff_s,
-            deadline_s=config.deadline_s,
-        )
+        self._retry: RetryPolicy = config.retry.policy()
         self._cache: OrderedDict[bytes, bool] = OrderedDict()
         self._inflight: dict[bytes, asyncio.Task[bool]] = {}
 

@@ -12,6 +12,7 @@ from pydantic import Discriminator, Field, Tag, model_validator
 
 from broker.settings import BrokerConfig
 from common.config import BaseConfig
+from common.retry import RetryConfig, move_retry_keys
 from rollout_server.worker.processors import ProcessorName
 
 
@@ -86,6 +87,19 @@ class SamplingConfig(BaseConfig):
         return self
 
 
+class SampleRetryConfig(RetryConfig):
+    """RetryConfig of a sample whose engine failed (`[retry]`); after the last try the sample fails its group."""
+
+    max_attempts: int = Field(5, ge=1)
+    """Engine failures one sample tolerates, the first try included (1: never retried)."""
+    base_s: float = Field(0.5, ge=0)
+    """The first retry waits up to this long (full jitter, doubling per retry)."""
+    max_backoff_s: float = Field(30.0, ge=0)
+    """Cap of one backoff wait."""
+    deadline_s: float = Field(86400.0, gt=0)
+    """No retry starts after this long since the sample's first request; a day by default, so in effect the attempts bound it."""
+
+
 class RolloutConfig(BaseConfig):
     broker: BrokerConfig = Field(default_factory=lambda: BrokerConfig.model_validate({}))
     """Which Redis and run (the `tasks` and `rollouts` streams, the engine registry)."""
@@ -109,10 +123,9 @@ class RolloutConfig(BaseConfig):
     """Timeout of opening a connection to an engine."""
     health_timeout_s: float = Field(default=5.0, gt=0)
     """Timeout of one /health probe."""
-    max_attempts: int = Field(default=5, ge=1)
-    """Engine failures (connection, timeout, 5xx) one sample tolerates, each retried on another engine."""
-    retry_backoff_s: float = Field(default=0.5, gt=0)
-    """Base of the jittered exponential backoff between attempts."""
+    retry: SampleRetryConfig = Field(default_factory=SampleRetryConfig)
+    """Retries of a sample after an engine failure (connection, timeout, 5xx), each on another engine (5 attempts,
+    0.5 s first backoff). Was `max_attempts` and `retry_backoff_s`; still read, with a warning."""
     resume_timeout_s: float = Field(default=600.0, gt=0)
     """After a pause-with-abort, how long to wait for the engine to generate again before failing over."""
     resume_poll_s: float = Field(default=0.2, gt=0)
@@ -127,6 +140,11 @@ class RolloutConfig(BaseConfig):
     """Address the /metrics endpoint binds to (loopback unless told otherwise, like every service)."""
     default_weight_version: int = 0
     """The integer version of an engine whose weight_version is SGLang's initial "default"."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_retry_keys(cls, data: Any) -> Any:
+        return move_retry_keys(data, "", {"max_attempts": ("max_attempts", 0), "retry_backoff_s": ("base_s", 0)})
 
     @model_validator(mode="after")
     def _check_engines(self) -> RolloutConfig:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -177,10 +176,11 @@ class SampleGenerator:
                     self._router.report_failure(leased, str(e))
                     exclude = (leased.engine_id,)
                 m.retries.labels(reason="engine_error").inc()
-                if num_failures >= cfg.max_attempts:
+                wait_s = cfg.retry.policy().backoff_s(num_failures)
+                if num_failures >= cfg.retry.max_attempts or time.monotonic() - t0 + wait_s > cfg.retry.deadline_s:
                     raise SampleFailed(f"sample {rid}: {num_failures} engine failures, last: {e}") from e
-                log.warning("sample %s: %s; retrying elsewhere (%d/%d)", rid, e, num_failures, cfg.max_attempts)
-                await asyncio.sleep(random.uniform(0, cfg.retry_backoff_s * 2 ** (num_failures - 1)))
+                log.warning("sample %s: %s; retrying elsewhere (%d/%d)", rid, e, num_failures, cfg.retry.max_attempts)
+                await asyncio.sleep(wait_s)
                 continue
             except RequestRejected as e:
                 raise SampleRejected(f"sample {rid}: {e}") from e

@@ -13,9 +13,10 @@ import redis
 from broker.embedded import EmbeddedRedis
 from broker.settings import PASSWORD_ENV
 from common.config import ConfigError, load_config
-from deploy.launcher.config import UpConfig, split_url_password
+from deploy.launcher.config import UpConfig
 from deploy.launcher.dashboard import Dashboard
 from deploy.launcher.rundir import RunDir
+from deploy.launcher.sections import split_url_password
 from deploy.launcher.up import Launcher
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -83,7 +84,7 @@ def test_a_password_url_needs_children_that_read_the_environment(tmp_path: Path)
     with pytest.raises(ConfigError, match="--phases.rl.learner.broker.redis_password_env"):
         load_config(UpConfig, CONFIG, [*base, "--phases.rl.learner.broker.redis_password_env", '""'])
     bare = load_config(UpConfig, CONFIG, [*base[:2], "--reward.config.broker.redis_password_file", "/run/s"])
-    assert bare.reward.config["broker"]["redis_password_file"] == "/run/s"  # no password in the URL: allowed
+    assert bare.reward.config.broker.redis_password_file == "/run/s"  # no password in the URL: allowed
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from reward_service.app import create_app
-from reward_service.config import LlmJudgeConfig, RewardConfig
+from reward_service.config import JudgeRetryConfig, LlmJudgeConfig, RewardConfig
 from reward_service.judges import JudgeError
 from reward_service.judges.llm import LlmJudge
 from tests.helpers.judge_stub import StubJudgeApi as StubJudgeApi  # re-exported for older imports
@@ -26,8 +26,9 @@ def stub() -> Iterator[StubJudgeApi]:
     api.stop()
 
 
-def _judge(stub: StubJudgeApi, **kw: Any) -> LlmJudge:
-    fields: dict[str, Any] = {"base_url": stub.url, "backoff_base_s": 0.01, "max_backoff_s": 0.05, "timeout_s": 5.0}
+def _judge(stub: StubJudgeApi, attempts: int = 4, **kw: Any) -> LlmJudge:
+    retry = JudgeRetryConfig(max_attempts=attempts, base_s=0.01, max_backoff_s=0.05)
+    fields: dict[str, Any] = {"base_url": stub.url, "retry": retry, "timeout_s": 5.0}
     fields.update(kw)
     return LlmJudge(LlmJudgeConfig(**fields))
 
@@ -62,7 +63,7 @@ def test_verdicts_and_request_shape(stub: StubJudgeApi, monkeypatch: pytest.Monk
 def test_5xx_and_malformed_are_retried_then_succeed(stub: StubJudgeApi) -> None:
     """Guards against a transient API error failing the sample (or silently scoring it 0)."""
     stub.script.extend(["500", "malformed", "judge"])
-    assert asyncio.run(_ask(_judge(stub, max_retries=3), "Q", "Paris", "Paris")) is True
+    assert asyncio.run(_ask(_judge(stub, attempts=4), "Q", "Paris", "Paris")) is True
     assert len(stub.requests) == 3
 
 
@@ -70,16 +71,26 @@ def test_timeout_is_retried(stub: StubJudgeApi) -> None:
     """Guards against a hung judge request blocking forever instead of timing out and retrying."""
     stub.script.append("sleep:1")
     start = time.monotonic()
-    assert asyncio.run(_ask(_judge(stub, timeout_s=0.3, max_retries=2), "Q", "Paris", "Paris")) is True
+    assert asyncio.run(_ask(_judge(stub, timeout_s=0.3, attempts=3), "Q", "Paris", "Paris")) is True
     assert len(stub.requests) == 2
     assert time.monotonic() - start < 0.95
 
 
-def test_persistent_5xx_raises_judge_error_after_bounded_retries(stub: StubJudgeApi) -> None:
-    """Guards against unbounded retries, and against a dead judge turning into a verdict."""
+@pytest.mark.parametrize(
+    "judge",
+    [
+        {"retry": {"max_attempts": 3, "base_s": 0.01}},
+        {"max_retries": 2, "backoff_base_s": 0.01},  # the deprecated keys: 2 retries are 3 attempts
+    ],
+    ids=["retry", "deprecated_max_retries"],
+)
+def test_persistent_5xx_raises_judge_error_after_bounded_retries(stub: StubJudgeApi, judge: dict[str, Any]) -> None:
+    """Guards against unbounded retries, against a dead judge turning into a verdict, and against the deprecated
+    `max_retries` (a count of retries) being read as attempts after it moved to `retry.max_attempts`."""
     stub.default = "500"
+    config = LlmJudgeConfig.model_validate({"base_url": stub.url, "timeout_s": 5.0, **judge})
     with pytest.raises(JudgeError, match="HTTP 500"):
-        asyncio.run(_ask(_judge(stub, max_retries=2), "Q", "Paris", "Paris"))
+        asyncio.run(_ask(LlmJudge(config), "Q", "Paris", "Paris"))
     assert len(stub.requests) == 3
 
 
@@ -87,7 +98,7 @@ def test_4xx_is_not_retried(stub: StubJudgeApi) -> None:
     """Guards against hammering an API that refused the request (bad key, bad model)."""
     stub.default = "401"
     with pytest.raises(JudgeError, match="refused"):
-        asyncio.run(_ask(_judge(stub, max_retries=3), "Q", "Paris", "Paris"))
+        asyncio.run(_ask(_judge(stub, attempts=4), "Q", "Paris", "Paris"))
     assert len(stub.requests) == 1
 
 
@@ -142,7 +153,7 @@ def test_failed_judge_is_http_502_never_zero(stub: StubJudgeApi) -> None:
     answer 502 with the reason, and a working judge must still give 1 for a correct answer."""
     stub.default = "500"
     config = RewardConfig.model_validate(
-        {"judge": {"kind": "llm", "base_url": stub.url, "max_retries": 1, "backoff_base_s": 0.01}}
+        {"judge": {"kind": "llm", "base_url": stub.url, "retry": {"max_attempts": 2, "base_s": 0.01}}}
     )
     body = {
         "label": "Paris",

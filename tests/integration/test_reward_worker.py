@@ -134,8 +134,8 @@ def test_judge_failure_dead_letters_after_retries(broker: Broker, broker_config:
         config = RewardConfig.model_validate(
             {
                 "broker": broker_config.model_dump(),
-                "judge": {"kind": "llm", "base_url": stub.url, "max_retries": 0, "backoff_base_s": 0.01},
-                "worker": {"max_group_retries": 2, "retry_backoff_s": 0.01},
+                "judge": {"kind": "llm", "base_url": stub.url, "retry": {"max_attempts": 1, "base_s": 0.01}},
+                "worker": {"retry": {"max_attempts": 3, "base_s": 0.01}},
             }
         )
         bad_info = _group("bad", [_sample("x")], rubrics=["chunk-a"], dataset="longrlvr")
