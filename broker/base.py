@@ -1,8 +1,9 @@
 """The broker's interface: what every service may do with the queues and the shared keys.
 
-Two backends implement it: `redis_streams.RedisBroker` (the real one: Redis Streams with consumer
-groups) and `memory.MemoryBroker` (in-process, for learner and rollout unit tests). Services receive
-a `Broker` and never touch Redis themselves.
+Two backends implement it: `broker.redis.RedisBroker` (the real one: Redis Streams with consumer
+groups) and `broker.memory.MemoryBroker` (in-process, for learner and rollout unit tests). Services receive
+a `Broker` and never touch Redis themselves; harnesses that watch a run read it through `Broker.view`
+(read-only: nothing is delivered, claimed or acked).
 
 Delivery is at-least-once. A consumer acks an entry only once its output is durable; entries of a
 dead consumer are reclaimed after `claim_idle_s`; publishing with a dedup key makes redelivery
@@ -16,6 +17,7 @@ counting it would let a holder that waits for more input deadlock the producers 
 from __future__ import annotations
 
 import abc
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic
@@ -32,12 +34,52 @@ DEAD = "dead"
 STREAMS = (TASKS, ROLLOUTS, SCORED, DEAD)
 
 
+def check_stream(stream: str) -> None:
+    """A typo in a stream name would create a stream no one reads: refuse it."""
+    if stream not in STREAMS:
+        raise ValueError(f"unknown stream {stream!r}; streams are {', '.join(STREAMS)}")
+
+
+def check_one_group(stream: str, groups: Sequence[str], group: str) -> None:
+    """Acks delete entries, so a second consumer group on a stream would lose the first group's entries."""
+    if list(groups) != [group]:
+        raise ValueError(
+            f"stream {stream!r} has consumer groups {list(groups)}: one group per stream (acked entries are "
+            f"deleted), so {group!r} cannot share it"
+        )
+
+
+def read_deadline(count: int, block_s: float | None, default_block_s: float) -> float:
+    """The monotonic deadline of a read of up to `count` entries that blocks `block_s` (None: the config's)."""
+    if count < 1:
+        raise ValueError(f"count must be >= 1, got {count}")
+    block_s = default_block_s if block_s is None else block_s
+    if block_s < 0:
+        raise ValueError(f"block_s must be >= 0, got {block_s}")
+    return time.monotonic() + block_s
+
+
+def parse_entry_id(entry_id: str) -> tuple[int, int]:
+    """(milliseconds, sequence) of a stream entry id `<ms>-<seq>`; ids order as these tuples do."""
+    ms, sep, seq = entry_id.partition("-")
+    if not (sep and ms.isdigit() and seq.isdigit()):
+        raise ValueError(f"{entry_id!r} is not a stream entry id '<ms>-<seq>' (e.g. '0-0')")
+    return int(ms), int(seq)
+
+
 class BrokerError(RuntimeError):
     """The broker could not do what was asked within its retries and timeouts."""
 
 
 class BackpressureTimeout(BrokerError):
     """A producer waited `timeout_s` for a full stream to drain below its backlog limit."""
+
+    @classmethod
+    def waited(cls, stream: str, max_backlog: int, timeout_s: float, done: int, total: int) -> BackpressureTimeout:
+        return cls(
+            f"stream {stream!r} stayed at its backlog limit of {max_backlog} undelivered entries "
+            f"(--broker.max_backlog) for {timeout_s:.1f}s; published {done} of {total}"
+        )
 
 
 class EntryTooLarge(ValueError):
@@ -57,11 +99,51 @@ def check_entry_sizes(stream: str, payloads: Sequence[bytes], max_entry_mb: floa
 
 @dataclass(frozen=True)
 class Entry(Generic[M]):
-    """One delivered stream entry: its id (for ack), the decoded message and how often it was delivered."""
+    """One stream entry: its id (for ack), the decoded message and how often it was delivered (0 from a peek)."""
 
     id: str
     msg: M
     delivery_count: int
+
+
+@dataclass(frozen=True)
+class Undecodable:
+    """An entry a consumer would move to the dead stream as undecodable, and why (the dead letter's reason)."""
+
+    id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Page(Generic[M]):
+    """Entries of one stream after an id, in stream order, decoded as a consumer would decode them.
+
+    `entries` carry delivery_count 0: a peek delivers nothing. `last_id` is the id of the last entry read,
+    decodable or not (the `after_id` asked for when there was none): the `after_id` of the next page."""
+
+    entries: list[Entry[M]]
+    undecodable: list[Undecodable]
+    last_id: str
+
+
+@dataclass(frozen=True)
+class Holder:
+    """A consumer that holds entries (delivered to it, not yet acked)."""
+
+    pending: int
+    idle_s: float  # since it last read, claimed or touched entries
+
+
+@dataclass(frozen=True)
+class GroupStats:
+    pending: int  # entries delivered to the group and not yet acked
+    holders: dict[str, Holder]  # consumer name -> what it holds (consumers holding nothing are left out)
+
+
+@dataclass(frozen=True)
+class StreamStats:
+    length: int  # entries not yet acked, unread and pending (what `Producer.backlog` counts)
+    groups: dict[str, GroupStats]  # its consumer group by name (one per stream; none before a consumer exists)
 
 
 class EngineInfo(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -72,8 +154,16 @@ class EngineInfo(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     backend: str = "builtin"  # builtin | sglang
     model: str = ""
     tp_size: int = 1  # ranks it contributes to the weight-update group
-    weight_version: int = -1
+    # The policy version it serves (its SGLang weight_version parsed by weights/version.py: "default" is its
+    # start-up weights, 0). Stored under the JSON key "weight_version", the registry's format before the rename,
+    # so engines and readers of either release share a registry during an upgrade.
+    policy_version: int = msgspec.field(default=0, name="weight_version")
     heartbeat_s: float = 0.0  # unix time of the last heartbeat (set by the registry)
+
+    @property
+    def weight_version(self) -> int:
+        """Deprecated name of `policy_version`, for readers not yet moved (deploy/launcher/dashboard.py)."""
+        return self.policy_version
 
 
 class Producer(abc.ABC, Generic[M]):
@@ -129,8 +219,32 @@ class Consumer(abc.ABC, Generic[M]):
         """Give up on an entry: write it with `reason` to the dead stream, then ack it."""
 
 
+class StreamView(abc.ABC):
+    """A read-only look at one stream, for harnesses and operators watching a run: nothing is delivered,
+    claimed, acked or dead-lettered, so the stream's consumers see exactly what they would without it."""
+
+    @abc.abstractmethod
+    def peek(self, kind: type[M], after_id: str = "0-0", count: int = 100) -> Page[M]:
+        """Up to `count` entries with ids after `after_id` (exclusive), unread and pending alike, decoded as
+        `kind`; an entry a consumer of `kind` would dead-letter as undecodable is reported in
+        `Page.undecodable`, never raised."""
+
+    @abc.abstractmethod
+    def stats(self) -> StreamStats:
+        """The stream's length, and what its consumer group has pending, per consumer."""
+
+    @abc.abstractmethod
+    def dedup_keys(self) -> set[str]:
+        """The dedup keys published to this stream and still remembered (`dedup_ttl_s`): what was ever
+        published with one, acked or not. The Redis backend scans the database for them: not for hot paths."""
+
+
 class PolicyVersion(abc.ABC):
-    """The current policy version v: optimizer steps whose weights reached the engines."""
+    """The published policy version v: optimizer steps whose weights reached the engines.
+
+    A read-only copy for the other processes (admission of SFT demonstrations, dashboards, benches). Its one
+    writer is the learner's coordinator (`WeightSync`, learner/weight_sync/base.py), which publishes
+    `LearnerState.policy_version` (the learner's own copy) at start and after every successful push."""
 
     @abc.abstractmethod
     def get(self) -> int: ...
@@ -189,6 +303,10 @@ class Broker(abc.ABC):
     @abc.abstractmethod
     def consumer(self, stream: str, kind: type[M], group: str, name: str) -> Consumer[M]:
         """Create the consumer group if needed (from the stream's start) and return a consumer in it."""
+
+    @abc.abstractmethod
+    def view(self, stream: str) -> StreamView:
+        """A read-only view of `stream` (it needs no consumer group)."""
 
     @abc.abstractmethod
     def close(self) -> None: ...

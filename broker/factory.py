@@ -12,6 +12,6 @@ def connect(config: BrokerConfig) -> Broker:
         from broker.memory import MemoryBroker, store_for_url
 
         return MemoryBroker(config, store_for_url(config.redis_url))
-    from broker.redis_streams import RedisBroker
+    from broker.redis import RedisBroker
 
     return RedisBroker(config)

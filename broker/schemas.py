@@ -81,7 +81,7 @@ class Task(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, tag="task")
     reward_info: RewardInfo
     sampling: SamplingParams = msgspec.field(default_factory=SamplingParams)
     num_samples: int = 8
-    policy_version: int  # version at admission (the staleness reference)
+    policy_version: int  # the learner's policy version at admission (the staleness reference)
     created_s: float = 0.0
 
     def prompt_ids_np(self) -> npt.NDArray[np.int32]:
@@ -89,10 +89,11 @@ class Task(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, tag="task")
 
 
 class WeightSegment(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
-    """Response tokens [start, next segment's start) were generated under weight `version`."""
+    """Response tokens [start, next segment's start) were generated under policy version `policy_version` (what
+    the engine reported for them, weights/version.py). Array-like: the field names are not on the wire."""
 
     start: int
-    version: int
+    policy_version: int
 
 
 class Sample(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -119,9 +120,9 @@ class Sample(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         return unpack_logprobs(self.logprobs)
 
     @property
-    def min_version(self) -> int:
-        """The oldest weight version any of its tokens was generated under (-1 when empty)."""
-        return min((s.version for s in self.weight_segments), default=-1)
+    def oldest_policy_version(self) -> int | None:
+        """The oldest policy version any of its tokens was generated under; None when it has no segments."""
+        return min((s.policy_version for s in self.weight_segments), default=None)
 
 
 class Group(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, tag="group"):
@@ -138,8 +139,12 @@ class Group(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, tag="group
         return self.task.group_id
 
     @property
-    def min_version(self) -> int:
-        return min((s.min_version for s in self.samples), default=-1)
+    def group_version(self) -> int:
+        """The policy version the group counts as generated under, for staleness: the oldest among its samples'
+        weight segments; the task's admission version when none recorded any (the group is at least that old).
+        Every reader of a group's version (the learner's batching, the async bench, eval) uses this."""
+        versions = [v for s in self.samples if (v := s.oldest_policy_version) is not None]
+        return min(versions, default=self.task.policy_version)
 
 
 class SampleReward(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

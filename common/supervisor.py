@@ -5,7 +5,8 @@ launcher, which then stops the children in reverse start order (the learner befo
 each with SIGTERM to its whole group, then SIGKILL once its deadline passes. Descendants that left the group
 (e.g. the redis-server that `longtrace redis` starts in a session of its own) are found with psutil before
 the signal and killed if they outlive their parent, so no process is left behind. On Linux every child also
-gets SIGTERM when the launcher dies without cleaning up (PR_SET_PDEATHSIG).
+gets SIGTERM when the launcher dies without cleaning up (PR_SET_PDEATHSIG). This module owns the order and the
+bookkeeping; common/proctree.py does the signalling (sessions, process groups, descendants).
 
 Every child writes stdout and stderr to `<log_dir>/<name>.log`. A child that exits while it should be
 running (a service), or with a non-zero code (a job), raises `ChildFailed`, whose message names the process,
@@ -18,14 +19,11 @@ name and log file, optionally a new spec), so whoever holds the child keeps foll
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import logging
 import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,9 +32,17 @@ from typing import Protocol
 
 import psutil
 
-log = logging.getLogger(__name__)
+from common.proctree import (
+    STOP_SIGNALS,
+    child_setup,
+    describe_exit,
+    living,
+    remember_descendants,
+    send,
+    signal_group,
+)
 
-_PR_SET_PDEATHSIG = 1
+log = logging.getLogger(__name__)
 
 
 class ChildFailed(RuntimeError):
@@ -140,9 +146,9 @@ class Child:
     started_s: float
     stopping: bool = False
     killed: bool = False
+    """SIGKILL was needed (the child or a descendant ignored SIGTERM past its deadline)."""
     known: dict[int, psutil.Process] = field(default_factory=dict)
     """Descendants seen so far: a crashed child's orphans are still found and stopped."""
-    """SIGKILL was needed (the child or a descendant ignored SIGTERM past its deadline)."""
     log_offset: int = 0
     """Size of the log file when this run of the child started: readiness looks only at its own lines."""
     restarts: int = 0
@@ -179,32 +185,6 @@ class Child:
         return "\n".join(text.splitlines()[-num_lines:])
 
 
-_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
-
-
-def _child_setup(parent_pid: int) -> Callable[[], None]:
-    """preexec_fn: unblock the stop signals (blocked in the launcher around the fork) and, on Linux, have the
-    child get SIGTERM when the launcher dies, even by SIGKILL."""
-
-    def setup() -> None:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
-        if sys.platform.startswith("linux"):
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-            if os.getppid() != parent_pid:  # the launcher died before prctl took effect
-                os._exit(1)
-
-    return setup
-
-
-def _describe_exit(code: int) -> str:
-    if code < 0:
-        with contextlib.suppress(ValueError):
-            return f"was killed by {signal.Signals(-code).name}"
-        return f"was killed by signal {-code}"
-    return f"exited with code {code}"
-
-
 class Supervisor:
     """Starts children in order and watches them; `stop_all` stops them in reverse order."""
 
@@ -227,7 +207,7 @@ class Supervisor:
             raise ValueError(f"a process named {spec.name!r} is already running")
         log_path = self.log_dir / f"{spec.name}.log"
         # A Ctrl-C between the fork and the bookkeeping below would leave an untracked child: block it until then.
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
             proc, offset = self._spawn(spec, log_path)
             child = Child(spec, proc, log_path, time.monotonic(), log_offset=offset)
@@ -255,7 +235,7 @@ class Supervisor:
                 env={**os.environ, **spec.env},
                 start_new_session=True,
                 # preexec_fn is unsafe only when other threads fork at the same time; the launcher has none.
-                preexec_fn=_child_setup(os.getpid()),
+                preexec_fn=child_setup(os.getpid()),
             )
         return proc, offset
 
@@ -294,7 +274,7 @@ class Supervisor:
             if child.spec.job and code == 0:
                 log.info("%s finished (%.1fs)", child.name, time.monotonic() - child.started_s)
                 continue
-            what = _describe_exit(code) + ("" if child.spec.job else " while it should be running")
+            what = describe_exit(code) + ("" if child.spec.job else " while it should be running")
             raise ChildFailed(child.name, what, child.log_path, child.log_tail())
 
     def wait(self, child: Child, tick: Callable[[], None] | None = None, tick_s: float = 1.0) -> None:
@@ -316,14 +296,12 @@ class Supervisor:
         """SIGKILL the child's group and every descendant at once, as a crash would: no grace, no cleanup.
         Returns the child's exit code; `check` does not report it (call `respawn` before the next check)."""
         self._remember_descendants(child)
-        alive = [p for p in child.known.values() if _is_alive(p)]
-        self._signal_group(child, signal.SIGKILL)
-        for p in alive:  # descendants in sessions of their own (redis-server, an engine's server)
-            with contextlib.suppress(psutil.NoSuchProcess):
-                p.kill()
+        alive = living(child.known.values())
+        signal_group(child.pid, signal.SIGKILL)
+        send(alive, signal.SIGKILL)  # descendants in sessions of their own (redis-server, an engine's server)
         psutil.wait_procs(alive, timeout=10)
         code = child.proc.wait(timeout=10)
-        log.warning("%s killed (%s), %d descendants with it", child.name, _describe_exit(code), len(alive))
+        log.warning("%s killed (%s), %d descendants with it", child.name, describe_exit(code), len(alive))
         return code
 
     def respawn(self, child: Child, spec: ProcessSpec | None = None, wait_ready: bool = True) -> Child:
@@ -334,7 +312,7 @@ class Supervisor:
         spec = spec or child.spec
         if spec.name != child.name:
             raise ValueError(f"respawn {child.name!r} as {spec.name!r}: a respawned child keeps its name")
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
             proc, offset = self._spawn(spec, child.log_path)
             child.spec, child.proc, child.log_offset = spec, proc, offset
@@ -361,31 +339,28 @@ class Supervisor:
         self._remember_descendants(child)
         was_running = child.returncode is None
         if was_running:
-            self._signal_group(child, signal.SIGTERM)
+            signal_group(child.pid, signal.SIGTERM)
             deadline = time.monotonic() + timeout_s
             while child.returncode is None and time.monotonic() < deadline and not self._hurry:
                 time.sleep(min(self.poll_s, 0.05))
             if child.returncode is None:
                 log.warning("%s did not exit %.0fs after SIGTERM: SIGKILL", child.name, timeout_s)
                 child.killed = True
-                self._signal_group(child, signal.SIGKILL)
+                signal_group(child.pid, signal.SIGKILL)
                 child.proc.wait(timeout=10)
         # Descendants in other sessions or that survived their parent's exit (torchrun workers, redis-server).
-        alive = [p for p in child.known.values() if _is_alive(p)]
+        alive = living(child.known.values())
         if alive:
-            for p in alive:
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    p.terminate()
+            send(alive, signal.SIGTERM)
             _, still = psutil.wait_procs(alive, timeout=0 if self._hurry else min(timeout_s, 5.0))
-            for p in still:
+            if still:
                 child.killed = True
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    p.kill()
-            psutil.wait_procs(still, timeout=5.0)
+                send(still, signal.SIGKILL)
+                psutil.wait_procs(still, timeout=5.0)
         code = child.proc.wait(timeout=10)
         self.exit_codes.setdefault(child.name, code)
         if was_running:
-            log.info("%s stopped (%s)", child.name, _describe_exit(code))
+            log.info("%s stopped (%s)", child.name, describe_exit(code))
         return code
 
     def stop_all(self, deadline_s: float = 60.0) -> None:
@@ -397,27 +372,11 @@ class Supervisor:
 
     @staticmethod
     def _remember_descendants(child: Child) -> None:
-        if child.returncode is not None:
-            return
-        with contextlib.suppress(psutil.NoSuchProcess):
-            for p in psutil.Process(child.pid).children(recursive=True):
-                child.known.setdefault(p.pid, p)
-
-    @staticmethod
-    def _signal_group(child: Child, sig: signal.Signals) -> None:
-        # The child leads its own group (start_new_session), so pgid == pid even after the child exited.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(child.pid, sig)
+        if child.returncode is None:
+            remember_descendants(child.pid, child.known)
 
     def __enter__(self) -> Supervisor:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop_all()
-
-
-def _is_alive(p: psutil.Process) -> bool:
-    try:
-        return bool(p.is_running()) and p.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False

@@ -1,18 +1,7 @@
 """The tiered-distractor builder (`longtrace data build`): search-agent logs -> LongTraceRL rows (METHOD.md §1).
 
-Inputs (JSONL, one object per line; unknown keys are ignored):
-
-* questions: `{"id": str, "question": str, "answer": str, "gold_entities": [str], "gold_doc_ids": [str],
-  "aliases": [str] (optional, other accepted answers), "dataset_name": str (optional)}`.
-  The gold entities (one per hop of the question's chain) become the rubrics.
-* trajectories, any number per question, in any order:
-  `{"question_id": str, "steps": [step, ...]}` where a step is one of
-  `{"action": "search", "query": str, "results": [doc id, ...]}`,
-  `{"action": "open", "doc_id": str}`,
-  `{"action": "answer", "answer": str, "cited": [doc id, ...]}` (at most one, and last).
-  A trajectory is used only if it ends with an answer that matches the gold answer or an alias after
-  `norm` (datagen/text.py); one without an answer step is counted as unfinished.
-* documents: `{"id": str, "title": str, "text": str}` (datagen/docstore.py; read by byte offset).
+Inputs: questions and search-agent trajectories (datagen/agent_logs.py: their format and checks), and documents
+`{"id": str, "title": str, "text": str}` (datagen/docstore.py; read by byte offset).
 
 Tiers, over the correct trajectories of a question (gold documents are never distractors):
 Tier-1 = documents a trajectory opened but did not cite; Tier-2 = documents some trajectory retrieved that
@@ -44,10 +33,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import msgspec
-
+from datagen.agent_logs import (
+    OpenStep,
+    Question,
+    SearchStep,
+    Trajectory,
+    check_question,
+    iter_trajectories,
+    load_questions,
+)
 from datagen.config import BuildConfig
-from datagen.dataset import DatasetError, DatasetWriter, Row, iter_json_lines, make_row
+from datagen.dataset import DatasetError, DatasetWriter, Row, make_row
 from datagen.docstore import Doc, DocLookup, DocStore
 from datagen.progress import Progress
 from datagen.stats import summarize
@@ -58,64 +54,6 @@ logger = logging.getLogger(__name__)
 
 TIERS = ("gold", "tier1", "tier2", "random")
 _COST_CACHE_SIZE = 65536
-
-
-class Question(msgspec.Struct, frozen=True):
-    id: str
-    question: str
-    answer: str
-    gold_entities: list[str]
-    gold_doc_ids: list[str]
-    aliases: list[str] = []
-    dataset_name: str | None = None
-
-
-class SearchStep(msgspec.Struct, frozen=True, tag_field="action", tag="search"):
-    query: str
-    results: list[str]
-
-
-class OpenStep(msgspec.Struct, frozen=True, tag_field="action", tag="open"):
-    doc_id: str
-
-
-class AnswerStep(msgspec.Struct, frozen=True, tag_field="action", tag="answer"):
-    answer: str
-    cited: list[str] = []
-
-
-Step = SearchStep | OpenStep | AnswerStep
-
-
-class Trajectory(msgspec.Struct, frozen=True):
-    question_id: str
-    steps: list[Step]
-
-    @property
-    def final(self) -> AnswerStep | None:
-        last = self.steps[-1] if self.steps else None
-        return last if isinstance(last, AnswerStep) else None
-
-
-def check_question(q: Question) -> None:
-    """ValueError if a question cannot produce a valid row."""
-    for key in ("id", "question", "answer"):
-        if not getattr(q, key).strip():
-            raise ValueError(f"{key}: empty")
-    if not q.gold_doc_ids:
-        raise ValueError("gold_doc_ids: empty (the context needs the gold documents)")
-    for i, e in enumerate(q.gold_entities):
-        if not norm(e):
-            raise ValueError(f"gold_entities[{i}]: {e!r} normalises to an empty string")
-    if q.dataset_name == "longrlvr":
-        raise ValueError("dataset_name: 'longrlvr' marks chunk-id rubrics, not gold entities")
-
-
-def check_trajectory(t: Trajectory) -> None:
-    """ValueError if an answer step is not the last step."""
-    for i, step in enumerate(t.steps[:-1]):
-        if isinstance(step, AnswerStep):
-            raise ValueError(f"steps[{i}]: an answer step must be the last step")
 
 
 def trajectory_tiers(t: Trajectory) -> tuple[list[str], list[str], set[str]]:
@@ -410,35 +348,6 @@ def correct_by_question(
     if stats.trajectories["unknown_question"]:
         logger.warning("%d trajectories name unknown question ids", stats.trajectories["unknown_question"])
     return out
-
-
-def load_questions(path: str | Path) -> tuple[list[Question], dict[str, int]]:
-    """Questions in file order and the line of each id; DatasetError (file:line) on a bad or duplicate one."""
-    dec_type = Question
-    out: list[Question] = []
-    lines: dict[str, int] = {}
-    for lineno, obj in iter_json_lines(path):
-        try:
-            q = msgspec.convert(obj, dec_type)
-            check_question(q)
-        except (msgspec.ValidationError, ValueError) as e:
-            raise DatasetError(path, lineno, f"invalid question: {e}") from None
-        if q.id in lines:
-            raise DatasetError(path, lineno, f"duplicate question id {q.id!r} (first on line {lines[q.id]})")
-        lines[q.id] = lineno
-        out.append(q)
-    return out, lines
-
-
-def iter_trajectories(path: str | Path) -> Iterator[Trajectory]:
-    """Stream trajectories; DatasetError (file:line) on a malformed one."""
-    for lineno, obj in iter_json_lines(path):
-        try:
-            t = msgspec.convert(obj, Trajectory)
-            check_trajectory(t)
-        except (msgspec.ValidationError, ValueError) as e:
-            raise DatasetError(path, lineno, f"invalid trajectory: {e}") from None
-        yield t
 
 
 def build_files(

@@ -7,31 +7,35 @@ import json
 import sys
 from typing import Any
 
+from common.cli import QUIET, SubParsers, add_config, command
 from common.config import ConfigError
 
 
-def register(commands: argparse._SubParsersAction[Any], benches: argparse._SubParsersAction[Any]) -> None:
+def register(commands: SubParsers, benches: SubParsers) -> None:
     """Add this package's subcommands and benchmarks. Keep imports inside the handlers."""
     data = commands.add_parser("data", help="LongTraceRL datasets: validate, stats, build, synth")
     sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
 
-    p = sub.add_parser("validate", help="check a LongTraceRL JSONL dataset; errors name file and line")
+    p = command(
+        sub, "validate", _validate, logs=QUIET, help="check a LongTraceRL JSONL dataset; errors name file and line"
+    )
     p.add_argument("file", help="dataset JSONL (or .jsonl.gz)")
     p.add_argument("--max-errors", type=int, default=20, help="errors to print (all are counted)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=_validate)
 
-    p = sub.add_parser("stats", help="rows, context tokens, rubric counts of a dataset")
+    p = command(sub, "stats", _stats, help="rows, context tokens, rubric counts of a dataset")
     p.add_argument("file", help="dataset JSONL (or .jsonl.gz)")
     p.add_argument("--tokenizer", help="local Hugging Face tokenizer directory (default: whitespace words)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=_stats)
 
-    p = sub.add_parser("build", help="tiered-distractor contexts from search-agent trajectories (datagen/builder.py)")
+    p = command(
+        sub, "build", _build, help="tiered-distractor contexts from search-agent trajectories (datagen/builder.py)"
+    )
     p.add_argument("--questions", required=True, help="questions JSONL")
     p.add_argument("--trajectories", required=True, help="trajectories JSONL")
     p.add_argument("--docs", required=True, help="document store JSONL")
     p.add_argument("--out", required=True, help="output dataset JSONL (or .jsonl.gz)")
+    add_config(p, "TOML file of a BuildConfig (datagen/config.py); the flags below override its keys")
     p.add_argument("--tokenizer", help="local Hugging Face tokenizer directory (default: whitespace words)")
     p.add_argument("--context-tokens", type=int, help="token budget of the user message (default 131072)")
     p.add_argument("--seed", type=int, help="shuffle seed (default 0)")
@@ -42,10 +46,12 @@ def register(commands: argparse._SubParsersAction[Any], benches: argparse._SubPa
     p.add_argument("--docs-index", help="keep the document index here and reuse it (default: a temporary file)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.add_argument("--json", action="store_true", help="print the statistics as one JSON object")
-    p.set_defaults(func=_build)
 
-    p = sub.add_parser("synth", help="a synthetic world, agent trajectories and the built dataset (datagen/synth/)")
+    p = command(
+        sub, "synth", _synth, help="a synthetic world, agent trajectories and the built dataset (datagen/synth/)"
+    )
     p.add_argument("--out", required=True, help="output directory")
+    add_config(p, "TOML file of a SynthConfig (datagen/config.py); the flags below override its keys")
     p.add_argument("--style", choices=["full", "tiny"], help="full (default) or tiny (the demo's word-level world)")
     for flag, typ, text in (
         ("--num-questions", int, "rows to produce (default 100)"),
@@ -68,14 +74,23 @@ def register(commands: argparse._SubParsersAction[Any], benches: argparse._SubPa
     p.add_argument("--tokenizer", help="local Hugging Face tokenizer directory (default: whitespace words)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
-    p.set_defaults(func=_synth)
 
 
 def _config(cls: Any, args: argparse.Namespace, names: tuple[str, ...]) -> Any:
-    """Build a pydantic config from the flags that were given; errors name the flag."""
+    """Build a pydantic config from `--config FILE` and the flags that were given (a flag wins over the file's
+    key); errors name the flag, or the file's key."""
+    import tomllib
+    from pathlib import Path
+
     from pydantic import ValidationError
 
-    values = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    from common.config import load_config
+
+    values: dict[str, Any] = {}
+    if args.config is not None:
+        load_config(cls, args.config)  # a missing file, bad TOML, an unknown or bad key: named
+        values = tomllib.loads(Path(args.config).read_text())
+    values |= {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     try:
         return cls.model_validate(values)
     except ValidationError as e:
@@ -112,12 +127,10 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    from common.logs import setup_logging
     from datagen.dataset import DatasetError
     from datagen.stats import dataset_stats, format_stats
     from datagen.tokens import load_counter
 
-    setup_logging()
     counter = load_counter(args.tokenizer)
     try:
         stats = dataset_stats(args.file, counter)
@@ -128,13 +141,11 @@ def _stats(args: argparse.Namespace) -> int:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from common.logs import setup_logging
     from datagen.builder import build_files
     from datagen.config import BuildConfig
     from datagen.dataset import DatasetError
     from datagen.tokens import load_counter
 
-    setup_logging()
     names = ("context_tokens", "seed", "instruction", "tier1_ratio", "random_fill", "dataset_name")
     config = _config(BuildConfig, args, names)
     counter = load_counter(args.tokenizer)
@@ -156,12 +167,10 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from common.logs import setup_logging
     from datagen.config import SynthConfig
     from datagen.synth.pipeline import synthesize, write_synth
     from datagen.tokens import load_counter
 
-    setup_logging()
     names = (
         "style",
         "num_questions",

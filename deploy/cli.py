@@ -2,17 +2,16 @@
 
 Each `cli` module defines `register(commands, benches)` and imports nothing heavy at module level,
 so `longtrace --help` stays fast: torch, megatron and transformers load inside the handlers.
-Handlers whose parser sets `overrides=True` receive the leftover `--section.key value` flags as
-config overrides (see common/config.py).
+Parsing, override flags, logging and exit codes are common/cli.py's (`run_cli`), the same for the
+`python -m` modules the launcher runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import sys
 
-from common.config import ConfigError
+from common.cli import root_parser, run_cli
 
 COMMAND_MODULES = (
     "broker.cli",
@@ -32,32 +31,14 @@ COMMAND_MODULES = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="longtrace",
+    return root_parser(
+        (importlib.import_module(name).register for name in COMMAND_MODULES),
         description="LongTrace: asynchronous RL with entity rubric rewards for long-context reasoning.",
     )
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    bench = commands.add_parser("bench", help="benchmarks that print one JSON object")
-    benches = bench.add_subparsers(dest="bench", metavar="BENCH", required=True)
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(commands, benches)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = build_parser()
-    args, rest = parser.parse_known_args(argv)
-    if rest and not getattr(args, "overrides", False):
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    args.overrides = rest
-    try:
-        code = args.func(args)
-    except ConfigError as e:
-        print(f"longtrace: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
-    sys.exit(code or 0)
+    run_cli(build_parser(), argv)
 
 
 if __name__ == "__main__":

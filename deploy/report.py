@@ -8,17 +8,15 @@ Reads only the run directory (deploy/launcher/rundir.py names its files and the 
 - report.md: per-phase summary, held-out accuracy before and after each phase, the plots.
 Steps are numbered run-wide (phases one after another); phase boundaries are drawn as vertical lines.
 
-`longtrace report OUT` of a `longtrace ablate` directory (one holding ablation.json) writes instead:
-- variants.png: held-out accuracy over RL steps per reward variant (mean over seeds, ± one standard deviation
-  shaded, each seed a thin line);
-- hacking.png: final hacking, listing, ill-formed and unfinished rates per variant (bars: mean, whiskers: min/max
-  over seeds);
-- ablation.md: the per-variant table, the direction checks next to the paper's numbers, the plots.
+`longtrace report OUT` of a directory that is not one run but a harness's output (DIRECTORY_REPORTS: a `longtrace
+ablate` directory holds ablation.json) hands it to that harness's report writer.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +24,9 @@ from deploy.launcher import rundir as rd
 from deploy.launcher.dashboard import fmt_duration, rates
 from deploy.launcher.rundir import RunDir
 
-ABLATION_FILE = "ablation.json"  # written by experiments/ablate.py
+DIRECTORY_REPORTS: dict[str, str] = {"ablation.json": "experiments.ablate_report:write_ablation_report"}
+"""Marker file -> `module:function(dir) -> Path` writing the report of such a directory. Named, not imported:
+experiments sit above deploy (deploy/cli.py loads their commands by name the same way)."""
 
 
 def _num(x: Any) -> float:
@@ -38,7 +38,8 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else math.nan
 
 
-def _f(x: float, digits: int = 3) -> str:
+def fmt(x: float, digits: int = 3) -> str:
+    """`x` with `digits` decimals; "-" for NaN (a figure the run did not produce)."""
     return "-" if math.isnan(x) else f"{x:.{digits}f}"
 
 
@@ -194,8 +195,11 @@ def write_report(run_dir: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    if (Path(run_dir) / ABLATION_FILE).is_file():
-        return write_ablation_report(run_dir)
+    for marker, target in DIRECTORY_REPORTS.items():
+        if (Path(run_dir) / marker).is_file():
+            module, name = target.split(":")
+            writer: Callable[[str | Path], Path] = getattr(importlib.import_module(module), name)
+            return writer(run_dir)
     run = RunDir.at(run_dir)
     if not run.phases_file.is_file():
         raise ValueError(f"RUN_DIR {run_dir}: no {run.phases_file.name}, not a `longtrace up` run directory")
@@ -221,9 +225,10 @@ def render_markdown(run: RunDir) -> str:
     for s in phase_summaries(run):
         lines.append(
             f"| {s['phase']} | {s['kind']} | {s['status']} | {s['steps']} | {fmt_duration(s['wall_s'])} | "
-            f"{_f(s['steps_per_min'], 1)} | {_f(s['samples_per_s'], 1)} | {_f(s['reward_first'])} → "
-            f"{_f(s['reward_last'])} | {_f(s['accuracy_first'])} → {_f(s['accuracy_last'])} | {_f(s['rubric_last'])} | "
-            f"{_f(s['loss_last'])} | {_f(s['staleness_mean'], 2)} | {_f(s['dropped_stale'], 0)} |"
+            f"{fmt(s['steps_per_min'], 1)} | {fmt(s['samples_per_s'], 1)} | {fmt(s['reward_first'])} → "
+            f"{fmt(s['reward_last'])} | {fmt(s['accuracy_first'])} → {fmt(s['accuracy_last'])} | "
+            f"{fmt(s['rubric_last'])} | {fmt(s['loss_last'])} | {fmt(s['staleness_mean'], 2)} | "
+            f"{fmt(s['dropped_stale'], 0)} |"
         )
     evals = run.evals()
     if evals:
@@ -263,149 +268,3 @@ def render_markdown(run: RunDir) -> str:
         lines.append(f"![{title}]({name}.png)")
     lines += ["", f"Logs: `{run.logs}`. Config: `{run.config}`.", ""]
     return "\n".join(lines)
-
-
-# -- `longtrace ablate` directories
-
-
-def _plot_variants(plt: Any, summary: dict[str, Any], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, (name, v) in enumerate(summary["variants"].items()):
-        color = colors[i % len(colors)]
-        x, acc = v["curve_steps"], v["curves"]["accuracy"]
-        lo = [m - s for m, s in zip(acc["mean"], acc["std"], strict=True)]
-        hi = [m + s for m, s in zip(acc["mean"], acc["std"], strict=True)]
-        label = f"{name} (η {v['eta']}, {v['combination']})"
-        ax.plot(x, acc["mean"], color=color, lw=2, marker="o", ms=3, label=label)
-        ax.fill_between(x, lo, hi, color=color, alpha=0.15)
-        for ys in acc["per_seed"].values():
-            ax.plot(x, ys, color=color, lw=0.6, alpha=0.5)
-    ax.set_xlabel("RL step (0: the shared SFT warm start)")
-    ax.set_ylabel("held-out accuracy (greedy)")
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_title(f"held-out accuracy per reward variant: mean ± std over seeds {summary['seeds']} (thin: each seed)")
-    ax.legend(fontsize=8, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-HACKING_BARS = (
-    ("hacking_rate", "hacking (wrong + lists entities)"),
-    ("listing_rate", "lists entities"),
-    ("ill_formed_rate", "ill-formed"),
-    ("unfinished_rate", "unfinished"),
-)
-
-
-def _plot_hacking(plt: Any, summary: dict[str, Any], path: Path) -> None:
-    names = list(summary["variants"])
-    # Left: the rare failure modes (listing, ill-formed); right: wrong answers that still name the whole chain,
-    # the rubric credit a wrong answer can earn (common on this task, so on its own scale).
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [3, 1]})
-    width = 0.8 / len(HACKING_BARS)
-    for j, (key, label) in enumerate(HACKING_BARS):
-        xs = [i + (j - (len(HACKING_BARS) - 1) / 2) * width for i in range(len(names))]
-        _bars(ax, xs, [summary["variants"][n][key] for n in names], width, label)
-    ax.set_xticks(range(len(names)), names)
-    ax.set_ylabel("fraction of held-out samples (final step)")
-    ax.set_title("hacking, ill-formed, unfinished (mean; whiskers: min-max over seeds)", fontsize=10)
-    ax.legend(fontsize=8)
-    stats = [summary["variants"][n].get("rubric_without_outcome_rate") for n in names]
-    if all(stats):
-        _bars(ax2, list(range(len(names))), stats, 0.6, "wrong, whole chain named", color="tab:purple")
-        ax2.set_xticks(range(len(names)), names, rotation=20)
-        ax2.set_title("wrong answers naming the whole chain", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _bars(ax: Any, xs: list[float], stats: list[Any], width: float, label: str, **kw: Any) -> None:
-    means = [s["mean"] for s in stats]
-    err = [
-        [m - s["min"] for m, s in zip(means, stats, strict=True)],
-        [s["max"] - m for m, s in zip(means, stats, strict=True)],
-    ]
-    ax.bar(xs, means, width, yerr=err, capsize=3, label=label, **kw)
-
-
-def _ms(s: dict[str, Any]) -> str:
-    return f"{_f(s['mean'])} ± {_f(s['std'])}"
-
-
-def ablation_table(summary: dict[str, Any]) -> str:
-    """The per-variant markdown table of an ablation summary (final step, mean ± std over seeds)."""
-    lines = [
-        "| variant | η | rule | held-out accuracy | per seed | gain over SFT | rubric hits | ill-formed | unfinished "
-        "| lists entities | hacking | engine eval accuracy |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for name, v in summary["variants"].items():
-        per_seed = ", ".join(f"{s}: {_f(x)}" for s, x in v["accuracy"]["per_seed"].items())
-        lines.append(
-            f"| {name} | {v['eta']} | {v['combination']} | {_ms(v['accuracy'])} | {per_seed} | {_ms(v['gain_over_sft'])} | "
-            f"{_ms(v['rubric_hit_rate'])} | {_ms(v['ill_formed_rate'])} | {_ms(v['unfinished_rate'])} | "
-            f"{_ms(v['listing_rate'])} | {_ms(v['hacking_rate'])} | {_ms(v['system_eval_accuracy'])} |"
-        )
-    return "\n".join(lines)
-
-
-def render_ablation_markdown(summary: dict[str, Any], out_dir: Path) -> str:
-    checks, paper = summary["checks"], summary["paper"]
-    lines = [
-        f"# Reward ablation: {out_dir}",
-        "",
-        f"Seeds {summary['seeds']}, {summary['rl_steps']} RL steps from each seed's shared SFT warm start; held-out "
-        f"accuracy at steps {summary['eval_steps']}. {summary['held_out']}.",
-        f"Hacking: {summary['hacking_definition']}.",
-        "",
-        ablation_table(summary),
-        "",
-        "## Directions of the paper",
-        "",
-        f"- positive-only >= outcome-only in final held-out accuracy: **{checks.get('positive_only_ge_outcome_only')}** "
-        f"(here {_f(checks.get('positive_only_minus_outcome_only', math.nan))}, "
-        f"z {_f(checks.get('positive_only_minus_outcome_only_z', math.nan))}; paper {paper['positive_only']} vs "
-        f"{paper['outcome_only']})",
-        f"- rubric on every sample hacks more than positive-only: "
-        f"**{checks.get('both_hacks_more_than_positive_only')}** "
-        f"(hacking-rate difference {_f(checks.get('both_minus_positive_only_hacking', math.nan))}, "
-        f"z {_f(checks.get('both_minus_positive_only_hacking_z', math.nan))}; paper: "
-        f"{paper['both']} vs {paper['positive_only']}, the policy learns to list entities)",
-        f"- rubric on every sample vs positive-only: accuracy "
-        f"{_f(checks.get('both_minus_positive_only_accuracy', math.nan))} "
-        f"(z {_f(checks.get('both_minus_positive_only_accuracy_z', math.nan))}), wrong answers naming the whole "
-        f"chain {_f(checks.get('both_minus_positive_only_rubric_without_outcome', math.nan))} "
-        f"(z {_f(checks.get('both_minus_positive_only_rubric_without_outcome_z', math.nan))})",
-        "- |z| < 2: within the sampling noise of the held-out evaluation alone (seed-to-seed spread comes on top).",
-        "",
-        "## Plots",
-        "",
-        "![held-out accuracy per variant](variants.png)",
-        "",
-        "![hacking and ill-formed outputs](hacking.png)",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def write_ablation_report(out_dir: str | Path) -> Path:
-    """Write variants.png, hacking.png and ablation.md into OUT/report from OUT/ablation.json; the .md path."""
-    import json
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    root = Path(out_dir)
-    summary = json.loads((root / ABLATION_FILE).read_text())
-    out = root / "report"
-    out.mkdir(parents=True, exist_ok=True)
-    _plot_variants(plt, summary, out / "variants.png")
-    _plot_hacking(plt, summary, out / "hacking.png")
-    path = out / "ablation.md"
-    path.write_text(render_ablation_markdown(summary, root))
-    return path

@@ -14,8 +14,8 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
+from common.cli import Logs, SubParsers, add_config, command, parse, run_command, standalone, user_errors
 from common.config import ConfigError
 
 _RUN_EPILOG = (
@@ -25,10 +25,13 @@ _RUN_EPILOG = (
 )
 
 
-def register(commands: argparse._SubParsersAction[Any], benches: argparse._SubParsersAction[Any]) -> None:
+def register(commands: SubParsers, benches: SubParsers) -> None:
     """Add `eval` (and `eval compare`). Imports nothing heavy."""
-    parser = commands.add_parser(
+    parser = command(
+        commands,
         "eval",
+        _eval,
+        logs=Logs(prefix="eval "),
         help="avg@k / pass@k evaluation of a JSONL through engines and the reward API; `eval compare A B`",
         description="longtrace eval --config FILE [--model DIR] [--key value ...] | longtrace eval compare A B "
         "(run `longtrace eval --help` for the options)",
@@ -36,27 +39,29 @@ def register(commands: argparse._SubParsersAction[Any], benches: argparse._SubPa
         add_help=False,
     )
     parser.add_argument("argv", nargs=argparse.REMAINDER, help="arguments of `eval` or `eval compare`")
-    parser.set_defaults(func=_eval)
 
 
 def _run_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="longtrace eval",
+    parser = standalone(
+        "longtrace eval",
+        _run,
+        overrides=True,
         description="Generate k samples per question of an eval JSONL through the engines (a URL, or a router), "
         "score them with the reward API at η = 0, write OUT_DIR/samples.jsonl and summary.json, print a table. "
         "With --model DIR and no engine / reward URL, a local built-in engine and reward API are started.",
         epilog=_RUN_EPILOG,
         allow_abbrev=False,
     )
-    parser.add_argument("--config", default=None, help="TOML file of an EvalConfig (e.g. configs/eval.toml)")
+    add_config(parser, "TOML file of an EvalConfig (e.g. configs/eval.toml)")
     parser.add_argument("--model", default=None, help="model directory (EvalConfig.model_path)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
     return parser
 
 
 def _compare_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="longtrace eval compare",
+    parser = standalone(
+        "longtrace eval compare",
+        _compare,
         description="Two eval runs side by side: metrics with deltas (B - A), the settings that differ, and the "
         "questions right in one run and wrong in the other (right: at least half of its samples correct).",
         allow_abbrev=False,
@@ -70,14 +75,13 @@ def _compare_parser() -> argparse.ArgumentParser:
 
 def _eval(args: argparse.Namespace) -> int:
     argv = list(args.argv)
-    if argv and argv[0] == "compare":
-        return _compare(argv[1:])
-    return _run(argv)
+    sub = parse(_compare_parser(), argv[1:]) if argv[:1] == ["compare"] else parse(_run_parser(), argv)
+    code: int = sub.func(sub)
+    return code
 
 
-def _run(argv: list[str]) -> int:
+def _run(ns: argparse.Namespace) -> int:
     from common.config import load_config
-    from common.logs import setup_logging
     from common.supervisor import ChildFailed
     from eval.config import EvalConfig
     from eval.local import services
@@ -86,11 +90,10 @@ def _run(argv: list[str]) -> int:
     from eval.table import format_summary
 
     t0 = time.monotonic()
-    ns, overrides = _run_parser().parse_known_args(argv)
+    overrides = list(ns.overrides)
     if ns.model is not None:
         overrides += ["--model_path", json.dumps(ns.model)]
     cfg = load_config(EvalConfig, ns.config, overrides)
-    setup_logging(prefix="eval ")
     out_dir = Path(cfg.out_dir or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}")
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg.out_dir = str(out_dir)
@@ -123,15 +126,12 @@ def _run(argv: list[str]) -> int:
     return 0
 
 
-def _compare(argv: list[str]) -> int:
+def _compare(ns: argparse.Namespace) -> int:
     from eval.compare import compare, load
     from eval.table import format_compare
 
-    ns = _compare_parser().parse_args(argv)
-    try:
+    with user_errors():
         a, b = load(ns.run_a), load(ns.run_b)
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
     result = compare(a, b)
     print(json.dumps(result, indent=2) if ns.json else format_compare(result, ns.max_flips))
     return 0
@@ -139,18 +139,7 @@ def _compare(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m eval.cli ARGS`: the same as `longtrace eval ARGS`."""
-    parser = argparse.ArgumentParser(prog="longtrace")
-    commands = parser.add_subparsers(dest="command", required=True)
-    register(commands, argparse.ArgumentParser().add_subparsers())
-    args = parser.parse_args(["eval", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        code = args.func(args)
-    except ConfigError as e:
-        print(f"longtrace eval: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
-    sys.exit(code)
+    run_command(register, ["eval"], argv)
 
 
 if __name__ == "__main__":

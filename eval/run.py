@@ -11,43 +11,30 @@ Per question (a bounded number at once, so long prompts are not all held in memo
 An ill-formed, truncated or unfinished answer is not sent to the judge: it counts wrong (outcome 0, rubric 0).
 A prompt that alone fills the context is not sent either; its k samples count wrong with `error` set.
 Both `longtrace eval` (eval/cli.py) and the launcher's held-out eval (deploy/launcher/evaluate.py) run this.
+This module sets an eval up and runs it; each question's generation is eval/pipeline.py, scoring eval/scoring.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
-from broker.schemas import RewardInfo, Sample, Task, pack_ids
 from common.config import ConfigError
-from common.retry import RetryConfig, RetryPolicy
 from eval.config import EvalConfig
+from rollout_server.worker.client import EngineError, engine_policy_version
 
 log = logging.getLogger(__name__)
-
-# /v1/score computes the rubric only when η > 0 and asks the judge only when η < 1: any η strictly between
-# returns both raw parts. The combined reward it returns is ignored, since with η = 0 the reward is the outcome.
-BOTH_PARTS_ETA = 0.5
-PROMPT_TOO_LONG = "prompt_too_long"
-_PROGRESS_EVERY_S = 30.0
 
 
 class EvalError(RuntimeError):
     """The evaluation cannot go on (an engine or the reward API refused or failed); the message says why."""
-
-
-class _Retryable(Exception):
-    """A reward API answer worth retrying (502/503/504)."""
 
 
 @dataclass
@@ -80,7 +67,9 @@ class SampleRecord:
     prompt_tokens: int
     response_tokens: int
     weight_version: int | None
-    """The weight version that generated the last tokens (None: nothing generated)."""
+    """The policy version the sample was generated under: the oldest among its tokens (Sample.oldest_policy_version,
+    as Group.group_version takes the oldest among a group's samples; None: nothing generated). Named as
+    samples.jsonl names it."""
     engine: str
     gen_s: float
     error: str = ""
@@ -95,8 +84,12 @@ class EngineInfo:
     url: str
     model_path: str
     weight_version: str
-    """As the engine reports it ("default" before any update)."""
+    """SGLang's weight_version string, as the engine reports it ("default" before any update)."""
     context_length: int | None
+
+    @property
+    def policy_version(self) -> int | None:
+        return version_number(self.weight_version)
 
 
 @dataclass
@@ -124,8 +117,12 @@ class Inputs:
 
 
 def version_number(raw: str) -> int | None:
-    """An engine's weight version as an integer; None for "default" (the start-up weights) or a non-integer."""
-    return int(raw) if raw.lstrip("-").isdigit() else None
+    """The policy version an engine's weight_version string names (weights/version.py, through the rollout
+    worker's parser: "default" is 0, the start-up weights), or None when it names none (a string set by hand)."""
+    try:
+        return engine_policy_version(raw, 0)
+    except EngineError:
+        return None
 
 
 def explicit_id(row: Any) -> str | None:
@@ -149,12 +146,6 @@ def question_ids(rows: Sequence[str | None]) -> list[str]:
     if any(r is not None for r in rows):
         log.warning("question ids are missing or repeated in the dataset: questions are identified by row index")
     return [str(i) for i in range(len(rows))]
-
-
-def sample_seed(seed: int, question_index: int, sample_index: int) -> int:
-    """A 63-bit sampling seed per (question, sample): reproducible runs, independent samples."""
-    digest = hashlib.sha256(f"{seed}:{question_index}:{sample_index}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
 
 
 def stop_token_ids(configured: list[int] | None, tokenizer: Any, processor: Any) -> list[int]:
@@ -196,212 +187,12 @@ async def engine_info(http: httpx.AsyncClient, url: str, timeout_s: float) -> En
 def check_versions(engines: Sequence[EngineInfo], expect: int | None) -> None:
     if expect is None:
         return
-    served = [version_number(e.weight_version) or 0 for e in engines]
+    served = [e.policy_version for e in engines]
     if any(v != expect for v in served):
         raise EvalError(
             f"engines serve weight versions {[e.weight_version for e in engines]}, expected {expect} "
             "(--expect_version): the last weights did not reach them"
         )
-
-
-class RewardClient:
-    """POST /v1/score with retries on transport errors and 502/503/504; a 4xx is a clear error at once."""
-
-    def __init__(self, http: httpx.AsyncClient, url: str, timeout_s: float, retry: RetryConfig) -> None:
-        self._http = http
-        self._url = url.rstrip("/")
-        self._timeout = timeout_s
-        # The deadline is at least one request's timeout: a request that fails after a long wait is still retried.
-        self._retry = RetryPolicy(
-            retry.max_attempts, retry.base_s, retry.max_backoff_s, max(retry.deadline_s, timeout_s)
-        )
-
-    async def judge_kind(self) -> str:
-        try:
-            r = await self._http.get(f"{self._url}/health", timeout=10.0)
-            r.raise_for_status()
-        except httpx.HTTPError as e:
-            raise EvalError(f"--reward_url {self._url}: {type(e).__name__}: {e}") from e
-        return str(r.json().get("judge", ""))
-
-    async def score(self, samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        async def once() -> list[dict[str, Any]]:
-            r = await self._http.post(f"{self._url}/v1/score", json={"samples": samples}, timeout=self._timeout)
-            if r.status_code in (502, 503, 504):
-                raise _Retryable(f"{r.status_code}: {r.text[:300]}")
-            if r.status_code == 401:
-                raise EvalError(f"--reward_url {self._url}: 401 (set --reward_auth_token_env or _file): {r.text[:300]}")
-            if r.status_code != 200:
-                raise EvalError(f"--reward_url {self._url}/v1/score answered {r.status_code}: {r.text[:500]}")
-            results: list[dict[str, Any]] = r.json()["results"]
-            return results
-
-        try:
-            return await self._retry.acall(once, (httpx.TransportError, _Retryable), what="POST /v1/score")
-        except (httpx.TransportError, _Retryable) as e:
-            raise EvalError(f"--reward_url {self._url}/v1/score failed: {e!r}") from e
-
-
-def score_request(row: Any, sample: Sample) -> dict[str, Any]:
-    """An /evaluate body for a well-formed sample, as the launcher's eval and slime send it (history form)."""
-    message = {"role": "assistant", "content": sample.content, "reasoning_content": sample.reasoning}
-    info = {**row.extra_reward_info, "rubric_reward_ratio": BOTH_PARTS_ETA}
-    return {"history": [message], "label": row.label, "extra_reward_info": info}
-
-
-class _Pipeline:
-    """Runs every question through generate -> parse -> score, a bounded number at once."""
-
-    def __init__(
-        self,
-        cfg: EvalConfig,
-        inputs: Inputs,
-        rollout_cfg: Any,
-        generator: Any,
-        reward: RewardClient,
-        on_question: Callable[[list[SampleRecord]], None] | None,
-        keep_responses: bool,
-    ) -> None:
-        self.cfg = cfg
-        self.dataset = inputs.dataset
-        self.ids = inputs.ids
-        self.tokenizer = inputs.tokenizer
-        self.processor = inputs.processor
-        self.rollout_cfg = rollout_cfg
-        self.generator = generator
-        self.reward = reward
-        self.on_question = on_question
-        self.keep_responses = keep_responses
-        # Enough questions in flight to keep every engine slot busy while others are being scored.
-        slots = 2 * math.ceil(cfg.concurrency * len(rollout_cfg.engines.urls) / cfg.k)
-        self._slots = asyncio.Semaphore(max(2, slots))
-        # One tokenizer thread: a fast tokenizer is not safe to call from several threads at once.
-        self._tok_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eval-tokenize")
-        self._done = self._correct = self._samples = 0
-        self._next_log = time.monotonic() + _PROGRESS_EVERY_S
-
-    async def run(self) -> list[SampleRecord]:
-        from reward_service.scoring import gather_or_cancel
-        from rollout_server.worker.generation import SampleFailed, SampleRejected
-
-        try:
-            per_question = await gather_or_cancel(self._question(i) for i in range(len(self.ids)))
-        except (SampleFailed, SampleRejected) as e:
-            raise EvalError(str(e)) from e
-        finally:
-            self._tok_pool.shutdown(wait=False, cancel_futures=True)
-        return [r for records in per_question for r in records]
-
-    async def _question(self, index: int) -> list[SampleRecord]:
-        from datagen.prompts import prompt_ids
-        from reward_service.scoring import gather_or_cancel
-        from rollout_server.worker.generation import TaskRejected, plan_group
-
-        async with self._slots:
-            row = self.dataset[index]
-            ids = await asyncio.get_running_loop().run_in_executor(self._tok_pool, prompt_ids, self.tokenizer, row)
-            task = Task(
-                run_id="eval",
-                group_id=f"q{index}",
-                dataset_index=index,
-                prompt_ids=pack_ids(ids),
-                label=row.label,
-                reward_info=RewardInfo(question=row.question),
-                policy_version=0,
-            )
-            try:
-                plan = plan_group(task, self.rollout_cfg, self.processor)
-            except TaskRejected as e:
-                log.warning("question %s: %s; its samples count wrong", self.ids[index], e)
-                records = [self._unsent(index, row, len(ids), j) for j in range(self.cfg.k)]
-            else:
-                samples = await gather_or_cancel(self._generate(plan, index, j) for j in range(self.cfg.k))
-                records = await self._score(index, row, len(ids), samples)
-        self._progress(records)
-        if self.on_question is not None:
-            self.on_question(records)
-        if not self.keep_responses:
-            records = [dataclasses.replace(r, response="", answer="") for r in records]
-        return records
-
-    async def _generate(self, plan: Any, index: int, j: int) -> Sample:
-        params = {**plan.sampling_params, "sampling_seed": sample_seed(self.cfg.seed, index, j)}
-        sample: Sample = await self.generator.generate_sample(
-            dataclasses.replace(plan, sampling_params=params), f"eval-q{index}-s{j}"
-        )
-        return sample
-
-    async def _score(self, index: int, row: Any, prompt_len: int, samples: list[Sample]) -> list[SampleRecord]:
-        ok = [s.status == "completed" and not s.ill_formed and not s.task_unfinished for s in samples]
-        judged = [score_request(row, s) for s, good in zip(samples, ok, strict=True) if good]
-        results = iter(await self.reward.score(judged) if judged else [])
-        records = []
-        for j, (s, good) in enumerate(zip(samples, ok, strict=True)):
-            res = next(results) if good else {}
-            outcome, rubric = float(res.get("outcome_reward", 0.0)), float(res.get("rubric_reward", 0.0))
-            records.append(
-                SampleRecord(
-                    id=self.ids[index],
-                    question_index=index,
-                    question=row.question,
-                    label=row.label,
-                    dataset_name=row.dataset_name,
-                    sample_index=j,
-                    response=s.text,
-                    answer=s.content,
-                    well_formed=good,
-                    finished=not s.task_unfinished,
-                    status=s.status,
-                    outcome=outcome,
-                    rubric=rubric,
-                    reward=outcome,
-                    prompt_tokens=prompt_len,
-                    response_tokens=len(s.response_ids_np()),
-                    weight_version=s.weight_segments[-1].version if s.weight_segments else None,
-                    engine=s.engine_id,
-                    gen_s=round(s.gen_s, 3),
-                )
-            )
-        return records
-
-    def _unsent(self, index: int, row: Any, prompt_len: int, j: int) -> SampleRecord:
-        return SampleRecord(
-            id=self.ids[index],
-            question_index=index,
-            question=row.question,
-            label=row.label,
-            dataset_name=row.dataset_name,
-            sample_index=j,
-            response="",
-            answer="",
-            well_formed=False,
-            finished=False,
-            status="truncated",
-            outcome=0.0,
-            rubric=0.0,
-            reward=0.0,
-            prompt_tokens=prompt_len,
-            response_tokens=0,
-            weight_version=None,
-            engine="",
-            gen_s=0.0,
-            error=PROMPT_TOO_LONG,
-        )
-
-    def _progress(self, records: list[SampleRecord]) -> None:
-        self._done += 1
-        self._samples += len(records)
-        self._correct += sum(r.outcome >= 0.5 for r in records)
-        now = time.monotonic()
-        if now >= self._next_log or self._done == len(self.ids):
-            self._next_log = now + _PROGRESS_EVERY_S
-            log.info(
-                "%d/%d questions, %d samples, accuracy so far %.3f",
-                self._done,
-                len(self.ids),
-                self._samples,
-                self._correct / max(1, self._samples),
-            )
 
 
 def open_dataset(path: str, max_questions: int) -> tuple[Any, list[str]]:
@@ -474,6 +265,8 @@ async def evaluate(
 
     `inputs`: from `prepare(cfg)` (done here when None). `on_question` gets each question's records as soon as
     they are scored (in completion order); `keep_responses=False` drops the texts from the returned records."""
+    from eval.pipeline import Pipeline
+    from eval.scoring import RewardClient
     from rollout_server.worker.client import make_http_client
     from rollout_server.worker.generation import SampleGenerator
     from rollout_server.worker.metrics import RolloutMetrics
@@ -511,7 +304,7 @@ async def evaluate(
         t1 = time.monotonic()
         try:
             generator = SampleGenerator(rcfg, router, inputs.processor, RolloutMetrics())
-            pipeline = _Pipeline(cfg, inputs, rcfg, generator, reward, on_question, keep_responses)
+            pipeline = Pipeline(cfg, inputs, rcfg, generator, reward, on_question, keep_responses)
             samples = await pipeline.run()
         finally:
             await router.close()

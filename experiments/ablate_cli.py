@@ -1,6 +1,7 @@
 """`longtrace ablate` and `longtrace bench ablation` (registered by deploy/cli.py through COMMAND_MODULES).
 
 longtrace ablate CONFIG [--section.key value ...]         runs, writes OUT/ablation.json and OUT/report/
+longtrace ablate --config CONFIG [--section.key value ...]  the same
 longtrace bench ablation [--config CONFIG] [--json] [--section.key value ...]   the same; prints one JSON object
 
 CONFIG is an AblateConfig TOML (configs/ablate.toml; configs/debug/ablate.toml is CI-sized). A direction of the paper
@@ -13,13 +14,19 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from common.cli import Logs, SubParsers, add_config, bench, command, print_result
+
 DEFAULT_CONFIG = "configs/ablate.toml"
 
 
-def register(commands: argparse._SubParsersAction[Any], benches: argparse._SubParsersAction[Any]) -> None:
+def register(commands: SubParsers, benches: SubParsers) -> None:
     """Add `ablate` and `bench ablation`. Keep imports inside the handlers."""
-    ablate = commands.add_parser(
+    ablate = command(
+        commands,
         "ablate",
+        _ablate,
+        overrides=True,
+        logs=Logs(prefix="ablate ", level="INFO"),
         help="the demo task under reward variants (outcome only, positive-only rubric, rubric on every sample)",
         description="Per seed: prepare + SFT once, then each variant's RL phase from the same SFT export; held-out "
         "accuracy over steps, rubric hits, ill-formed rate and a hacking indicator per variant, with the spread "
@@ -27,26 +34,27 @@ def register(commands: argparse._SubParsersAction[Any], benches: argparse._SubPa
         epilog="Overrides: --seeds [0,1] --up.phases.rl.steps 60 --eval_every_steps 20 --eta_sweep [0.1,0.5] "
         "--max_parallel 2 --out_dir runs/ablate-x",
     )
-    ablate.add_argument("config", help="AblateConfig TOML (e.g. configs/ablate.toml)")
-    ablate.set_defaults(func=_ablate, overrides=True)
+    add_config(ablate, "AblateConfig TOML (e.g. configs/ablate.toml)", positional=True)
 
-    bench = benches.add_parser(
-        "ablation", help="run the reward ablation and print one JSON object (per-variant figures, direction checks)"
+    b = bench(
+        benches,
+        "ablation",
+        _bench,
+        json_help="print only the JSON result",
+        overrides=True,
+        logs=Logs(prefix="ablate ", level="INFO", json_level="WARNING"),
+        help="run the reward ablation and print one JSON object (per-variant figures, direction checks)",
     )
-    bench.add_argument("--config", default=DEFAULT_CONFIG, help=f"AblateConfig TOML (default {DEFAULT_CONFIG})")
-    bench.add_argument("--json", action="store_true", help="print only the JSON result")
-    bench.set_defaults(func=_bench, overrides=True)
+    add_config(b, f"AblateConfig TOML (default {DEFAULT_CONFIG})", default=DEFAULT_CONFIG)
 
 
 def _run(path: str, overrides: list[str], quiet: bool) -> dict[str, Any]:
     import logging
 
-    from common.logs import setup_logging
-    from deploy.report import write_ablation_report
     from experiments.ablate import load, run_ablation
+    from experiments.ablate_report import write_ablation_report
 
     cfg = load(path, overrides)
-    setup_logging(level="WARNING" if quiet else "INFO", prefix="ablate ")
     logging.getLogger("experiments.ablate").setLevel(logging.WARNING if quiet else logging.INFO)
     summary = run_ablation(cfg)
     summary["report"] = str(write_ablation_report(cfg.out_dir))
@@ -65,7 +73,7 @@ def _ablate(args: argparse.Namespace) -> int:
         summary = _run(args.config, args.overrides, quiet=False)
     except RuntimeError as e:
         return _failed(e)
-    from deploy.report import ablation_table
+    from experiments.ablate_report import ablation_table
 
     print(ablation_table(summary))
     print(f"\nchecks: {summary['checks']}")
@@ -80,5 +88,5 @@ def _bench(args: argparse.Namespace) -> int:
         summary = _run(args.config, args.overrides, quiet=args.json)
     except RuntimeError as e:
         return _failed(e)
-    print(json.dumps(summary) if args.json else json.dumps(summary, indent=2))
+    print_result(summary, args.json, text=lambda r: json.dumps(r, indent=2))
     return 0

@@ -24,7 +24,6 @@ ideal_speedup = sum of the sync run's busy medians / their largest: the speedup 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import math
@@ -34,7 +33,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -220,7 +218,7 @@ class ScoredRecord:
     score_s: float
     rollout_s: float
     admitted_version: int
-    min_version: int
+    group_version: int  # Group.group_version: what the learner's staleness counts
     created_s: float
 
     @property
@@ -235,8 +233,9 @@ class ScoredRecord:
 
 @dataclass
 class ScoredObserver:
-    """A thread that copies new entries of `longtrace:{run_id}:scored` every `poll_s` (XRANGE, no consumer group:
-    the learner's reads and acks are untouched). It waits for Redis to come up and tolerates it going away."""
+    """A thread that copies new entries of the run's `scored` stream every `poll_s` (the broker's read-only view,
+    no consumer group: the learner's reads and acks are untouched). It waits for Redis to come up and tolerates
+    it going away."""
 
     redis_url: str
     run_id: str
@@ -257,9 +256,9 @@ class ScoredObserver:
             self._thread.join(timeout=10)
 
     def _run(self) -> None:
-        from broker.base import SCORED, BrokerError
-        from broker.redis_streams import FIELD, RedisBroker
-        from broker.schemas import SchemaError, ScoredGroup, decode
+        from broker.base import SCORED, Broker, BrokerError
+        from broker.factory import connect
+        from broker.schemas import ScoredGroup
         from broker.settings import BrokerConfig, BrokerRetryConfig
 
         cfg = BrokerConfig(
@@ -269,35 +268,29 @@ class ScoredObserver:
             connect_timeout_s=2.0,
             retry=BrokerRetryConfig(max_attempts=1, deadline_s=2.0),
         )
-        broker: RedisBroker | None = None
-        last = "-"
+        broker: Broker | None = None
+        last = "0-0"
         while not self._stop.wait(self.poll_s):
             try:
                 if broker is None:
-                    broker = RedisBroker(cfg)  # pings: fails until the launcher's Redis is up
-                xrange: Callable[[], Any] = functools.partial(broker.client.xrange, broker.key(SCORED), last, "+", 1000)
-                entries: list[Any] = broker.call(xrange, "XRANGE scored") or []
+                    broker = connect(cfg)  # pings: fails until the launcher's Redis is up
+                page = broker.view(SCORED).peek(ScoredGroup, last, count=1000)
             except BrokerError as e:
                 log.debug("scored stream not readable yet: %s", e)
                 continue
-            for raw_id, fields in entries:
-                entry_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
-                last = "(" + entry_id
-                try:
-                    sg = decode(fields[FIELD], ScoredGroup)
-                except (SchemaError, KeyError, TypeError):
-                    self.errors += 1
-                    continue
+            last = page.last_id
+            self.errors += len(page.undecodable)
+            for entry in page.entries:
+                sg = entry.msg
                 g = sg.group
-                v = g.min_version
                 self.records.append(
                     ScoredRecord(
                         group_id=sg.group_id,
-                        scored_s=int(entry_id.split("-")[0]) / 1000,
+                        scored_s=int(entry.id.split("-")[0]) / 1000,  # the entry id's time: when it was scored
                         score_s=sg.score_s,
                         rollout_s=g.rollout_s,
                         admitted_version=g.task.policy_version,
-                        min_version=v if v >= 0 else g.task.policy_version,
+                        group_version=g.group_version,
                         created_s=g.task.created_s,
                     )
                 )

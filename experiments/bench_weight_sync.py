@@ -100,13 +100,15 @@ def run_weight_sync_bench(
                 reply.result(timeout=600)
                 return time.perf_counter() - t0
 
-            first = sync.push(1, model)  # builds the group; the engine's first receive touches fresh memory
+            sync.state.step = 1  # push() publishes the learner's step as the policy version
+            first = sync.push(model)  # builds the group; the engine's first receive touches fresh memory
             if not first.ok:
                 raise RuntimeError(f"weight push failed: {first.failed}")
             raw_broadcast()  # the engine allocates (and touches) its flat buffer once
             pushes, raws = [], []
             for i in range(rounds):
-                pushes.append(sync.push(2 + i, model))
+                sync.state.step = 2 + i
+                pushes.append(sync.push(model))
                 raws.append(raw_broadcast())
             if not all(r.ok for r in pushes):
                 raise RuntimeError(f"weight push failed: {[r.failed for r in pushes]}")

@@ -36,7 +36,6 @@ and checks that no stream holds an entry, no consumer holds a pending one, and t
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -150,19 +149,15 @@ def _round(x: float | None) -> float | None:
 
 
 class Probe:
-    """Cheap reads of one phase's namespace in Redis; every read gives None while Redis is down."""
+    """Cheap reads of one phase's namespace through the broker's read-only view; the reads of the policy version,
+    the engines and the dedup keys give None while Redis is down."""
 
     def __init__(self, redis_url: str, run_id: str) -> None:
-        import redis
-
-        from broker.base import BrokerError
-        from broker.redis_streams import RedisBroker
+        from broker.factory import connect
         from broker.settings import BrokerConfig, BrokerRetryConfig
 
-        self._redis = redis.Redis.from_url(redis_url, socket_timeout=2.0, socket_connect_timeout=1.0)
-        self._errors: tuple[type[BaseException], ...] = (redis.ConnectionError, redis.TimeoutError, BrokerError)
-        # The broker's own readers of the policy version and the engine registry, with one quick attempt each.
-        self._broker = RedisBroker(
+        # One quick attempt per read: a probe must not stall the launcher's tick while Redis is down.
+        self._broker = connect(
             BrokerConfig(
                 redis_url=redis_url,
                 run_id=run_id,
@@ -171,23 +166,19 @@ class Probe:
                 retry=BrokerRetryConfig(max_attempts=1, deadline_s=2.0),
             )
         )
-        self.prefix = self._broker.key("")
-
-    def key(self, name: str) -> str:
-        return self.prefix + name
 
     def _try(self, fn: Any) -> Any:
+        from broker.base import BrokerError
+
         try:
             return fn()
-        except self._errors:
+        except BrokerError:
             return None
 
     def published(self, stream: str) -> set[str] | None:
         """Group ids ever published to `stream` (its dedup keys); None while Redis is down."""
-        pattern = self.key(f"dedup:{stream}:") + "*"
-        head = len(self.key(f"dedup:{stream}:"))
-        keys = self._try(lambda: list(self._redis.scan_iter(match=pattern, count=1000)))
-        return None if keys is None else {k.decode()[head:] for k in keys}
+        keys: set[str] | None = self._try(self._broker.view(stream).dedup_keys)
+        return keys
 
     def policy_version(self) -> int | None:
         version: int | None = self._try(self._broker.policy_version.get)
@@ -204,50 +195,37 @@ class Probe:
 
         out: dict[str, Any] = {}
         for stream in STREAMS:
-            key = self.key(stream)
-            info: dict[str, Any] = {"length": int(self._redis.xlen(key)), "groups": {}}
-            if self._redis.exists(key):
-                for g in self._redis.xinfo_groups(key):
-                    name = g["name"].decode() if isinstance(g["name"], bytes) else g["name"]
-                    consumers = self._redis.xinfo_consumers(key, name)
-                    info["groups"][name] = {
-                        "pending": int(g["pending"]),
+            stats = self._broker.view(stream).stats()
+            out[stream] = {
+                "length": stats.length,
+                "groups": {
+                    name: {
+                        "pending": g.pending,
                         "holding": {
-                            (c["name"].decode() if isinstance(c["name"], bytes) else c["name"]): {
-                                "pending": int(c["pending"]),
-                                "idle_s": round(int(c["idle"]) / 1000, 1),
-                            }
-                            for c in consumers
-                            if int(c["pending"]) > 0
+                            c: {"pending": h.pending, "idle_s": round(h.idle_s, 1)} for c, h in g.holders.items()
                         },
                     }
-            out[stream] = info
+                    for name, g in stats.groups.items()
+                },
+            }
         return out
 
     def entry_group_ids(self) -> set[str]:
-        """Group ids of the entries still in `tasks`, `rollouts` and `scored`."""
+        """Group ids of the entries still in `tasks`, `rollouts` and `scored` (undecodable ones left out)."""
         from broker.base import ROLLOUTS, SCORED, TASKS
-        from broker.schemas import Group, SchemaError, ScoredGroup, Task, decode
+        from broker.schemas import Group, ScoredGroup, Task
 
+        kinds: dict[str, Any] = {TASKS: Task, ROLLOUTS: Group, SCORED: ScoredGroup}
         ids: set[str] = set()
-        for stream in (TASKS, ROLLOUTS, SCORED):
-            entries: list[Any] = self._redis.xrange(self.key(stream)) or []
-            for _, fields in entries:
-                payload = (fields or {}).get(b"d")
-                if payload is None:
-                    continue
-                with contextlib.suppress(SchemaError):
-                    if stream == TASKS:
-                        ids.add(decode(payload, Task).group_id)
-                    elif stream == ROLLOUTS:
-                        ids.add(decode(payload, Group).group_id)
-                    else:
-                        ids.add(decode(payload, ScoredGroup).group_id)
+        for stream, kind in kinds.items():
+            view, after = self._broker.view(stream), "0-0"
+            while (page := view.peek(kind, after, count=1000)).last_id != after:
+                ids.update(e.msg.group_id for e in page.entries)
+                after = page.last_id
         return ids
 
     def close(self) -> None:
         self._broker.close()
-        self._redis.close()
 
 
 class ChaosMonkey:
@@ -406,7 +384,7 @@ class ChaosMonkey:
         if version is None or engines is None:
             return False
         mine = [e for e in engines if e.url.rstrip("/") == self._engine_url]
-        return bool(mine) and int(mine[0].weight_version) >= version
+        return bool(mine) and mine[0].policy_version >= version
 
 
 def _copy_latest_export(export_dir: Path, dest: Path, attempts: int = 5) -> tuple[Path, int] | None:

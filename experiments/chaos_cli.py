@@ -12,37 +12,38 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+
+from common.cli import Logs, SubParsers, add_config, bench, print_result
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "bench" / "chaos.toml"
 
 
-def register(commands: argparse._SubParsersAction[Any], benches: argparse._SubParsersAction[Any]) -> None:
+def register(commands: SubParsers, benches: SubParsers) -> None:
     """Add `bench chaos`. Keep imports inside the handler."""
-    bench = benches.add_parser(
+    b = bench(
+        benches,
         "chaos",
+        _bench,
+        json_help="print only the JSON result",
+        overrides=True,
+        logs=Logs(prefix="chaos ", level="INFO"),
         help="kill -9 a reward worker, rollout worker, engine, the learner and Redis in turn; nothing lost or doubled",
         description="Run the local system (an UpConfig under [up]) and SIGKILL then restart each process kind in "
         "turn; account every admitted group against the final checkpoint and the Redis streams.",
         epilog='Overrides: --faults \'["reward_worker", "engine"]\' --up.run_dir runs/chaos-2 '
         "--up.phases.rl.steps 16 --warmup_steps 2 ...",
     )
-    bench.add_argument("--json", action="store_true", help="print only the JSON result")
-    bench.add_argument("--config", default=str(DEFAULT_CONFIG), help="ChaosConfig TOML (default: %(default)s)")
-    bench.set_defaults(func=_bench, overrides=True)
+    add_config(b, "ChaosConfig TOML (default: %(default)s)", default=str(DEFAULT_CONFIG))
 
 
 def _bench(args: argparse.Namespace) -> int:
-    import json
     import logging
 
-    from common.logs import setup_logging
     from experiments.chaos import load_chaos_config, run_chaos
 
     cfg = load_chaos_config(args.config, args.overrides)
-    setup_logging(level="INFO", prefix="chaos ")
     if args.json:
         logging.getLogger().handlers[0].setLevel(logging.ERROR)  # the run's log file keeps INFO
     result = run_chaos(cfg)
-    print(json.dumps(result), flush=True)
+    print_result(result, as_json=True)
     return 0 if result["ok"] else 1

@@ -13,19 +13,23 @@ import argparse
 import os
 from typing import Any
 
+from common.cli import Logs, SubParsers, bench, check_positive, print_result, run_command
 
-def register(commands: argparse._SubParsersAction[Any], benches: argparse._SubParsersAction[Any]) -> None:
+
+def register(commands: SubParsers, benches: SubParsers) -> None:
     """Add `bench fuzz`. Keep imports inside the handler."""
-    bench = benches.add_parser(
+    b = bench(
+        benches,
         "fuzz",
+        _bench,
+        json_help="print only the JSON result",
+        logs=Logs(level="WARNING", json_level="ERROR"),
         help="schemathesis (property-based) fuzzing of the reward and engine HTTP APIs: 5xx and unexplained 4xx",
     )
-    bench.add_argument("--json", action="store_true", help="print only the JSON result")
-    bench.add_argument("--max-examples", type=int, default=100, help="generated requests per operation and mode")
-    bench.add_argument("--services", default="reward,engine", help="comma-separated: reward, engine")
-    bench.add_argument("--seed", type=int, default=0, help="hypothesis seed (same seed, same requests)")
-    bench.add_argument("--no-http", action="store_true", help="skip the runs over real HTTP")
-    bench.set_defaults(func=_bench)
+    b.add_argument("--max-examples", type=int, default=100, help="generated requests per operation and mode")
+    b.add_argument("--services", default="reward,engine", help="comma-separated: reward, engine")
+    b.add_argument("--seed", type=int, default=0, help="hypothesis seed (same seed, same requests)")
+    b.add_argument("--no-http", action="store_true", help="skip the runs over real HTTP")
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -34,15 +38,12 @@ def _bench(args: argparse.Namespace) -> int:
     import tempfile
 
     from common.config import ConfigError
-    from common.logs import setup_logging
 
     services = [s.strip() for s in args.services.split(",") if s.strip()]
     unknown = sorted(set(services) - {"reward", "engine"})
     if unknown or not services:
         raise ConfigError(f"--services: unknown {unknown or 'empty list'}; choose from reward, engine")
-    if args.max_examples < 1:
-        raise ConfigError(f"--max-examples must be >= 1, got {args.max_examples}")
-    setup_logging("ERROR" if args.json else "WARNING")
+    check_positive(args, "max_examples")
     logging.getLogger("torch.distributed").setLevel(logging.CRITICAL)  # fuzzed rendezvous failures
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -62,7 +63,7 @@ def _bench(args: argparse.Namespace) -> int:
     out["failures"] = out["failures"][:10]
     out["per_service"] = {name: r.as_dict() for name, r in per.items()}
     out["max_examples"] = args.max_examples
-    print(json.dumps(out) if args.json else json.dumps(out, indent=2))
+    print_result(out, args.json, text=lambda r: json.dumps(r, indent=2))
     return 0 if total.ok else 1
 
 
@@ -103,21 +104,9 @@ def _engine(tmp: str, kw: dict[str, Any], http: bool) -> Any:
     return report
 
 
-def main() -> None:
-    """Run the bench alone (`python -m experiments.fuzz_cli`), before deploy/cli.py registers it."""
-    import sys
-
-    from common.config import ConfigError
-
-    parser = argparse.ArgumentParser(prog="longtrace bench")
-    benches = parser.add_subparsers(dest="bench")
-    register(benches, benches)  # only `benches` is used
-    args = parser.parse_args(["fuzz", *sys.argv[1:]])
-    try:
-        sys.exit(args.func(args))
-    except ConfigError as e:
-        print(f"longtrace: error: {e}", file=sys.stderr)
-        sys.exit(2)
+def main(argv: list[str] | None = None) -> None:
+    """Run the bench alone (`python -m experiments.fuzz_cli ARGS`): the same as `longtrace bench fuzz ARGS`."""
+    run_command(register, ["bench", "fuzz"], argv)
 
 
 if __name__ == "__main__":

@@ -125,21 +125,28 @@ class JudgeStub:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """`python -m experiments.judge_stub [--config F] [--delay_s 1.0 --concurrency 8 ...]`: serve until Ctrl-C."""
+    import argparse
     import logging
-    import sys
 
+    from common.cli import add_config, run_cli, standalone
     from common.config import load_config
 
-    cfg = load_config(JudgeStubConfig, None, list(sys.argv[1:] if argv is None else argv))
-    logging.basicConfig(level=logging.INFO)
-    with JudgeStub(cfg).serve() as server:
-        logging.getLogger(__name__).info(
-            "judge stub on %s/v1 (delay %.2fs, %d at once)", server.url, cfg.delay_s, cfg.concurrency
-        )
-        try:
-            threading.Event().wait()
-        except KeyboardInterrupt:
-            pass
+    def serve(args: argparse.Namespace) -> int:
+        cfg = load_config(JudgeStubConfig, args.config, args.overrides)
+        with JudgeStub(cfg).serve() as server:
+            logging.getLogger(__name__).info(
+                "judge stub on %s/v1 (delay %.2fs, %d at once)", server.url, cfg.delay_s, cfg.concurrency
+            )
+            try:
+                threading.Event().wait()
+            except KeyboardInterrupt:
+                pass
+        return 0
+
+    parser = standalone("python -m experiments.judge_stub", serve, overrides=True)
+    add_config(parser, "TOML file of a JudgeStubConfig")
+    run_cli(parser, argv)
 
 
 if __name__ == "__main__":

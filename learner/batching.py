@@ -1,12 +1,7 @@
 """Batch assembly: scored groups -> training samples -> micro-batches packed by a token budget per rank.
 
-Rank 0 reads the `scored` stream with `ScoredReader`: it drops (and counts) groups older than the
-staleness bound, optionally groups whose rewards are all equal, skips redelivered groups it already
-consumed, and dead-letters malformed ones. It fills each step oldest-first: it waits (bounded) for
-admitted groups that would be too old after this step, and carries younger surplus groups to the next
-step instead of letting them overtake older ones. Entries stay unacked until the checkpoint that
-includes the step they fed (`ack_held`; carried groups stay unacked across it), so a crash loses
-nothing and retrains nothing.
+Rank 0 reads the `scored` stream (learner/scored_reader.py) and turns one step's groups into a `TrainBatch`
+here (GRPO advantages, data metrics), which it broadcasts to every rank.
 
 The rest is pure and deterministic, so every rank computes the same plan from the same batch:
 `plan_micro_batches` balances sequences over data-parallel ranks (longest first onto the least loaded
@@ -20,8 +15,6 @@ positions P-1 .. L-2, which is where the loss mask, the advantage and the rollou
 
 from __future__ import annotations
 
-import logging
-import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -30,15 +23,9 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from broker.base import Consumer, Entry
 from broker.schemas import ScoredGroup
 from learner.loss import grpo_advantages
-from learner.state import LearnerState
-from learner.train_config import BatchConfig, DataConfig, LossConfig
-
-logger = logging.getLogger(__name__)
-
-CONSUMER_GROUP = "learner"  # the learner's consumer group on `scored` (one consumer: rank 0)
+from learner.train_config import LossConfig
 
 
 @dataclass
@@ -69,13 +56,6 @@ class TrainBatch:
 
 
 # ---------------------------------------------------------------- groups -> samples
-
-
-def group_version(sg: ScoredGroup) -> int:
-    """The oldest weight version the group was generated under; its admission version when the worker
-    recorded no weight segments (then the group is at least that old)."""
-    v = sg.group.min_version
-    return v if v >= 0 else sg.group.task.policy_version
 
 
 def invalid_reason(sg: ScoredGroup) -> str | None:
@@ -145,208 +125,6 @@ def group_metrics(groups: Sequence[ScoredGroup], staleness: Sequence[int]) -> di
 def build_batch(groups: Sequence[ScoredGroup], staleness: Sequence[int], cfg: LossConfig) -> TrainBatch:
     samples = [s for sg in groups for s in group_to_samples(sg, cfg)]
     return TrainBatch(samples, [sg.group_id for sg in groups], group_metrics(groups, staleness))
-
-
-# ---------------------------------------------------------------- reading the scored stream (rank 0)
-
-
-@dataclass
-class _Pooled:
-    """A trainable group read from `scored` and not yet in a batch (its entry unacked, its id not consumed)."""
-
-    entry_id: str
-    group: ScoredGroup
-
-
-class ScoredReader:
-    """Rank 0's view of the `scored` stream: collects one step's worth of trainable groups, oldest first.
-
-    A step at policy version v needs `groups_per_step` groups. Once that many are in, the reader checks the
-    feeder's record of admitted groups not read yet (`LearnerState.admitted_unread`): one admitted at version a
-    with v - a >= max_staleness is *due* (read at the next version it would be too old). While a due group is
-    unread and the batch would hold a *young* group (v - its version < max_staleness, still within the bound
-    next step), the reader keeps reading, up to `due_wait_s`, then takes the oldest groups first; the younger
-    surplus is carried to the next step. A due group that does not come in time (dead-lettered upstream, its
-    worker lost) is given up on and never waited for again; one the reader drops or dead-letters is read, so it
-    is no longer due.
-    """
-
-    def __init__(
-        self,
-        consumer: Consumer[ScoredGroup],
-        state: LearnerState,
-        data_cfg: DataConfig,
-        batch_cfg: BatchConfig,
-        loss_cfg: LossConfig,
-    ) -> None:
-        self._consumer = consumer
-        self._state = state
-        self._data_cfg = data_cfg
-        self._batch_cfg = batch_cfg
-        self._loss_cfg = loss_cfg
-        self._consumed = set(state.consumed_group_ids)
-        self._held: list[str] = []  # entries of groups decided since the last checkpoint (acked after it is saved)
-        self._pool: list[_Pooled] = []  # trainable groups read, not yet in a batch
-        self._due_since: float | None = None  # when this step began waiting for due groups
-        self._given_up = 0  # due groups given up on in this step
-
-    @property
-    def num_held(self) -> int:
-        return len(self._held)
-
-    @property
-    def num_carried(self) -> int:
-        """Trainable groups read but not yet trained (carried to the next step)."""
-        return len(self._pool)
-
-    def poll(self, block_s: float) -> TrainBatch | None:
-        """Read what the step still needs for about `block_s`; the batch once it is complete, else None."""
-        want = self._data_cfg.groups_per_step
-        deadline = time.monotonic() + block_s
-        self._drop_stale_carried()
-        while len(self._pool) < want:
-            left = deadline - time.monotonic()
-            if not self._read(want - len(self._pool), left) or left <= 0:
-                return None
-        wait_s = self._batch_cfg.due_wait_s
-        if wait_s > 0:
-            if self._due_since is None:
-                self._due_since = time.monotonic()
-            while due := self._due_worth_waiting_for():
-                now = time.monotonic()
-                wait_left, left = self._due_since + wait_s - now, deadline - now
-                if wait_left <= 0:
-                    self._give_up(due)
-                    break
-                if left <= 0:
-                    return None  # the channel tells the other ranks we are still waiting, then polls again
-                self._read(want, min(left, wait_left))
-        return self._form_batch()
-
-    def _read(self, count: int, block_s: float) -> int:
-        entries = self._consumer.read(count, max(block_s, 0.001))
-        for entry in entries:
-            self._take(entry)
-        return len(entries)
-
-    def _take(self, entry: Entry[ScoredGroup]) -> None:
-        sg, st = entry.msg, self._state
-        st.admitted_unread.pop(sg.group_id, None)
-        if sg.group_id in self._consumed or any(p.group.group_id == sg.group_id for p in self._pool):
-            st.num_duplicates += 1  # redelivered after a crash between a checkpoint and its acks, or published twice
-            self._held.append(entry.id)
-            return
-        reason = invalid_reason(sg)
-        if reason is not None:
-            st.num_dead_lettered += 1
-            self._consumer.dead_letter(entry, reason)  # acks the entry itself
-            self._consumed.add(sg.group_id)
-            st.consumed_group_ids.append(sg.group_id)
-            return
-        if self._lag(sg) > self._data_cfg.max_staleness:
-            self._drop_stale(entry.id, sg)
-        elif self._batch_cfg.zero_variance_filter and is_zero_variance(sg):
-            st.num_dropped_zero_variance += 1
-            self._decide(entry.id, sg.group_id)
-        else:
-            self._pool.append(_Pooled(entry.id, sg))
-
-    def _lag(self, sg: ScoredGroup) -> int:
-        return self._state.policy_version - group_version(sg)
-
-    def _decide(self, entry_id: str, group_id: str) -> None:
-        """The group is trained in this step or dropped: consumed, and its entry acked after the next checkpoint."""
-        self._held.append(entry_id)
-        self._consumed.add(group_id)
-        self._state.consumed_group_ids.append(group_id)
-
-    def _drop_stale(self, entry_id: str, sg: ScoredGroup) -> None:
-        self._state.num_dropped_stale += 1
-        self._decide(entry_id, sg.group_id)
-        logger.info(
-            "dropped group %s: %d versions old (max_staleness %d)",
-            sg.group_id,
-            self._lag(sg),
-            self._data_cfg.max_staleness,
-        )
-
-    def _drop_stale_carried(self) -> None:
-        """Carried groups that the policy version has since left behind (more due groups than a step takes)."""
-        keep = []
-        for p in self._pool:
-            if self._lag(p.group) > self._data_cfg.max_staleness:
-                self._drop_stale(p.entry_id, p.group)
-            else:
-                keep.append(p)
-        self._pool = keep
-
-    def _oldest_first(self) -> list[_Pooled]:
-        # The pool is in arrival order (a carried surplus, itself in this order, then new reads) and sorted() is
-        # stable: groups of one weight version keep their arrival order.
-        return sorted(self._pool, key=lambda p: group_version(p.group))
-
-    def _due_worth_waiting_for(self) -> list[str]:
-        """Due groups still unread, when one arriving would displace a young group from the batch; else []."""
-        st, bound = self._state, self._data_cfg.max_staleness
-        unread = st.admitted_unread
-        for gid in [g for g, a in unread.items() if g in self._consumed or st.policy_version - a > bound]:
-            # Already decided (a resumed feeder records its republished tasks again), or too old to be saved by
-            # waiting: no longer due.
-            del unread[gid]
-        due = [g for g, a in unread.items() if st.policy_version - a >= bound]
-        if not due:
-            return []
-        batch = self._oldest_first()[: self._data_cfg.groups_per_step]
-        return due if any(self._lag(p.group) < bound for p in batch) else []
-
-    def _give_up(self, due: list[str]) -> None:
-        logger.warning(
-            "%d due group(s) not read within %.1fs (--batch.due_wait_s), training without them: %s",
-            len(due),
-            self._batch_cfg.due_wait_s,
-            ", ".join(due[:5]),
-        )
-        for gid in due:
-            del self._state.admitted_unread[gid]
-        self._given_up += len(due)
-
-    def _form_batch(self) -> TrainBatch:
-        ordered = self._oldest_first()
-        take, self._pool = ordered[: self._data_cfg.groups_per_step], ordered[self._data_cfg.groups_per_step :]
-        for p in take:
-            self._decide(p.entry_id, p.group.group_id)
-        groups = [p.group for p in take]
-        batch = build_batch(groups, [self._lag(sg) for sg in groups], self._loss_cfg)
-        waited = time.monotonic() - self._due_since if self._due_since is not None else 0.0
-        batch.metrics |= {
-            "due_wait_s": waited,
-            "due_given_up": float(self._given_up),
-            "carried_groups": float(len(self._pool)),
-        }
-        self._due_since, self._given_up = None, 0
-        return batch
-
-    def ack_held(self) -> int:
-        """Ack the entries of every group decided since the last checkpoint; call only once that checkpoint is durable.
-
-        Carried groups (read, not yet trained) stay unacked and out of `consumed_group_ids`, so the saved state
-        has never seen them. Crash safety, for a crash at any point after a checkpoint at step s:
-        - before `latest` names it: the previous checkpoint holds, nothing read since was acked or is in its
-          state, so every such entry comes back (own pending first) and steps after it are retrained exactly;
-        - after `latest`, before these acks: entries of groups decided up to step s come back but are in the
-          saved `consumed_group_ids`: skipped as duplicates (and acked at the next checkpoint);
-        - after these acks: decided entries are gone; carried ones are still pending in this consumer and are
-          redelivered to its restart, which has not consumed them, so they are trained once.
-        A carried group is thus neither lost (its entry is acked only once a saved state lists it) nor trained
-        twice (a saved state lists it only with a step that trained or dropped it).
-        """
-        carried = {p.entry_id for p in self._pool}
-        assert carried.isdisjoint(self._held), "a carried group's entry must stay unacked"
-        n = len(self._held)
-        if n:
-            self._consumer.ack(self._held)
-            self._held = []
-        return n
 
 
 # ---------------------------------------------------------------- micro-batch planning (every rank)

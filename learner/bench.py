@@ -10,12 +10,22 @@ shifted cross-entropy. Steps alternate one by one so machine noise hits both sid
 from __future__ import annotations
 
 import os
-import socket
 import statistics
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from common.net import free_port
+
+if TYPE_CHECKING:
+    import torch
+
+Step = Callable[[], None]
+"""One training step (forward, backward, optimizer) on the bench batch."""
+LossFunc = Callable[["torch.Tensor"], tuple["torch.Tensor", dict[str, "torch.Tensor"]]]
+"""megatron's loss function of one micro-batch's output: (loss, the values it logs)."""
 
 LR, WEIGHT_DECAY, CLIP = 1e-4, 0.01, 1.0
 
@@ -39,7 +49,7 @@ def _tiny_qwen3(path: Path) -> None:
     Qwen3ForCausalLM(config).save_pretrained(path)
 
 
-def _megatron_step_fn(hf_path: Path, ids: Any) -> Any:
+def _megatron_step_fn(hf_path: Path, ids: torch.Tensor) -> Step:
     import torch
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -66,11 +76,11 @@ def _megatron_step_fn(hf_path: Path, ids: Any) -> Any:
     positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
     forward_backward = get_forward_backward_func()
 
-    def forward_step(data_iterator: Any, m: Any) -> Any:
+    def forward_step(data_iterator: Iterator[torch.Tensor], m: torch.nn.Module) -> tuple[torch.Tensor, LossFunc]:
         batch = next(data_iterator)
-        logits = m(batch, positions, None)
+        logits: torch.Tensor = m(batch, positions, None)
 
-        def loss_func(out: Any) -> Any:
+        def loss_func(out: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             loss = -shifted_token_logprobs(out, batch, 1.0, arch.vocab_size).mean()
             return loss, {"loss": loss.detach()}
 
@@ -93,11 +103,13 @@ def _megatron_step_fn(hf_path: Path, ids: Any) -> Any:
     return step
 
 
-def _torch_step_fn(hf_path: Path, ids: Any) -> Any:
+def _torch_step_fn(hf_path: Path, ids: torch.Tensor) -> Step:
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(hf_path, dtype=torch.float32).to(ids.device)
+    # As an nn.Module: transformers' decorated `PreTrainedModel.to` does not type-check with a device argument.
+    model: torch.nn.Module = AutoModelForCausalLM.from_pretrained(hf_path, dtype=torch.float32)
+    model.to(ids.device)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
 
@@ -109,12 +121,6 @@ def _torch_step_fn(hf_path: Path, ids: Any) -> Any:
         optimizer.step()
 
     return step
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def run_learner_bench(batch_size: int = 4, seq_len: int = 256, steps: int = 10, threads: int = 1) -> dict[str, Any]:
@@ -132,7 +138,7 @@ def run_learner_bench(batch_size: int = 4, seq_len: int = 256, steps: int = 10, 
     torch.set_num_threads(threads)
     # A world of one rank on a free port, unless torchrun already set one up.
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
     with tempfile.TemporaryDirectory() as tmp:
         hf_path = Path(tmp) / "tiny-qwen3"
         _tiny_qwen3(hf_path)

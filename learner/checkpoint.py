@@ -18,7 +18,7 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -29,6 +29,9 @@ from learner import compat  # noqa: F401  (before megatron: CPU redirections whe
 from learner.model.build import unwrap
 from learner.state import LearnerState
 from learner.train_config import CheckpointConfig
+
+if TYPE_CHECKING:
+    from megatron.core.dist_checkpointing.mapping import ShardedStateDict
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +53,7 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return path
 
 
-def _sharded_state_dict(model: torch.nn.Module, optimizer: MegatronOptimizer, is_loading: bool) -> dict[str, Any]:
+def _sharded_state_dict(model: torch.nn.Module, optimizer: MegatronOptimizer, is_loading: bool) -> ShardedStateDict:
     # The bare GPTModel's keys do not depend on the wrappers (DDP, Float16Module) around it.
     model_sd = unwrap(model).sharded_state_dict()
     return {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading)}

@@ -35,7 +35,7 @@ _CUDA_TYPE_NAMES = {
 }
 
 
-def _is_cuda_device(device: Any) -> bool:
+def _is_cuda_device(device: object) -> bool:
     if isinstance(device, torch.device):
         return device.type == "cuda"
     if isinstance(device, str):
@@ -72,12 +72,12 @@ class _CpuDeviceMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def device_mode() -> contextlib.AbstractContextManager[Any]:
+def device_mode() -> contextlib.AbstractContextManager[object]:
     """The device rewrite for a thread other than the one that imported this module (no-op with CUDA)."""
     return _CpuDeviceMode() if _ACTIVE else contextlib.nullcontext()
 
 
-def _synchronize(device: Any = None) -> None:
+def _synchronize(device: torch.types.Device = None) -> None:
     """CPU work is synchronous: nothing to wait for."""
 
 
@@ -103,7 +103,7 @@ def _patch_megatron_rng() -> None:
     """Point megatron's tensor-parallel RNG tracker (its fork() around init and dropout) at the CPU generator."""
     from megatron.core.tensor_parallel import random as tp_random
 
-    def get_state(device: Any = "cuda", clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
+    def get_state(device: torch.types.Device = "cuda", clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
         return torch.get_rng_state()  # always a fresh copy
 
     def set_state(new_state: torch.Tensor, device: int = -1, graph_safe: bool = False) -> None:
@@ -122,7 +122,7 @@ def activate() -> bool:
         return False
     _patch_torch_cuda()
     # Entered for the life of the process: megatron allocates on "cuda" at any time (DDP buffers, optimizer).
-    _CpuDeviceMode().__enter__()  # type: ignore[no-untyped-call]
+    _CpuDeviceMode().__enter__()  # type: ignore[no-untyped-call]  # torch leaves TorchFunctionMode.__enter__ unannotated
     _patch_megatron_rng()
     _ACTIVE = True
     logger.debug("CUDA absent: megatron-core's CUDA calls redirected to the CPU")

@@ -6,7 +6,7 @@ Admission control (AReaL-style, ARCHITECTURE.md "Staleness and asynchrony"): at 
 give their slot back (the limit is raised by their count); otherwise a dropped group would leave a step
 short of groups forever. Every admitted group id is recorded with its admission version in
 `LearnerState.admitted_unread` until the reader reads it: that is how the reader knows which groups
-are about to go stale and fills a step oldest-first (batching.py).
+are about to go stale and fills a step oldest-first (scored_reader.py).
 
 Order: epoch e visits the rows in the permutation of `numpy.random.default_rng([seed, e])` (dataset
 order without shuffle). The cursor (epoch, position, admitted) lives in `LearnerState` and is
@@ -93,7 +93,7 @@ class Feeder:
         tasks = [self._next_task() for _ in range(want)]
         ids = self._producer.publish(tasks, dedup_key=lambda t: t.group_id)
         self.cursor.admitted += len(tasks)
-        for t in tasks:  # the reader waits for admitted groups about to go stale (batching.py, "due" groups)
+        for t in tasks:  # the reader waits for admitted groups about to go stale (scored_reader.py, "due" groups)
             self._state.admitted_unread[t.group_id] = t.policy_version
         num_new = sum(i is not None for i in ids)
         if num_new < len(tasks):

@@ -22,13 +22,16 @@ class DataCursor(msgspec.Struct, kw_only=True):
 
 class LearnerState(msgspec.Struct, kw_only=True):
     step: int = 0  # optimizer steps done
-    policy_version: int = 0  # version of the weights the engines have (== step while sync is disabled)
+    # The policy version: the step whose weights last reached the engines (== step with weight_sync type none).
+    # The learner's only copy: WeightSync.push writes it after a successful push and publishes it to the broker's
+    # key; the feeder admits and the reader drops stale groups against it.
+    policy_version: int = 0
     cursor: DataCursor = msgspec.field(default_factory=DataCursor)
     # Every group id whose fate is decided (trained in a saved step, dropped, dead-lettered): a redelivered copy is
-    # skipped. Groups read but carried over to a later step are not in it (batching.py, ScoredReader.ack_held).
+    # skipped. Groups read but carried over to a later step are not in it (scored_reader.py, ScoredReader.ack_held).
     consumed_group_ids: list[str] = []
     # Admitted groups not yet read from `scored`: group id -> policy version at admission (written by the feeder,
-    # removed by the reader). The reader waits for the ones about to go stale (batching.py, "due" groups).
+    # removed by the reader). The reader waits for the ones about to go stale (scored_reader.py, "due" groups).
     admitted_unread: dict[str, int] = {}
     num_trained_groups: int = 0
     num_dropped_stale: int = 0

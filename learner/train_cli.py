@@ -2,38 +2,36 @@
 
     torchrun --nproc_per_node 2 -m learner.train_cli --config configs/debug/learner.toml
 
-(or `torchrun ... $(which longtrace) learner ...` once learner/cli.py calls `register_train`). Without
+(or `torchrun ... $(which longtrace) learner ...`: learner/cli.py registers the same command). Without
 torchrun it runs as a single rank. Heavy imports (torch, megatron, transformers) happen in the handler.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
-from typing import Any
+
+from common.cli import Logs, SubParsers, add_config, command, run_command
 
 
-def register_train(commands: argparse._SubParsersAction[Any], benches: argparse._SubParsersAction[Any]) -> None:
+def register_train(commands: SubParsers, benches: SubParsers) -> None:
     """Add `learner` (call from learner/cli.py's `register`)."""
-    parser = commands.add_parser(
+    parser = command(
+        commands,
         "learner",
+        _train,
+        overrides=True,
+        logs=Logs(ranked=True),
         help="train with GRPO + icepop from the scored stream (run under torchrun)",
         description="Config: TrainConfig (learner/train_config.py); override any field with --section.key value.",
     )
-    parser.add_argument("--config", default=None, help="TOML file with the TrainConfig sections")
-    parser.set_defaults(func=_train, overrides=True)
+    add_config(parser, "TOML file with the TrainConfig sections")
 
 
 def _train(args: argparse.Namespace) -> int:
     from common.config import load_config
-    from common.logs import setup_logging
     from learner.train_config import TrainConfig
 
     cfg = load_config(TrainConfig, args.config, args.overrides)
-    rank = os.environ.get("RANK", "0")
-    # Rank 0 logs at the configured level; the others only warnings and errors.
-    setup_logging(level=None if rank == "0" else "WARNING", prefix=f"[rank{rank}] ")
 
     from torch.distributed.elastic.multiprocessing.errors import record
 
@@ -45,19 +43,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry for `python -m learner.train_cli` (what torchrun launches when the CLI is not installed)."""
-    from common.config import ConfigError
-
-    parser = argparse.ArgumentParser(prog="learner")
-    commands = parser.add_subparsers(dest="command", required=True)
-    register_train(commands, commands)  # no benches here
-    args, rest = parser.parse_known_args(["learner", *(sys.argv[1:] if argv is None else argv)])
-    args.overrides = rest
-    try:
-        code = args.func(args)
-    except ConfigError as e:
-        print(f"learner: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    sys.exit(code)
+    run_command(register_train, ["learner"], argv)
 
 
 if __name__ == "__main__":

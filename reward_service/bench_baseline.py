@@ -91,14 +91,19 @@ async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-def main() -> None:
-    import uvicorn
+def main(argv: list[str] | None = None) -> None:
+    from common.cli import run_cli, standalone
 
-    parser = argparse.ArgumentParser()
+    def serve(args: argparse.Namespace) -> int:
+        import uvicorn
+
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+        return 0
+
+    parser = standalone("python -m reward_service.bench_baseline", serve, logs=None)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
-    args = parser.parse_args()
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    run_cli(parser, argv)
 
 
 if __name__ == "__main__":

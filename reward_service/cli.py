@@ -10,36 +10,43 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from common.cli import Logs, SubParsers, add_config, bench, check_positive, command
+from common.config import ConfigError
 
-def register(commands: argparse._SubParsersAction[Any], benches: argparse._SubParsersAction[Any]) -> None:
+
+def register(commands: SubParsers, benches: SubParsers) -> None:
     """Add this package's subcommands and benchmarks. Keep imports inside the handlers."""
     reward = commands.add_parser("reward", help="the rubric-reward service (HTTP API and stream worker)")
     sub = reward.add_subparsers(dest="reward_command", metavar="SUBCOMMAND", required=True)
 
-    serve = sub.add_parser(
+    serve = command(
+        sub,
         "serve",
+        _serve,
+        overrides=True,
+        logs=Logs(prefix="reward "),
         help="run the HTTP API (POST /evaluate, /v1/score, /v1/score_group; GET /health, /metrics)",
         epilog="Any config key can be overridden: --judge.kind llm --judge.base_url URL --eta 0.3 ...",
     )
-    serve.add_argument("--config", default=None, help="TOML file with a RewardConfig")
+    add_config(serve, "TOML file with a RewardConfig")
     serve.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=None, help="port (default 7248)")
-    serve.set_defaults(func=_serve, overrides=True)
 
-    worker = sub.add_parser(
+    worker = command(
+        sub,
         "worker",
+        _worker,
+        overrides=True,
+        logs=Logs(prefix="reward-worker "),
         help="consume `rollouts`, score groups, publish to `scored`",
         epilog="Any config key can be overridden: --broker.redis_url URL --worker.consumer NAME ...",
     )
-    worker.add_argument("--config", default=None, help="TOML file with a RewardConfig")
-    worker.set_defaults(func=_worker, overrides=True)
+    add_config(worker, "TOML file with a RewardConfig")
 
-    bench = benches.add_parser("reward", help="/evaluate throughput vs a naive reward server (rule judge)")
-    bench.add_argument("--json", action="store_true", help="print one JSON object")
-    bench.add_argument("--requests", type=int, default=384, help="timed requests per server")
-    bench.add_argument("--concurrency", type=int, default=32, help="requests in flight")
-    bench.add_argument("--clients", type=int, default=4, help="load-generator processes sharing the concurrency")
-    bench.set_defaults(func=_bench)
+    b = bench(benches, "reward", _bench, help="/evaluate throughput vs a naive reward server (rule judge)")
+    b.add_argument("--requests", type=int, default=384, help="timed requests per server")
+    b.add_argument("--concurrency", type=int, default=32, help="requests in flight")
+    b.add_argument("--clients", type=int, default=4, help="load-generator processes sharing the concurrency")
 
 
 def _config(args: argparse.Namespace, extra: list[str]) -> Any:
@@ -50,11 +57,8 @@ def _config(args: argparse.Namespace, extra: list[str]) -> Any:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from common.logs import setup_logging
-
     extra = (["--host", args.host] if args.host else []) + (["--port", str(args.port)] if args.port is not None else [])
     config = _config(args, extra)
-    setup_logging(json_lines=None, prefix="reward ")
 
     import signal
 
@@ -75,10 +79,7 @@ def _worker(args: argparse.Namespace) -> int:
     import asyncio
     import signal
 
-    from common.logs import setup_logging
-
     config = _config(args, [])
-    setup_logging(json_lines=None, prefix="reward-worker ")
 
     from broker.factory import connect
     from reward_service.judges import build_judge
@@ -104,4 +105,7 @@ def _worker(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from reward_service.bench import run_bench
 
+    check_positive(args, "requests", "concurrency", "clients")
+    if args.clients > args.concurrency:
+        raise ConfigError(f"--clients {args.clients} must be <= --concurrency {args.concurrency}")
     return run_bench(num_requests=args.requests, concurrency=args.concurrency, clients=args.clients, as_json=args.json)

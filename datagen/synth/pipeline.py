@@ -23,7 +23,8 @@ from typing import Any
 import msgspec
 
 from common.config import ConfigError
-from datagen.builder import Builder, BuildStats, Trajectory, correct_by_question
+from datagen.agent_logs import Trajectory
+from datagen.builder import Builder, BuildStats, correct_by_question
 from datagen.config import BuildConfig, SynthConfig
 from datagen.dataset import Row, write_jsonl, write_rows
 from datagen.docstore import Doc, MemoryDocs

@@ -6,7 +6,7 @@ import random
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from datagen.builder import Question
+from datagen.agent_logs import Question
 from datagen.docstore import Doc
 
 

@@ -19,14 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from pydantic import Field
 
-from common.config import ConfigError, load_config
+from common.config import load_config
 from deploy.launcher.sections import EvalSection
 from eval.config import EvalConfig
 
@@ -116,27 +115,27 @@ def run(cfg: EvalJobConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from common.logs import setup_logging
+    from common.cli import Logs, add_config, run_cli, standalone
 
-    parser = argparse.ArgumentParser(prog="python -m deploy.launcher.evaluate", description=__doc__)
-    parser.add_argument("--config", required=True, help="TOML file of an EvalJobConfig")
-    args, rest = parser.parse_known_args(argv)
-    try:
-        cfg = load_config(EvalJobConfig, args.config, rest)
-    except ConfigError as e:
-        print(f"evaluate: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    setup_logging(prefix="eval ")
-    result = run(cfg)
-    log.info(
-        "%s %s: accuracy %.3f rubric hits %.3f well-formed %.3f on %d questions",
-        cfg.phase,
-        cfg.when,
-        result["accuracy"],
-        result["rubric_hit_rate"],
-        result["well_formed_rate"],
-        result["num_questions"],
+    def evaluate(args: argparse.Namespace) -> int:
+        cfg = load_config(EvalJobConfig, args.config, args.overrides)
+        result = run(cfg)
+        log.info(
+            "%s %s: accuracy %.3f rubric hits %.3f well-formed %.3f on %d questions",
+            cfg.phase,
+            cfg.when,
+            result["accuracy"],
+            result["rubric_hit_rate"],
+            result["well_formed_rate"],
+            result["num_questions"],
+        )
+        return 0
+
+    parser = standalone(
+        "python -m deploy.launcher.evaluate", evaluate, overrides=True, logs=Logs(prefix="eval "), description=__doc__
     )
+    add_config(parser, "TOML file of an EvalJobConfig", required=True)
+    run_cli(parser, argv)
 
 
 if __name__ == "__main__":

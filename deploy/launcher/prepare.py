@@ -14,10 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 
-from common.config import ConfigError, load_config
+from common.config import load_config
 from deploy.launcher.sections import PrepareSection
 
 log = logging.getLogger(__name__)
@@ -62,20 +61,17 @@ def prepare_tiny_demo(cfg: PrepareSection, data_dir: Path, model_dir: Path) -> N
 
 
 def main(argv: list[str] | None = None) -> None:
-    from common.logs import setup_logging
+    from common.cli import Logs, add_config, run_cli, standalone
 
-    parser = argparse.ArgumentParser(prog="python -m deploy.launcher.prepare", description=__doc__)
-    parser.add_argument("--config", required=True, help="TOML file of the [prepare] section")
+    def prepare(args: argparse.Namespace) -> int:
+        prepare_tiny_demo(load_config(PrepareSection, args.config), Path(args.data_dir), Path(args.model_dir))
+        return 0
+
+    parser = standalone("python -m deploy.launcher.prepare", prepare, logs=Logs(prefix="prepare "), description=__doc__)
+    add_config(parser, "TOML file of the [prepare] section", required=True)
     parser.add_argument("--data-dir", required=True, help="where the datasets go")
     parser.add_argument("--model-dir", required=True, help="where the tiny model goes")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(PrepareSection, args.config)
-    except ConfigError as e:
-        print(f"prepare: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    setup_logging(prefix="prepare ")
-    prepare_tiny_demo(cfg, Path(args.data_dir), Path(args.model_dir))
+    run_cli(parser, argv)
 
 
 if __name__ == "__main__":

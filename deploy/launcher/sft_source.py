@@ -19,7 +19,6 @@ import argparse
 import json
 import logging
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
@@ -164,22 +163,26 @@ def run(cfg: SftSourceConfig, stop: threading.Event) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from common.logs import setup_logging
+    from common.cli import Logs, add_config, run_cli, standalone
 
-    parser = argparse.ArgumentParser(prog="python -m deploy.launcher.sft_source", description=__doc__)
-    parser.add_argument("--config", help="TOML file of an SftSourceConfig")
-    args, rest = parser.parse_known_args(argv)
-    try:
-        cfg = load_config(SftSourceConfig, args.config, rest)
-    except ConfigError as e:
-        print(f"sft_source: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    setup_logging(prefix="sft-source ")
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    n = run(cfg, stop)
-    log.info("done: %d demonstrations published", n)
+    def source(args: argparse.Namespace) -> int:
+        cfg = load_config(SftSourceConfig, args.config, args.overrides)
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        n = run(cfg, stop)
+        log.info("done: %d demonstrations published", n)
+        return 0
+
+    parser = standalone(
+        "python -m deploy.launcher.sft_source",
+        source,
+        overrides=True,
+        logs=Logs(prefix="sft-source "),
+        description=__doc__,
+    )
+    add_config(parser, "TOML file of an SftSourceConfig")
+    run_cli(parser, argv)
 
 
 if __name__ == "__main__":

@@ -121,7 +121,7 @@ class Launcher:
 
         if self.redis_url:
             from broker.base import BrokerError
-            from broker.redis_streams import RedisBroker
+            from broker.redis import RedisBroker
             from broker.settings import BrokerRetryConfig
 
             for name in self.cfg.phases:
@@ -133,7 +133,7 @@ class Launcher:
                     raise ConfigError(f"--redis.url: {e}") from e
                 try:
                     # Group ids are deduplicated per namespace for days: a reused namespace would publish nothing.
-                    used = next(broker.client.scan_iter(match=broker.key("*"), count=1000), None) is not None
+                    used = broker.holds_keys()
                 finally:
                     broker.close()
                 if used:

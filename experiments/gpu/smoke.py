@@ -8,6 +8,8 @@ torchrun on CUDA with NCCL for a few GRPO steps, pushing its weights to the engi
 step. It prints ONE JSON line: the device, versions, per-step loss / reward / importance ratio / weight-sync
 timings, and the checks that passed or failed (exit 0 only when all passed).
 
+This module runs the processes and checks the outcome; experiments/gpu/smoke_inputs.py writes what they run on.
+
 One GPU holds the learner and the engine. NCCL refuses two ranks of one communicator on the same GPU of the
 same host ("Duplicate GPU detected"), so each process gets its own NCCL_HOSTID: NCCL then treats them as
 different hosts and uses its socket transport over loopback, which is what weight sync between nodes does
@@ -35,13 +37,10 @@ from typing import Any
 
 import httpx
 
+from experiments.gpu.smoke_inputs import RUN_ID, learner_toml, write_inputs
+
 REPO = Path(__file__).resolve().parents[2]
-RUN_ID = "smoke"
 SKIPPED = 3
-WORDS = (
-    "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa "
-    "quebec romeo sierra tango uniform victor whiskey xray yankee zulu red green blue north south east west"
-).split()
 
 
 class SmokeFailed(RuntimeError):
@@ -104,86 +103,6 @@ def cuda_status() -> tuple[bool, str]:
     return False, f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU (check CUDA_VISIBLE_DEVICES)"
 
 
-def write_inputs(work: Path, args: argparse.Namespace) -> tuple[Path, Path, list[int]]:
-    """A tiny word-level Qwen3, a dataset whose labels are words the untrained model emits by chance, and the
-    model's stop ids (Qwen3's 151643/151645 lie outside the tiny vocabulary)."""
-    import random
-
-    from transformers import AutoTokenizer
-
-    from datagen.dataset import make_row, write_rows
-    from rollout_server.models import init_tiny_model
-
-    model = init_tiny_model(
-        work / "model",
-        hidden_size=args.hidden_size,
-        num_layers=args.num_layers,
-        vocab_size=1,
-        word_vocab=WORDS,
-        num_heads=4,
-        num_kv_heads=2,
-        max_position_embeddings=1024,
-    )
-    rng = random.Random(0)
-    rows = []
-    for i in range(64):
-        docs = " ".join(rng.choices(WORDS, k=24))
-        label = rng.choice(WORDS[:6])  # six labels: some samples of a group match, some do not
-        rows.append(make_row(f"documents {docs} question {label}", label, f"q{i}", [label], "smoke"))
-    write_rows(work / "data.jsonl", rows)
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    stop_ids = []
-    for token in ("<|im_end|>", "<|endoftext|>"):
-        token_id = tokenizer.convert_tokens_to_ids(token)
-        assert isinstance(token_id, int), (token, token_id)
-        stop_ids.append(token_id)
-    return model, work / "data.jsonl", stop_ids
-
-
-def learner_toml(
-    work: Path, model: Path, data: Path, redis_url: str, engine_url: str, args: argparse.Namespace
-) -> Path:
-    backend = "gloo" if args.cpu else "nccl"
-    dtype = "fp32" if args.cpu else args.dtype
-    text = f"""run_dir = "{work / "run"}"
-max_steps = {args.steps}
-[model]
-hf_path = "{model}"
-tp_size = {args.learner_ranks}
-dtype = "{dtype}"
-dist_timeout_s = 120
-[broker]
-redis_url = "{redis_url}"
-run_id = "{RUN_ID}"
-[data]
-dataset_path = "{data}"
-groups_per_step = 4
-num_samples = 4
-max_staleness = 1
-max_new_tokens = {args.max_new_tokens}
-max_total_tokens = 512
-[batch]
-max_tokens_per_micro_batch = 1024
-read_block_s = 0.5
-batch_timeout_s = {args.timeout_s}
-[optim]
-lr = 1e-4
-[checkpoint]
-interval_steps = {args.steps}
-[weight_sync]
-type = "distributed"
-backend = "{backend}"
-engine_urls = ["{engine_url}"]
-use_registry = false
-master_address = "127.0.0.1"
-init_timeout_s = 60
-broadcast_timeout_s = 60
-"""
-    path = work / "learner.toml"
-    path.write_text(text)
-    return path
-
-
 def wait_for(what: str, predicate: Any, procs: Procs, deadline: float) -> None:
     while not predicate():
         procs.check_alive()
@@ -212,7 +131,7 @@ def run_smoke(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     device = "cpu" if args.cpu else "cuda"
     info: dict[str, Any] = {"device": "cpu" if args.cpu else torch.cuda.get_device_name(0), "torch": torch.__version__}
     if not args.cpu:
-        info |= {"cuda": torch.version.cuda, "nccl": ".".join(map(str, torch.cuda.nccl.version()))}  # type: ignore[no-untyped-call]
+        info |= {"cuda": torch.version.cuda, "nccl": ".".join(map(str, torch.cuda.nccl.version()))}  # type: ignore[no-untyped-call]  # torch leaves it unannotated
     model, data, stop_ids = write_inputs(work, args)
     logs = work / "logs"
     logs.mkdir()
@@ -386,30 +305,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--learner-rank-entry"]:
-        learner_rank_entry(argv[1:])
+    from common.cli import guarded
+
+    words = sys.argv[1:] if argv is None else argv
+    if words[:1] == ["--learner-rank-entry"]:
+        learner_rank_entry(words[1:])
         return 0
-    args = parse_args(argv)
-    if not args.cpu:
-        usable, reason = cuda_status()
-        if not usable:
-            print(f"smoke: skipped: no CUDA device: {reason}", file=sys.stderr)
-            print(json.dumps({"ok": False, "status": "skipped", "reason": f"no CUDA device: {reason}"}), flush=True)
-            return SKIPPED
-    work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="longtrace-smoke-"))
-    work.mkdir(parents=True, exist_ok=True)
-    try:
-        result = run_smoke(args, work)
-    except (SmokeFailed, httpx.HTTPError) as e:
-        result = {"ok": False, "status": "failed", "error": str(e), "work_dir": str(work)}
-    else:
-        if not args.work_dir and result["ok"]:
-            shutil.rmtree(work, ignore_errors=True)
+
+    def smoke() -> int:
+        args = parse_args(words)
+        if not args.cpu:
+            usable, reason = cuda_status()
+            if not usable:
+                print(f"smoke: skipped: no CUDA device: {reason}", file=sys.stderr)
+                print(json.dumps({"ok": False, "status": "skipped", "reason": f"no CUDA device: {reason}"}), flush=True)
+                return SKIPPED
+        work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="longtrace-smoke-"))
+        work.mkdir(parents=True, exist_ok=True)
+        try:
+            result = run_smoke(args, work)
+        except (SmokeFailed, httpx.HTTPError) as e:
+            result = {"ok": False, "status": "failed", "error": str(e), "work_dir": str(work)}
         else:
-            result["work_dir"] = str(work)
-    print(json.dumps(result), flush=True)
-    return 0 if result["ok"] else 1
+            if not args.work_dir and result["ok"]:
+                shutil.rmtree(work, ignore_errors=True)
+            else:
+                result["work_dir"] = str(work)
+        print(json.dumps(result), flush=True)
+        return 0 if result["ok"] else 1
+
+    return guarded("smoke", smoke)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,11 @@ from megatron.core.transformer.module import MegatronModule
 
 from learner import compat  # noqa: F401  (before megatron: CPU redirections when CUDA is absent)
 
+if TYPE_CHECKING:
+    from megatron.core.packed_seq_params import PackedSeqParams
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
 
 class SDPAttention(MegatronModule):  # type: ignore[misc]  # megatron is untyped
     """Causal (or explicitly masked) softmax attention: q `[sq, b, heads, d]`, k/v `[sk, b, groups, d]` in,
@@ -27,14 +32,14 @@ class SDPAttention(MegatronModule):  # type: ignore[misc]  # megatron is untyped
 
     def __init__(
         self,
-        config: Any,
+        config: TransformerConfig,
         layer_number: int,
         attn_mask_type: AttnMaskType,
         attention_type: str,
         attention_dropout: float | None = None,
         softmax_scale: float | None = None,
         cp_comm_type: str | None = None,
-        pg_collection: Any = None,
+        pg_collection: ProcessGroupCollection | None = None,
     ) -> None:
         super().__init__(config=config)
         if config.context_parallel_size > 1:
@@ -51,7 +56,7 @@ class SDPAttention(MegatronModule):  # type: ignore[misc]  # megatron is untyped
         attention_mask: torch.Tensor | None,
         attn_mask_type: AttnMaskType | None = None,
         attention_bias: torch.Tensor | None = None,
-        packed_seq_params: Any = None,
+        packed_seq_params: PackedSeqParams | None = None,
     ) -> torch.Tensor:
         if packed_seq_params is not None or attention_bias is not None:
             raise ValueError("SDPAttention supports neither packed sequences nor attention bias")

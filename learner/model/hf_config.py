@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,7 @@ from learner.config import LearnerModelConfig
 
 if TYPE_CHECKING:
     from megatron.core.transformer.transformer_config import TransformerConfig
+    from transformers import PretrainedConfig
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "llama")
 
@@ -42,7 +43,7 @@ class HFArch:
     init_std: float
 
 
-def _rope(hf: Any) -> tuple[float, str]:
+def _rope(hf: PretrainedConfig) -> tuple[float, str]:
     # transformers >= 5 keeps RoPE settings in `rope_parameters`; older configs in rope_theta/rope_scaling.
     params = getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {}
     theta = params.get("rope_theta", getattr(hf, "rope_theta", 10000.0))
@@ -50,7 +51,7 @@ def _rope(hf: Any) -> tuple[float, str]:
     return float(theta), str(rope_type)
 
 
-def read_hf_arch(hf: Any) -> HFArch:
+def read_hf_arch(hf: PretrainedConfig) -> HFArch:
     """Validate a transformers PretrainedConfig and extract its architecture; ValueError if unsupported."""
     model_type = hf.model_type
     if model_type not in SUPPORTED_MODEL_TYPES:

@@ -11,7 +11,7 @@ import json
 import logging
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import Protocol
 
 import torch
 from megatron.core import parallel_state
@@ -25,6 +25,12 @@ from learner.model.hf_config import HFArch
 logger = logging.getLogger(__name__)
 
 INDEX_FILE = "model.safetensors.index.json"
+
+
+class _TensorFile(Protocol):
+    """An open safetensors file (safetensors' `safe_open`, whose methods are unannotated)."""
+
+    def get_tensor(self, name: str) -> torch.Tensor: ...
 
 
 def weight_files(hf_path: str | Path) -> dict[str, Path]:
@@ -68,7 +74,7 @@ def load_hf_weights(model: torch.nn.Module, hf_path: str | Path, arch: HFArch) -
         raise ValueError(f"{hf_path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
     params = dict(gpt.named_parameters())
     with ExitStack() as stack:
-        handles: dict[Path, Any] = {}
+        handles: dict[Path, _TensorFile] = {}
 
         def read(name: str) -> torch.Tensor:
             from safetensors import safe_open
@@ -76,7 +82,7 @@ def load_hf_weights(model: torch.nn.Module, hf_path: str | Path, arch: HFArch) -
             path = files[name]
             if path not in handles:
                 handles[path] = stack.enter_context(safe_open(str(path), framework="pt"))
-            return handles[path].get_tensor(name)  # type: ignore[no-any-return]
+            return handles[path].get_tensor(name)
 
         for name, mapping in maps.items():
             local = mapping.to_local([read(n) for n in mapping.hf_names], tp_rank, tp_size)

@@ -2,23 +2,53 @@
 
 `distributed` broadcasts HF-named buckets over a process group shared with the engines (NCCL on GPU,
 gloo on CPU; SGLang's `/update_weights_from_distributed`); `disk` writes an HF export and has every engine
-load it (`/update_weights_from_disk`); `none` pushes nothing and only bumps the policy-version key.
+load it (`/update_weights_from_disk`); `none` pushes nothing and only advances the policy version.
 TOML: `[weight_sync]` with `type = "distributed"`; CLI: `--weight_sync.type disk --weight_sync.export_dir d`.
 Imports nothing heavy.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
 from common.config import BaseConfig
+from common.retry import RetryConfig, move_retry_keys
+
+
+class HttpRetryConfig(RetryConfig):
+    """RetryConfig of an idempotent control call (pause, flush, version, continue, health, server info) whose
+    connection failed (`[weight_sync.http_retry]`); refusals and timeouts are not retried."""
+
+    max_attempts: int = Field(3, ge=1)
+    """Tries in all, the first included (1: never retried)."""
+    base_s: float = Field(0.2, ge=0)
+    """The first retry waits up to this long (full jitter, doubling per retry)."""
+    max_backoff_s: float = Field(2.0, ge=0)
+    """Cap of one backoff wait."""
+    deadline_s: float = Field(90.0, gt=0)
+    """No retry starts after this long since the first try; raised to 3 x `http_timeout_s` when that is longer."""
+
+
+class PushRetryConfig(RetryConfig):
+    """RetryConfig of one push's attempts (`[weight_sync.push_retry]`, distributed backend): after a failed attempt
+    dead engines are dropped and the group is rebuilt with the survivors, which get everything again, so none
+    keeps a partial update."""
+
+    max_attempts: int = Field(2, ge=1)
+    """Attempts of one push, the first included."""
+    base_s: float = Field(0.0, ge=0)
+    """Wait before the second attempt (full jitter, doubling per attempt); 0: retry at once."""
+    max_backoff_s: float = Field(0.0, ge=0)
+    """Cap of one wait between attempts."""
+    deadline_s: float = Field(3600.0, gt=0)
+    """No attempt starts after this long since the push paused the engines."""
 
 
 class NoSyncConfig(BaseConfig):
     type: Literal["none"] = "none"
-    """Push nothing: after each step the policy version (learner state and broker key) becomes the step."""
+    """Push nothing: after each push step the policy version (learner state and broker key) becomes the step."""
 
 
 class _EngineSyncConfig(BaseConfig):
@@ -32,8 +62,9 @@ class _EngineSyncConfig(BaseConfig):
     """Also push to the engines registered in the broker's engine registry (read at every push)."""
     http_timeout_s: float = Field(30.0, gt=0)
     """Timeout of one control call (pause, flush, version, continue, health, server info)."""
-    http_attempts: int = Field(3, ge=1)
-    """Attempts of an idempotent control call on a connection error, with jittered backoff."""
+    http_retry: HttpRetryConfig = Field(default_factory=HttpRetryConfig)
+    """Retries of an idempotent control call on a connection error (3 attempts, 0.2 s first backoff, 2 s cap). Was
+    `http_attempts`; still read, with a warning."""
     pause_mode: Literal["abort", "retract", "in_place"] = "abort"
     """`/pause_generation` mode: abort returns partial outputs (the rollout workers resubmit them), retract
     requeues requests and recomputes their KV after the update, in_place keeps the (stale) KV cache."""
@@ -52,6 +83,11 @@ class _EngineSyncConfig(BaseConfig):
     """Complete exports kept in `export_dir`; older ones are deleted after a new one is written."""
     max_consecutive_failures: int = Field(3, ge=1)
     """Raise after this many consecutive pushes in which engines existed but none received the weights."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_http_retry_keys(cls, data: Any) -> Any:
+        return move_retry_keys(data, "weight_sync", {"http_attempts": ("max_attempts", 0)}, table="http_retry")
 
 
 class DistributedSyncConfig(_EngineSyncConfig):
@@ -73,9 +109,15 @@ class DistributedSyncConfig(_EngineSyncConfig):
     """Deadline of building the group with the engines (rendezvous and connect)."""
     broadcast_timeout_s: float = Field(300.0, gt=0)
     """Deadline of one bucket's broadcasts (a broadcast has no timeout of its own: it runs on a guarded thread)."""
-    max_attempts: int = Field(2, ge=1)
-    """Attempts of one push; after a failed attempt dead engines are dropped and the group is rebuilt with the
-    survivors, so they never keep a partial update."""
+    push_retry: PushRetryConfig = Field(default_factory=PushRetryConfig)
+    """Attempts of one push (2, no wait between them); after a failed attempt dead engines are dropped and the group
+    is rebuilt with the survivors, so they never keep a partial update. Was `max_attempts`; still read, with a
+    warning."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_push_retry_keys(cls, data: Any) -> Any:
+        return move_retry_keys(data, "weight_sync", {"max_attempts": ("max_attempts", 0)}, table="push_retry")
 
     @property
     def update_timeout_s(self) -> float:

@@ -1,7 +1,8 @@
 """The `distributed` backend: the learner broadcasts HF-named buckets to the engines over NCCL (gloo on CPU),
 through SGLang's `/update_weights_from_distributed`, the way slime does.
 
-One push (a collective over the learner's ranks; the coordinator is global rank 0):
+One transfer (a collective over the learner's ranks; the coordinator is global rank 0; the push around it, with
+the policy version and the failure count, is the base class's, base.py):
  1. (with `export_dir`) every rank writes the HF export late engines load (disk.py).
  2. Coordinator: list the engines (registry + static URLs), pause them (`pause_mode`, default abort: the
     rollout workers resubmit the partial outputs), flush their KV caches (retried while they answer 400).
@@ -11,9 +12,9 @@ One push (a collective over the learner's ranks; the coordinator is global rank 
     time): rebuild the group when the engine set changed, then for each bucket of <= `bucket_mb` post the
     update to every engine without waiting, broadcast, await the replies.
  4. Coordinator: on a failed attempt, drop the engines that are dead or refused, rebuild with the survivors
-    and send everything again (`max_attempts`), so no survivor keeps a partial update. Then set the new
-    version on the updated engines (`/update_weight_version`, abort_all_requests false) and in the broker's
-    policy-version key, and continue generation on them.
+    and send everything again (`push_retry`), so no survivor keeps a partial update. Then name the new
+    version on the updated engines (`/update_weight_version`, abort_all_requests false) and continue
+    generation on them.
 Engines in a known state after a failure: dead ones are dropped (the group is rebuilt without them at the
 next push); engines that never received a tensor are resumed with their previous weights and version;
 engines left with a partial update after the last attempt stay paused (they must not serve mixed weights)
@@ -31,13 +32,14 @@ from typing import Any
 import torch
 
 from broker.base import Broker
-from learner.weight_sync.base import PushReport, WeightSync, WeightSyncError
+from common.retry import RetryPolicy
+from learner.state import LearnerState
+from learner.weight_sync.base import Transfer, WeightSync
 from learner.weight_sync.config import DistributedSyncConfig
 from learner.weight_sync.disk import write_export
-from learner.weight_sync.fleet import Fleet
+from learner.weight_sync.fleet import Fleet, control_client
 from learner.weight_sync.group import EngineRef, GroupFailed, StageGroup
 from learner.weight_sync.sources import WeightSource
-from weights.engine_client import EngineClient
 
 logger = logging.getLogger(__name__)
 
@@ -84,98 +86,82 @@ class DistributedWeightSync(WeightSync):
         cfg: DistributedSyncConfig,
         source: WeightSource,
         broker: Broker | None = None,
-        initial_version: int = 0,
+        state: LearnerState | None = None,
     ) -> None:
         """Construct on every learner rank; `broker` is used on the coordinator only (may be None: static URLs)."""
+        super().__init__(source, state, broker, cfg.every_k_steps, cfg.max_consecutive_failures)
         self.cfg = cfg
-        self.every_k_steps = cfg.every_k_steps
-        self.source = source
         talks = source.is_coordinator or source.is_stage_leader
-        self.client = EngineClient(cfg.http_timeout_s, cfg.http_attempts, cfg.control_token_env) if talks else None
+        self.client = control_client(cfg) if talks else None
         self.fleet = Fleet(cfg, self.client, broker) if source.is_coordinator and self.client else None
         self.group = StageGroup(cfg, self.client, source.pp_rank) if source.is_stage_leader and self.client else None
-        self.version = initial_version
-        self._failures = 0
 
-    # ------------------------------------------------------------------ the push (every rank)
+    # ------------------------------------------------------------------ the transfer (every rank)
 
-    def push(self, version: int, model: Any) -> PushReport:
-        t0 = time.monotonic()
-        report = PushReport(version=self.version)
+    def _transfer(self, policy_version: int, model: Any) -> Transfer:
+        t = Transfer()
         if self.cfg.export_dir:
-            report.exported_to = str(
-                write_export(self.source, model, self.cfg.export_dir, version, self.cfg.export_keep_last)
+            t.exported_to = str(
+                write_export(self.source, model, self.cfg.export_dir, policy_version, self.cfg.export_keep_last)
             )
         intact: list[EngineRef] = []  # paused or failed before any tensor was sent: resume as they are
         t_pause = time.monotonic()
-        engines = self._prepare(report, intact) if self.fleet is not None else []
+        engines = self._prepare(t, intact) if self.fleet is not None else []
         engines = self.source.broadcast_object(engines)
         updated: list[EngineRef] = []
+        retry = self.cfg.push_retry.policy()
         while engines:
-            report.attempts += 1
+            t.attempts += 1
             result = self._send_stages(engines, model)
             results = [r for r in self.source.gather_object(result) if r is not None]
-            verdict = self._judge(report, engines, results) if self.fleet is not None else None
+            verdict = self._judge(t, engines, results, retry, t_pause) if self.fleet is not None else None
             verdict = self.source.broadcast_object(verdict)
             if not verdict.retry:
                 updated = verdict.engines
                 break
             engines = verdict.engines
         if self.fleet is not None:
-            self._finish(report, version, updated, intact, t_pause)
-            report.total_s = time.monotonic() - t0
-        report = self._share(report)
-        self.version = report.version
-        self._count_failure(report)
-        return report
-
-    def _count_failure(self, report: PushReport) -> None:
-        if report.ok:
-            self._failures = 0
-            return
-        self._failures += 1
-        if self._failures >= self.cfg.max_consecutive_failures:
-            raise WeightSyncError(
-                f"{self._failures} consecutive weight pushes reached no engine (--weight_sync.max_consecutive_failures)"
-                f": {report.failed}"
-            )
+            self._finish(t, policy_version, updated, intact, t_pause)
+        return t
 
     # ------------------------------------------------------------------ coordinator steps
 
-    def _prepare(self, report: PushReport, intact: list[EngineRef]) -> list[EngineRef]:
+    def _prepare(self, t: Transfer, intact: list[EngineRef]) -> list[EngineRef]:
         """Discover, pause and flush; return the engines ready to receive."""
         assert self.fleet is not None
-        engines, report.failed = self.fleet.discover()
-        report.num_engines = len(engines)
+        engines, t.failed = self.fleet.discover()
+        t.num_engines = len(engines)
         if not engines:
             logger.warning("weight sync: no live engines; nothing pushed")
             return []
         errors = self.fleet.pause(engines)
         errors |= self.fleet.flush([e for e in engines if e.url not in errors])
         for url, why in errors.items():
-            report.failed[url] = f"not updated (pause/flush failed, previous weights kept): {why}"
+            t.failed[url] = f"not updated (pause/flush failed, previous weights kept): {why}"
         intact.extend(e for e in engines if e.url in errors)
         return [e for e in engines if e.url not in errors]
 
-    def _judge(self, report: PushReport, engines: list[EngineRef], results: list[StageResult]) -> _Attempt:
+    def _judge(
+        self, t: Transfer, engines: list[EngineRef], results: list[StageResult], retry: RetryPolicy, t_start: float
+    ) -> _Attempt:
         assert self.fleet is not None
-        report.bytes += sum(r.bytes for r in results)
-        report.buckets += sum(r.buckets for r in results)
-        report.transfer_s += sum(r.transfer_s for r in results)
-        report.group_rebuilds += sum(r.rebuilt for r in results)
+        t.bytes += sum(r.bytes for r in results)
+        t.buckets += sum(r.buckets for r in results)
+        t.transfer_s += sum(r.transfer_s for r in results)
+        t.group_rebuilds += sum(r.rebuilt for r in results)
         failed = [r for r in results if r.error]
         if not failed:
             return _Attempt(retry=False, engines=engines)
         culprits: dict[str, str] = {}
         for r in failed:
-            logger.warning("weight sync attempt %d, stage %d failed: %s", report.attempts, r.stage, r.error)
+            logger.warning("weight sync attempt %d, stage %d failed: %s", t.attempts, r.stage, r.error)
             culprits |= r.culprits
         alive = self.fleet.healthy(list(culprits))
         for url, why in culprits.items():
             if url in alive:
-                report.failed[url] = f"refused the update (left paused with a partial update): {why}"
+                t.failed[url] = f"refused the update (left paused with a partial update): {why}"
             else:
-                report.failed[url] = f"dead (dropped until it is live again): {why}"
+                t.failed[url] = f"dead (dropped until it is live again): {why}"
                 self.fleet.forget(url)
         survivors = [e for e in engines if e.url not in culprits]
         if not culprits:  # a broadcast failed or timed out with nobody to blame: retry the healthy ones
@@ -183,42 +169,27 @@ class DistributedWeightSync(WeightSync):
             survivors = [e for e in engines if e.url in healthy]
             for e in engines:
                 if e.url not in healthy:
-                    report.failed[e.url] = f"dead (dropped until it is live again): {failed[0].error}"
-        if survivors and report.attempts < self.cfg.max_attempts:
+                    t.failed[e.url] = f"dead (dropped until it is live again): {failed[0].error}"
+        wait_s = retry.backoff_s(t.attempts)
+        if survivors and t.attempts < retry.max_attempts and time.monotonic() - t_start + wait_s <= retry.deadline_s:
+            time.sleep(wait_s)
             return _Attempt(retry=True, engines=survivors)
         for e in survivors:
-            report.failed[e.url] = (
-                f"update incomplete after {report.attempts} attempts (left paused): {failed[0].error}"
-            )
+            t.failed[e.url] = f"update incomplete after {t.attempts} attempts (left paused): {failed[0].error}"
         return _Attempt(retry=False, engines=[])
 
     def _finish(
-        self,
-        report: PushReport,
-        version: int,
-        updated: list[EngineRef],
-        intact: list[EngineRef],
-        t_pause: float,
+        self, t: Transfer, policy_version: int, updated: list[EngineRef], intact: list[EngineRef], t_pause: float
     ) -> None:
+        """Name the new version on the updated engines, resume them and the intact ones."""
         assert self.fleet is not None
-        errors = self.fleet.set_version(updated, version)
+        errors = self.fleet.set_version(updated, policy_version)
         for url, why in errors.items():
-            report.failed[url] = f"weights updated but the version was not set (left paused): {why}"
+            t.failed[url] = f"weights updated but the version was not set (left paused): {why}"
         ready = [e for e in updated if e.url not in errors]
-        report.failed |= {url: f"resume failed: {why}" for url, why in self.fleet.resume(ready + intact).items()}
-        report.pause_to_continue_s = time.monotonic() - t_pause if report.num_engines else 0.0
-        report.updated = [e.url for e in ready]
-        if ready or report.exported_to:
-            self.fleet.publish_version(version)
-            report.version = version
-        report.ok = bool(ready) or report.num_engines == 0
-        for url, why in report.failed.items():
-            logger.error("weight sync v%d: engine %s: %s", version, url, why)
-        logger.info(
-            "weight sync v%d: %d/%d engines, %.1f MB in %.2fs (%.2f GB/s), paused %.2fs, %d attempt(s)",
-            version, len(ready), report.num_engines, report.bytes / 1e6, report.transfer_s, report.gb_per_s,
-            report.pause_to_continue_s, report.attempts,
-        )  # fmt: skip
+        t.failed |= {url: f"resume failed: {why}" for url, why in self.fleet.resume(ready + intact).items()}
+        t.pause_to_continue_s = time.monotonic() - t_pause if t.num_engines else 0.0
+        t.updated = [e.url for e in ready]
 
     # ------------------------------------------------------------------ stages (every rank)
 
@@ -255,11 +226,6 @@ class DistributedWeightSync(WeightSync):
             for _ in tensors:  # the stage's other ranks are still gathering: finish the iterator with them
                 pass
         return res
-
-    def _share(self, report: PushReport) -> PushReport:
-        """The coordinator's report on every rank."""
-        shared: PushReport = self.source.broadcast_object(report)
-        return shared
 
     def close(self) -> None:
         if self.group is not None:

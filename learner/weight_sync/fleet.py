@@ -11,11 +11,24 @@ import logging
 from collections.abc import Sequence
 
 from broker.base import Broker
-from learner.weight_sync.config import EngineSyncConfig
+from learner.weight_sync.config import EngineSyncConfig, HttpRetryConfig
 from learner.weight_sync.group import EngineRef
 from weights.engine_client import EngineCallError, EngineClient
+from weights.version import format_weight_version
 
 logger = logging.getLogger(__name__)
+
+
+def control_client(cfg: EngineSyncConfig) -> EngineClient:
+    """The HTTP client of the engines' control endpoints, retrying idempotent calls `http_retry.max_attempts` times.
+
+    weights.engine_client.EngineClient takes the attempts alone (0.2 s first backoff, 2 s cap, a deadline of
+    3 x http_timeout_s): the other `http_retry` settings are warned about when changed."""
+    retry, defaults = cfg.http_retry, HttpRetryConfig()
+    changed = [k for k in ("base_s", "max_backoff_s", "deadline_s") if getattr(retry, k) != getattr(defaults, k)]
+    if changed:
+        logger.warning("--weight_sync.http_retry.%s has no effect yet (only max_attempts does)", ", ".join(changed))
+    return EngineClient(cfg.http_timeout_s, retry.max_attempts, cfg.control_token_env)
 
 
 class Fleet:
@@ -74,24 +87,23 @@ class Fleet:
         )
         return errors
 
-    def set_version(self, engines: Sequence[EngineRef], version: int) -> dict[str, str]:
+    def set_version(self, engines: Sequence[EngineRef], policy_version: int) -> dict[str, str]:
+        """Name the new weights on the engines (SGLang's /update_weight_version)."""
+        weight_version = format_weight_version(policy_version)
         _, errors = self.client.for_all(
-            [e.url for e in engines],
-            lambda url: self.client.set_version(url, str(version)),
-            self.cfg.http_timeout_s * self.cfg.http_attempts + 5,
+            [e.url for e in engines], lambda url: self.client.set_version(url, weight_version), self._idempotent_s
         )
         return errors
 
     def resume(self, engines: Sequence[EngineRef]) -> dict[str, str]:
-        _, errors = self.client.for_all(
-            [e.url for e in engines], self.client.resume, self.cfg.http_timeout_s * self.cfg.http_attempts + 5
-        )
+        _, errors = self.client.for_all([e.url for e in engines], self.client.resume, self._idempotent_s)
         return errors
+
+    @property
+    def _idempotent_s(self) -> float:
+        """How long an idempotent call may take with its retries."""
+        return self.cfg.http_timeout_s * self.cfg.http_retry.max_attempts + 5
 
     def healthy(self, urls: Sequence[str]) -> set[str]:
         results, _ = self.client.for_all(urls, self.client.healthy, self.cfg.http_timeout_s + 5)
         return {url for url, ok in results.items() if ok}
-
-    def publish_version(self, version: int) -> None:
-        if self.broker is not None:
-            self.broker.policy_version.set(version)

@@ -23,6 +23,8 @@ from starlette.exceptions import HTTPException
 
 from rollout_server.engine.engine import ClientDisconnected, Engine
 from rollout_server.engine.guard import Guard, SafeJSONResponse, error_response
+from rollout_server.engine.info import model_info as engine_model_info
+from rollout_server.engine.info import server_info as engine_server_info
 from rollout_server.engine.protocol import (
     AbortReq,
     ContinueGenerationReqInput,
@@ -92,12 +94,12 @@ def build_app(engine: Engine) -> FastAPI:
     @app.get("/get_model_info")
     @app.get("/model_info")
     async def model_info() -> dict[str, Any]:
-        return engine.model_info()
+        return engine_model_info(engine)
 
     @app.get("/get_server_info")
     @app.get("/server_info")
     async def server_info() -> dict[str, Any]:
-        return await engine.server_info()
+        return await engine_server_info(engine)
 
     @app.get("/get_weight_version")
     @app.get("/weight_version")
@@ -174,32 +176,25 @@ def build_app(engine: Engine) -> FastAPI:
 
     @app.post("/update_weight_version")
     async def update_weight_version(obj: UpdateWeightVersionReqInput) -> JSONResponse:
-        await engine.update_weight_version(obj.new_version, obj.abort_all_requests)
+        await engine.weights.update_weight_version(obj.new_version, obj.abort_all_requests)
         return _result(True, f"Weight version updated to {obj.new_version}", new_version=obj.new_version)
 
     @app.post("/init_weights_update_group")
     async def init_weights_update_group(obj: InitWeightsUpdateGroupReqInput) -> JSONResponse:
-        return _result(*await engine.init_weights_update_group(obj))
+        return _result(*await engine.weights.init_group(obj))
 
     @app.post("/destroy_weights_update_group")
     async def destroy_weights_update_group(obj: DestroyWeightsUpdateGroupReqInput | None = Body(None)) -> JSONResponse:
         name = (obj or DestroyWeightsUpdateGroupReqInput()).group_name
-        return _result(*await engine.destroy_weights_update_group(name))
+        return _result(*await engine.weights.destroy_group(name))
 
     @app.post("/update_weights_from_distributed")
     async def update_weights_from_distributed(obj: UpdateWeightsFromDistributedReqInput) -> JSONResponse:
-        ok, message = await engine.update_weights_from_distributed(obj)
-        if ok and obj.weight_version is not None:
-            engine.weight_version = obj.weight_version
-            message += f" Weight version updated to {obj.weight_version}."
-        return _result(ok, message)
+        return _result(*await engine.weights.from_distributed(obj))
 
     @app.post("/update_weights_from_disk")
     async def update_weights_from_disk(obj: UpdateWeightFromDiskReqInput) -> JSONResponse:
-        ok, message, num_paused = await engine.update_weights_from_disk(obj)
-        if ok and obj.weight_version is not None:
-            engine.weight_version = obj.weight_version
-            message += f" Weight version updated to {obj.weight_version}."
+        ok, message, num_paused = await engine.weights.from_disk(obj)
         return _result(ok, message, num_paused_requests=num_paused)
 
     add_openai_routes(app, engine)

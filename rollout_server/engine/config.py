@@ -36,7 +36,9 @@ class EngineConfig(BaseConfig):
     max_prefill_tokens: int = Field(8192, ge=1)
     """Padded prompt tokens per prefill forward (a longer single prompt still runs alone)."""
     weight_version: str = "default"
-    """Initial weight version string (SGLang's --weight-version)."""
+    """Initial weight version string (SGLang's --weight-version). Any string, as SGLang takes it; the registry and
+    the rollout workers read it as a policy version (weights/version.py): "default" (the start-up weights, policy
+    version 0) or ASCII digits, e.g. "7" when starting from the export of version 7."""
     return_original_logprob: bool = False
     """Return log_softmax(logits) without temperature scaling (SGLang's SGLANG_RETURN_ORIGINAL_LOGPROB)."""
     api_key_env: str = "LONGTRACE_ENGINE_API_KEY"

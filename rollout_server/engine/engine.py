@@ -2,8 +2,8 @@
 
 Runs on the asyncio side. Generation goes to the scheduler thread through `Scheduler.submit`;
 every control operation runs on the scheduler thread between two steps through `Scheduler.call`, so
-it never races a forward pass. Weight tensors are received on a worker thread (the broadcast may
-block) and applied between steps, while generation is held.
+it never races a forward pass. The weight version and the weight-update ops are `Engine.weights`
+(weight_updates.py).
 """
 
 from __future__ import annotations
@@ -22,20 +22,13 @@ import torch
 
 from rollout_server.engine.config import EngineConfig
 from rollout_server.engine.model_runner import ModelRunner, resolve_device
-from rollout_server.engine.protocol import (
-    GenerateReqInput,
-    InitWeightsUpdateGroupReqInput,
-    UpdateWeightFromDiskReqInput,
-    UpdateWeightsFromDistributedReqInput,
-)
+from rollout_server.engine.protocol import GenerateReqInput
 from rollout_server.engine.sampling import SamplingParams, make_generator
 from rollout_server.engine.scheduler import PauseMode, Req, Scheduler, Snapshot
-from rollout_server.engine.weight_receiver import WeightReceiver
-from weights.group import parse_dtype
+from rollout_server.engine.weight_updates import WeightUpdates
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-ENGINE_VERSION = "longtrace-builtin-0.1"
 
 
 class ClientDisconnected(Exception):
@@ -117,10 +110,14 @@ class Engine:
             max_prefill_tokens=config.max_prefill_tokens,
             original_logprob=config.return_original_logprob,
         )
-        self.receiver = WeightReceiver()
-        self.weight_version = config.weight_version
+        self.weights = WeightUpdates(config, self.scheduler, self.runner)
+        self.receiver = self.weights.receiver
         self.served_model_name = config.served_model_name or config.model_path
-        self._weight_lock = asyncio.Lock()
+
+    @property
+    def weight_version(self) -> str:
+        """SGLang's weight version string, as every answer reports it (`weights.weight_version`)."""
+        return self.weights.weight_version
 
     def _eos_ids(self, generation_config_cls: Any) -> set[int]:
         ids: set[int] = set()
@@ -378,158 +375,6 @@ class Engine:
 
     async def load(self) -> dict[str, int]:
         return await self._call(self.scheduler.load)
-
-    async def update_weight_version(self, new_version: str, abort_all_requests: bool) -> None:
-        if abort_all_requests:
-            await self._call(lambda: self.scheduler.abort(None, "Abort by update_weight_version."))
-        self.weight_version = new_version
-
-    async def init_weights_update_group(self, obj: InitWeightsUpdateGroupReqInput) -> tuple[bool, str]:
-        if obj.world_size < 2 or not 1 <= obj.rank_offset < obj.world_size:
-            return (
-                False,
-                f"need world_size >= 2 and 1 <= rank_offset < world_size, got {obj.rank_offset}/{obj.world_size}",
-            )
-        async with self._weight_lock:
-            try:
-                await asyncio.to_thread(
-                    self.receiver.join,
-                    obj.master_address,
-                    obj.master_port,
-                    obj.rank_offset,
-                    obj.world_size,
-                    obj.group_name,
-                    obj.backend,
-                    self.config.weight_update_timeout_s,
-                )
-            # A peer that never shows up or a refused rendezvous is an expected failure: report it.
-            except (ValueError, TimeoutError, RuntimeError) as e:
-                return False, f"Failed to init weights update group {obj.group_name!r}: {e}"
-        return True, "Succeeded to initialize custom process group."
-
-    async def destroy_weights_update_group(self, group_name: str) -> tuple[bool, str]:
-        async with self._weight_lock:
-            try:
-                self.receiver.destroy(group_name)
-            except ValueError as e:
-                return False, str(e)
-        return True, "Succeeded to destroy custom process group."
-
-    async def update_weights_from_distributed(self, obj: UpdateWeightsFromDistributedReqInput) -> tuple[bool, str]:
-        if not len(obj.names) == len(obj.dtypes) == len(obj.shapes):
-            return (
-                False,
-                f"names, dtypes and shapes differ in length ({len(obj.names)}, {len(obj.dtypes)}, {len(obj.shapes)})",
-            )
-        try:
-            dtypes = [parse_dtype(d) for d in obj.dtypes]
-            if any(s < 0 for shape in obj.shapes for s in shape):
-                raise ValueError(f"negative dimension in shapes {obj.shapes}")
-            self.receiver.group(obj.group_name)
-        except ValueError as e:
-            return False, str(e)
-        async with self._weight_lock:
-            if obj.abort_all_requests:
-                await self._call(lambda: self.scheduler.abort(None, "Abort by update_weights_from_distributed."))
-            targets = self._in_place_targets(obj.group_name, obj.names, dtypes, obj.shapes)
-            try:
-                tensors = await asyncio.to_thread(
-                    self.receiver.receive,
-                    obj.group_name,
-                    dtypes,
-                    obj.shapes,
-                    self.runner.device,
-                    self.config.weight_update_timeout_s,
-                    targets,
-                )
-            except (TimeoutError, RuntimeError) as e:  # a dead or mismatched peer
-                return False, f"Failed to receive weights on {obj.group_name!r}: {e}"
-            if targets is None:  # received into new tensors: validate, then copy between two scheduler steps
-                named = list(zip(obj.names, tensors, strict=True))
-                try:
-                    await self._call(lambda: self.runner.load_weights(named))
-                except ValueError as e:
-                    return False, f"Failed to update weights: {e}"
-            if obj.flush_cache:
-                await self._flush_if_idle()
-        return True, "Succeeded to update parameter online."
-
-    def _in_place_targets(
-        self, group_name: str, names: Sequence[str], dtypes: Sequence[torch.dtype], shapes: Sequence[Sequence[int]]
-    ) -> list[torch.Tensor] | None:
-        """The parameters themselves as receive buffers, when generation is paused (no forward reads them) and
-        every name is a contiguous parameter of that dtype and shape on the group's device; else None."""
-        if not self.scheduler.paused:
-            return None
-        gloo = self.receiver.backends[group_name] == "gloo"
-        params = self.runner.parameter_names()
-        targets = []
-        for name, dtype, shape in zip(names, dtypes, shapes, strict=True):
-            p = params.get(name)
-            if (
-                p is None
-                or p.dtype != dtype
-                or tuple(p.shape) != tuple(shape)
-                or not p.is_contiguous()
-                or (p.device.type != "cpu" if gloo else p.device != self.runner.device)
-            ):
-                return None
-            targets.append(p.data)
-        return targets
-
-    async def update_weights_from_disk(self, obj: UpdateWeightFromDiskReqInput) -> tuple[bool, str, int]:
-        async with self._weight_lock:
-            if obj.abort_all_requests:
-                await self._call(lambda: self.scheduler.abort(None, "Abort by update_weights_from_disk."))
-            load = await self._call(self.scheduler.load)
-            try:
-                num = await self._call(lambda: self.runner.load_from_disk(obj.model_path))
-            except ValueError as e:
-                return False, f"Failed to update weights: {e}", 0
-            if obj.flush_cache:
-                await self._flush_if_idle()
-        return True, f"Succeeded to update model weights ({num} tensors).", load["num_running_reqs"]
-
-    async def _flush_if_idle(self) -> None:
-        ok, message = await self._call(self.scheduler.flush_cache)
-        if not ok:
-            log.info("flush after weight update skipped: %s", message.strip())
-
-    # ---------------- info ----------------
-    def model_info(self) -> dict[str, Any]:
-        return {
-            "model_path": self.runner.model_path,
-            "tokenizer_path": self.config.tokenizer_path or self.config.model_path,
-            "is_generation": True,
-            "preferred_sampling_params": None,
-            "weight_version": self.weight_version,
-            "has_image_understanding": False,
-            "has_audio_understanding": False,
-            "model_type": self.runner.config.model_type,
-            "architectures": getattr(self.runner.config, "architectures", None),
-        }
-
-    async def server_info(self) -> dict[str, Any]:
-        load = await self.load()
-        return {
-            **self.config.model_dump(mode="json", exclude={"broker"}),
-            "weight_version": self.weight_version,
-            "context_length": self.context_length,
-            "max_total_num_tokens": self.runner.cache.num_slots * self.context_length,
-            "max_req_input_len": self.context_length - 1,
-            "tp_size": 1,
-            "dp_size": 1,
-            "internal_states": [
-                {
-                    **load,
-                    "paused": self.scheduler.paused,
-                    "num_steps": self.scheduler.num_steps,
-                    "num_generated_tokens": self.scheduler.num_generated,
-                    "max_decode_batch": self.scheduler.max_decode_batch,
-                }
-            ],
-            "version": ENGINE_VERSION,
-        }
 
 
 def _deliver(

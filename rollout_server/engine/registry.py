@@ -6,18 +6,18 @@ import logging
 import threading
 from collections.abc import Callable
 
-from broker.base import BrokerError, EngineInfo, EngineRegistry
+from broker.base import EngineInfo, EngineRegistry
 
 log = logging.getLogger(__name__)
 
 
-def version_number(weight_version: str) -> int:
-    """The registry stores an int policy version; SGLang's weight_version is a string ("default" -> -1)."""
-    return int(weight_version) if weight_version.lstrip("-").isdigit() else -1
-
-
 class Heartbeat:
-    """Registers `info()` every `interval_s` with a ttl; a missed beat is logged and retried next interval."""
+    """Registers `info()` every `interval_s` with a ttl; a missed beat is logged and retried next interval.
+
+    The thread outlives any error of one beat (the broker gave up, or `info()` failed: an engine whose
+    weight_version was set to a string that names no policy version): a dead heartbeat would silently drop a
+    live engine from the registry. A beat that fails is skipped, so such an engine leaves the registry after
+    `ttl_s` and rejoins with the first beat that succeeds again."""
 
     def __init__(
         self, registry: EngineRegistry, info: Callable[[], EngineInfo], interval_s: float, ttl_s: float
@@ -39,11 +39,26 @@ class Heartbeat:
         self._thread.start()
 
     def _run(self) -> None:
+        last_error = ""
         while not self._stop.wait(self.interval_s):
             try:
                 self.registry.register(self.info(), self.ttl_s)
-            except BrokerError as e:  # the broker retried and gave up; the next beat tries again
-                log.warning("engine heartbeat failed: %s", e)
+            except Exception as e:  # one failed beat must not end the heartbeat: the next one tries again
+                error = f"{type(e).__name__}: {e}"
+                if error != last_error:  # once per distinct error, not every interval
+                    log.warning(
+                        "engine %s heartbeat failed (retried every %gs): %s", self.engine_id, self.interval_s, error
+                    )
+                last_error = error
+            else:
+                if last_error:
+                    log.info("engine %s heartbeat works again", self.engine_id)
+                last_error = ""
+
+    @property
+    def alive(self) -> bool:
+        """The heartbeat thread is running."""
+        return self._thread is not None and self._thread.is_alive()
 
     def stop(self) -> None:
         self._stop.set()

@@ -12,7 +12,8 @@ from typing import Any
 
 from broker.base import EngineInfo
 from rollout_server.engine.config import EngineConfig
-from rollout_server.engine.registry import Heartbeat, version_number
+from rollout_server.engine.registry import Heartbeat
+from weights.version import INITIAL_POLICY_VERSION, parse_weight_version
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def serve(config: EngineConfig) -> None:
                     backend="builtin",
                     model=engine.served_model_name,
                     tp_size=1,
-                    weight_version=version_number(engine.weight_version),
+                    policy_version=parse_weight_version(engine.weight_version, INITIAL_POLICY_VERSION),
                 )
 
             heartbeat = Heartbeat(broker.engines, info, config.heartbeat_interval_s, config.heartbeat_ttl_s)

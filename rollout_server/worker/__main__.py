@@ -1,6 +1,8 @@
-"""`python -m rollout_server.worker [--config F] [--section.key value ...]`: run one rollout worker."""
+"""`python -m rollout_server.worker [--config F] [--section.key value ...]`: run one rollout worker
+(`longtrace rollout worker`)."""
 
-from rollout_server.worker_cli import worker_main
+from common.cli import run_command
+from rollout_server.cli import register
 
 if __name__ == "__main__":
-    worker_main()
+    run_command(register, ["rollout", "worker"])

@@ -1,6 +1,9 @@
 """Async client of one engine's SGLang native HTTP API: /generate with logprobs, /health, /get_model_info.
 
-The weight version is read from /get_model_info: SGLang 0.5.23 has no /get_weight_version (docs/deploy.md).
+Every answer's SGLang `weight_version` string becomes a policy version here, through weights/version.py (one
+parser, one meaning of "default": `initial_policy_version`). A string that names no policy version is the
+engine's fault (EngineError: the sample moves to another engine), never a crash of the worker. The version is
+read from /get_model_info: SGLang 0.5.23 has no /get_weight_version (docs/deploy.md).
 
 Errors are typed by what the caller should do: `EngineError` (connection, timeout, 5xx, a malformed reply)
 means try another engine; `RequestRejected` (a 4xx) means the request itself is wrong and retrying is futile.
@@ -16,6 +19,7 @@ import httpx
 import msgspec
 
 from broker.schemas import FinishReason
+from weights.version import SGLANG_DEFAULT, WeightVersionError, parse_weight_version
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +42,7 @@ class _MetaInfo(msgspec.Struct):
     finish_reason: _FinishReason | None = None
     # [logprob, token id, token text or null] per generated token
     output_token_logprobs: list[tuple[float | None, int, str | None]] = []
-    weight_version: str = "default"
+    weight_version: str = SGLANG_DEFAULT
 
 
 class _GenerateResponse(msgspec.Struct):
@@ -64,22 +68,22 @@ class GenerateResult:
     logprobs: list[float]
     text: str
     finish_reason: FinishReason
-    weight_version: int
+    policy_version: int  # of the weights that generated these tokens (meta_info.weight_version, parsed)
     abort_message: str = ""
     abort_status: int | None = None  # set when the engine aborted for a reason of its own (4xx/5xx code)
 
 
-def parse_weight_version(raw: str, default_version: int) -> int:
-    """SGLang reports a string; ours are integers, and "default" is the version the engine started with."""
-    if raw == "default":
-        return default_version
-    if not raw.lstrip("-").isdigit():
-        raise EngineError(f"engine reports weight_version {raw!r}, expected an integer or 'default'")
-    return int(raw)
+def engine_policy_version(raw: str, initial_policy_version: int) -> int:
+    """The policy version an engine's weight_version names; EngineError when it names none."""
+    try:
+        return parse_weight_version(raw, initial_policy_version)
+    except WeightVersionError as e:
+        raise EngineError(f"engine reports {e}") from None
 
 
-def parse_generate(body: bytes, default_version: int) -> GenerateResult:
-    """Decode a /generate reply; raise EngineError when it is not what SGLang's native API returns."""
+def parse_generate(body: bytes, initial_policy_version: int) -> GenerateResult:
+    """Decode a /generate reply; raise EngineError when it is not what SGLang's native API returns.
+    `initial_policy_version`: what the engine's "default" weight_version means (weights/version.py)."""
     try:
         resp = _decode_generate(body)
     except (msgspec.DecodeError, msgspec.ValidationError) as e:
@@ -101,7 +105,7 @@ def parse_generate(body: bytes, default_version: int) -> GenerateResult:
         logprobs=logprobs,  # type: ignore[arg-type]  # None excluded above
         text=resp.text,
         finish_reason=finish.type,  # type: ignore[arg-type]  # checked above
-        weight_version=parse_weight_version(resp.meta_info.weight_version, default_version),
+        policy_version=engine_policy_version(resp.meta_info.weight_version, initial_policy_version),
         abort_message=finish.message if finish.type == "abort" else "",
         abort_status=finish.status_code if finish.type == "abort" else None,
     )
@@ -117,13 +121,13 @@ class EngineClient:
         request_timeout_s: float,
         connect_timeout_s: float,
         health_timeout_s: float,
-        default_weight_version: int = 0,
+        initial_policy_version: int = 0,
     ) -> None:
         self.url = url.rstrip("/")
         self._http = http
         self._gen_timeout = httpx.Timeout(request_timeout_s, connect=connect_timeout_s)
         self._health_timeout = httpx.Timeout(health_timeout_s, connect=min(connect_timeout_s, health_timeout_s))
-        self._default_version = default_weight_version
+        self._initial_policy_version = initial_policy_version
 
     async def generate(self, input_ids: list[int], sampling_params: dict[str, Any], rid: str) -> GenerateResult:
         payload = {"input_ids": input_ids, "sampling_params": sampling_params, "return_logprob": True, "rid": rid}
@@ -140,7 +144,7 @@ class EngineClient:
             raise RequestRejected(f"{self.url}/generate rejected the request ({resp.status_code}): {resp.text[:500]}")
         if resp.status_code != 200:
             raise EngineError(f"{self.url}/generate answered {resp.status_code}: {resp.text[:500]}")
-        return parse_generate(resp.content, self._default_version)
+        return parse_generate(resp.content, self._initial_policy_version)
 
     async def healthy(self) -> bool:
         """True when /health answers 200 within the health timeout (SGLang: a 1-token generation probe)."""
@@ -159,7 +163,8 @@ class EngineClient:
             return "unhealthy"
         return "ok" if resp.status_code == 200 else "unhealthy"
 
-    async def weight_version(self) -> int:
+    async def policy_version(self) -> int:
+        """The policy version the engine serves now (its weight_version on /get_model_info)."""
         try:
             resp = await self._http.get(f"{self.url}/get_model_info", timeout=self._health_timeout)
         except httpx.HTTPError as e:
@@ -170,7 +175,7 @@ class EngineClient:
             raw = _decode_version(resp.content).weight_version
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
             raise EngineError(f"malformed /get_model_info reply: {e}") from e
-        return parse_weight_version(raw, self._default_version)
+        return engine_policy_version(raw, self._initial_policy_version)
 
 
 def make_http_client(max_keepalive: int = 256) -> httpx.AsyncClient:

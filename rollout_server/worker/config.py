@@ -6,6 +6,7 @@ the `[sampling]` section here, which overrides the message processor's stop toke
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Any, Literal
 
 from pydantic import Discriminator, Field, Tag, model_validator
@@ -14,6 +15,8 @@ from broker.settings import BrokerConfig
 from common.config import BaseConfig
 from common.retry import RetryConfig, move_retry_keys
 from rollout_server.worker.processors import ProcessorName
+
+log = logging.getLogger(__name__)
 
 
 class EnginesConfig(BaseConfig):
@@ -138,13 +141,29 @@ class RolloutConfig(BaseConfig):
     """Port of the Prometheus /metrics endpoint; 0 disables it."""
     metrics_host: str = "127.0.0.1"
     """Address the /metrics endpoint binds to (loopback unless told otherwise, like every service)."""
-    default_weight_version: int = 0
-    """The integer version of an engine whose weight_version is SGLang's initial "default"."""
+    initial_policy_version: int = Field(default=0, ge=0)
+    """The policy version of an engine that reports SGLang's weight_version "default" (its start-up weights;
+    weights/version.py): 0, the learner's starting weights, unless the engines start from a later export without
+    --weight-version. Was `default_weight_version`; still read, with a warning."""
 
     @model_validator(mode="before")
     @classmethod
     def _moved_retry_keys(cls, data: Any) -> Any:
         return move_retry_keys(data, "", {"max_attempts": ("max_attempts", 0), "retry_backoff_s": ("base_s", 0)})
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_version_key(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or "default_weight_version" not in data:
+            return data
+        if "initial_policy_version" in data:
+            raise ValueError(
+                "--default_weight_version is deprecated and --initial_policy_version is set too: keep the latter"
+            )
+        log.warning("--default_weight_version is deprecated: use --initial_policy_version")
+        data = dict(data)
+        data["initial_policy_version"] = data.pop("default_weight_version")
+        return data
 
     @model_validator(mode="after")
     def _check_engines(self) -> RolloutConfig:

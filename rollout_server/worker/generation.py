@@ -4,8 +4,9 @@ A sample's life: send prompt (+ tokens so far) with the remaining budget to the 
 failure (connection, timeout, 5xx) retries on another engine from the last tokens received. An answer with
 finish_reason "abort" without an error code means the engine paused generation for a weight update: wait
 until it generates again, then resubmit prompt + tokens so far with max_new_tokens reduced by what was
-generated (partial rollout). Each answer's `weight_version` labels the tokens it brought, giving the sample's
-weight-version segments. The logprobs are the engine's, one per response token.
+generated (partial rollout). Each answer's policy version (its `meta_info.weight_version`, parsed by the
+client) labels the tokens it brought, giving the sample's weight segments. The logprobs are the engine's, one
+per response token.
 """
 
 from __future__ import annotations
@@ -56,10 +57,10 @@ class _Progress:
     def add(self, res: GenerateResult) -> None:
         if res.output_ids:
             start = len(self.ids)
-            if self.segments and self.segments[-1].version == res.weight_version:
+            if self.segments and self.segments[-1].policy_version == res.policy_version:
                 pass  # same weights: the current segment goes on
             else:
-                self.segments.append(WeightSegment(start, res.weight_version))
+                self.segments.append(WeightSegment(start, res.policy_version))
         self.ids += res.output_ids
         self.logprobs += res.logprobs
         self.texts.append(res.text)

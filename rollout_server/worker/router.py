@@ -112,7 +112,7 @@ class BuiltinRouter(Router):
     def _add(self, engine_id: str, url: str, static: bool) -> Engine:
         c = self._cfg
         client = EngineClient(
-            url, self._http, c.request_timeout_s, c.connect_timeout_s, c.health_timeout_s, c.default_weight_version
+            url, self._http, c.request_timeout_s, c.connect_timeout_s, c.health_timeout_s, c.initial_policy_version
         )
         engine = self._engines[url] = Engine(engine_id=engine_id, url=url, client=client, static=static)
         log.info("engine %s (%s) joined the rotation", engine_id, url)
@@ -263,7 +263,7 @@ class SglangRouterProxy(Router):
         url = cfg.router.url.rstrip("/")
         client = EngineClient(
             url, self._http, cfg.request_timeout_s, cfg.connect_timeout_s, cfg.health_timeout_s,
-            cfg.default_weight_version,
+            cfg.initial_policy_version,
         )  # fmt: skip
         self._engine = Engine(engine_id=f"sglang-router@{url}", url=url, client=client, static=True)
         self._slots = asyncio.Semaphore(cfg.router.max_inflight)

@@ -27,6 +27,7 @@ from broker.base import (
     EngineInfo,
     Entry,
     EntryTooLarge,
+    StreamStats,
 )
 from broker.schemas import DeadLetter, Group, RewardInfo, Sample, SampleReward, ScoredGroup, Task, decode
 
@@ -411,3 +412,61 @@ def test_concurrent_consumers_get_each_entry_once(make_broker: MakeBroker) -> No
     for t in threads:
         t.join(15)
     assert sorted(got) == sorted(f"g{i}" for i in range(40))
+
+
+def test_view_peeks_without_consuming(make_broker: MakeBroker) -> None:
+    """Guards against a harness's look at a stream changing what its consumers get (a peek that delivers, claims
+    or acks), a peek that raises on an entry the consumer would dead-letter instead of reporting it, and paging
+    that skips or repeats entries."""
+    broker = make_broker()
+    producer = broker.producer(ROLLOUTS, Group)
+    ids = producer.publish([make_rollout(0), make_rollout(1)])
+    wrong = broker.producer(ROLLOUTS, Task).publish([make_task(2)])[0]  # a Task on the Group stream
+    ids += producer.publish([make_rollout(3)])
+    view = broker.view(ROLLOUTS)
+    first = view.peek(Group, count=2)
+    assert [e.msg for e in first.entries] == [make_rollout(0), make_rollout(1)] and first.undecodable == []
+    assert [e.id for e in first.entries] == ids[:2] and first.last_id == ids[1]
+    assert all(e.delivery_count == 0 for e in first.entries)
+    second = view.peek(Group, first.last_id, count=2)
+    assert [e.id for e in second.entries] == ids[2:] and second.last_id == ids[2]
+    assert [u.id for u in second.undecodable] == [wrong] and second.undecodable[0].reason.startswith("undecodable")
+    end = view.peek(Group, second.last_id)
+    assert (end.entries, end.undecodable, end.last_id) == ([], [], second.last_id)
+    consumer = broker.consumer(ROLLOUTS, Group, "reward", "w")
+    got = _drain(consumer, 3)
+    assert [e.id for e in got] == ids and all(e.delivery_count == 1 for e in got)  # as if no one had looked
+    assert [e.id for e in view.peek(Group).entries] == ids  # pending entries are still in the stream
+    consumer.ack([got[0].id])
+    assert [e.id for e in view.peek(Group).entries] == ids[1:]
+    dead = broker.view(DEAD).peek(DeadLetter).entries  # the consumer buried what the peek reported
+    assert [(d.msg.entry_id, d.msg.reason) for d in dead] == [(wrong, second.undecodable[0].reason)]
+    with pytest.raises(ValueError, match="entry id"):
+        view.peek(Group, "latest")
+    with pytest.raises(ValueError, match="count"):
+        view.peek(Group, count=0)
+
+
+def test_view_stats_and_dedup_keys(make_broker: MakeBroker) -> None:
+    """Guards against a harness reading a stream's length, its group's pending entries and who holds them (the
+    chaos bench's accounting) wrongly, or the groups ever published (dedup keys) wrongly or from another run."""
+    broker = make_broker(claim_idle_s=3600)
+    view = broker.view(TASKS)
+    assert view.stats() == StreamStats(length=0, groups={}) and view.dedup_keys() == set()
+    producer = broker.producer(TASKS, Task)
+    producer.publish([make_task(i) for i in range(4)], dedup_key=lambda t: t.group_id)
+    producer.publish([make_task(9)])  # without a dedup key
+    assert view.stats() == StreamStats(length=5, groups={})
+    consumer = broker.consumer(TASKS, Task, "feeders", "c1")
+    got = _drain(consumer, 3)
+    consumer.ack([got[0].id])
+    stats = view.stats()
+    assert stats.length == 4 and list(stats.groups) == ["feeders"] and stats.groups["feeders"].pending == 2
+    holders = stats.groups["feeders"].holders
+    assert list(holders) == ["c1"] and holders["c1"].pending == 2 and 0 <= holders["c1"].idle_s < 60
+    assert view.dedup_keys() == {"g0", "g1", "g2", "g3"}
+    assert broker.view(ROLLOUTS).dedup_keys() == set()
+    make_broker(run_id="run-2").producer(TASKS, Task).publish([make_task(5)], dedup_key=lambda t: t.group_id)
+    assert make_broker(run_id="run*").view(TASKS).dedup_keys() == set(), "dedup keys of another run"
+    with pytest.raises(ValueError, match="unknown stream"):
+        broker.view("task")

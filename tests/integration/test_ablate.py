@@ -15,8 +15,9 @@ from typing import Any
 import pytest
 
 from common.config import ConfigError, load_config
-from experiments.ablate import AblateConfig, Plan, Variant, check_reward_only, difference_z
+from experiments.ablate import AblateConfig, Plan, Variant, check_reward_only
 from experiments.ablate_samples import SAMPLE_FIELDS, HackingConfig, indicators, read_samples, write_samples
+from experiments.ablate_summary import difference_z
 
 ROOT = Path(__file__).resolve().parents[2]
 DEBUG = ROOT / "configs" / "debug" / "ablate.toml"

@@ -73,3 +73,30 @@ def test_cli_errors_name_the_line_or_the_flag(tmp_path: Path) -> None:
     assert proc.returncode == 1 and "Traceback" not in proc.stderr and ":1: input_messages" in proc.stderr
     proc = _longtrace("data", "synth", "--out", str(tmp_path / "x"), "--hops", "0", check=False)
     assert proc.returncode == 2 and "--hops" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_synth_and_build_read_config_file_flags_win(tmp_path: Path) -> None:
+    """Guards against `data synth|build --config FILE` being refused or ignored, a flag not winning over the
+    file's key, and a bad key in the file passing silently instead of exiting 2 with its name."""
+    synth_toml = tmp_path / "synth.toml"
+    synth_toml.write_text('style = "tiny"\nnum_questions = 12\nseed = 3\n')
+    out = tmp_path / "tiny"
+    synth = _longtrace(
+        "data", "synth", "--config", str(synth_toml), "--out", str(out), "--num-questions", "6", "--quiet", "--json"
+    )
+    summary = json.loads(synth.stdout)
+    assert summary["build"]["num_rows"] == 6 and (out / "sft.jsonl").is_file()  # the flag wins; the file's style
+
+    build_toml = tmp_path / "build.toml"
+    build_toml.write_text('question_prefix = "\\n\\nQ: "\ncontext_tokens = 60\n')
+    rebuilt = tmp_path / "rebuilt.jsonl"
+    _longtrace(
+        "data", "build", "--config", str(build_toml), "--questions", str(out / "questions.jsonl"), "--trajectories",
+        str(out / "trajectories.jsonl"), "--docs", str(out / "docs.jsonl"), "--out", str(rebuilt), "--json",
+    )  # fmt: skip
+    rows = [json.loads(line) for line in rebuilt.read_text().splitlines()]
+    assert rows and all("\n\nQ: " in row["input_messages"][-1]["content"] for row in rows)  # a key with no flag
+
+    synth_toml.write_text("num_questoins = 3\n")
+    proc = _longtrace("data", "synth", "--config", str(synth_toml), "--out", str(out), check=False)
+    assert proc.returncode == 2 and "num_questoins" in proc.stderr and "Traceback" not in proc.stderr

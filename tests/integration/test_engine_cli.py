@@ -54,13 +54,13 @@ def test_serve_registers_heartbeats_and_deregisters_on_sigterm(tmp_path: Path, r
     try:
         _wait(lambda: httpx.get(url + "/health", timeout=2).status_code == 200, 120, "/health", proc)
         live = broker.engines.live()
-        assert [(e.engine_id, e.url, e.backend, e.weight_version) for e in live] == [("e1", url, "builtin", -1)]
+        assert [(e.engine_id, e.url, e.backend, e.policy_version) for e in live] == [("e1", url, "builtin", 0)]
         r = httpx.post(
             url + "/generate", json={"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 3}}, timeout=30
         )
         assert r.status_code == 200 and r.json()["meta_info"]["completion_tokens"] == 3
         httpx.post(url + "/update_weight_version", json={"new_version": "5", "abort_all_requests": False}, timeout=10)
-        _wait(lambda: broker.engines.live()[0].weight_version == 5, 10, "the heartbeat to carry version 5", proc)
+        _wait(lambda: broker.engines.live()[0].policy_version == 5, 10, "the heartbeat to carry version 5", proc)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
         assert broker.engines.live() == []

@@ -12,7 +12,7 @@ import redis
 
 from broker.base import DEAD, ROLLOUTS, SCORED, Broker
 from broker.factory import connect
-from broker.redis_streams import RedisBroker
+from broker.redis import RedisBroker
 from broker.schemas import DeadLetter, Group, ScoredGroup, Task, encode
 from broker.settings import BrokerConfig
 from reward_service.config import RewardConfig
@@ -116,6 +116,25 @@ def test_entry_without_the_payload_field_is_dead_lettered(broker: RedisBroker, b
     assert msgspec.msgpack.decode(dead[0].payload) == {b"payload": original}
     assert [s.group_id for s in _drain(broker, SCORED, ScoredGroup, 1)] == ["g-ok"]
     assert broker.producer(ROLLOUTS, Group).backlog() == 0
+
+
+def test_peek_reports_foreign_and_garbage_entries_as_the_consumer_buries_them(broker: RedisBroker) -> None:
+    """Guards against a harness's peek (the chaos and async benches watch streams with it) raising on a foreign
+    or garbage entry, hiding it, or naming another reason than the dead letter the consumer then writes; the
+    entries stay where they are until the consumer buries them."""
+    foreign = _xadd_raw(broker, {b"payload": b"x"})
+    garbage = _xadd_raw(broker, {b"d": b"\xc1 not msgpack"})
+    ok = broker.producer(ROLLOUTS, Group).publish([_group("g-ok", standard(0))])[0]
+    page = broker.view(ROLLOUTS).peek(Group)
+    assert [e.id for e in page.entries] == [ok] and page.last_id == ok
+    reasons = {u.id: u.reason for u in page.undecodable}
+    assert list(reasons) == [foreign, garbage]
+    assert reasons[foreign] == "undecodable: no payload field 'd' (the entry has fields ['payload'])"
+    assert broker.producer(ROLLOUTS, Group).backlog() == 3
+    got = broker.consumer(ROLLOUTS, Group, "reward", "w").read(10, block_s=1)
+    assert [e.id for e in got] == [ok]
+    letters = broker.view(DEAD).peek(DeadLetter).entries
+    assert {d.msg.entry_id: d.msg.reason for d in letters} == reasons
 
 
 def test_tasks_are_not_groups_even_when_fields_overlap() -> None:

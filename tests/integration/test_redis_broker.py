@@ -22,7 +22,7 @@ import redis
 from broker.base import ROLLOUTS, SCORED, TASKS, BackpressureTimeout, Broker, BrokerError
 from broker.embedded import EmbeddedRedis
 from broker.factory import connect
-from broker.redis_streams import RedisBroker
+from broker.redis import RedisBroker
 from broker.schemas import Group, SampleReward, ScoredGroup, Task
 from broker.settings import BrokerConfig
 from common.config import ConfigError
@@ -64,6 +64,22 @@ def test_keys_are_namespaced_by_run_with_a_hash_tag(make_broker: Callable[..., B
         k.decode() if isinstance(k, bytes) else k for k in redis.Redis.from_url(redis_url, socket_timeout=5).keys("*")
     )
     assert keys and all(k.startswith("longtrace:{ns}:") for k in keys), keys
+
+
+def test_holds_keys_sees_only_its_own_run(redis_url: str) -> None:
+    """Guards against `longtrace up --redis.url` reusing a run id whose group ids are still deduplicated (it would
+    publish nothing), and against a run id with glob characters (`a*`) counting another run's keys as its own."""
+    other = RedisBroker(_config(redis_url, run_id="a-other"))
+    reused = RedisBroker(_config(redis_url, run_id="a*"))
+    try:
+        assert not other.holds_keys() and not reused.holds_keys()
+        other.state.set("status", "running")
+        assert other.holds_keys() and not reused.holds_keys()
+        reused.producer(TASKS, Task).publish([make_task(1)], dedup_key=lambda t: t.group_id)
+        assert reused.holds_keys()
+    finally:
+        other.close()
+        reused.close()
 
 
 _KILLED_CONSUMER = textwrap.dedent(
@@ -147,7 +163,7 @@ def test_redis_killed_and_restarted_with_aof_loses_nothing(tmp_path: Path) -> No
     port = free_port()
     server = EmbeddedRedis(port=port, data_dir=tmp_path, appendonly=True).start()
     try:
-        config = _config(server.url, run_id="aof", retry_attempts=100, retry_deadline_s=20, claim_idle_s=3600)
+        config = _config(server.url, run_id="aof", retry={"max_attempts": 100, "deadline_s": 20}, claim_idle_s=3600)
         broker = RedisBroker(config)
         producer = broker.producer(TASKS, Task)
         consumer = broker.consumer(TASKS, Task, "g", "c")
@@ -216,7 +232,7 @@ def test_password_from_a_file_or_the_environment_and_never_logged(
         assert password not in str(refused.value)
     # Redis gone: every retry logs a warning naming the URL, and the final error names it too.
     with caplog.at_level(logging.DEBUG), pytest.raises(BrokerError) as lost:
-        connect(_config(server.url, run_id="pw", retry_attempts=2, retry_deadline_s=5, connect_timeout_s=1))
+        connect(_config(server.url, run_id="pw", retry={"max_attempts": 2, "deadline_s": 5}, connect_timeout_s=1))
     assert "failed (attempt 1/2)" in caplog.text and f"{server.host}:{server.port}" in caplog.text
     assert password not in caplog.text and password not in str(lost.value)
 

@@ -88,7 +88,7 @@ def test_late_engine_loads_the_newest_export_before_it_registers(redis_url: str,
             assert launcher.poll() is None, launcher.stderr.read().decode()[-3000:] if launcher.stderr else ""
             assert time.monotonic() < deadline, "the engine never registered"
             time.sleep(0.2)
-        assert live[0].weight_version == 3
+        assert live[0].policy_version == 3
         url = live[0].url
         assert httpx.get(f"{url}/get_model_info", timeout=10).json()["weight_version"] == "3"
         prompt = [5, 17, 33, 41]

@@ -267,11 +267,11 @@ def test_partial_rollout_across_a_weight_update_keeps_segments(engines: Engines,
         if s.num_resumes:
             resumed += 1
             [first, second] = s.weight_segments
-            assert first == WeightSegment(0, 0) and second.version == 1 and 0 < second.start < n_new
+            assert first == WeightSegment(0, 0) and second.policy_version == 1 and 0 < second.start < n_new
             expected[: second.start] = _hf_logprobs(engines.model_a, prompt, ids)[: second.start]
         else:
             assert s.weight_segments in ([WeightSegment(0, 0)], [WeightSegment(0, 1)])
-            if s.weight_segments[0].version == 0:
+            if s.weight_segments[0].policy_version == 0:
                 expected = _hf_logprobs(engines.model_a, prompt, ids)
         np.testing.assert_allclose(lps, expected, atol=2e-3)
     assert resumed >= 1, "the pause came after every sample had finished: nothing was resumed"

@@ -74,7 +74,7 @@ def _train(cfg: Any, out: Path, name: str) -> None:
     from learner.model.export import iter_hf_weights
     from learner.model.hf_config import load_hf_arch
     from learner.parallel import destroy_parallel, init_parallel
-    from learner.trainer import Learner, build_model_and_optimizer
+    from learner.train_step import Learner, build_model_and_optimizer
 
     layout = init_parallel(cfg.model)
     arch = load_hf_arch(cfg.model.hf_path)
@@ -101,7 +101,7 @@ def _reference_worker(tmp: str, hf: str, dtype: str = "fp32") -> None:
     from learner.batching import TrainBatch, TrainSample, build_micro_batch
     from learner.model.hf_config import load_hf_arch
     from learner.parallel import destroy_parallel, init_parallel
-    from learner.trainer import Learner, build_model_and_optimizer, build_reference_model, device
+    from learner.train_step import Learner, build_model_and_optimizer, build_reference_model, device
 
     dist.init_process_group(timeout=datetime.timedelta(seconds=120))  # gloo on CPU, NCCL on GPU
     out = Path(tmp)
@@ -135,7 +135,7 @@ def _reference_worker(tmp: str, hf: str, dtype: str = "fp32") -> None:
     # The logged entropy against torch's, with padded vocabulary rows that must not count (nor NaN the gradient).
     import torch
 
-    from learner.trainer import vocab_parallel_entropy
+    from learner.train_step import vocab_parallel_entropy
 
     logits = torch.randn(2, 3, 16, device=mb.input_ids_BS.device, requires_grad=True)
     ours = vocab_parallel_entropy(logits, 0.8, vocab_size=13)

@@ -23,9 +23,9 @@ from broker.base import SCORED
 from broker.factory import connect
 from broker.schemas import ScoredGroup
 from broker.settings import BrokerConfig
-from learner.batching import CONSUMER_GROUP
 from learner.feeder import epoch_order, group_id
 from learner.metrics import read_metrics
+from learner.scored_reader import CONSUMER_GROUP
 from learner.state import LearnerState
 from tests.helpers.dist import REPO_ROOT, free_port
 from tests.helpers.scored_driver import ScoredDriver

@@ -28,6 +28,8 @@ import torch
 from broker.base import EngineInfo
 from broker.factory import connect
 from broker.settings import BrokerConfig
+from learner.state import LearnerState
+from learner.weight_sync.base import PushReport, WeightSync
 from learner.weight_sync.config import DiskSyncConfig, DistributedSyncConfig
 from learner.weight_sync.distributed import DistributedWeightSync
 from learner.weight_sync.factory import build_weight_sync
@@ -174,6 +176,17 @@ def perturb(model: Any, seed: int, skip: tuple[str, ...] = ()) -> None:
                 p.add_(torch.randn(p.shape, generator=g).to(p.device) * 0.02)
 
 
+def _push_at(sync: WeightSync, step: int, model: Any) -> PushReport:
+    """Push as the training loop does after optimizer step `step` (the version comes from the learner state)."""
+    sync.state.step = step
+    return sync.push(model)
+
+
+def _maybe_push_at(sync: WeightSync, step: int, model: Any) -> PushReport | None:
+    sync.state.step = step
+    return sync.maybe_push(model)
+
+
 def static_sync(urls: list[str], backend: str = "gloo", **kw: Any) -> DistributedWeightSync:
     cfg = DistributedSyncConfig(
         engine_urls=urls, use_registry=False, broadcast_timeout_s=30, init_timeout_s=30, backend=backend, **kw
@@ -216,19 +229,19 @@ def _push_twice_and_check(urls: list[str], model: Any, backend: str) -> None:
     assert (before - learner_logprobs(model)).abs().max().item() > 1e-2, "engines must start elsewhere"
     sync = static_sync(urls, backend=backend)
     try:
-        report = sync.maybe_push(1, model)
+        report = _maybe_push_at(sync, 1, model)
         assert report is not None and report.ok, report
-        assert sorted(report.updated) == sorted(urls) and not report.failed and report.version == 1
+        assert sorted(report.updated) == sorted(urls) and not report.failed and report.policy_version == 1
         assert report.bytes == sum(p.numel() * 4 for p in model.parameters())
         assert report.pause_to_continue_s > 0 and report.group_rebuilds == 1
         for url in urls:
             assert_serves(url, model, "1")
         perturb(model, seed=1)
-        report = sync.maybe_push(2, model)
+        report = _maybe_push_at(sync, 2, model)
         assert report is not None and report.ok and report.group_rebuilds == 0, report
         for url in urls:
             assert_serves(url, model, "2")
-        assert sync.version == 2
+        assert sync.state.policy_version == 2
     finally:
         sync.close()
 
@@ -240,8 +253,8 @@ def test_tiny_buckets_give_identical_weights(cluster: dict[str, Any], learner_mo
     perturb(learner_model, seed=2)
     sync = static_sync([a, b], bucket_mb=1, every_k_steps=2)
     try:
-        assert sync.maybe_push(3, learner_model) is None, "every_k_steps=2 must skip odd steps"
-        report = sync.maybe_push(4, learner_model)
+        assert _maybe_push_at(sync, 3, learner_model) is None, "every_k_steps=2 must skip odd steps"
+        report = _maybe_push_at(sync, 4, learner_model)
         assert report is not None and report.ok and report.buckets >= 3, report
         for url in (a, b):
             assert_serves(url, learner_model, "4")
@@ -306,7 +319,7 @@ def _megatron_worker(hf_path: str, urls: list[str], layouts: list[list[int]]) ->
         )
         sync = DistributedWeightSync(cfg, MegatronSource(arch, hf_path, timeout_s=60))
         version = 20 + i
-        report = sync.push(version, model)
+        report = _push_at(sync, version, model)
         where = f"tp{tp} pp{pp} rank {layout.rank}"
         assert report.ok and sorted(report.updated) == sorted(urls), f"{where}: {report}"
         assert report.group_rebuilds == pp, f"{where}: one group per pipeline stage, got {report.group_rebuilds}"
@@ -349,7 +362,7 @@ def test_late_engine_loads_the_latest_export_then_joins_the_group(
     sync = DistributedWeightSync(cfg, HFModelSource(models[1]), broker)
     try:
         perturb(learner_model, seed=3)
-        report = sync.push(5, learner_model)
+        report = _push_at(sync, 5, learner_model)
         assert report.ok and sorted(report.updated) == sorted([a, b]), report
         assert broker.policy_version.get() == 5
         assert latest_export(export_dir) == (export_dir.resolve() / "v00000005", 5)
@@ -359,7 +372,7 @@ def test_late_engine_loads_the_latest_export_then_joins_the_group(
         broker.engines.register(EngineInfo(engine_id="late", url=late), ttl_s=600)
 
         perturb(learner_model, seed=4)
-        report = sync.push(6, learner_model)
+        report = _push_at(sync, 6, learner_model)
         assert report.ok and sorted(report.updated) == sorted([a, b, late]), report
         assert report.group_rebuilds == 1
         for url in (a, b, late):
@@ -378,10 +391,10 @@ def test_disk_backend_loads_each_export_into_every_engine(
     export the engines cannot load, or leaving them paused or at the old version."""
     urls = [cluster["engines"][k].url for k in "ab"]
     cfg = DiskSyncConfig(engine_urls=urls, use_registry=False, export_dir=str(tmp_path / "exports"))
-    sync = build_weight_sync(cfg, HFModelSource(models[1]), None, initial_version=8)
+    sync = build_weight_sync(cfg, HFModelSource(models[1]), None, LearnerState(step=8, policy_version=8))
     try:
         perturb(learner_model, seed=6)
-        report = sync.maybe_push(9, learner_model)
+        report = _maybe_push_at(sync, 9, learner_model)
         assert report is not None and report.ok and sorted(report.updated) == sorted(urls), report
         assert report.exported_to.endswith("v00000009") and report.pause_to_continue_s > 0
         for url in urls:
@@ -455,7 +468,7 @@ def test_engine_killed_during_an_update_is_reported_and_the_survivor_serves(
     sync = DistributedWeightSync(cfg, KillingSource(victim, after=6))
     try:
         t0 = time.monotonic()
-        report = sync.push(7, learner_model)
+        report = _push_at(sync, 7, learner_model)
         elapsed = time.monotonic() - t0
         assert report.ok and report.updated == [a] and report.attempts == 2, report
         assert list(report.failed) == [victim.url] and "dead" in report.failed[victim.url], report.failed
@@ -466,7 +479,7 @@ def test_engine_killed_during_an_update_is_reported_and_the_survivor_serves(
         )
         assert r.status_code == 200 and r.json()["meta_info"]["completion_tokens"] == 4
         # The next push does not wait for the dead engine: it cannot be reached, so it is skipped.
-        report = sync.push(8, learner_model)
+        report = _push_at(sync, 8, learner_model)
         assert report.ok and report.updated == [a] and report.group_rebuilds == 0, report
         assert list(report.failed) == [victim.url], report.failed
     finally:

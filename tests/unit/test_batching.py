@@ -11,7 +11,6 @@ from broker.memory import MemoryBroker
 from broker.schemas import DeadLetter, ScoredGroup, pack_logprobs
 from broker.settings import BrokerConfig
 from learner.batching import (
-    ScoredReader,
     TrainSample,
     batch_from_tensors,
     batch_to_tensors,
@@ -19,6 +18,7 @@ from learner.batching import (
     group_to_samples,
     plan_micro_batches,
 )
+from learner.scored_reader import ScoredReader
 from learner.state import LearnerState
 from learner.train_config import BatchConfig, DataConfig, LossConfig
 from tests.helpers.scored_groups import make_scored as _scored

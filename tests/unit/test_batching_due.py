@@ -11,7 +11,8 @@ from broker.base import SCORED, Broker
 from broker.factory import connect
 from broker.schemas import ScoredGroup, pack_logprobs
 from broker.settings import BrokerConfig
-from learner.batching import CONSUMER_GROUP, ScoredReader, TrainBatch
+from learner.batching import TrainBatch
+from learner.scored_reader import CONSUMER_GROUP, ScoredReader
 from learner.state import LearnerState
 from learner.train_config import BatchConfig, DataConfig, LossConfig
 from tests.helpers.scored_groups import make_scored

@@ -11,6 +11,7 @@ import pytest
 
 from eval.aggregate import summarize
 from eval.outputs import SampleWriter
+from eval.pipeline import sample_seed
 from eval.run import (
     EngineInfo,
     EvalError,
@@ -18,7 +19,6 @@ from eval.run import (
     check_versions,
     effective_context_len,
     question_ids,
-    sample_seed,
     stop_token_ids,
 )
 from rollout_server.worker.processors import DEEPSEEK_R1, QWEN3

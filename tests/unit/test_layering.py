@@ -24,7 +24,9 @@ ALLOWED: dict[str, frozenset[str]] = {
     "rollout_server": frozenset({"common", "broker", "weights", "datagen"}),
     "learner": frozenset({"common", "broker", "weights", "datagen"}),
     "eval": frozenset({"common", "broker", "datagen", "reward_service", "rollout_server"}),
-    "deploy": frozenset({"common", "broker", "weights", "datagen", "reward_service", "rollout_server", "learner", "eval"}),
+    "deploy": frozenset(
+        {"common", "broker", "weights", "datagen", "reward_service", "rollout_server", "learner", "eval"}
+    ),
     "experiments": frozenset(
         {"common", "broker", "weights", "datagen", "reward_service", "rollout_server", "learner", "eval", "deploy"}
     ),

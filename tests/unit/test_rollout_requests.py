@@ -12,7 +12,7 @@ import pytest
 from broker.base import DEAD, TASKS
 from broker.memory import MemoryBroker
 from broker.schemas import DeadLetter, RewardInfo, SamplingParams, Task, decode, pack_ids
-from common.config import load_config
+from common.config import ConfigError, load_config
 from common.net import free_port
 from rollout_server.worker.client import EngineError, parse_generate
 from rollout_server.worker.config import RolloutConfig
@@ -78,17 +78,18 @@ def _reply(ids: list[int], version: str = "default", finish: object = None, **ex
 
 def test_generate_reply_parsing_keeps_alignment_and_rejects_malformed_replies() -> None:
     """Guards against taking token ids and logprobs from different places without checking they agree, a null
-    logprob passing as a number, SGLang's "default" version not mapping to the initial version, and an abort
-    losing its partial tokens."""
-    res = parse_generate(_reply([5, 6, 7]), default_version=3)
-    assert (res.output_ids, res.logprobs, res.weight_version, res.finish_reason) == (
+    logprob passing as a number, SGLang's "default" version not mapping to the initial version, an abort
+    losing its partial tokens, and a weight_version that names no policy version passing (or raising a bare
+    ValueError, which would end the worker: "²" is a digit to str.isdigit but not to int)."""
+    res = parse_generate(_reply([5, 6, 7]), initial_policy_version=3)
+    assert (res.output_ids, res.logprobs, res.policy_version, res.finish_reason) == (
         [5, 6, 7],
         [-0.5, -1.0, -1.5],
         3,
         "length",
     )
     aborted = parse_generate(_reply([5], "7", {"type": "abort", "message": "paused"}), 0)
-    assert (aborted.finish_reason, aborted.output_ids, aborted.weight_version, aborted.abort_status) == (
+    assert (aborted.finish_reason, aborted.output_ids, aborted.policy_version, aborted.abort_status) == (
         "abort",
         [5],
         7,
@@ -102,8 +103,9 @@ def test_generate_reply_parsing_keeps_alignment_and_rejects_malformed_replies() 
     bad["meta_info"]["output_token_logprobs"][0][0] = None
     with pytest.raises(EngineError, match="null logprob"):
         parse_generate(json.dumps(bad).encode(), 0)
-    with pytest.raises(EngineError, match="weight_version"):
-        parse_generate(_reply([5], "v2-final"), 0)
+    for bad_version in ("v2-final", "²", "-1"):
+        with pytest.raises(EngineError, match=f"weight_version {bad_version!r} is not a policy version"):
+            parse_generate(_reply([5], bad_version), 0)
     with pytest.raises(EngineError, match="finish_reason"):
         parse_generate(msgspec.json.encode({"text": "", "meta_info": {}}), 0)
 
@@ -158,3 +160,44 @@ def test_engines_failing_leaves_the_task_unacked_for_redelivery() -> None:
     assert _count(metrics, "rollout_failed_groups_total") == 1 and _count(metrics, "rollout_groups_total") == 0
     assert broker.producer(TASKS, Task).backlog() == 1  # still pending
     assert (metrics.registry.get_sample_value("rollout_retries_total", {"reason": "engine_error"}) or 0) >= 2
+
+
+def test_an_engine_reporting_a_bad_weight_version_fails_the_sample_not_the_worker() -> None:
+    """Guards against an engine whose weight_version is "²" crashing the rollout worker (int() raised a ValueError
+    nobody caught): its answers are engine errors, retried elsewhere; the group fails and stays pending."""
+    from fastapi import FastAPI, Response
+
+    from rollout_server.engine.server import BackgroundServer
+
+    app = FastAPI()
+
+    @app.post("/generate")
+    async def generate() -> Response:
+        return Response(_reply([5, 6], "²"), media_type="application/json")
+
+    broker = MemoryBroker()
+    with BackgroundServer(app) as engine:
+        cfg = _cfg(
+            f'--engines.urls=["{engine.url}"]',
+            "--retry.max_attempts=2",
+            "--retry.base_s=0.01",
+            "--router.failure_threshold=100",
+            "--broker.block_s=0.05",
+        )
+        broker.producer(TASKS, Task).publish([_task(4, num_samples=2)])
+        metrics = RolloutMetrics()
+        asyncio.run(_run_worker_once(broker, cfg, metrics))
+    assert _count(metrics, "rollout_failed_groups_total") == 1 and _count(metrics, "rollout_groups_total") == 0
+    assert broker.producer(TASKS, Task).backlog() == 1  # still pending: another worker or engine may take it
+    assert (metrics.registry.get_sample_value("rollout_retries_total", {"reason": "engine_error"}) or 0) >= 2
+
+
+def test_default_weight_version_key_still_loads_as_initial_policy_version(caplog: pytest.LogCaptureFixture) -> None:
+    """Guards against configs written before the rename losing their setting (or failing to load): the old key
+    is read, with a warning naming the new one; both at once is an error."""
+    with caplog.at_level("WARNING"):
+        assert _cfg("--default_weight_version=4").initial_policy_version == 4
+    assert "use --initial_policy_version" in caplog.text
+    assert _cfg().initial_policy_version == 0
+    with pytest.raises(ConfigError, match="keep the latter"):
+        _cfg("--default_weight_version=4", "--initial_policy_version=5")

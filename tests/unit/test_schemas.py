@@ -89,6 +89,29 @@ def test_every_message_round_trips(msg: Task | Group | ScoredGroup | DeadLetter)
     assert decode(encode(msg), type(msg)) == msg
 
 
+def test_group_version_is_the_oldest_segment_else_the_admission_version() -> None:
+    """Guards against readers deriving a group's policy version differently (the learner's staleness, the async
+    bench, eval): the oldest version among its samples' weight segments, a sample without tokens ignored, and the
+    task's admission version when no sample recorded any (the group is at least that old)."""
+
+    def sample(*segments: tuple[int, int]) -> Sample:
+        return Sample(
+            response_ids=pack_ids([]), logprobs=pack_logprobs([]), text="", finish_reason="stop", status="completed",
+            weight_segments=[WeightSegment(*seg) for seg in segments],
+        )  # fmt: skip
+
+    task = Task(
+        run_id="r", group_id="g", dataset_index=0, prompt_ids=pack_ids([1]), label="", reward_info=RewardInfo(question="q"),
+        policy_version=3,
+    )  # fmt: skip
+    group = Group(task=task, samples=[sample((0, 5), (4, 7)), sample(), sample((0, 6))])
+    assert [s.oldest_policy_version for s in group.samples] == [5, None, 6]
+    assert group.group_version == 5
+    assert Group(task=task, samples=[sample(), sample()]).group_version == 3
+    assert Group(task=task, samples=[]).group_version == 3
+    assert decode(encode(group), Group).samples[0].weight_segments[1] == WeightSegment(start=4, policy_version=7)
+
+
 @settings(max_examples=40, deadline=None)
 @given(ints32, floats32)
 def test_numpy_buffers_round_trip_bit_exactly(ids: list[int], logprobs: list[float]) -> None:

@@ -1,4 +1,5 @@
-"""Weight sync pieces that need no engine: the config union, bucketing, the report, NoSync and disk exports."""
+"""Weight sync pieces that need no engine: the config union, bucketing, the push template (version, failures,
+sharing across ranks), NoSync and disk exports."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ import pytest
 import torch
 from pydantic import Field
 
+from broker.base import Broker
 from broker.memory import MemoryBroker
 from common.config import BaseConfig, ConfigError, load_config
-from learner.weight_sync.base import NoSync, PushReport
+from learner.state import LearnerState
+from learner.weight_sync.base import NoSync, PushReport, Transfer, WeightSync, WeightSyncError
 from learner.weight_sync.config import (
     DiskSyncConfig,
     DistributedSyncConfig,
@@ -22,7 +25,7 @@ from learner.weight_sync.config import (
 from learner.weight_sync.disk import write_export
 from learner.weight_sync.distributed import iter_buckets
 from learner.weight_sync.factory import build_weight_sync
-from learner.weight_sync.sources import HFModelSource
+from learner.weight_sync.sources import HFModelSource, WeightSource
 from weights.exports import catch_up, latest_export
 
 
@@ -73,15 +76,143 @@ def test_report_metrics_and_nosync_move_the_policy_version_key() -> None:
     """Guards against NoSync leaving the policy-version key behind (admission control would stall) and a
     report whose GB/s divides by zero."""
     broker = MemoryBroker()
-    sync = build_weight_sync(NoSyncConfig(), HFModelSource(), broker, initial_version=3)
+    state = LearnerState(step=3, policy_version=3)
+    sync = build_weight_sync(NoSyncConfig(), HFModelSource(), broker, state)
     assert isinstance(sync, NoSync) and broker.policy_version.get() == 3
-    assert sync.maybe_push(4, None) == PushReport(version=4)
-    assert broker.policy_version.get() == 4
-    report = PushReport(version=7, bytes=2_000_000_000, transfer_s=0.5, failed={"u": "dead"})
+    state.step = 4
+    report = sync.maybe_push(None)
+    assert report is not None and (report.ok, report.policy_version, report.num_engines) == (True, 4, 0)
+    assert state.policy_version == 4 and broker.policy_version.get() == 4
+    report = PushReport(policy_version=7, bytes=2_000_000_000, transfer_s=0.5, failed={"u": "dead"})
     m = report.metrics()
     assert m["weight_sync/gb_per_s"] == 4.0 and m["weight_sync/num_failed"] == 1.0
-    assert PushReport(version=1).gb_per_s == 0.0
+    assert m["weight_sync/version"] == 7.0  # the metrics.jsonl key keeps its name
+    assert PushReport(policy_version=1).gb_per_s == 0.0
     broker.close()
+
+
+class _Flaky(WeightSync):
+    """A backend whose transfers fail (engines existed, none took the weights) while `failing` says so; it
+    records the versions it was asked to transfer."""
+
+    def __init__(self, source: WeightSource, state: LearnerState, broker: Broker | None, max_failures: int) -> None:
+        super().__init__(source, state, broker, every_k_steps=1, max_consecutive_failures=max_failures)
+        self.failing = True
+        self.transferred: list[int] = []
+
+    def _transfer(self, policy_version: int, model: Any) -> Transfer:
+        self.transferred.append(policy_version)
+        if self.failing:
+            return Transfer(num_engines=1, failed={"http://e:1": "refused"})
+        return Transfer(num_engines=1, updated=["http://e:1"])
+
+
+def test_push_owns_the_version_counts_failures_and_publishes_what_the_state_holds() -> None:
+    """Guards against the policy version having more than one owner: a push must take its version from
+    LearnerState.step, leave LearnerState and the broker key unchanged when it fails, publish exactly
+    LearnerState's version (at start and after a success), and raise WeightSyncError after
+    max_consecutive_failures failures in a row (a success resets the count)."""
+    broker = MemoryBroker()
+    broker.policy_version.set(99)  # left behind by an earlier learner of this run
+    state = LearnerState(step=2, policy_version=2)
+    sync = _Flaky(HFModelSource(), state, broker, max_failures=2)
+    assert broker.policy_version.get() == 2, "a restarted learner republishes its own version"
+    state.step = 3
+    report = sync.push(None)
+    assert (report.ok, report.policy_version, state.policy_version, broker.policy_version.get()) == (False, 2, 2, 2)
+    sync.failing = False
+    state.step = 4
+    report = sync.push(None)
+    assert (report.ok, report.policy_version, report.updated) == (True, 4, ["http://e:1"])
+    assert state.policy_version == broker.policy_version.get() == 4
+    sync.failing = True
+    for step in (5, 6):
+        state.step = step
+        if step == 5:
+            assert not sync.push(None).ok  # one failure after a success: the count restarted
+        else:
+            with pytest.raises(WeightSyncError, match="2 consecutive weight pushes reached no engine"):
+                sync.push(None)
+    assert sync.transferred == [3, 4, 5, 6]
+    assert state.policy_version == broker.policy_version.get() == 4
+    broker.close()
+
+
+def test_old_retry_keys_load_into_the_retry_tables(caplog: pytest.LogCaptureFixture) -> None:
+    """Guards against configs written before the RetryConfig shape failing to load or losing their value:
+    `http_attempts` and the distributed backend's `max_attempts` are read, with a warning naming the new key."""
+    with caplog.at_level("WARNING"):
+        cfg = load_config(
+            _Root, None, ["--weight_sync.type", "distributed", "--weight_sync.http_attempts", "5",
+                          "--weight_sync.max_attempts", "4"],
+        ).weight_sync  # fmt: skip
+    assert isinstance(cfg, DistributedSyncConfig)
+    assert (cfg.http_retry.max_attempts, cfg.push_retry.max_attempts) == (5, 4)
+    assert "use --weight_sync.http_retry.max_attempts" in caplog.text
+    assert "use --weight_sync.push_retry.max_attempts" in caplog.text
+    defaults = DistributedSyncConfig()
+    assert (defaults.http_retry.max_attempts, defaults.push_retry.max_attempts, defaults.push_retry.base_s) == (3, 2, 0)
+    with pytest.raises(ConfigError, match="max_attempts"):  # the disk backend never had push attempts
+        load_config(_Root, None, ["--weight_sync.type", "disk", "--weight_sync.export_dir", "d",
+                                  "--weight_sync.max_attempts", "2"])  # fmt: skip
+
+
+class _GlooSource(HFModelSource):
+    """The HF source with the learner's object collectives on the default gloo group (as MegatronSource has)."""
+
+    is_coordinator = False
+
+    def __init__(self) -> None:
+        import torch.distributed as dist
+
+        super().__init__()
+        self.is_coordinator = dist.get_rank() == 0
+
+    def broadcast_object(self, obj: Any) -> Any:
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+class _CoordinatorDecides(WeightSync):
+    """Only the coordinator's transfer fails; every other rank's own transfer would count as a success."""
+
+    def _transfer(self, policy_version: int, model: Any) -> Transfer:
+        if self.source.is_coordinator and policy_version == 1:
+            return Transfer(num_engines=1, failed={"http://e:1": "dead"})
+        return Transfer()
+
+
+def _ranks_share_the_outcome() -> None:
+    import torch.distributed as dist
+
+    from tests.helpers.dist import init_worker_process_group
+
+    init_worker_process_group()
+    state = LearnerState()
+    sync = _CoordinatorDecides(_GlooSource(), state, None)
+    state.step = 1
+    failed = sync.push(None)
+    state.step = 2
+    ok = sync.push(None)
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, (failed.ok, failed.policy_version, ok.ok, ok.policy_version, state.policy_version))
+    if dist.get_rank() == 0:
+        print("OUTCOMES", json.dumps(out), flush=True)
+    dist.destroy_process_group()
+
+
+def test_a_failed_push_leaves_the_version_unchanged_on_every_rank() -> None:
+    """Guards against learner ranks disagreeing about the policy version (each rank deciding from its own view of
+    a push): the coordinator's outcome is shared, so a push that failed there leaves every rank's
+    LearnerState unchanged, and the next success moves every rank."""
+    from tests.helpers.dist import run_torchrun
+
+    out = run_torchrun(2, f"{__name__}:_ranks_share_the_outcome", timeout_s=120)
+    line = next(x for x in out.splitlines() if "OUTCOMES" in x)
+    assert json.loads(line.split("OUTCOMES", 1)[1]) == [[False, 0, True, 2, 2]] * 2, out[-2000:]
 
 
 def _tiny_hf(tmp_path: Path) -> tuple[Any, Path]:
