@@ -160,11 +160,6 @@ class EngineInfo(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     policy_version: int = msgspec.field(default=0, name="weight_version")
     heartbeat_s: float = 0.0  # unix time of the last heartbeat (set by the registry)
 
-    @property
-    def weight_version(self) -> int:
-        """Deprecated name of `policy_version`, for readers not yet moved (deploy/launcher/dashboard.py)."""
-        return self.policy_version
-
 
 class Producer(abc.ABC, Generic[M]):
     @abc.abstractmethod

@@ -85,6 +85,8 @@ def command(
     """Add subcommand `name` of `parent`, run by `func(args)`. With `overrides`, leftover `--section.key value`
     flags reach it as `args.overrides` (for load_config); without, they are usage errors naming the flag.
     `kwargs` go to argparse (help, description, epilog, ...)."""
+    # No abbreviations: an override `--c` must not silently become `--config` (or `--cl` `--clients`).
+    kwargs.setdefault("allow_abbrev", False)
     return _set(parent.add_parser(name, **kwargs), func, overrides, logs)
 
 
@@ -108,6 +110,7 @@ def standalone(
     prog: str, func: Handler | None, *, overrides: bool = False, logs: Logs | None = DEFAULT_LOGS, **kwargs: Any
 ) -> argparse.ArgumentParser:
     """The parser of a one-command `python -m` module (the launcher's jobs, harness helpers) for run_cli."""
+    kwargs.setdefault("allow_abbrev", False)  # as in `command`
     return _set(argparse.ArgumentParser(prog=prog, **kwargs), func, overrides, logs)
 
 
@@ -131,9 +134,9 @@ def add_config(
 
 def root_parser(registers: Iterable[Register], description: str | None = None) -> argparse.ArgumentParser:
     """`longtrace COMMAND ...` and `longtrace bench BENCH ...` with the commands each `register` adds."""
-    parser = argparse.ArgumentParser(prog="longtrace", description=description)
+    parser = argparse.ArgumentParser(prog="longtrace", description=description, allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    bench_parser = commands.add_parser("bench", help="benchmarks that print one JSON object")
+    bench_parser = commands.add_parser("bench", help="benchmarks that print one JSON object", allow_abbrev=False)
     benches = bench_parser.add_subparsers(dest="bench", metavar="BENCH", required=True)
     for register in registers:
         register(commands, benches)

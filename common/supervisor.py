@@ -12,7 +12,7 @@ Every child writes stdout and stderr to `<log_dir>/<name>.log`. A child that exi
 running (a service), or with a non-zero code (a job), raises `ChildFailed`, whose message names the process,
 its exit code, its log file and the tail of that log.
 
-Supervised restarts (used by the chaos bench, experiments/chaos.py): `kill` SIGKILLs a child and all its
+Supervised restarts (used by the chaos bench, experiments/chaos_monkey.py): `kill` SIGKILLs a child and all its
 descendants at once, as a crash would, and `respawn` starts it again in place (same `Child` object, same
 name and log file, optionally a new spec), so whoever holds the child keeps following it.
 """
@@ -184,6 +184,18 @@ class Child:
             text = f.read().decode(errors="replace")
         return "\n".join(text.splitlines()[-num_lines:])
 
+    def remember_descendants(self) -> None:
+        """Add the running child's current descendants to `known`; nothing once it has ended (its pid may be
+        reused by then)."""
+        if self.returncode is None:
+            remember_descendants(self.pid, self.known)
+
+    def living_descendants(self) -> list[psutil.Process]:
+        """The descendants seen so far (looked up again while the child runs) that still run: what a kill of the
+        child must reach besides its process group."""
+        self.remember_descendants()
+        return living(self.known.values())
+
 
 class Supervisor:
     """Starts children in order and watches them; `stop_all` stops them in reverse order."""
@@ -264,7 +276,7 @@ class Supervisor:
         """Raise ChildFailed for the first child that ended when it should not have; record finished jobs."""
         if time.monotonic() >= self._next_scan:
             for child in self.running():
-                self._remember_descendants(child)
+                child.remember_descendants()
             self._next_scan = time.monotonic() + 1.0
         for child in self.children:
             code = child.returncode
@@ -295,8 +307,7 @@ class Supervisor:
     def kill(self, child: Child) -> int:
         """SIGKILL the child's group and every descendant at once, as a crash would: no grace, no cleanup.
         Returns the child's exit code; `check` does not report it (call `respawn` before the next check)."""
-        self._remember_descendants(child)
-        alive = living(child.known.values())
+        alive = child.living_descendants()
         signal_group(child.pid, signal.SIGKILL)
         send(alive, signal.SIGKILL)  # descendants in sessions of their own (redis-server, an engine's server)
         psutil.wait_procs(alive, timeout=10)
@@ -336,7 +347,7 @@ class Supervisor:
         """SIGTERM the child's process group, SIGKILL it after `timeout_s`; kill descendants that outlive it."""
         child.stopping = True
         timeout_s = child.spec.stop_timeout_s if timeout_s is None else timeout_s
-        self._remember_descendants(child)
+        child.remember_descendants()
         was_running = child.returncode is None
         if was_running:
             signal_group(child.pid, signal.SIGTERM)
@@ -349,7 +360,7 @@ class Supervisor:
                 signal_group(child.pid, signal.SIGKILL)
                 child.proc.wait(timeout=10)
         # Descendants in other sessions or that survived their parent's exit (torchrun workers, redis-server).
-        alive = living(child.known.values())
+        alive = child.living_descendants()
         if alive:
             send(alive, signal.SIGTERM)
             _, still = psutil.wait_procs(alive, timeout=0 if self._hurry else min(timeout_s, 5.0))
@@ -369,11 +380,6 @@ class Supervisor:
         for child in reversed(self.children):
             left = max(0.0, end - time.monotonic())
             self.stop(child, min(child.spec.stop_timeout_s, left))
-
-    @staticmethod
-    def _remember_descendants(child: Child) -> None:
-        if child.returncode is None:
-            remember_descendants(child.pid, child.known)
 
     def __enter__(self) -> Supervisor:
         return self

@@ -50,7 +50,6 @@ def _run_parser() -> argparse.ArgumentParser:
         "score them with the reward API at η = 0, write OUT_DIR/samples.jsonl and summary.json, print a table. "
         "With --model DIR and no engine / reward URL, a local built-in engine and reward API are started.",
         epilog=_RUN_EPILOG,
-        allow_abbrev=False,
     )
     add_config(parser, "TOML file of an EvalConfig (e.g. configs/eval.toml)")
     parser.add_argument("--model", default=None, help="model directory (EvalConfig.model_path)")
@@ -64,7 +63,6 @@ def _compare_parser() -> argparse.ArgumentParser:
         _compare,
         description="Two eval runs side by side: metrics with deltas (B - A), the settings that differ, and the "
         "questions right in one run and wrong in the other (right: at least half of its samples correct).",
-        allow_abbrev=False,
     )
     parser.add_argument("run_a", help="out_dir of run A (or its summary.json)")
     parser.add_argument("run_b", help="out_dir of run B (or its summary.json)")

@@ -13,7 +13,7 @@ from typing import Any
 
 from eval.aggregate import summarize
 from eval.config import EvalConfig
-from eval.run import EvalRun, SampleRecord, version_number
+from eval.run import EvalRun, SampleRecord
 
 SAMPLES_FILE = "samples.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -62,7 +62,7 @@ def build_summary(cfg: EvalConfig, run: EvalRun, local: bool, wall_s: float) -> 
                 {"url": e.url, "model_path": e.model_path, "weight_version": e.weight_version, "local": local}
                 for e in run.engines
             ],
-            "engine_weight_versions": [version_number(e.weight_version) or 0 for e in run.engines],  # default: 0
+            "engine_weight_versions": [e.policy_version or 0 for e in run.engines],  # a hand-set name: 0
             "sample_weight_versions": versions,
             "judge": run.judge,
             "eta": 0.0,

@@ -28,7 +28,7 @@ import httpx
 
 from common.config import ConfigError
 from eval.config import EvalConfig
-from rollout_server.worker.client import EngineError, engine_policy_version
+from weights.version import INITIAL_POLICY_VERSION, WeightVersionError, parse_weight_version
 
 log = logging.getLogger(__name__)
 
@@ -117,11 +117,11 @@ class Inputs:
 
 
 def version_number(raw: str) -> int | None:
-    """The policy version an engine's weight_version string names (weights/version.py, through the rollout
-    worker's parser: "default" is 0, the start-up weights), or None when it names none (a string set by hand)."""
+    """The policy version an engine's weight_version string names (weights/version.py: "default" is 0, the
+    start-up weights), or None when it names none (a string set by hand)."""
     try:
-        return engine_policy_version(raw, 0)
-    except EngineError:
+        return parse_weight_version(raw, INITIAL_POLICY_VERSION)
+    except WeightVersionError:
         return None
 
 

@@ -3,7 +3,8 @@
 longtrace bench async [--config configs/bench/async.toml] [--json] [--section.key value ...]
 
 Prints one JSON object (--json) or a short table: sync_steps_per_min, async_steps_per_min, speedup, ideal_speedup,
-efficiency and per-stage busy seconds per step of both runs (experiments/bench_async.py says how each is measured).
+efficiency and per-stage busy seconds per step of both runs (experiments/bench_async_measure.py says how each is
+measured).
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ def _bench(args: argparse.Namespace) -> int:
     import sys
 
     from common.config import load_config
-    from experiments.bench_async import DEFAULT_CONFIG, BenchAsyncConfig, BenchError, format_table, run_bench
+    from experiments.bench_async import DEFAULT_CONFIG, BenchAsyncConfig, BenchError, run_bench
+    from experiments.bench_async_summary import format_table
 
     cfg = load_config(BenchAsyncConfig, args.config or DEFAULT_CONFIG, args.overrides)
     try:

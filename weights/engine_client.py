@@ -38,17 +38,19 @@ class EngineClient:
     def __init__(
         self,
         http_timeout_s: float,
-        attempts: int = 3,
+        retry: RetryPolicy | None = None,
         token_env: str = "LONGTRACE_ENGINE_API_KEY",
         max_workers: int = 32,
     ) -> None:
+        """`retry`: how idempotent calls retry a refused connection (default: 3 tries, 0.2 s first backoff, 2 s cap,
+        a deadline of 3 x `http_timeout_s`)."""
         token = os.environ.get(token_env, "") if token_env else ""
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         # trust_env=False: engines are internal addresses, never route them through a proxy from the env.
         self._http = httpx.Client(timeout=http_timeout_s, headers=headers, trust_env=False)
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="weight-sync-http")
         self.http_timeout_s = http_timeout_s
-        self._retry = RetryPolicy(max_attempts=attempts, base_s=0.2, max_backoff_s=2.0, deadline_s=3 * http_timeout_s)
+        self._retry = retry or RetryPolicy(max_attempts=3, base_s=0.2, max_backoff_s=2.0, deadline_s=3 * http_timeout_s)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -22,6 +22,7 @@ import shutil
 from pathlib import Path
 
 from weights.engine_client import EngineClient
+from weights.version import format_weight_version
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ def load_from_disk(client: EngineClient, url: str, path: Path, version: int, tim
     """Have one engine load an HF directory and report `version` (SGLang's /update_weights_from_disk)."""
     body = {
         "model_path": str(path),
-        "weight_version": str(version),
+        "weight_version": format_weight_version(version),
         "abort_all_requests": False,
         "flush_cache": True,
     }

@@ -55,7 +55,7 @@ class SystemSampler:
         out["policy_version"] = self.broker.policy_version.get()
         engines = self.broker.engines.live()
         out["num_engines"] = len(engines)
-        out["engine_versions"] = [e.weight_version for e in engines]
+        out["engine_versions"] = [e.policy_version for e in engines]
         return out
 
     def close(self) -> None:

@@ -84,7 +84,7 @@ def eval_config(cfg: EvalJobConfig) -> EvalConfig:
 
 def run(cfg: EvalJobConfig) -> dict[str, Any]:
     from eval.aggregate import summarize
-    from eval.run import run_eval, version_number
+    from eval.run import run_eval
 
     t0 = time.monotonic()
     done = run_eval(eval_config(cfg), cfg.engine_urls, cfg.reward_url)
@@ -100,7 +100,7 @@ def run(cfg: EvalJobConfig) -> dict[str, Any]:
         "well_formed_rate": metrics["well_formed_rate"],
         "response_len_mean": metrics["mean_response_tokens"],
         "temperature": cfg.temperature,
-        "weight_versions": [version_number(e.weight_version) for e in done.engines],
+        "weight_versions": [e.policy_version for e in done.engines],
         "eval_s": round(time.monotonic() - t0, 2),
         "examples": [
             {"question": s.question, "label": s.label, "response": s.response, "accuracy": s.outcome}

@@ -119,10 +119,12 @@ def healthy(url: str) -> bool:
 
 
 def run_smoke(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    import redis as redis_lib
     import torch
 
+    from broker.base import DEAD
     from broker.embedded import EmbeddedRedis
+    from broker.factory import connect
+    from broker.settings import BrokerConfig
     from common.net import free_port
     from learner.metrics import read_metrics
 
@@ -212,10 +214,10 @@ def run_smoke(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 str(config),
             ]
             learner = procs.start("learner", learner_argv, base_env | {"OMP_NUM_THREADS": "1"})
-            dead = redis_lib.Redis.from_url(redis_server.url, socket_timeout=5)
+            dead = connect(BrokerConfig(redis_url=redis_server.url, run_id=RUN_ID)).view(DEAD)
             while learner.poll() is None:
                 procs.check_alive(except_name="learner")
-                if num_dead := dead.xlen(f"longtrace:{{{RUN_ID}}}:dead"):
+                if num_dead := dead.stats().length:
                     raise SmokeFailed(f"{num_dead} entries went to the dead stream:\n{procs.tail('rollout')}")
                 if time.monotonic() > deadline:
                     raise SmokeFailed(f"learner did not finish {args.steps} steps in time:\n{procs.tail('learner')}")

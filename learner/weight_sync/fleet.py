@@ -11,7 +11,8 @@ import logging
 from collections.abc import Sequence
 
 from broker.base import Broker
-from learner.weight_sync.config import EngineSyncConfig, HttpRetryConfig
+from common.retry import RetryPolicy
+from learner.weight_sync.config import EngineSyncConfig
 from learner.weight_sync.group import EngineRef
 from weights.engine_client import EngineCallError, EngineClient
 from weights.version import format_weight_version
@@ -20,15 +21,13 @@ logger = logging.getLogger(__name__)
 
 
 def control_client(cfg: EngineSyncConfig) -> EngineClient:
-    """The HTTP client of the engines' control endpoints, retrying idempotent calls `http_retry.max_attempts` times.
-
-    weights.engine_client.EngineClient takes the attempts alone (0.2 s first backoff, 2 s cap, a deadline of
-    3 x http_timeout_s): the other `http_retry` settings are warned about when changed."""
-    retry, defaults = cfg.http_retry, HttpRetryConfig()
-    changed = [k for k in ("base_s", "max_backoff_s", "deadline_s") if getattr(retry, k) != getattr(defaults, k)]
-    if changed:
-        logger.warning("--weight_sync.http_retry.%s has no effect yet (only max_attempts does)", ", ".join(changed))
-    return EngineClient(cfg.http_timeout_s, retry.max_attempts, cfg.control_token_env)
+    """The HTTP client of the engines' control endpoints; idempotent calls retry a refused connection as
+    `http_retry` says (its deadline is at least 3 x `http_timeout_s`, so one slow call cannot use it up)."""
+    retry = cfg.http_retry
+    policy = RetryPolicy(
+        retry.max_attempts, retry.base_s, retry.max_backoff_s, max(retry.deadline_s, 3 * cfg.http_timeout_s)
+    )
+    return EngineClient(cfg.http_timeout_s, policy, cfg.control_token_env)
 
 
 class Fleet:

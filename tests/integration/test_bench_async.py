@@ -14,7 +14,8 @@ import pytest
 
 from common.config import ConfigError, load_config
 from experiments import bench_async_cli
-from experiments.bench_async import DEFAULT_CONFIG, STAGES, BenchAsyncConfig, run_bench, union_length
+from experiments.bench_async import DEFAULT_CONFIG, BenchAsyncConfig, run_bench
+from experiments.bench_async_measure import STAGES, union_length
 from experiments.judge_stub import JudgeStub, JudgeStubConfig
 from reward_service.config import LlmJudgeConfig
 from reward_service.judges.llm import LlmJudge

@@ -159,7 +159,7 @@ def test_sigkill_then_resume_retrains_the_same_step_and_loses_nothing(tmp_path: 
     assert state.num_duplicates == 0 and state.num_dropped_stale == 0
     # Everything read was acked after the final checkpoint; what is left are groups served for step 5 and up.
     broker = connect(BrokerConfig(redis_url=redis_url, run_id=RUN_ID))
-    assert broker.client.xpending(broker.key(SCORED), CONSUMER_GROUP)["pending"] == 0  # type: ignore[attr-defined]
+    assert broker.view(SCORED).stats().groups[CONSUMER_GROUP].pending == 0
     assert scored.backlog() == 3 * GROUPS_PER_STEP + driver.done - 4 * GROUPS_PER_STEP
     assert json.loads((run_dir / "config.json").read_text())["max_steps"] == 4
 

@@ -216,3 +216,12 @@ def test_config_positional_and_flag_name_one_file() -> None:
         parse(parser, ["up", "--run_dir", "x"])
     export = parse(parser, ["export-hf", "--model.tp_size", "2", "CKPT", "OUT", "--flag"])
     assert (export.ckpt, export.out, export.overrides) == ("CKPT", "OUT", ["--model.tp_size", "2", "--flag"])
+
+
+def test_abbreviated_flags_are_overrides_not_prefixes() -> None:
+    """Guards against argparse's prefix matching turning an override such as `--c` (or a typo) into `--config`
+    or `--no-dashboard`: every command parser must take flags only as spelled."""
+    from deploy.cli import build_parser
+
+    args = parse(build_parser(), ["up", "a.toml", "--no-dash"])
+    assert args.no_dashboard is False and args.overrides == ["--no-dash"]  # load_config then names --no-dash

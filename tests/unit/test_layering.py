@@ -23,7 +23,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     "reward_service": frozenset({"common", "broker"}),
     "rollout_server": frozenset({"common", "broker", "weights", "datagen"}),
     "learner": frozenset({"common", "broker", "weights", "datagen"}),
-    "eval": frozenset({"common", "broker", "datagen", "reward_service", "rollout_server"}),
+    "eval": frozenset({"common", "broker", "weights", "datagen", "reward_service", "rollout_server"}),
     "deploy": frozenset(
         {"common", "broker", "weights", "datagen", "reward_service", "rollout_server", "learner", "eval"}
     ),

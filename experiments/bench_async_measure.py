@@ -1,0 +1,181 @@
+"""What the async bench measures of one run: ScoredObserver copies every ScoredGroup off the run's `scored` stream
+while it runs (XRANGE through the broker's read-only view: reads, never consumes), and summarize_run turns those
+records, the learner's metrics and the judge stub's calls into per-step medians.
+
+Per-stage busy time is measured per learner step, on the step's window (t[i-1], t[i]] of metrics.jsonl:
+- generation: the union of the groups' generation intervals [end - Group.rollout_s, end], where the end is the
+  scored entry's XADD time (a ms timestamp) minus ScoredGroup.score_s (the reward worker takes a group as soon
+  as it is published: its concurrency exceeds the groups in flight);
+- scoring: the union of the groups' scoring intervals [XADD time - score_s, XADD time];
+- training: the learner's `step_s` (old logprobs, forward-backward, optimizer step);
+- weight sync: the learner's `weight_sync/total_s` (export, pause, broadcast, resume).
+The steps measured are warmup_steps + 1 .. steps - 1 (the last one also writes the run's only checkpoint);
+every figure is a median over them. steps/min = 60 / median step interval.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from experiments.bench_async_plan import BenchError
+from experiments.side_reads import side_reads_config
+
+log = logging.getLogger(__name__)
+
+STAGES = ("generation", "scoring", "training", "weight_sync")
+
+
+@dataclass(frozen=True)
+class ScoredRecord:
+    """What the bench keeps of one ScoredGroup (times are time.time() seconds)."""
+
+    group_id: str
+    scored_s: float  # XADD time of the scored entry
+    score_s: float
+    rollout_s: float
+    admitted_version: int
+    group_version: int  # Group.group_version: what the learner's staleness counts
+    created_s: float
+
+    @property
+    def generation(self) -> tuple[float, float]:
+        end = self.scored_s - self.score_s
+        return end - self.rollout_s, end
+
+    @property
+    def scoring(self) -> tuple[float, float]:
+        return self.scored_s - self.score_s, self.scored_s
+
+
+@dataclass
+class ScoredObserver:
+    """A thread that copies new entries of the run's `scored` stream every `poll_s` (the broker's read-only view,
+    no consumer group: the learner's reads and acks are untouched). It waits for Redis to come up and tolerates
+    it going away."""
+
+    redis_url: str
+    run_id: str
+    poll_s: float
+    records: list[ScoredRecord] = field(default_factory=list)
+    errors: int = 0
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> ScoredObserver:
+        self._thread = threading.Thread(target=self._run, name=f"observer-{self.run_id}", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        from broker.base import SCORED, Broker, BrokerError
+        from broker.factory import connect
+        from broker.schemas import ScoredGroup
+
+        cfg = side_reads_config(self.redis_url, self.run_id, connect_timeout_s=2.0)
+        broker: Broker | None = None
+        last = "0-0"
+        while not self._stop.wait(self.poll_s):
+            try:
+                if broker is None:
+                    broker = connect(cfg)  # pings: fails until the launcher's Redis is up
+                page = broker.view(SCORED).peek(ScoredGroup, last, count=1000)
+            except BrokerError as e:
+                log.debug("scored stream not readable yet: %s", e)
+                continue
+            last = page.last_id
+            self.errors += len(page.undecodable)
+            for entry in page.entries:
+                sg = entry.msg
+                g = sg.group
+                self.records.append(
+                    ScoredRecord(
+                        group_id=sg.group_id,
+                        scored_s=int(entry.id.split("-")[0]) / 1000,  # the entry id's time: when it was scored
+                        score_s=sg.score_s,
+                        rollout_s=g.rollout_s,
+                        admitted_version=g.task.policy_version,
+                        group_version=g.group_version,
+                        created_s=g.task.created_s,
+                    )
+                )
+        if broker is not None:
+            broker.close()
+
+
+def union_length(intervals: list[tuple[float, float]], lo: float, hi: float) -> float:
+    """Length of the union of `intervals` clipped to [lo, hi]."""
+    clipped = sorted((max(a, lo), min(b, hi)) for a, b in intervals if b > lo and a < hi)
+    total, cur_a, cur_b = 0.0, None, None
+    for a, b in clipped:
+        if cur_b is None or a > cur_b:
+            if cur_b is not None and cur_a is not None:
+                total += cur_b - cur_a
+            cur_a, cur_b = a, b
+        else:
+            cur_b = max(cur_b, b)
+    if cur_b is not None and cur_a is not None:
+        total += cur_b - cur_a
+    return total
+
+
+def max_staleness_seen(metrics: list[dict[str, Any]]) -> int:
+    """The largest lag (versions) of any group the learner trained on (metrics' staleness/<lag> counts)."""
+    lags = [int(k.split("/", 1)[1]) for m in metrics for k, v in m.items() if k.startswith("staleness/") and v]
+    return max(lags, default=0)
+
+
+def summarize_run(
+    metrics: list[dict[str, Any]],
+    records: list[ScoredRecord],
+    judge_calls: list[tuple[float, float]],
+    warmup_steps: int,
+    judge_concurrency: int,
+) -> dict[str, Any]:
+    """Medians over the measured steps of one run (see the module docstring)."""
+    rows = sorted(metrics, key=lambda m: m["step"])
+    steps = [m["step"] for m in rows]
+    if steps != list(range(1, len(rows) + 1)) or len(rows) < warmup_steps + 2:
+        raise BenchError(f"metrics cover steps {steps[:3]}...{steps[-3:]}: too few to measure after warm-up")
+    t = [float(m["time_s"]) for m in rows]
+    gen = [r.generation for r in records]
+    score = [r.scoring for r in records]
+    per_step: dict[str, list[float]] = {s: [] for s in (*STAGES, "judge", "judge_work")}
+    dts, calls = [], []
+    for i in range(warmup_steps, len(rows) - 1):  # index i is step i + 1; the last step (checkpoint) left out
+        lo, hi = t[i - 1], t[i]
+        dts.append(hi - lo)
+        per_step["generation"].append(union_length(gen, lo, hi))
+        per_step["scoring"].append(union_length(score, lo, hi))
+        per_step["training"].append(float(rows[i]["step_s"]))
+        per_step["weight_sync"].append(float(rows[i].get("weight_sync/total_s") or 0.0))
+        per_step["judge"].append(union_length(judge_calls, lo, hi))
+        held = sum(max(0.0, min(b, hi) - max(a, lo)) for a, b in judge_calls)
+        per_step["judge_work"].append(held / judge_concurrency)
+        calls.append(sum(lo < end <= hi for _, end in judge_calls))
+    busy = {s: statistics.median(v) for s, v in per_step.items() if s in STAGES}
+    step_s = statistics.median(dts)
+    last = rows[-1]
+    return {
+        "steps_per_min": 60.0 / step_s,
+        "step_s": step_s,
+        "busy_s_per_step": busy,
+        "busy_sum_over_step": sum(busy.values()) / step_s,
+        "judge_busy_s_per_step": statistics.median(per_step["judge"]),
+        # slot-seconds / concurrency: the judge's time per step if its slots were always full
+        "judge_work_s_per_step": statistics.median(per_step["judge_work"]),
+        "judge_calls_per_step": statistics.median(calls),
+        "judge_calls": sum(calls),
+        "measured_steps": len(dts),
+        "groups_dropped_stale": int(last.get("groups_dropped_stale") or 0),
+        "max_staleness_seen": max_staleness_seen(rows),
+        "groups_observed": len(records),
+    }
