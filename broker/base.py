@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import abc
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic
@@ -71,6 +72,43 @@ class BrokerError(RuntimeError):
     """The broker could not do what was asked within its retries and timeouts."""
 
 
+class RunDataLost(BrokerError):
+    """Redis no longer holds what this run wrote: the run's marker is missing or belongs to another start (a
+    restart without the append-only file, FLUSHALL, eviction). The streams, dedup keys and registry are gone
+    with it, so carrying on would train on an empty run: stop, restore Redis, or start a new run id."""
+
+
+class RunMarker(msgspec.Struct, frozen=True, kw_only=True):
+    """Written once when a run starts (`Broker.attach_run(owner=True)`) and never changed: while Redis holds it,
+    Redis holds the run. A `token` tells this start from a later start of the same run id."""
+
+    run_id: str
+    started_s: float  # unix time the run started
+    started_by: str  # who started it: "longtrace up", "learner", ...
+    token: str
+
+    @classmethod
+    def new(cls, run_id: str, started_by: str) -> RunMarker:
+        return cls(run_id=run_id, started_s=time.time(), started_by=started_by, token=uuid.uuid4().hex)
+
+    def describe(self) -> str:
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.started_s))
+        return f"run {self.run_id!r} started at {when} by {self.started_by}"
+
+
+def marker_lost(
+    where: str, run_id: str, expected: RunMarker | None, found: RunMarker | None, evidence: str = ""
+) -> str:
+    """The message of a RunDataLost: which Redis, which run, what says the run existed, what Redis holds now."""
+    known = expected.describe() if expected is not None else f"run {run_id!r} ({evidence} says it started before)"
+    now = "no marker" if found is None else f"the marker of another start ({found.describe()})"
+    return (
+        f"Redis at {where} has {now} for {known}: it lost the run's data (append-only file off or deleted, a "
+        "FLUSHALL, or eviction?). The run's queues, dedup keys, policy version and engine registry are gone; "
+        "continuing would train on an empty run. Restore Redis's data, or start a new --broker.run_id."
+    )
+
+
 class BackpressureTimeout(BrokerError):
     """A producer waited `timeout_s` for a full stream to drain below its backlog limit."""
 
@@ -92,7 +130,7 @@ def check_entry_sizes(stream: str, payloads: Sequence[bytes], max_entry_mb: floa
     for i, p in enumerate(payloads):
         if len(p) > limit:
             raise EntryTooLarge(
-                f"message {i} of {len(payloads)} to stream {stream!r} is {len(p) / 2**20:.2f} MB encoded, over "
+                f"message {i} of {len(payloads)} to stream {stream!r} is {len(p):,} bytes encoded, over "
                 f"the limit of {max_entry_mb:g} MB (--broker.max_entry_mb)"
             )
 
@@ -206,8 +244,12 @@ class Consumer(abc.ABC, Generic[M]):
     @abc.abstractmethod
     def touch(self) -> None:
         """Renew the lease on every entry this consumer holds (delivered, not yet acked): reset their idle
-        time so no other consumer claims them. A consumer busy with long work and not calling `read` calls
-        this in its loop; it is cheap to call often (at most one round trip per `claim_idle_s / 4`)."""
+        time so no other consumer claims them. Renewals come every `claim_idle_s / 4`, long before a lease runs
+        out: `read` renews too (a blocking read wakes up for it), so a consumer that keeps reading need not call
+        this; one busy with long work and not calling `read` calls it in its loop. Cheap to call often (at most
+        one round trip per `claim_idle_s / 4`). Only entries still held are renewed: one claimed by another
+        consumer after this one's lease ran out (a stall past `claim_idle_s`) stays with that consumer, and this
+        one forgets it (no second holder)."""
 
     @abc.abstractmethod
     def dead_letter(self, entry: Entry[M], reason: str) -> None:
@@ -302,6 +344,26 @@ class Broker(abc.ABC):
     @abc.abstractmethod
     def view(self, stream: str) -> StreamView:
         """A read-only view of `stream` (it needs no consumer group)."""
+
+    @abc.abstractmethod
+    def check_durability(self) -> list[str]:
+        """Check that the server keeps what the run writes, at a service's start.
+
+        Raises BrokerError when it may evict the run's keys (a `maxmemory-policy` other than noeviction: volatile-*
+        evicts the dedup keys, which have a TTL; allkeys-* any key). Returns, and logs, a warning per setting
+        that loses data in a restart (`appendonly no`, `appendfsync no`) or that could not be checked (managed
+        Redis often refuses CONFIG GET)."""
+
+    @abc.abstractmethod
+    def attach_run(self, who: str, owner: bool = False, resumed_from: str = "") -> RunMarker | None:
+        """Attach this service to its run: check durability (`check_durability`), then the run's marker.
+
+        `owner` (the launcher at a phase's start, the learner): write the marker when the run has none (a new
+        run). `resumed_from` (the learner's checkpoint, ...): what says the run started before; then a missing
+        marker raises RunDataLost. Others join: they adopt the marker now or once it appears.
+        From then on every call of this broker checks, at most once a second, that Redis still holds the marker
+        attached to, and raises RunDataLost (naming the Redis URL and the run) once it does not: a Redis
+        restarted empty accepts writes as if nothing happened. Returns the marker (None: not written yet)."""
 
     @abc.abstractmethod
     def close(self) -> None: ...

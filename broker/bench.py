@@ -21,7 +21,18 @@ import redis
 
 from broker.base import ROLLOUTS
 from broker.redis import FIELD, RedisBroker
-from broker.schemas import Group, RewardInfo, Sample, Task, WeightSegment, decode, encode, pack_ids, pack_logprobs
+from broker.schemas import (
+    Group,
+    RewardInfo,
+    Sample,
+    Task,
+    TextSplit,
+    WeightSegment,
+    decode,
+    encode,
+    pack_ids,
+    pack_logprobs,
+)
 from broker.settings import BrokerConfig
 
 VOCAB = 151_936  # Qwen3's vocabulary size
@@ -69,8 +80,7 @@ def make_group(
                 text=text,
                 finish_reason="stop",
                 status="completed",
-                reasoning=text[:cut],
-                content=text[cut:],
+                split=TextSplit(cut, cut, len(text)),
                 weight_segments=[WeightSegment(0, 3), WeightSegment(response_tokens // 2, 4)],
                 engine_id=f"engine-{i % 2}",
                 gen_s=12.5,

@@ -25,7 +25,13 @@ def register(commands: SubParsers, benches: SubParsers) -> None:
     p.add_argument("--port", type=int, default=None, help="port to listen on (default: a free one)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     p.add_argument("--dir", default=None, help="data directory (default: a temporary one, removed on exit)")
-    p.add_argument("--appendonly", action="store_true", help="write an append-only file (survives a crash)")
+    p.add_argument(
+        "--appendonly",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="write an append-only file, so a restart keeps the queues (default: on; --no-appendonly for a "
+        "throwaway server)",
+    )
     p.add_argument(
         "--appendfsync",
         choices=("always", "everysec", "no"),  # broker.embedded.APPENDFSYNC_POLICIES (not imported: it imports redis)

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Literal, get_args
@@ -38,17 +39,23 @@ def redis_server_binary() -> str:
 
 
 class EmbeddedRedis:
-    """A redis-server child process. Use as a context manager, or call start()/stop()."""
+    """A redis-server child process. Use as a context manager, or call start()/stop().
+
+    The append-only file is on unless asked otherwise: without it a restart of redis-server comes back empty (no
+    RDB snapshots either: `--save ""`), and every service attached to a run then stops with RunDataLost. `settings`
+    are other redis-server settings for its command line (e.g. {"maxmemory-policy": "allkeys-lru"} in tests; a list
+    for a setting of several arguments: {"rename-command": ["CONFIG", ""]})."""
 
     def __init__(
         self,
         port: int | None = None,
         host: str = "127.0.0.1",
         data_dir: str | Path | None = None,
-        appendonly: bool = False,
+        appendonly: bool = True,
         password: str | None = None,
         maxmemory_mb: int | None = None,
         appendfsync: AppendFsync = "everysec",
+        settings: Mapping[str, str | Sequence[str]] | None = None,
     ) -> None:
         if appendfsync not in APPENDFSYNC_POLICIES:
             raise ValueError(f"appendfsync {appendfsync!r}: use one of {', '.join(APPENDFSYNC_POLICIES)}")
@@ -62,6 +69,7 @@ class EmbeddedRedis:
         self.password = password
         self.maxmemory_mb = maxmemory_mb
         self.appendfsync = appendfsync
+        self.settings = dict(settings or {})
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -93,6 +101,8 @@ class EmbeddedRedis:
             args.insert(1, str(conf))
         if self.maxmemory_mb:
             args += ["--maxmemory", f"{self.maxmemory_mb}mb"]
+        for name, value in self.settings.items():
+            args += [f"--{name}", *([value] if isinstance(value, str) else value)]
         # New session: a Ctrl-C meant for the launcher must not kill Redis before the others flush.
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         client = redis.Redis.from_url(self.url, socket_timeout=1.0, socket_connect_timeout=1.0)

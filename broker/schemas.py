@@ -15,7 +15,9 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""The wire format's version, in every message. 2: `Sample` keeps its reasoning/content split as offsets into its
+text (`TextSplit`) instead of two more copies of it; an entry of version 1 is dead-lettered as undecodable."""
 
 IDS_DTYPE = np.dtype("<i4")
 LOGPROBS_DTYPE = np.dtype("<f4")
@@ -96,22 +98,65 @@ class WeightSegment(msgspec.Struct, array_like=True, forbid_unknown_fields=True)
     policy_version: int
 
 
+class TextSplit(msgspec.Struct, array_like=True, frozen=True, forbid_unknown_fields=True):
+    """Where the message processor split a sample's text (rollout_server/worker/processors.py), as code-point
+    offsets into `Sample.text`: the reasoning is text[:reasoning_end], the final answer text[content_start:
+    content_end]. Three integers on the wire instead of a second copy of the text."""
+
+    reasoning_end: int
+    content_start: int
+    content_end: int
+
+    @classmethod
+    def of(cls, text: str, reasoning: str, content: str) -> TextSplit | None:
+        """The split of `text` into `reasoning` (a prefix of it) and `content` (its last occurrence after the
+        reasoning); None when both are empty (nothing to split). ValueError when `text` holds no such split."""
+        if not reasoning and not content:
+            return None
+        if not text.startswith(reasoning):
+            raise ValueError(f"the reasoning ({len(reasoning)} characters) does not begin the text")
+        start = text.rfind(content, len(reasoning))
+        if start < 0:
+            raise ValueError(f"the content ({len(content)} characters) is not in the text after the reasoning")
+        return cls(len(reasoning), start, start + len(content))
+
+
 class Sample(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """One response of a group, as generated and parsed by the rollout worker."""
+    """One response of a group, as generated and parsed by the rollout worker.
+
+    The text travels once: its reasoning and final answer are read through `split` (the `reasoning` and `content`
+    properties). A split that does not fit the text is refused at construction and at decode (a dead letter)."""
 
     response_ids: bytes  # int32
     logprobs: bytes  # float32, one per response token, engine-side log p (see rollout_server docs)
     text: str
     finish_reason: FinishReason
     status: Status
-    reasoning: str = ""  # text before the last </think>
-    content: str = ""  # the final answer after </think>
+    split: TextSplit | None = None  # None: not split (truncated, aborted, no stop token): no reasoning nor content
     ill_formed: bool = False
     task_unfinished: bool = False
     weight_segments: list[WeightSegment] = []
     engine_id: str = ""
     num_resumes: int = 0  # times it was resubmitted after a pause-with-abort
     gen_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        sp = self.split
+        if sp is not None and not 0 <= sp.reasoning_end <= sp.content_start <= sp.content_end <= len(self.text):
+            raise ValueError(
+                f"split ({sp.reasoning_end}, {sp.content_start}, {sp.content_end}) does not fit a text of "
+                f"{len(self.text)} characters"
+            )
+
+    @property
+    def reasoning(self) -> str:
+        """The text before the last </think> (one trailing newline dropped); "" when not split."""
+        return self.text[: self.split.reasoning_end] if self.split is not None else ""
+
+    @property
+    def content(self) -> str:
+        """The final answer after </think>, without the stop token; "" when not split."""
+        return self.text[self.split.content_start : self.split.content_end] if self.split is not None else ""
 
     def response_ids_np(self) -> npt.NDArray[np.int32]:
         return unpack_ids(self.response_ids)
@@ -183,6 +228,10 @@ class DeadLetter(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, tag="
     payload: bytes
     consumer: str = ""
     created_s: float = 0.0
+    # The group the dead entry carried, when its payload still names one (broker/entries.py reads it even from an
+    # entry that no longer decodes as its stream's message); "" when it does not. The learner releases that
+    # group's admission slot (learner/upstream.py); an older letter without the field reads as "".
+    group_id: str = ""
 
 
 Message = Task | Group | ScoredGroup | DeadLetter

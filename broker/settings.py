@@ -63,6 +63,14 @@ class BrokerConfig(BaseConfig):
     """An entry delivered more often than this goes to the dead stream."""
     dedup_ttl_s: float = Field(7 * 24 * 3600.0, gt=0)
     """How long a published dedup key (group id) is remembered."""
+    dead_max_entries: int = Field(10_000, ge=1)
+    """The dead stream keeps about this many letters, the newest: each dead letter trims the oldest beyond it
+    (approximately in Redis, `XTRIM MAXLEN ~`, whole stream nodes of ~100 entries). The learner reads every letter of
+    its run to release the group's admission slot, and saves how far it read with each checkpoint; a letter trimmed
+    before it was read (more letters than this while the learner was down or behind) is not silently lost: the
+    learner's scan for vanished groups (`--batch.lost_scan_after_s`) releases that group as `lost`
+    (`groups_dead_lettered/lost` in metrics.jsonl, logged). Size it for the letters a run writes while its learner
+    is down; inspect or replay letters before they are trimmed."""
 
     @model_validator(mode="before")
     @classmethod

@@ -1,11 +1,15 @@
-"""The HTTP services' guard: bearer auth (401) and a body-size limit (413), as one pure ASGI layer.
+"""The HTTP services' guard: bearer auth (401), a body-size limit (413) and a budget of bodies in flight (503), as
+one pure ASGI layer.
 
-Both checks run before routing or parsing: an unauthenticated caller learns nothing about a protected
+All checks run before routing or parsing: an unauthenticated caller learns nothing about a protected
 endpoint's body (401 comes before any 422), and a body over the limit, whether its Content-Length says
 so, lies, or is streamed chunked, never reaches the JSON parser. The body is buffered here and replayed
-to the app. Each service says which paths need the token and how its errors look (SGLang's error shape
-on the engine, FastAPI's `{"detail": ...}` on the reward service). Used by reward_service/app.py and
-rollout_server/engine/guard.py; it lives in `broker` because every service already imports it.
+to the app. Each body is charged to a budget shared by the requests in flight (from its first byte until the
+app has answered, since the parsed body lives that long): many large bodies at once cannot exhaust memory, the
+one that would overflow the budget gets 503 with Retry-After, and small requests still fit beside the large
+ones. Each service says which paths need the token and how its errors look (SGLang's error shape on the engine,
+FastAPI's `{"detail": ...}` on the reward service). Used by reward_service/app.py and
+rollout_server/engine/guard.py.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 UNAUTHORIZED = "unauthorized"
 BODY_TOO_LARGE = "body_too_large"
+BODIES_BUSY = "bodies_busy"
 
 
 class SafeJSONResponse(JSONResponse):
@@ -40,11 +45,15 @@ def detail_error(message: str, status: int) -> Response:
 
 
 class Guard:
-    """Refuse requests to paths where `needs_auth(path)` without `Authorization: Bearer <token>` (401), and bodies
-    over `max_body_bytes` (413); otherwise replay the buffered body to the app. No token: no auth.
+    """Refuse requests to paths where `needs_auth(path)` without `Authorization: Bearer <token>` (401), bodies
+    over `max_body_bytes` (413), and bodies that would take the bytes held by requests in flight past
+    `max_concurrent_body_bytes` (503 with `Retry-After: retry_after_s`; None: no budget); otherwise replay the
+    buffered body to the app. No token: no auth. A body is always admitted when no other request holds any, so
+    a budget below `max_body_bytes` serialises large bodies instead of refusing them forever.
 
-    `error(message, status)` builds a refusal's response; `on_refusal(kind)` (UNAUTHORIZED or BODY_TOO_LARGE)
-    lets the service count them. A client that disconnects mid-body gets no answer (nobody to read it).
+    `error(message, status)` builds a refusal's response; `on_refusal(kind)` (UNAUTHORIZED, BODY_TOO_LARGE or
+    BODIES_BUSY) lets the service count them. A client that disconnects mid-body gets no answer (nobody to read
+    it). The budget's message names `--max_concurrent_body_mb`: a service exposes the budget under that name.
     """
 
     def __init__(
@@ -57,9 +66,14 @@ class Guard:
         error: Callable[[str, int], Response] = detail_error,
         unauthorized_message: str = "missing or wrong bearer token",
         on_refusal: Callable[[str], None] | None = None,
+        max_concurrent_body_bytes: int | None = None,
+        retry_after_s: int = 1,
     ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.max_concurrent_body_bytes = max_concurrent_body_bytes
+        self.retry_after_s = retry_after_s
+        self.body_bytes_in_flight = 0  # one event loop: a plain counter
         self._token = token.encode() if token else None
         self._needs_auth = needs_auth
         self._error = error
@@ -79,21 +93,54 @@ class Guard:
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
             await self._too_large(declared.decode("latin-1"))(scope, receive, send)
             return
-        chunks: list[bytes] = []
-        size = 0
-        more = True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                await self._too_large(f"more than {self.max_body_bytes}")(scope, receive, send)
-                return
-            chunks.append(chunk)
-            more = message.get("more_body", False)
-        await self.app(scope, _replay(b"".join(chunks), receive), send)
+        held = 0  # bytes this request holds of the budget: its declared length up front, more if it lied
+        try:
+            if declared is not None:
+                if not self._hold(held, int(declared)):
+                    await self._busy(int(declared))(scope, receive, send)
+                    return
+                held = int(declared)
+            chunks: list[bytes] = []
+            size = 0
+            more = True
+            while more:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > self.max_body_bytes:
+                    await self._too_large(f"more than {self.max_body_bytes}")(scope, receive, send)
+                    return
+                if size > held:
+                    if not self._hold(held, size - held):
+                        await self._busy(size)(scope, receive, send)
+                        return
+                    held = size
+                chunks.append(chunk)
+                more = message.get("more_body", False)
+            await self.app(scope, _replay(b"".join(chunks), receive), send)
+        finally:
+            self.body_bytes_in_flight -= held
+
+    def _hold(self, held: int, more: int) -> bool:
+        """Charge `more` bytes to the budget for a request already holding `held`; False when they do not fit."""
+        others = self.body_bytes_in_flight - held
+        limit = self.max_concurrent_body_bytes
+        if limit is not None and others > 0 and self.body_bytes_in_flight + more > limit:
+            return False
+        self.body_bytes_in_flight += more
+        return True
+
+    def _busy(self, size: int) -> Response:
+        assert self.max_concurrent_body_bytes is not None
+        message = (
+            f"request bodies in flight hold {self.body_bytes_in_flight} bytes; with this one's {size} they would "
+            f"exceed {self.max_concurrent_body_bytes} (--max_concurrent_body_mb): retry later"
+        )
+        refusal = self._refuse(BODIES_BUSY, message, 503)
+        refusal.headers["Retry-After"] = str(self.retry_after_s)
+        return refusal
 
     def _authorized(self, scope: Scope) -> bool:
         assert self._token is not None

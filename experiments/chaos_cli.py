@@ -1,11 +1,14 @@
-"""`longtrace bench chaos`: kill -9 each process of a local `longtrace up` in turn and check the delivery
-guarantees (registered by deploy/cli.py).
+"""`longtrace bench chaos`: run the local `longtrace up` through each fault scenario and check that every admitted
+group is accounted for (registered by deploy/cli.py).
 
-longtrace bench chaos [--json] [--config configs/bench/chaos.toml] [--faults '["engine"]'] [--up.key value ...]
+longtrace bench chaos [--json] [--config configs/bench/chaos.toml] [--scenarios '["kills", "judge_outage"]']
+                      [--faults '["engine"]'] [--up.key value ...]
 
-Prints one JSON object: ok, kills, groups_admitted, groups_trained, groups_lost, groups_duplicated, recovery_s per
-fault, and the details (experiments/chaos.py). Exit status 1 unless ok (nothing lost, duplicated or left pending, every
-fault recovered, the run finished).
+Prints one JSON object: ok, scenarios, kills, groups_admitted, groups_trained, groups_dropped_stale,
+groups_dead_lettered, groups_pending_end, groups_lost, groups_duplicated, duplicates_counted_from, conservation_ok,
+finished (summed or and-ed over the scenarios), and each scenario's run under `runs` (experiments/chaos.py). Exit
+status 1 unless ok (per scenario: nothing lost or duplicated, conservation holds, every injection recovered from,
+the scenario's own check holds, the learner finished).
 """
 
 from __future__ import annotations
@@ -27,11 +30,12 @@ def register(commands: SubParsers, benches: SubParsers) -> None:
         json_help="print only the JSON result",
         overrides=True,
         logs=Logs(prefix="chaos ", level="INFO"),
-        help="kill -9 a reward worker, rollout worker, engine, the learner and Redis in turn; nothing lost or doubled",
-        description="Run the local system (an UpConfig under [up]) and SIGKILL then restart each process kind in "
-        "turn; account every admitted group against the final checkpoint and the Redis streams.",
-        epilog='Overrides: --faults \'["reward_worker", "engine"]\' --up.run_dir runs/chaos-2 '
-        "--up.phases.rl.steps 16 --warmup_steps 2 ...",
+        help="kills, judge outage, long generations, oversized output, rejected tasks, a learner crash loop and a "
+        "regex bomb, each in a local run; nothing lost or doubled",
+        description="Run the local system (an UpConfig under [up]) once per scenario with its fault; account for "
+        "every admitted group from Redis's dedup keys, metrics.jsonl, the dead stream and the streams' entries.",
+        epilog='Overrides: --scenarios \'["kills"]\' --faults \'["reward_worker", "engine"]\' --up.run_dir '
+        "runs/chaos-2 --up.phases.rl.steps 16 --scenario_steps 24 --warmup_steps 2 ...",
     )
     add_config(b, "ChaosConfig TOML (default: %(default)s)", default=str(DEFAULT_CONFIG))
 

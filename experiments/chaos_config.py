@@ -1,6 +1,7 @@
-"""The chaos bench's config: which faults (the scenarios, each a process kind to SIGKILL and respawn), in which
-order, on which phase of which `longtrace up`, and the checks that reject a plan that cannot work before the run
-starts. experiments/chaos.py runs the bench (its docstring describes each fault and the accounting).
+"""The chaos bench's config: which scenarios (each its own `longtrace up` run of the base `[up]`, with the overrides
+experiments/chaos_scenarios.py gives it), the kills of the `kills` scenario and their order, the sizes of the other
+scenarios, and the checks that reject a plan that cannot work before a run starts. experiments/chaos.py runs the
+bench (its docstring describes each scenario and the accounting).
 """
 
 from __future__ import annotations
@@ -16,6 +17,12 @@ from deploy.launcher.config import UpConfig
 
 Fault = Literal["reward_worker", "rollout_worker", "engine", "learner", "redis"]
 ALL_FAULTS: tuple[Fault, ...] = ("reward_worker", "rollout_worker", "engine", "learner", "redis")
+Scenario = Literal[
+    "kills", "judge_outage", "long_generations", "oversized_output", "reject_task", "learner_crash_loop", "regex_bomb"
+]
+ALL_SCENARIOS: tuple[Scenario, ...] = (
+    "kills", "judge_outage", "long_generations", "oversized_output", "reject_task", "learner_crash_loop", "regex_bomb"
+)  # fmt: skip
 
 
 class ChaosFailed(RuntimeError):
@@ -23,8 +30,18 @@ class ChaosFailed(RuntimeError):
 
 
 class ChaosConfig(BaseConfig):
+    scenarios: list[Scenario] = Field(default_factory=lambda: list(ALL_SCENARIOS))
+    """Scenarios run, in this order, each in its own run under `up.run_dir/<scenario>`."""
     faults: list[Fault] = Field(default_factory=lambda: list(ALL_FAULTS))
-    """Faults injected in this order, one at a time (each at most once)."""
+    """The `kills` scenario: processes killed in this order, one at a time (each at most once)."""
+    scenario_steps: int = Field(24, ge=4)
+    """RL steps of each scenario but `kills` (which runs `up.phases.<phase>.steps`)."""
+    judge_outage_s: float = Field(20.0, gt=0)
+    """judge_outage: how long the judge refuses every call (longer than the reward worker's retries)."""
+    crash_loop_restarts: int = Field(5, ge=1)
+    """learner_crash_loop: learner kills inside one checkpoint interval."""
+    regex_bomb_mb: float = Field(1.0, gt=0)
+    """regex_bomb: size of the response of repeated tags posted to the reward API's /evaluate."""
     phase: str = ""
     """The phase the faults hit; empty: the last phase of `up` (it must be an RL phase)."""
     warmup_steps: int = Field(1, ge=1)
@@ -41,6 +58,8 @@ class ChaosConfig(BaseConfig):
 
     @model_validator(mode="after")
     def _check(self) -> ChaosConfig:
+        if len(set(self.scenarios)) != len(self.scenarios) or not self.scenarios:
+            raise ValueError(f"--scenarios {self.scenarios}: name each of {', '.join(ALL_SCENARIOS)} at most once")
         if len(set(self.faults)) != len(self.faults):
             raise ValueError(f"--faults {self.faults}: a fault is listed twice")
         if not self.faults:
@@ -55,11 +74,11 @@ class ChaosConfig(BaseConfig):
             raise ValueError(f"--up.phases.{phase}.eval_before/eval_after: evaluation talks to the engines by their "
                              "start URL, which a respawned engine does not keep; set both false")  # fmt: skip
         needed = self.warmup_steps + len(self.faults) * self.steps_between_faults + 1
-        if p.steps < needed:
+        if "kills" in self.scenarios and p.steps < needed:
             raise ValueError(
                 f"--up.phases.{phase}.steps {p.steps} < {needed} = warmup_steps + faults x steps_between_faults + 1"
             )
-        if "redis" in self.faults and (self.up.redis.url or not self.up.redis.appendonly):
+        if "kills" in self.scenarios and "redis" in self.faults and (self.up.redis.url or not self.up.redis.appendonly):
             raise ValueError("the redis fault needs the embedded Redis with its AOF: --up.redis.url '' and "
                              "--up.redis.appendonly true")  # fmt: skip
         redis = self.up.redis

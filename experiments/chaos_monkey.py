@@ -49,11 +49,21 @@ def _round(x: float | None) -> float | None:
 class ChaosMonkey:
     """Injects the faults from the launcher's tick (`Launcher.on_tick`) and measures each recovery."""
 
-    def __init__(self, cfg: ChaosConfig, launcher: Any) -> None:
+    def __init__(
+        self,
+        cfg: ChaosConfig,
+        launcher: Any,
+        faults: list[Fault] | None = None,
+        warmup_steps: int | None = None,
+        steps_between: int | None = None,
+    ) -> None:
         self.cfg = cfg
         self.launcher = launcher
         self.phase = cfg.target_phase
-        self.todo: list[Fault] = list(cfg.faults)
+        self.todo: list[Fault] = list(cfg.faults if faults is None else faults)
+        self.num_faults = len(self.todo)
+        self._warmup_steps = cfg.warmup_steps if warmup_steps is None else warmup_steps
+        self._steps_between = cfg.steps_between_faults if steps_between is None else steps_between
         self.done: list[FaultRecord] = []
         self.current: FaultRecord | None = None
         self._probe: Probe | None = None
@@ -94,7 +104,7 @@ class ChaosMonkey:
 
     def _warm(self) -> bool:
         steps = self._steps()
-        want = self.cfg.warmup_steps if not self.done else self._steps_at_recovery + self.cfg.steps_between_faults
+        want = self._warmup_steps if not self.done else self._steps_at_recovery + self._steps_between
         if len(steps) < want:
             return False
         if self.todo[0] == "learner":

@@ -1,14 +1,15 @@
-"""What the chaos bench reads of the system under test: the Probe (cheap reads of the phase's queue through the
-broker's read-only view, None while Redis is down) and the final accounting of every admitted group against the
-streams and the final checkpoint's learner state (experiments/chaos.py describes the figures).
+"""What the chaos bench reads of the system under test: the Probe, cheap reads of the phase's queue through the
+broker's read-only view (None while Redis is down or a read fails), for the monkey's recovery times and for the
+final accounting (experiments/chaos_accounting.py).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from broker.base import EngineInfo
-from experiments.chaos_config import ChaosConfig, ChaosFailed
+from broker.schemas import DeadLetter
 from experiments.side_reads import side_reads_config
 
 
@@ -65,70 +66,35 @@ class Probe:
             }
         return out
 
-    def entry_group_ids(self) -> set[str]:
-        """Group ids of the entries still in `tasks`, `rollouts` and `scored` (undecodable ones left out)."""
+    def entry_group_ids(self) -> set[str] | None:
+        """Group ids of the entries still in `tasks`, `rollouts` and `scored` (undecodable ones left out); None if a
+        read failed."""
         from broker.base import ROLLOUTS, SCORED, TASKS
         from broker.schemas import Group, ScoredGroup, Task
 
         kinds: dict[str, Any] = {TASKS: Task, ROLLOUTS: Group, SCORED: ScoredGroup}
-        ids: set[str] = set()
-        for stream, kind in kinds.items():
-            view, after = self._broker.view(stream), "0-0"
-            while (page := view.peek(kind, after, count=1000)).last_id != after:
-                ids.update(e.msg.group_id for e in page.entries)
-                after = page.last_id
-        return ids
+
+        def read() -> set[str]:
+            ids: set[str] = set()
+            for stream, kind in kinds.items():
+                ids.update(m.group_id for m in self._messages(stream, kind))
+            return ids
+
+        found: set[str] | None = self._try(read)
+        return found
+
+    def dead_letters(self) -> list[DeadLetter] | None:
+        """Every letter in the `dead` stream, oldest first; None if the read failed."""
+        from broker.base import DEAD
+
+        letters: list[DeadLetter] | None = self._try(lambda: list(self._messages(DEAD, DeadLetter)))
+        return letters
+
+    def _messages(self, stream: str, kind: Any) -> Iterator[Any]:
+        view, after = self._broker.view(stream), "0-0"
+        while (page := view.peek(kind, after, count=1000)).last_id != after:
+            yield from (e.msg for e in page.entries)
+            after = page.last_id
 
     def close(self) -> None:
         self._broker.close()
-
-
-def account(cfg: ChaosConfig, launcher: Any, probe: Probe) -> dict[str, Any]:
-    """Every admitted group trained once in the final checkpoint's lineage, dropped, or still pending."""
-    from broker.base import TASKS
-    from learner.checkpoint import STATE_FILE, latest_checkpoint
-    from learner.state import LearnerState
-
-    phase = cfg.target_phase
-    train = cfg.up.train_config("redis://x", phase, "m", "d", str(launcher.run.phase_dir(phase)))
-    ckpt = latest_checkpoint(train.checkpoint_dir)
-    if ckpt is None:
-        raise ChaosFailed(f"no complete checkpoint in {train.checkpoint_dir}: the learner never finished")
-    state = LearnerState.load(ckpt / STATE_FILE)
-    admitted = probe.published(TASKS) or set()
-    consumed = state.consumed_group_ids
-    distinct = set(consumed)
-    dropped = state.num_dropped_stale + state.num_dropped_zero_variance + state.num_dead_lettered
-    pending_ids = probe.entry_group_ids()
-    streams = probe.streams()
-    stuck = {
-        f"{stream}/{group}/{consumer}": held
-        for stream, info in streams.items()
-        for group, g in info["groups"].items()
-        for consumer, held in g["holding"].items()
-    }
-    # The launcher samples the namespace once more after the learner exits, before the phase's processes stop.
-    last = [x for x in launcher.run.system() if x.get("phase") == phase][-1:] or [{}]
-    steps = cfg.up.phases[phase].steps
-    return {
-        "groups_admitted": len(admitted),
-        "groups_trained": state.num_trained_groups,
-        "groups_lost": len(admitted - distinct - pending_ids),
-        "groups_duplicated": (len(consumed) - len(distinct))
-        + max(0, state.num_trained_groups + dropped - len(distinct)),
-        "groups_dropped_stale": state.num_dropped_stale,
-        "groups_dropped_zero_variance": state.num_dropped_zero_variance,
-        "groups_dead_lettered": state.num_dead_lettered,
-        "groups_redelivered_skipped": state.num_duplicates,
-        "groups_admitted_final_lineage": state.cursor.admitted,
-        "groups_expected": steps * train.data.groups_per_step,
-        "groups_pending_end": len(pending_ids),
-        "entries_left": {s: info["length"] for s, info in streams.items()},
-        "consumers_holding_entries": stuck,
-        "final_checkpoint_step": state.step,
-        # Steps logged twice: trained, lost with a killed learner, trained again after its restart.
-        "steps_retrained": len(launcher.run.metrics(phase)) - steps,
-        "finished": state.step == steps,
-        "policy_version": last[0].get("policy_version"),
-        "engine_versions": sorted(last[0].get("engine_versions", [])),
-    }

@@ -53,6 +53,9 @@ class JudgeStub:
         self.calls: list[Call] = []
         self._lock = threading.Lock()  # the log is read from other threads
         self._slots = asyncio.Semaphore(cfg.concurrency)  # binds to the server's loop on first use
+        # While True, every judge call is refused with 503 (an outage of the judge API: `longtrace bench chaos`).
+        self.refusing = False
+        self.refused = 0
 
     def app(self) -> Any:
         from starlette.applications import Starlette
@@ -80,6 +83,10 @@ class JudgeStub:
         from starlette.responses import JSONResponse
 
         received = time.time()
+        if self.refusing:
+            with self._lock:
+                self.refused += 1
+            return JSONResponse({"error": {"message": "judge unavailable (stub outage)"}}, status_code=503)
         try:
             body = await request.json()
             prompt = body["messages"][0]["content"]

@@ -53,6 +53,8 @@ class TrainBatch:
     samples: list[TrainSample]
     group_ids: list[str]
     metrics: dict[str, float] = field(default_factory=dict)  # data metrics computed on rank 0
+    # Rank 0 only (not broadcast): groups given up on since the previous batch, by cause (learner/ledger.py).
+    released_group_ids: dict[str, list[str]] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- groups -> samples

@@ -6,14 +6,15 @@ Layout under the checkpoint directory:
     latest                    the name of the newest *complete* checkpoint (replaced atomically)
 
 A checkpoint counts only once `latest` names it, so a crash mid-save leaves the previous one in force.
-Only after `latest` is updated does `on_saved` run (rank 0 acks the scored entries the saved steps used).
+Only after `latest` is updated does `on_saved` run (rank 0 acks the scored entries the saved steps used); the state
+file and `latest` are fsynced first, file and directory (`commit`), so a power loss after those acks cannot bring
+back a checkpoint that predates them.
 The model has no dropout, so no RNG state is saved: a resumed step is bit-for-bit the step it replaces.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from megatron.core import dist_checkpointing
 from megatron.core.optimizer import MegatronOptimizer
 
 from learner import compat  # noqa: F401  (before megatron: CPU redirections when CUDA is absent)
+from learner.durable import write_durably
 from learner.model.build import unwrap
 from learner.state import LearnerState
 from learner.train_config import CheckpointConfig
@@ -51,6 +53,13 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     path = Path(root) / marker.read_text().strip()
     assert (path / STATE_FILE).is_file(), f"{marker} names {path}, which has no {STATE_FILE}"
     return path
+
+
+def commit(root: str | Path, step_dir: Path, state: LearnerState) -> None:
+    """Rank 0's part of a save once every shard is written: the learner state into `step_dir`, then `latest`
+    naming it, each durable (fsynced, file and directory) before this returns and anything is acked."""
+    state.save(step_dir / STATE_FILE)
+    write_durably(Path(root) / LATEST, (step_dir.name + "\n").encode())
 
 
 def _sharded_state_dict(model: torch.nn.Module, optimizer: MegatronOptimizer, is_loading: bool) -> ShardedStateDict:
@@ -100,10 +109,7 @@ class Checkpointer:
         dist_checkpointing.save(_sharded_state_dict(self._model, self._optimizer, is_loading=False), str(path))
         dist.barrier()
         if rank0:
-            self._state.save(path / STATE_FILE)
-            tmp = self.root / f".{LATEST}.tmp"
-            tmp.write_text(path.name + "\n")
-            os.replace(tmp, self.root / LATEST)
+            commit(self.root, path, self._state)
             self._prune(keep=path)
         dist.barrier()
         self._on_saved()

@@ -32,8 +32,10 @@ class LearnerModelConfig(BaseConfig):
     """Seed of the default and tensor-parallel RNGs (megatron's model_parallel_cuda_manual_seed)."""
     make_vocab_size_divisible_by: int = Field(default=128, ge=1)
     """The embedding and output rows are padded to a multiple of this times tp_size (padded logits are masked)."""
-    dist_timeout_s: float = Field(default=600.0, gt=0)
-    """Timeout of every collective of the learner process groups (init, TP/PP/DP traffic, weight export)."""
+    dist_timeout_s: float = Field(default=1200.0, gt=0)
+    """Timeout of every collective of the learner process groups (init, TP/PP/DP traffic, weight export). With
+    distributed weight sync it must exceed one push attempt's worst case (890 s with the defaults: TrainConfig
+    checks, naming the flags)."""
 
     @model_validator(mode="after")
     def _check_parallelism(self) -> LearnerModelConfig:

@@ -4,14 +4,16 @@ Admission control (AReaL-style, ARCHITECTURE.md "Staleness and asynchrony"): at 
 `(max_staleness + v + 1) * groups_per_step` groups are admitted in total, so generation runs at most
 `max_staleness` versions ahead of training. Groups the learner drops (stale, zero-variance, dead-lettered)
 give their slot back (the limit is raised by their count); otherwise a dropped group would leave a step
-short of groups forever. Every admitted group id is recorded with its admission version in
-`LearnerState.admitted_unread` until the reader reads it: that is how the reader knows which groups
-are about to go stale and fills a step oldest-first (scored_reader.py).
+short of groups forever; so do groups lost upstream (dead-lettered, or vanished from Redis: upstream.py).
+Every admitted group id is recorded with its admission version in `LearnerState.admitted_unread` until
+its fate is decided (ledger.py): that is how the reader knows which groups are about to go stale and
+fills a step oldest-first (scored_reader.py), and which groups may still arrive.
 
 Order: epoch e visits the rows in the permutation of `numpy.random.default_rng([seed, e])` (dataset
 order without shuffle). The cursor (epoch, position, admitted) lives in `LearnerState` and is
 checkpointed; a resumed feeder republishes the tasks admitted after the checkpoint with the same group
-ids (`run/e<epoch>/i<index>`), which the broker's dedup skips, so nothing is generated twice.
+ids (`run/e<epoch>/i<index>`), which the broker's dedup skips, so nothing is generated twice. The same
+order tells which groups were admitted (`AdmissionOrder`), so the record of decided groups stays bounded.
 The dataset is read through `datagen.dataset.parse_row` (the datagen loader's validation) from a
 byte-offset index of the JSONL file, so a 1.2 GB dataset is not held in memory.
 """
@@ -27,6 +29,7 @@ import numpy.typing as npt
 from broker.base import Producer
 from broker.schemas import RewardInfo, SamplingParams, Task, pack_ids
 from datagen.prompts import JsonlDataset, PromptTokenizer, prompt_ids
+from learner.ledger import GroupLedger
 from learner.state import DataCursor, LearnerState
 from learner.train_config import DataConfig
 
@@ -41,6 +44,50 @@ def epoch_order(num_rows: int, seed: int, epoch: int, shuffle: bool) -> npt.NDAr
 
 def group_id(run_id: str, epoch: int, index: int) -> str:
     return f"{run_id}/e{epoch}/i{index}"
+
+
+class AdmissionOrder:
+    """The feeder's order: epoch e visits the dataset rows in `epoch_order(num_rows, seed, e, shuffle)`; and, for
+    the ledger (ledger.py, FeederOrder), where one of its group ids sits in it."""
+
+    def __init__(self, run_id: str, num_rows: int, seed: int, shuffle: bool) -> None:
+        self._run_id = run_id
+        self._num_rows = num_rows
+        self._seed = seed
+        self._shuffle = shuffle
+        self._orders: dict[int, npt.NDArray[np.int64]] = {}
+        self._positions: dict[int, npt.NDArray[np.int64]] = {}
+
+    def order(self, epoch: int) -> npt.NDArray[np.int64]:
+        """Dataset row indices in the order epoch `epoch` visits them (the last two epochs asked are kept)."""
+        got = self._orders.get(epoch)
+        if got is None:
+            got = self._orders[epoch] = epoch_order(self._num_rows, self._seed, epoch, self._shuffle)
+            for old in sorted(self._orders)[:-2]:
+                del self._orders[old]
+        return got
+
+    def position(self, epoch: int, index: int) -> int:
+        pos = self._positions.get(epoch)
+        if pos is None:
+            pos = np.empty(self._num_rows, dtype=np.int64)
+            pos[self.order(epoch)] = np.arange(self._num_rows, dtype=np.int64)
+            self._positions[epoch] = pos
+            for old in sorted(self._positions)[:-2]:
+                del self._positions[old]
+        return int(pos[index])
+
+    def parse(self, gid: str) -> tuple[int, int] | None:
+        head = f"{self._run_id}/e"
+        if not gid.startswith(head):
+            return None
+        epoch, sep, index = gid[len(head) :].partition("/i")
+        if not (sep and epoch.isascii() and epoch.isdigit() and index.isascii() and index.isdigit()):
+            return None
+        e, i = int(epoch), int(index)
+        if i >= self._num_rows or group_id(self._run_id, e, i) != gid:
+            return None  # not one of ours (another dataset, or a non-canonical spelling)
+        return e, i
 
 
 def admission_limit(state: LearnerState, cfg: DataConfig, max_groups: int | None = None) -> int:
@@ -63,7 +110,9 @@ class Feeder:
         cfg: DataConfig,
         run_id: str,
         max_groups: int | None = None,
+        ledger: GroupLedger | None = None,
     ) -> None:
+        """`ledger`: the record of decided groups the reader shares (a new one over `state` and this order if None)."""
         self._max_groups = max_groups  # groups the run will train in all (max_steps * groups_per_step)
         self._dataset = dataset
         self._tokenizer = tokenizer
@@ -71,8 +120,8 @@ class Feeder:
         self._state = state
         self._cfg = cfg
         self._run_id = run_id
-        self._order_epoch = -1
-        self._order: npt.NDArray[np.int64] = np.empty(0, dtype=np.int64)
+        self.admission = AdmissionOrder(run_id, len(dataset), cfg.seed, cfg.shuffle)
+        self.ledger = ledger if ledger is not None else GroupLedger(state, self.admission)
         self._max_backlog: int | None = None
 
     def set_max_backlog(self, max_backlog: int) -> None:
@@ -94,7 +143,7 @@ class Feeder:
         ids = self._producer.publish(tasks, dedup_key=lambda t: t.group_id)
         self.cursor.admitted += len(tasks)
         for t in tasks:  # the reader waits for admitted groups about to go stale (scored_reader.py, "due" groups)
-            self._state.admitted_unread[t.group_id] = t.policy_version
+            self.ledger.admit(t.group_id, t.policy_version)
         num_new = sum(i is not None for i in ids)
         if num_new < len(tasks):
             logger.info("%d of %d tasks were already published (resumed run)", len(tasks) - num_new, len(tasks))
@@ -106,10 +155,7 @@ class Feeder:
             if c.position >= len(self._dataset):
                 c.epoch += 1
                 c.position = 0
-            if self._order_epoch != c.epoch:
-                self._order = epoch_order(len(self._dataset), self._cfg.seed, c.epoch, self._cfg.shuffle)
-                self._order_epoch = c.epoch
-            index = int(self._order[c.position])
+            index = int(self.admission.order(c.epoch)[c.position])
             c.position += 1
             task = self._task(index, c.epoch)
             if task is not None:

@@ -1,10 +1,10 @@
 """Rank 0's reader of the `scored` stream: one step's worth of trainable groups, oldest first.
 
 It drops (and counts) groups older than the staleness bound (`Group.group_version` against the learner's
-`LearnerState.policy_version`), optionally groups whose rewards are all equal, skips redelivered groups it
-already consumed, and dead-letters malformed ones. It fills each step oldest-first: it waits (bounded) for
-admitted groups that would be too old after this step, and carries younger surplus groups to the next step
-instead of letting them overtake older ones. Entries stay unacked until the checkpoint that includes the step
+`LearnerState.policy_version`), optionally groups whose rewards are all equal, skips redelivered groups whose fate
+is already decided (ledger.py), and dead-letters malformed ones. It fills each step oldest-first: it waits
+(bounded) for admitted groups that would be too old after this step, and carries younger surplus groups to the
+next step instead of letting them overtake older ones. Entries stay unacked until the checkpoint that includes the step
 they fed (`ack_held`; carried groups stay unacked across it), so a crash loses nothing and retrains nothing.
 """
 
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from broker.base import Consumer, Entry
 from broker.schemas import ScoredGroup
 from learner.batching import TrainBatch, build_batch, invalid_reason, is_zero_variance
+from learner.ledger import GroupLedger
 from learner.state import LearnerState
 from learner.train_config import BatchConfig, DataConfig, LossConfig
 
@@ -27,7 +28,7 @@ CONSUMER_GROUP = "learner"  # the learner's consumer group on `scored` (one cons
 
 @dataclass
 class _Pooled:
-    """A trainable group read from `scored` and not yet in a batch (its entry unacked, its id not consumed)."""
+    """A trainable group read from `scored` and not yet in a batch (its entry unacked, its fate not decided)."""
 
     entry_id: str
     scored: ScoredGroup
@@ -42,8 +43,8 @@ class ScoredReader:
     unread and the batch would hold a *young* group (v - its version < max_staleness, still within the bound
     next step), the reader keeps reading, up to `due_wait_s`, then takes the oldest groups first; the younger
     surplus is carried to the next step. A due group that does not come in time (dead-lettered upstream, its
-    worker lost) is given up on and never waited for again; one the reader drops or dead-letters is read, so it
-    is no longer due.
+    worker lost) is given up on and not waited for again (it stays admitted: it may still come, or be released by
+    upstream.py); one the reader drops or dead-letters is read, so it is no longer due.
     """
 
     def __init__(
@@ -53,17 +54,41 @@ class ScoredReader:
         data_cfg: DataConfig,
         batch_cfg: BatchConfig,
         loss_cfg: LossConfig,
+        ledger: GroupLedger | None = None,
     ) -> None:
+        """`ledger`: the record of decided groups the feeder shares (one over `state` alone if None: every id is
+        then kept for two checkpoint intervals)."""
         self._consumer = consumer
         self._state = state
         self._data_cfg = data_cfg
         self._batch_cfg = batch_cfg
         self._loss_cfg = loss_cfg
-        self._consumed = set(state.consumed_group_ids)
+        self.ledger = ledger if ledger is not None else GroupLedger(state)
         self._held: list[str] = []  # entries of groups decided since the last checkpoint (acked after it is saved)
         self._pool: list[_Pooled] = []  # trainable groups read, not yet in a batch
         self._due_since: float | None = None  # when this step began waiting for due groups
         self._given_up = 0  # due groups given up on in this step
+        self._not_waited_for: set[str] = set()  # due groups given up on (not waited for again)
+        self._waiting_since: float | None = None  # when this step began waiting for its groups
+
+    @property
+    def waiting_s(self) -> float:
+        """How long the step being assembled has waited so far (0 between steps)."""
+        return 0.0 if self._waiting_since is None else time.monotonic() - self._waiting_since
+
+    def _pooled(self) -> set[str]:
+        return {p.scored.group_id for p in self._pool}
+
+    def unread(self) -> set[str]:
+        """Admitted groups not decided and not read (the ones that may still arrive)."""
+        return set(self._state.admitted_unread) - self._pooled()
+
+    def release(self, group_id: str, cause: str) -> bool:
+        """Give up on an admitted group that died upstream (upstream.py): counted under `cause`, its slot given
+        back. False when it is decided or read already (a read group is trained or dropped here, never released)."""
+        if group_id in self._pooled():
+            return False
+        return self.ledger.release(group_id, cause)
 
     @property
     def num_held(self) -> int:
@@ -78,6 +103,8 @@ class ScoredReader:
         """Read what the step still needs for about `block_s`; the batch once it is complete, else None."""
         want = self._data_cfg.groups_per_step
         deadline = time.monotonic() + block_s
+        if self._waiting_since is None:
+            self._waiting_since = time.monotonic()
         self._drop_stale_carried()
         while len(self._pool) < want:
             left = deadline - time.monotonic()
@@ -106,38 +133,35 @@ class ScoredReader:
 
     def _take(self, entry: Entry[ScoredGroup]) -> None:
         sg, st = entry.msg, self._state
-        st.admitted_unread.pop(sg.group_id, None)
-        if sg.group_id in self._consumed or any(p.scored.group_id == sg.group_id for p in self._pool):
+        if self.ledger.is_decided(sg.group_id) or sg.group_id in self._pooled():
             st.num_duplicates += 1  # redelivered after a crash between a checkpoint and its acks, or published twice
             self._held.append(entry.id)
             return
         reason = invalid_reason(sg)
         if reason is not None:
-            st.num_dead_lettered += 1
+            st.count_dead("invalid")
             self._consumer.dead_letter(entry, reason)  # acks the entry itself
-            self._consumed.add(sg.group_id)
-            st.consumed_group_ids.append(sg.group_id)
+            self.ledger.decide(sg.group_id, "invalid")
             return
         if self._lag(sg) > self._data_cfg.max_staleness:
             self._drop_stale(entry.id, sg)
         elif self._batch_cfg.zero_variance_filter and is_zero_variance(sg):
             st.num_dropped_zero_variance += 1
-            self._decide(entry.id, sg.group_id)
+            self._decide(entry.id, sg.group_id, "zero_variance")
         else:
             self._pool.append(_Pooled(entry.id, sg))
 
     def _lag(self, sg: ScoredGroup) -> int:
         return self._state.policy_version - sg.group.group_version
 
-    def _decide(self, entry_id: str, group_id: str) -> None:
-        """The group is trained in this step or dropped: consumed, and its entry acked after the next checkpoint."""
+    def _decide(self, entry_id: str, group_id: str, dropped_as: str = "") -> None:
+        """The group is trained in this step or dropped: decided, and its entry acked after the next checkpoint."""
         self._held.append(entry_id)
-        self._consumed.add(group_id)
-        self._state.consumed_group_ids.append(group_id)
+        self.ledger.decide(group_id, dropped_as)
 
     def _drop_stale(self, entry_id: str, sg: ScoredGroup) -> None:
         self._state.num_dropped_stale += 1
-        self._decide(entry_id, sg.group_id)
+        self._decide(entry_id, sg.group_id, "stale")
         logger.info(
             "dropped group %s: %d versions old (max_staleness %d)",
             sg.group_id,
@@ -163,12 +187,10 @@ class ScoredReader:
     def _due_worth_waiting_for(self) -> list[str]:
         """Due groups still unread, when one arriving would displace a young group from the batch; else []."""
         st, bound = self._state, self._data_cfg.max_staleness
-        unread = st.admitted_unread
-        for gid in [g for g, a in unread.items() if g in self._consumed or st.policy_version - a > bound]:
-            # Already decided (a resumed feeder records its republished tasks again), or too old to be saved by
-            # waiting: no longer due.
-            del unread[gid]
-        due = [g for g, a in unread.items() if st.policy_version - a >= bound]
+        self._not_waited_for.intersection_update(st.admitted_unread)
+        skip = self._pooled() | self._not_waited_for
+        # Older than due (lag > bound) cannot be saved by waiting: it is stale whenever it comes.
+        due = [g for g, a in st.admitted_unread.items() if st.policy_version - a == bound and g not in skip]
         if not due:
             return []
         batch = self._oldest_first()[: self._data_cfg.groups_per_step]
@@ -181,8 +203,7 @@ class ScoredReader:
             self._batch_cfg.due_wait_s,
             ", ".join(due[:5]),
         )
-        for gid in due:
-            del self._state.admitted_unread[gid]
+        self._not_waited_for.update(due)
         self._given_up += len(due)
 
     def _form_batch(self) -> TrainBatch:
@@ -192,28 +213,29 @@ class ScoredReader:
             self._decide(p.entry_id, p.scored.group_id)
         groups = [p.scored for p in take]
         batch = build_batch(groups, [self._lag(sg) for sg in groups], self._loss_cfg)
+        batch.released_group_ids = self.ledger.take_released()
         waited = time.monotonic() - self._due_since if self._due_since is not None else 0.0
         batch.metrics |= {
             "due_wait_s": waited,
             "due_given_up": float(self._given_up),
             "carried_groups": float(len(self._pool)),
         }
-        self._due_since, self._given_up = None, 0
+        self._due_since, self._given_up, self._waiting_since = None, 0, None
         return batch
 
     def ack_held(self) -> int:
         """Ack the entries of every group decided since the last checkpoint; call only once that checkpoint is durable.
 
-        Carried groups (read, not yet trained) stay unacked and out of `consumed_group_ids`, so the saved state
-        has never seen them. Crash safety, for a crash at any point after a checkpoint at step s:
-        - before `latest` names it: the previous checkpoint holds, nothing read since was acked or is in its
+        Carried groups (read, not yet trained) stay unacked and undecided (still in `admitted_unread`), so the saved
+        state has them as not arrived. Crash safety, for a crash at any point after a checkpoint at step s:
+        - before `latest` names it: the previous checkpoint holds, nothing read since was acked or decided in its
           state, so every such entry comes back (own pending first) and steps after it are retrained exactly;
-        - after `latest`, before these acks: entries of groups decided up to step s come back but are in the
-          saved `consumed_group_ids`: skipped as duplicates (and acked at the next checkpoint);
+        - after `latest`, before these acks: entries of groups decided up to step s come back but are decided in
+          the saved state (ledger.py): skipped as duplicates (and acked at the next checkpoint);
         - after these acks: decided entries are gone; carried ones are still pending in this consumer and are
-          redelivered to its restart, which has not consumed them, so they are trained once.
-        A carried group is thus neither lost (its entry is acked only once a saved state lists it) nor trained
-        twice (a saved state lists it only with a step that trained or dropped it).
+          redelivered to its restart, which has not decided them, so they are trained once.
+        A carried group is thus neither lost (its entry is acked only once a saved state has it decided) nor
+        trained twice (a saved state has it decided only with a step that trained or dropped it).
         """
         carried = {p.entry_id for p in self._pool}
         assert carried.isdisjoint(self._held), "a carried group's entry must stay unacked"
@@ -221,4 +243,5 @@ class ScoredReader:
         if n:
             self._consumer.ack(self._held)
             self._held = []
+        self.ledger.checkpointed()
         return n

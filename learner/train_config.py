@@ -58,12 +58,23 @@ class BatchConfig(BaseConfig):
     """With a step's groups in, wait up to this long for older admitted groups still unread that would be stale
     after this step, and train those first (the younger surplus waits for the next step); each group is waited for
     at most once. 0: take the first groups to arrive."""
+    lost_scan_after_s: float = Field(60.0, gt=0)
+    """Once a step has waited this long for its groups, and then at most this often, rank 0 looks for the admitted
+    groups it has not read in every stream (tasks, rollouts, scored, dead letters not read yet); a group missing
+    from two consecutive scans (deleted, lost with Redis's data, its dead letter trimmed unread) is released as
+    `lost`: counted in `groups_dead_lettered/lost` and its admission slot given back, so the run can finish. A scan
+    reads the streams (read-only): keep it at a minute or more on large runs. Below half of batch_timeout_s."""
 
     @model_validator(mode="after")
     def _check_waits(self) -> BatchConfig:
         if self.due_wait_s >= self.batch_timeout_s:
             raise ValueError(
                 f"--batch.due_wait_s ({self.due_wait_s}) must be below --batch.batch_timeout_s ({self.batch_timeout_s})"
+            )
+        if 2 * self.lost_scan_after_s >= self.batch_timeout_s:
+            raise ValueError(
+                f"--batch.lost_scan_after_s ({self.lost_scan_after_s}) must be below half of --batch.batch_timeout_s "
+                f"({self.batch_timeout_s}): a lost group is released after two scans, before the step gives up"
             )
         return self
 
@@ -180,6 +191,15 @@ class TrainConfig(LearnerConfig):
             raise ValueError(
                 f"--weight_sync.every_k_steps {every_k} > --data.max_staleness {self.data.max_staleness} + 1: "
                 "admission waits for pushes that come too rarely, so the learner would starve"
+            )
+        bound = getattr(self.weight_sync, "attempt_bound_s", 0.0)
+        if self.model.dist_timeout_s <= bound:
+            # Ranks other than the sender wait in a collective while it pushes: a hung engine must fail the push
+            # (whose deadlines add up to `bound`) before it times out the learner's own group.
+            raise ValueError(
+                f"--model.dist_timeout_s {self.model.dist_timeout_s:g} must exceed {bound:g} s, the longest a weight "
+                "push attempt keeps the other ranks waiting (2 x --weight_sync.init_timeout_s + 15 + 2 x "
+                "--weight_sync.broadcast_timeout_s + --weight_sync.http_timeout_s + 5)"
             )
         if self.model.cp_size > 1:
             raise ValueError("--model.cp_size > 1: the training loop does not split sequences over CP ranks yet")

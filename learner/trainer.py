@@ -125,6 +125,8 @@ class Training:
 
 
 def _counters(state: LearnerState) -> dict[str, float]:
+    """Run totals after the step. Every admitted group is trained, dropped, dead-lettered (by cause: upstream.py,
+    CAUSES) or in flight (admitted, not decided yet)."""
     return {
         "policy_version": float(state.policy_version),
         "groups_admitted": float(state.cursor.admitted),
@@ -132,6 +134,8 @@ def _counters(state: LearnerState) -> dict[str, float]:
         "groups_dropped_stale": float(state.num_dropped_stale),
         "groups_dropped_zero_variance": float(state.num_dropped_zero_variance),
         "groups_dead_lettered": float(state.num_dead_lettered),
+        **{f"groups_dead_lettered/{cause}": float(n) for cause, n in sorted(state.groups_dead_lettered.items())},
+        "groups_in_flight": float(len(state.admitted_unread)),
         "groups_duplicate": float(state.num_duplicates),
         "epoch": float(state.cursor.epoch),
     }
@@ -178,7 +182,12 @@ def train_loop(t: Training) -> None:
             metrics |= push.metrics()
         if not t.checkpointer.maybe_save(state.step) and state.stopped_early:
             t.checkpointer.save(state.step)
-        t.metrics_logger.log(state.step, metrics | _counters(state) | {"stopped_early": float(state.stopped_early)})
+        t.metrics_logger.log(
+            state.step,
+            metrics | _counters(state) | {"stopped_early": float(state.stopped_early)},
+            trained_group_ids=batch.group_ids,
+            released_group_ids=batch.released_group_ids,
+        )
     if state.stopped_early:
         logger.info(
             "stopped early after step %d of %d: mean loss below %s",
@@ -245,10 +254,10 @@ def _build_rank0_data(
     from broker.factory import connect
     from datagen.prompts import JsonlDataset
     from learner.feeder import Feeder
+    from learner.upstream import UpstreamReleases
 
     broker = connect(cfg.broker)
-    consumer = broker.consumer(SCORED, ScoredGroup, group=CONSUMER_GROUP, name=cfg.consumer_name)
-    reader = ScoredReader(consumer, state, cfg.data, cfg.batch, cfg.loss)
+    broker.attach_run("learner", owner=True, resumed_from=f"checkpoint at step {state.step}" if state.step else "")
     feeder: Feeder | None = None
     if cfg.data.dataset_path:
         from transformers import AutoTokenizer
@@ -266,8 +275,13 @@ def _build_rank0_data(
         feeder.set_max_backlog(cfg.broker.max_backlog)
     else:
         logger.warning("no --data.dataset_path: the learner admits no tasks (something else must publish them)")
+    consumer = broker.consumer(SCORED, ScoredGroup, group=CONSUMER_GROUP, name=cfg.consumer_name)
+    ledger = feeder.ledger if feeder is not None else None
+    reader = ScoredReader(consumer, state, cfg.data, cfg.batch, cfg.loss, ledger=ledger)
+    upstream = UpstreamReleases(broker, reader, cfg.batch)
 
     def poll(block_s: float) -> TrainBatch | None:
+        upstream.poll()  # first, so that the slots it gives back are admitted again right away
         if feeder is not None:
             feeder.fill()
         return reader.poll(block_s)

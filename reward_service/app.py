@@ -3,14 +3,14 @@
 Routes: POST /evaluate (drop-in for the LongTraceRL reward server), POST /v1/score (a batch of samples),
 POST /v1/score_group (one group: normalisation + combination rule), GET /health, GET /metrics, and the
 OpenAPI docs at /docs. The shared pure-ASGI guard (common.asgi_guard) in front of the app checks the bearer
-token (401) and enforces the body-size limit (413) before anything is parsed; an outer layer records request
-metrics. Malformed bodies get 422 with the reason; a judge that fails gets 502 with its error, never a reward
-of 0.
+token (401) and enforces the body-size limit (413) and the budget of bodies in flight (503) before anything is
+parsed; an outer layer records request metrics. Malformed bodies get 422 with the reason; a judge that fails gets
+502 with its error, never a reward of 0; scoring past `request_timeout_s` gets 504 (the deadline also stops the
+CPU work, which runs off the event loop, so /health keeps answering).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common.asgi_guard import Guard, SafeJSONResponse
 from reward_service.config import RewardConfig
+from reward_service.deadline import scoring_deadline
 from reward_service.judges import Judge, JudgeError, build_judge
 from reward_service.metrics import ERRORS, REGISTRY, REQUEST_SECONDS, REQUESTS
 from reward_service.schemas import (
@@ -101,7 +102,7 @@ def create_app(config: RewardConfig, judge: Judge | None = None) -> FastAPI:
     )
 
     async def bounded(aw: Awaitable[T]) -> T:
-        async with asyncio.timeout(config.request_timeout_s):
+        async with scoring_deadline(config.request_timeout_s):
             return await aw
 
     @app.exception_handler(RequestValidationError)
@@ -127,7 +128,8 @@ def create_app(config: RewardConfig, judge: Judge | None = None) -> FastAPI:
     @app.exception_handler(TimeoutError)
     async def _timeout(_: Request, exc: TimeoutError) -> JSONResponse:
         ERRORS.labels("timeout").inc()
-        return SafeJSONResponse({"detail": f"scoring took longer than {config.request_timeout_s} s"}, status_code=504)
+        detail = f"scoring took longer than {config.request_timeout_s:g} s (--request_timeout_s)"
+        return SafeJSONResponse({"detail": detail}, status_code=504)
 
     @app.post("/evaluate", response_model=EvaluateResponse, tags=["reward"])
     async def evaluate(req: EvaluateRequest) -> EvaluateResponse:
@@ -156,6 +158,7 @@ def create_app(config: RewardConfig, judge: Judge | None = None) -> FastAPI:
     app.add_middleware(
         Guard,
         max_body_bytes=int(config.max_body_mb * 1024 * 1024),
+        max_concurrent_body_bytes=int(config.max_concurrent_body_mb * 1024 * 1024),
         token=token,
         needs_auth=lambda path: path not in OPEN_ROUTES,
         on_refusal=lambda kind: ERRORS.labels(kind).inc(),

@@ -1,6 +1,6 @@
 """`longtrace` subcommands of reward_service (registered by deploy/cli.py).
 
-longtrace reward serve  [--config F] [--host H] [--port P] [--section.key value ...]
+longtrace reward serve  [--config F] [--host H] [--port P] [--allow_unauthenticated] [--section.key value ...]
 longtrace reward worker [--config F] [--section.key value ...]
 longtrace bench reward  [--json] [--requests N] [--concurrency C]
 """
@@ -64,7 +64,17 @@ def _serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
+    from common.exposure import check_exposure
     from reward_service.app import create_app
+
+    check_exposure(
+        config.host,
+        config.auth_token() is not None,  # a bad --auth_token_file fails here, before binding
+        config.allow_unauthenticated,
+        "the reward service",
+        "in an env var named by --auth_token_env, or a file named by --auth_token_file",
+        risk="have requests scored at the expense of this CPU and the judge",
+    )
 
     app = create_app(config)
     # uvicorn logs accesses at INFO: at "warning" the access log would be on and print nothing
@@ -92,6 +102,7 @@ def _worker(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stop.set)
         judge = build_judge(config.judge)
         broker = connect(config.broker)
+        broker.attach_run("reward worker")
         try:
             await RewardWorker(config, broker, judge).run(stop)
         finally:

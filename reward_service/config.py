@@ -123,6 +123,10 @@ class WorkerConfig(BaseConfig):
     """A group whose encoded entry is larger goes to the dead stream unscored (a runaway or hostile producer)."""
     zero_ill_formed: bool = True
     """Training mode: truncated, aborted, ill-formed and unfinished samples get 0 without a judge call."""
+    score_timeout_s: Annotated[float, Field(gt=0)] = 900.0
+    """One try at scoring a group takes at most this long (its judge calls and rubric scans); past it the try
+    fails as a judge failure does: retried with `[worker.retry]`, then the group goes to the dead stream with the
+    reason. Above the LLM judge's own request timeout, so a slow but working judge is not cut off."""
     publish_timeout_s: Annotated[float, Field(gt=0)] = 600.0
     """How long to wait for room in `scored` (backpressure) before giving up on the process."""
     shutdown_timeout_s: Annotated[float, Field(gt=0)] = 30.0
@@ -149,8 +153,15 @@ class RewardConfig(BaseConfig):
     """Environment variable holding a bearer token the API requires; empty means no auth. Never logged."""
     auth_token_file: str = ""
     """File holding the bearer token instead (e.g. a mounted secret); set at most one of the two. Never logged."""
+    allow_unauthenticated: bool = False
+    """Serve the API without a token on a non-loopback `host` (anyone who reaches the port can have requests scored
+    at the expense of this CPU and the judge). Without it, `reward serve` so configured refuses to start."""
     max_body_mb: Annotated[float, Field(gt=0)] = 64.0
     """Largest request body accepted (HTTP 413 beyond it); LongTraceRL histories carry the 128K-token prompt."""
+    max_concurrent_body_mb: Annotated[float, Field(gt=0)] = 256.0
+    """Request bodies held at once by the requests in flight, from their first byte until answered (a parsed body
+    takes several times its size); a body that would exceed it gets HTTP 503 with Retry-After. A body arriving
+    while no other is held is always taken, so a value below `max_body_mb` serialises the largest ones."""
     max_batch: Annotated[int, Field(ge=1)] = 4096
     """Most samples in one /v1/score or /v1/score_group request."""
     request_timeout_s: Annotated[float, Field(gt=0)] = 600.0

@@ -8,13 +8,18 @@
 - The scanned text is "\\n\\n" + turn.strip() of each assistant turn's reasoning and/or content.
 
 Speed: the text is normalised once per response (an ASCII fast path with the same result, shared with
-the rule judge through a small cache), each rubric once per process (cached).
+the rule judge through a small cache; a long text in pieces, each a short C call), each rubric once per process
+(cached). Every scan of model output is linear in its length: the reference's `<useful_chunks>(.*?)</useful_chunks>`
+regex rescans to the end from every unclosed opening tag (quadratic: minutes at 1 MB of repeated tags), so the
+last block is found by pairing the tags left to right instead, with the reference's result.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import re
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -25,15 +30,43 @@ THINK_START = "<think>"
 LONGRLVR = "longrlvr"
 F_BETA = 2.0
 
-_USEFUL_RE = re.compile(r"<useful_chunks>(.*?)</useful_chunks>", re.DOTALL | re.IGNORECASE)
+# The reference's tags, matched as its regex matches them (IGNORECASE folds e.g. U+017F to "s", U+212A to "k").
+_OPEN_RE = re.compile(r"<useful_chunks>", re.IGNORECASE)
+_CLOSE_RE = re.compile(r"</useful_chunks>", re.IGNORECASE)
 _CHUNK_RE = re.compile(r"<CHUNK[_\s]?(\d+)>", re.IGNORECASE)
+# A text longer than this is normalised in pieces of about this many characters, cut at ASCII whitespace.
+PIECE_CHARS = 1 << 20
+_CUT_RE = re.compile(r"[ \n\t]")
+# rubric_fraction looks at its deadline once per this many rubrics.
+_RUBRICS_PER_DEADLINE_CHECK = 16
 
 
 @functools.lru_cache(maxsize=64)
 def norm_text(text: str) -> str:
     """norm() of a response text, cached for the few requests in flight: the rubric and the rule judge of one
     request read the same answer string (the lookup hashes the string once; a hit on the same object is free)."""
-    return norm(text)
+    return norm_in_pieces(text, PIECE_CHARS)
+
+
+def norm_in_pieces(text: str, piece_chars: int) -> str:
+    """norm(text), computed over pieces of about `piece_chars` cut at ASCII whitespace, so that each C call is
+    short and a scoring thread lets the event loop run in between (norm of 64 MB is seconds in one call).
+
+    Equal to norm(text): a token never spans whitespace, and lower() maps each character on its own except the
+    final sigma, whose forms are not token characters either. A run without whitespace stays one piece.
+    """
+    if len(text) <= piece_chars:
+        return norm(text)
+    pieces: list[str] = []
+    start = 0
+    while start < len(text):
+        cut = _CUT_RE.search(text, start + piece_chars)
+        end = len(text) if cut is None else cut.end()
+        piece = norm(text[start:end])
+        if piece:
+            pieces.append(piece)
+        start = end
+    return " ".join(pieces)
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -73,12 +106,19 @@ def scanned_norm(turns: Iterable[Turn], use_reasoning: bool, use_content: bool) 
     return " ".join(p for p in pieces if p)
 
 
-def rubric_fraction(text_norm: str, rubrics: Sequence[str]) -> float:
+def rubric_fraction(text_norm: str, rubrics: Sequence[str], deadline_s: float = math.inf) -> float:
     """r̂_rb = (1/|E|) Σ_e 1[norm(e) ⊂ norm(text)] given `text_norm` = norm(text); 0 when E is empty. A rubric
-    whose norm is "" always hits (the reference's substring test), e.g. "é" or "!!"."""
+    whose norm is "" always hits (the reference's substring test), e.g. "é" or "!!".
+
+    Linear in the text per rubric; thousands of rubrics over a long text still take seconds, so the scan raises
+    TimeoutError once `time.monotonic()` passes `deadline_s` (an abandoned request stops burning CPU)."""
     if not rubrics:
         return 0.0
-    hits = sum(1 for rubric in rubrics if norm_rubric(rubric) in text_norm)
+    hits = 0
+    for i, rubric in enumerate(rubrics):
+        if i % _RUBRICS_PER_DEADLINE_CHECK == 0 and time.monotonic() > deadline_s:
+            raise TimeoutError(f"rubric scan passed its deadline after {i} of {len(rubrics)} rubrics")
+        hits += norm_rubric(rubric) in text_norm
     return hits / len(rubrics)
 
 
@@ -98,12 +138,28 @@ def parse_chunk_ids(rubrics: Sequence[str | int]) -> set[int]:
     return ids
 
 
+def last_useful_block(text: str) -> str | None:
+    """The text of the LAST <useful_chunks>…</useful_chunks> block (tags case-insensitive), None without one:
+    what `re.findall(r"<useful_chunks>(.*?)</useful_chunks>", text, re.DOTALL | re.IGNORECASE)[-1]` returns, in
+    one left-to-right pass. findall pairs each opening tag with the first closing tag after it and resumes after
+    that; an opening tag with no closing tag after it ends the search (no later one has one either)."""
+    block: tuple[int, int] | None = None
+    pos = 0
+    while (opening := _OPEN_RE.search(text, pos)) is not None:
+        closing = _CLOSE_RE.search(text, opening.end())
+        if closing is None:
+            break
+        block = (opening.end(), closing.start())
+        pos = closing.end()
+    return None if block is None else text[block[0] : block[1]]
+
+
 def predicted_chunks(text: str) -> set[int]:
     """Chunk ids `<CHUNK_12>` / `<chunk 12>` / `<CHUNK12>` inside the LAST <useful_chunks>…</useful_chunks> block."""
-    blocks = _USEFUL_RE.findall(text)
-    if not blocks:
+    block = last_useful_block(text)
+    if block is None:
         return set()
-    return {int(x) for x in _CHUNK_RE.findall(blocks[-1])}
+    return {int(x) for x in _CHUNK_RE.findall(block)}
 
 
 def f_beta(predicted: set[int], gold: set[int], beta: float = F_BETA) -> float:
@@ -122,14 +178,16 @@ def rubric_reward(
     dataset_name: str,
     use_reasoning: bool,
     use_content: bool,
+    deadline_s: float = math.inf,
 ) -> float:
-    """r̂_rb of one response: the entity fraction, or the chunk F-beta for `longrlvr`; 0 without rubrics."""
+    """r̂_rb of one response: the entity fraction, or the chunk F-beta for `longrlvr`; 0 without rubrics.
+    TimeoutError past `deadline_s` (time.monotonic())."""
     if not rubrics:
         return 0.0
     if dataset_name == LONGRLVR:
         return f_beta(predicted_chunks(scanned_text(turns, use_reasoning, use_content)), parse_chunk_ids(rubrics))
     text_norm = scanned_norm(turns, use_reasoning, use_content)
-    return rubric_fraction(text_norm, [r if isinstance(r, str) else str(r) for r in rubrics])
+    return rubric_fraction(text_norm, [r if isinstance(r, str) else str(r) for r in rubrics], deadline_s)
 
 
 def judged_text(response: str) -> str:

@@ -3,7 +3,8 @@
 Per sample: the judged answer is the last assistant message's content (history mode) or the text after
 the first </think> (response mode); the judge sees what follows its last </think>. The outcome is judged
 when η < 1, the rubric computed when η > 0. Samples of a group are scored concurrently; the group step
-(normalisation, combination rule) is `combine.combine_group`.
+(normalisation, combination rule) is `combine.combine_group`. The rubric of a long response runs off the event
+loop and stops at the caller's `deadline.scoring_deadline`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import TypeVar
 from broker.schemas import Group, Sample, SampleReward
 from reward_service.combine import SampleParts, combine_group, single_reward, zero_reason
 from reward_service.config import RewardConfig
+from reward_service.deadline import INLINE_MAX_CHARS, INLINE_MAX_RUBRICS, deadline_s, off_loop
 from reward_service.judges.base import Judge
 from reward_service.metrics import SAMPLES
 from reward_service.rubric import Turn, judged_text, response_mode_turn, rubric_reward
@@ -129,8 +131,15 @@ class Scorer:
             return SampleParts(outcome=0.0, raw_rubric=0.0, zeroed_reason="no_answer")
         rubric = 0.0
         if spec.eta > 0:
-            rubric = rubric_reward(
-                prepared.turns, spec.rubrics, spec.dataset_name, spec.use_reasoning, spec.use_content
+            rubric = await off_loop(
+                _heavy(prepared.turns, spec.rubrics),
+                rubric_reward,
+                prepared.turns,
+                spec.rubrics,
+                spec.dataset_name,
+                spec.use_reasoning,
+                spec.use_content,
+                deadline_s(),
             )
         outcome, judge_s = 0.0, 0.0
         if spec.eta < 1:
@@ -208,6 +217,12 @@ class Scorer:
     def _check_batch(self, n: int) -> None:
         if n > self.config.max_batch:
             raise BadRequest(f"{n} samples in one request; at most {self.config.max_batch} (--max_batch)")
+
+
+def _heavy(turns: Sequence[Turn], rubrics: Sequence[str | int]) -> bool:
+    """Whether a rubric computation is long enough to run off the event loop."""
+    chars = sum(len(t.reasoning or "") + len(t.content or "") for t in turns)
+    return chars > INLINE_MAX_CHARS or len(rubrics) > INLINE_MAX_RUBRICS
 
 
 def _group_sample_reward(r: SampleReward) -> GroupSampleReward:

@@ -2,12 +2,15 @@
 
 Each replica is one consumer in a shared consumer group. Per group: score its samples concurrently, publish
 a ScoredGroup with dedup key = group id, THEN ack. A replica that dies before its ack leaves the entry
-pending; another replica reclaims it (broker XAUTOCLAIM) and the dedup key drops a second publish, so
-nothing is lost or duplicated. A judge failure is retried in-process (`worker.retry`: attempts and
-backoff), then the entry goes to the dead stream with the reason; it never becomes a reward of 0. A group
-whose reward info cannot be scored (e.g. a non-integer longrlvr chunk id) or whose entry is larger than
-`max_entry_mb` goes to the dead stream at once. Undecodable entries never reach the worker: the broker
-moves them to the dead stream when it reads them.
+pending; another replica reclaims it after `claim_idle_s` and the dedup key drops a second publish, so
+nothing is lost or duplicated. A live replica renews the lease on the groups it is scoring on every turn of
+its loop (`Consumer.touch`, rate-limited by the broker), whether or not it has free slots, so a judge slower
+than `claim_idle_s` never makes another replica score the group again. A judge failure or a try past
+`worker.score_timeout_s` is retried in-process (`worker.retry`: attempts and backoff), then the entry goes to
+the dead stream with the reason; it never becomes a reward of 0. A group whose reward info cannot be scored
+(e.g. a non-integer longrlvr chunk id), whose entry is larger than `max_entry_mb`, or whose scored group is
+larger than the broker accepts (`--broker.max_entry_mb`) goes to the dead stream at once, and the worker goes
+on. Undecodable entries never reach the worker: the broker moves them to the dead stream when it reads them.
 """
 
 from __future__ import annotations
@@ -16,10 +19,11 @@ import asyncio
 import logging
 import time
 
-from broker.base import ROLLOUTS, SCORED, Broker, Entry
+from broker.base import ROLLOUTS, SCORED, Broker, Entry, EntryTooLarge
 from broker.schemas import Group, SampleReward, ScoredGroup, encode
 from common.retry import RetryPolicy
 from reward_service.config import RewardConfig
+from reward_service.deadline import scoring_deadline
 from reward_service.judges import Judge, JudgeError
 from reward_service.metrics import WORKER_GROUPS
 from reward_service.scoring import Scorer
@@ -51,9 +55,9 @@ class RewardWorker:
                 if free > 0:
                     entries = await asyncio.to_thread(self.consumer.read, min(free, cfg.batch_size), block_s)
                     inflight.update(asyncio.create_task(self.handle(e)) for e in entries)
-                else:  # not reading, so renew the lease on the groups being scored
-                    await asyncio.to_thread(self.consumer.touch)
                 if inflight:
+                    # renew the lease on the groups being scored, slots free or not (a no-op until it is due)
+                    await asyncio.to_thread(self.consumer.touch)
                     done, inflight = await asyncio.wait(
                         inflight, timeout=0 if free > 0 else block_s, return_when=asyncio.FIRST_COMPLETED
                     )
@@ -80,26 +84,40 @@ class RewardWorker:
             )
             return
         attempts = 0
+        timeout_s = self.config.worker.score_timeout_s
 
         async def attempt() -> list[SampleReward]:
             nonlocal attempts
             attempts += 1
             if attempts > 1:
                 WORKER_GROUPS.labels("retried").inc()
-            return await self.scorer.score_group(group, evaluation=not self.config.worker.zero_ill_formed)
+            async with scoring_deadline(timeout_s):
+                return await self.scorer.score_group(group, evaluation=not self.config.worker.zero_ill_formed)
 
         try:
-            rewards = await self._retry.acall(attempt, retry_on=(JudgeError,), what=f"scoring group {group.group_id}")
+            rewards = await self._retry.acall(
+                attempt, retry_on=(JudgeError, TimeoutError), what=f"scoring group {group.group_id}"
+            )
         except JudgeError as e:
             await self._dead(entry, f"judge failed after {attempts} attempts: {e}")
+            return
+        except TimeoutError:
+            reason = (
+                f"scoring took longer than {timeout_s:g} s (--worker.score_timeout_s) in each of {attempts} attempts"
+            )
+            await self._dead(entry, reason)
             return
         except ValueError as e:  # the group's reward info cannot be scored: retrying cannot help
             await self._dead(entry, f"cannot score group: {e}")
             return
         scored = ScoredGroup(group=group, rewards=rewards, scorer_id=self.name, score_s=time.perf_counter() - start)
-        await asyncio.to_thread(
-            self.producer.publish, [scored], lambda m: m.group_id, self.config.worker.publish_timeout_s
-        )
+        try:
+            await asyncio.to_thread(
+                self.producer.publish, [scored], lambda m: m.group_id, self.config.worker.publish_timeout_s
+            )
+        except EntryTooLarge as e:  # the scored group is larger than the group read: nothing was published
+            await self._dead(entry, f"scored group cannot be published: {e}")
+            return
         await asyncio.to_thread(self.consumer.ack, [entry.id])
         self.num_scored += 1
         WORKER_GROUPS.labels("scored").inc()

@@ -4,7 +4,9 @@ heartbeats while it lives, deregister it and stop it on exit.
 `--backend builtin` runs `longtrace engine serve` (the CPU/GPU transformers engine); `--backend sglang` runs
 `python -m sglang.launch_server` for GPU nodes. `--dry_run` prints the command line and exits, so CI can check
 it without SGLang installed. Workers find the engine through the registry as soon as it answers /health, and
-forget it within `heartbeat_ttl_s` after it dies (the launcher exits with the engine's code when it does).
+forget it within `heartbeat_ttl_s` after it dies (the launcher exits with the engine's code when it does). Every
+heartbeat registers the policy version the engine serves at that moment (its `/model_info`), so the registry
+follows weight pushes. A non-loopback `host` without a token is refused unless `--allow_unauthenticated`.
 """
 
 from __future__ import annotations
@@ -29,7 +31,10 @@ from pydantic import Field, model_validator
 from broker.base import EngineInfo
 from broker.settings import BrokerConfig
 from common.config import BaseConfig
+from common.exposure import check_exposure
 from common.net import free_port
+from rollout_server.engine.config import UNAUTHENTICATED_RISK
+from rollout_server.engine.registry import Heartbeat
 from weights.version import INITIAL_POLICY_VERSION, SGLANG_DEFAULT, WeightVersionError, parse_weight_version
 
 log = logging.getLogger(__name__)
@@ -43,7 +48,8 @@ class LaunchConfig(BaseConfig):
     model_path: str = ""
     """HF model directory (or hub id for SGLang)."""
     host: str = "127.0.0.1"
-    """Address the engine binds to."""
+    """Address the engine binds to. Any but a loopback address needs a token (`api_key_env` / `api_key_file`;
+    SGLang: `--admin-api-key` in `extra_args`) or `allow_unauthenticated`, or the launch is refused."""
     port: int = Field(default=30000, ge=0, le=65535)
     """Engine HTTP port; 0 picks a free one."""
     tp_size: int = Field(default=1, ge=1)
@@ -76,6 +82,14 @@ class LaunchConfig(BaseConfig):
     export_dir: str = ""
     """The learner's HF export directory (weight_sync `export_dir`). When set, the engine loads the newest export
     before it is registered, so an engine that joins between updates never serves stale weights."""
+    api_key_env: str = "LONGTRACE_ENGINE_API_KEY"
+    """Env var holding the engines' control token: the built-in engine's (passed on as its `--api_key_env`), and
+    the one the heartbeat sends to read `/model_info`. SGLang takes its token as `--admin-api-key` in `extra_args`."""
+    api_key_file: str = ""
+    """File holding the built-in engine's token instead (its `--api_key_file`)."""
+    allow_unauthenticated: bool = False
+    """Start an engine on a non-loopback `host` without a token (anyone who reaches it can pause it or replace its
+    weights); without it, such a launch is refused."""
     dry_run: bool = False
     """Print the engine's command line and exit."""
 
@@ -88,8 +102,15 @@ class LaunchConfig(BaseConfig):
         self.policy_version()  # the registry needs it as a policy version: refuse a string that names none
         return self
 
+    def has_token(self) -> bool:
+        """Whether the engine will require a token on its control endpoints."""
+        if self.backend == "sglang":
+            return any(a.split("=", 1)[0] in ("--api-key", "--admin-api-key") for a in self.extra_args)
+        return bool(self.api_key_file) or bool(self.api_key_env and os.environ.get(self.api_key_env))
+
     def policy_version(self) -> int:
-        """The policy version `weight_version` names (weights/version.py), registered until a catch-up moves it."""
+        """The policy version `weight_version` names (weights/version.py); checked at load, so an engine never starts
+        with a version its heartbeat could not register (the heartbeat reads the served version at every beat)."""
         try:
             return parse_weight_version(self.weight_version, INITIAL_POLICY_VERSION)
         except WeightVersionError as e:
@@ -116,6 +137,12 @@ def engine_command(cfg: LaunchConfig, port: int) -> list[str]:
         cmd += ["--context_length", str(cfg.context_length)]
     if cfg.weight_version != SGLANG_DEFAULT:
         cmd += ["--weight_version", json.dumps(cfg.weight_version)]
+    if cfg.api_key_env != LaunchConfig.model_fields["api_key_env"].default:
+        cmd += ["--api_key_env", json.dumps(cfg.api_key_env)]
+    if cfg.api_key_file:
+        cmd += ["--api_key_file", json.dumps(cfg.api_key_file)]
+    if cfg.allow_unauthenticated:
+        cmd += ["--allow_unauthenticated", "true"]
     return cmd + cfg.extra_args
 
 
@@ -173,8 +200,28 @@ def terminate(proc: subprocess.Popen[bytes], timeout_s: float) -> int:
     return proc.returncode
 
 
+def served_policy_version(http: httpx.Client, url: str) -> int:
+    """The policy version of the weights the engine at `url` serves now: its weight_version, read strictly."""
+    r = http.get(f"{url}/model_info")  # SGLang 0.5.23 deprecates /get_model_info; older builds lack /model_info
+    if r.status_code == 404:
+        r = http.get(f"{url}/get_model_info")
+    if r.status_code != 200:
+        raise RuntimeError(f"{url}/model_info answered {r.status_code}: {r.text[:200]}")
+    return parse_weight_version(str(r.json()["weight_version"]), INITIAL_POLICY_VERSION)
+
+
 def launch(cfg: LaunchConfig) -> int:
     """Run the engine until it exits or the launcher is signalled; return an exit code."""
+    check_exposure(  # a ConfigError (exit 2) naming --allow_unauthenticated
+        cfg.host,
+        cfg.has_token(),
+        cfg.allow_unauthenticated,
+        f"the {cfg.backend} engine",
+        "--admin-api-key KEY in --extra_args"
+        if cfg.backend == "sglang"
+        else f"in the env var {cfg.api_key_env} (--api_key_env) or a file named by --api_key_file",
+        risk=UNAUTHENTICATED_RISK,
+    )
     port = cfg.port or free_port(cfg.host if cfg.host not in ("0.0.0.0", "::") else "127.0.0.1")
     cmd = engine_command(cfg, port)
     if cfg.dry_run:
@@ -183,49 +230,56 @@ def launch(cfg: LaunchConfig) -> int:
     from broker.factory import connect
 
     url = advertised_url(cfg, port)
-    info = EngineInfo(
-        engine_id=cfg.engine_id or f"{cfg.backend}@{url.split('://', 1)[-1]}",
-        url=url,
-        backend=cfg.backend,
-        model=cfg.model_path,
-        tp_size=cfg.tp_size,
-        policy_version=cfg.policy_version(),
+    engine_id = cfg.engine_id or f"{cfg.backend}@{url.split('://', 1)[-1]}"
+    local_url = f"http://{'127.0.0.1' if cfg.host in ('0.0.0.0', '::') else cfg.host}:{port}"
+    token = os.environ.get(cfg.api_key_env, "") if cfg.api_key_env else ""
+    http = httpx.Client(
+        timeout=cfg.health_timeout_s, trust_env=False, headers={"Authorization": f"Bearer {token}"} if token else {}
     )
+
+    def info() -> EngineInfo:  # read at every beat: the registry follows the weights the engine serves
+        return EngineInfo(
+            engine_id=engine_id,
+            url=url,
+            backend=cfg.backend,
+            model=cfg.model_path,
+            tp_size=cfg.tp_size,
+            policy_version=served_policy_version(http, local_url),
+        )
+
     stop = _Stop()
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     broker = connect(cfg.broker)
-    log.info("starting engine %s: %s", info.engine_id, shlex.join(cmd))
+    log.info("starting engine %s: %s", engine_id, shlex.join(cmd))
     proc = subprocess.Popen(cmd, start_new_session=True)  # its own group: we stop it and its children together
-    registered = False
+    heartbeat: Heartbeat | None = None
     try:
-        local_url = f"http://{'127.0.0.1' if cfg.host in ('0.0.0.0', '::') else cfg.host}:{port}"
         if not wait_healthy(local_url, proc, cfg.startup_timeout_s, cfg.health_timeout_s, stop.event):
             if stop.event.is_set():
                 return 0
-            log.error("engine %s did not become healthy (exit code %s)", info.engine_id, proc.poll())
+            log.error("engine %s did not become healthy (exit code %s)", engine_id, proc.poll())
             return 1
         if cfg.export_dir:
             from weights.exports import catch_up
 
-            version = catch_up(local_url, cfg.export_dir, timeout_s=cfg.startup_timeout_s)
-            if version is not None:
-                info.policy_version = version
-        log.info("engine %s healthy at %s; registering", info.engine_id, url)
+            catch_up(local_url, cfg.export_dir, timeout_s=cfg.startup_timeout_s, token_env=cfg.api_key_env)
+        log.info("engine %s healthy at %s; registering", engine_id, url)
+        heartbeat = Heartbeat(broker.engines, info, cfg.heartbeat_interval_s, cfg.heartbeat_ttl_s)
+        heartbeat.start()
         while proc.poll() is None and not stop.event.is_set():
-            broker.engines.register(info, cfg.heartbeat_ttl_s)
-            registered = True
             stop.event.wait(cfg.heartbeat_interval_s)
         if proc.poll() is not None:
-            log.error("engine %s exited with code %s", info.engine_id, proc.returncode)
+            log.error("engine %s exited with code %s", engine_id, proc.returncode)
             return proc.returncode or 1
         return 0
     finally:
         try:
-            if registered:  # first, so workers stop routing to it
-                broker.engines.deregister(info.engine_id)
+            if heartbeat is not None:  # first, so workers stop routing to it
+                heartbeat.stop()
         finally:  # even when Redis is gone: never leave the engine running without its launcher
             code = terminate(proc, cfg.shutdown_timeout_s)
-            log.info("engine %s stopped (code %s)", info.engine_id, code)
+            log.info("engine %s stopped (code %s)", engine_id, code)
+            http.close()
             broker.close()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)

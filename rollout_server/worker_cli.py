@@ -66,6 +66,7 @@ def _worker(args: argparse.Namespace) -> int:
 
     cfg = load_config(RolloutConfig, args.config, args.overrides)
     broker = connect(cfg.broker)
+    broker.attach_run("rollout worker")
     try:
         asyncio.run(run_worker(cfg, broker))
     finally:

@@ -8,12 +8,28 @@ the learner's sender (rank 0) imports this same function. The engine joins at ra
 A broadcast has no timeout of its own: `run_with_timeout` runs a blocking collective on a daemon
 thread and gives up waiting after a deadline, so a dead peer cannot hang the engine; the group is
 then marked broken and must be destroyed and rebuilt.
+
+Timeouts, in the order they must fire when a member dies mid-broadcast (docs/reliability.md, "Weight sync"):
+ 1. `timeout_s`: the rendezvous (every member connects to rank 0's store), the group's build.
+ 2. the caller's deadline on each broadcast (`run_with_timeout`; the learner's `broadcast_timeout_s`): the
+    caller gives up first, and on NCCL aborts the group (`abort_group`) so nothing is left running in it.
+ 3. `collective_timeout_s`, the group's own timeout (the NCCL watchdog's, gloo's): later than 2, only a
+    backstop for work nobody aborted.
+ 4. the NCCL watchdog's reaction, per group: an NCCL group is built with TORCH_NCCL_ASYNC_ERROR_HANDLING=2
+    (CleanUpOnly: abort the group's communicators, keep the process), whatever the process's own groups use (3
+    tears the process down so torchrun restarts the job: right for the learner's TP/DP groups, wrong for a group
+    shared with engines that may die). The process must run with TORCH_NCCL_DUMP_ON_TIMEOUT=0: with it on, any
+    group's error raises a process-wide dump flag on which the default group's heartbeat monitor kills the
+    process TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC later (`nccl_watchdog_problems` says so).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -21,7 +37,41 @@ from urllib.parse import urlsplit
 import torch
 import torch.distributed as dist
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+ERROR_HANDLING_ENV = "TORCH_NCCL_ASYNC_ERROR_HANDLING"
+GROUP_ERROR_HANDLING = "2"
+"""The weight-update group's TORCH_NCCL_ASYNC_ERROR_HANDLING: CleanUpOnly, abort its communicators on an error or
+a timeout and keep the process (ProcessGroupNCCL reads it when the group is constructed)."""
+_ENV_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str) -> Iterator[None]:
+    """`name` = `value` in this process's environment for the block (one block at a time)."""
+    with _ENV_LOCK:
+        before = os.environ.get(name)
+        os.environ[name] = value
+        try:
+            yield
+        finally:
+            if before is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = before
+
+
+def nccl_watchdog_problems(environ: dict[str, str] | None = None) -> list[str]:
+    """What in the environment lets an NCCL weight-update group's failure kill this process (see the module doc)."""
+    env = os.environ if environ is None else environ
+    if env.get("TORCH_NCCL_ENABLE_MONITORING", "1") == "0" or env.get("TORCH_NCCL_DUMP_ON_TIMEOUT", "1") == "0":
+        return []
+    return [
+        "TORCH_NCCL_DUMP_ON_TIMEOUT is not 0: an engine dying mid-broadcast makes the weight-update group's watchdog "
+        "raise the process-wide dump flag, and the default group's heartbeat monitor then kills this process "
+        "TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC later; set TORCH_NCCL_DUMP_ON_TIMEOUT=0 (deploy/torchrun/nccl.sh does)"
+    ]
 
 
 def init_custom_process_group(
@@ -31,12 +81,14 @@ def init_custom_process_group(
     rank: int,
     group_name: str,
     timeout_s: float = 600.0,
+    collective_timeout_s: float | None = None,
 ) -> dist.ProcessGroup:
     """Create (or join) the process group `group_name` of `world_size` ranks at `init_method` (tcp://host:port).
 
-    Rank 0 hosts the rendezvous store. Works without a default process group. The store and the
-    group's collectives use `timeout_s` (gloo enforces it; NCCL collectives may still block, hence
-    `run_with_timeout`).
+    Rank 0 hosts the rendezvous store. Works without a default process group. The store waits `timeout_s` for
+    every rank; the group's collectives time out after `collective_timeout_s` (default `timeout_s`), which
+    must be later than the caller's own deadline on them (`run_with_timeout`): gloo raises then, NCCL's
+    watchdog aborts the group (CleanUpOnly, see the module doc).
 
     The TCPStore is built here, not by torch's `rendezvous(tcp://...)` as SGLang does: under torchrun
     (TORCHELASTIC_USE_AGENT_STORE=True) that rendezvous makes every rank a client of the elastic agent's
@@ -58,10 +110,24 @@ def init_custom_process_group(
     prefixed = PrefixStore(group_name, store)
     new_group: Any = _new_process_group_helper  # private helper; group_name is a NewType of str
     group: dist.ProcessGroup
-    group, _ = new_group(world_size, rank, [], Backend(backend), prefixed, group_name=group_name, timeout=timeout)
+    collective_timeout = timedelta(seconds=timeout_s if collective_timeout_s is None else collective_timeout_s)
+    # ProcessGroupNCCL reads the error handling when it is constructed: this group's, not the process's.
+    with _env(ERROR_HANDLING_ENV, GROUP_ERROR_HANDLING) if backend == "nccl" else contextlib.nullcontext():
+        group, _ = new_group(
+            world_size, rank, [], Backend(backend), prefixed, group_name=group_name, timeout=collective_timeout
+        )
     # Register it so torch.distributed collectives accept it: group rank == global rank in this group.
     _world.pg_group_ranks[group] = {i: i for i in range(world_size)}
     return group
+
+
+def abort_group(group: dist.ProcessGroup, what: str) -> None:
+    """Abort `group`'s communicators so a collective a caller gave up on stops (NCCL: its kernels exit, the thread
+    waiting in it returns); gloo cannot abort a collective in flight, its own timeout ends it. Never raises."""
+    try:
+        group.abort()
+    except Exception as e:  # best effort: the group is dropped either way
+        log.warning("aborting %s: %r", what, e)
 
 
 def run_with_timeout(fn: Callable[[], T], timeout_s: float, what: str) -> T:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 
-from broker.base import BackpressureTimeout, Consumer, Entry, Producer, check_entry_sizes, read_deadline
+from broker.base import DEAD, BackpressureTimeout, Consumer, Entry, Producer, check_entry_sizes, read_deadline
 from broker.entries import triage
 from broker.memory.store import Pending, RunStore, StreamState
 from broker.schemas import M, encode
@@ -68,14 +68,29 @@ class MemoryConsumer(Consumer[M]):
         self._recover_after = -1  # sequence number of the last own pending entry handed back
         self._next_claim_s = 0.0
         self._delivered: set[str] = set()  # handed to the application, not yet acked
+        self._next_renew_s = 0.0  # the next lease renewal of the held entries (touch or read)
+        self._renew_every_s = run.config.claim_idle_s / 4  # the contract: Consumer.touch
 
     def touch(self) -> None:
         with self._r.store.cond:
-            s = self._r.stream(self._stream)
-            now = time.monotonic()
-            for i in self._delivered:
-                if i in s.pending:
-                    s.pending[i].delivered_s = now
+            self._renew_due(self._r.stream(self._stream))
+
+    def _renew_due(self, s: StreamState) -> None:
+        """As the Redis backend: every `claim_idle_s / 4`, renew the entries this consumer still holds and forget
+        those another consumer claimed after their lease ran out (store lock held)."""
+        now = time.monotonic()
+        if now < self._next_renew_s:
+            return
+        self._next_renew_s = now + self._renew_every_s
+        self._renew(s, list(self._delivered), now)
+
+    def _renew(self, s: StreamState, ids: list[str], now: float) -> None:
+        for i in ids:
+            p = s.pending.get(i)
+            if p is not None and p.consumer == self.name:
+                p.delivered_s = now
+            else:
+                self._delivered.discard(i)
 
     def read(self, count: int, block_s: float | None = None) -> list[Entry[M]]:
         deadline = read_deadline(count, block_s, self._r.config.block_s)
@@ -83,15 +98,18 @@ class MemoryConsumer(Consumer[M]):
         with cond:
             s = self._r.stream(self._stream)
             while True:
+                self._renew_due(s)
                 raw = self._take(s, count)
                 entries = self._triage(s, raw)
                 if entries:
                     return entries
-                left = deadline - time.monotonic()
+                now = time.monotonic()
+                left = deadline - now
                 if left <= 0:
                     return []
-                if not raw:  # wake for new entries, or to look for idle entries to claim
-                    cond.wait(min(left, self._r.claim_interval_s))
+                if not raw:  # wake for new entries, to look for idle entries to claim, or to renew leases
+                    renew = self._next_renew_s - now if self._delivered else left
+                    cond.wait(max(0.0, min(left, self._r.claim_interval_s, renew)))
 
     def _take(self, s: StreamState, count: int) -> list[tuple[str, int]]:
         """Deliver up to `count` entry ids: own pending (once), then idle claims, then new ones."""
@@ -107,13 +125,12 @@ class MemoryConsumer(Consumer[M]):
                 return [(i, self._deliver(s, i, now)) for _, i in own]
             self._recovering = False
         if now >= self._next_claim_s:
-            # As the Redis backend: entries this consumer still holds are only touched (their holder is
-            # alive), never handed out again; idle entries of others are claimed, counting a delivery.
+            # As the Redis backend: entries this consumer still holds are only renewed (a renewal came late),
+            # never handed out again; idle entries of others are claimed, counting a delivery.
             idle = [i for i, p in s.pending.items() if now - p.delivered_s >= self._r.config.claim_idle_s]
-            for i in idle:
-                if i in self._delivered:
-                    s.pending[i].delivered_s = now
-            theirs = [i for i in idle if i not in self._delivered][:count]
+            held = {i for i in idle if s.pending[i].consumer == self.name and i in self._delivered}
+            self._renew(s, list(held), now)
+            theirs = [i for i in idle if i not in held][:count]
             if theirs:
                 return [(i, self._deliver(s, i, now)) for i in theirs]
             self._next_claim_s = now + self._r.claim_interval_s
@@ -136,7 +153,7 @@ class MemoryConsumer(Consumer[M]):
             payload = s.entries[entry_id]
             got = triage(payload, n, self.kind, self._r.config.max_deliveries)
             if isinstance(got, str):
-                self._r.bury(self._stream, entry_id, payload, n, got, self.name)
+                self._bury(entry_id, payload, n, got)
             else:
                 out.append(Entry(entry_id, got, n))
         self._delivered.update(e.id for e in out)
@@ -152,5 +169,13 @@ class MemoryConsumer(Consumer[M]):
 
     def dead_letter(self, entry: Entry[M], reason: str) -> None:
         with self._r.store.cond:
-            self._r.bury(self._stream, entry.id, encode(entry.msg), entry.delivery_count, reason, self.name)
+            self._bury(entry.id, encode(entry.msg), entry.delivery_count, reason)
             self._delivered.discard(entry.id)
+
+    def _bury(self, entry_id: str, payload: bytes, count: int, reason: str) -> None:
+        """Move an entry to the dead stream, then trim that stream to its cap (BrokerConfig.dead_max_entries, its
+        policy there): the oldest letters go, as the Redis backend's XTRIM MAXLEN ~ (here exactly). Lock held."""
+        self._r.bury(self._stream, entry_id, payload, count, reason, self.name)
+        dead = self._r.stream(DEAD)
+        for old in list(dead.entries)[: max(0, len(dead.entries) - self._r.config.dead_max_entries)]:
+            dead.remove(old)

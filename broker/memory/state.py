@@ -1,14 +1,18 @@
-"""The in-process backend's small shared state: policy version, engine registry (expiry on the monotonic clock)
-and run state, per run in a `MemoryStore`."""
+"""The in-process backend's small shared state: policy version, engine registry (expiry on the monotonic clock),
+run state and run marker, per run in a `MemoryStore`."""
 
 from __future__ import annotations
 
 import time
+import weakref
 
 import msgspec
 
-from broker.base import EngineInfo, EngineRegistry, PolicyVersion, RunState
-from broker.memory.store import RunStore
+from broker.base import EngineInfo, EngineRegistry, PolicyVersion, RunMarker, RunState
+from broker.memory.store import MemoryStore, RunStore
+
+# The run markers of each store, by run id (beside the store, whose data never outlives the process).
+_MARKERS: weakref.WeakKeyDictionary[MemoryStore, dict[str, RunMarker]] = weakref.WeakKeyDictionary()
 
 
 class MemoryPolicyVersion(PolicyVersion):
@@ -88,3 +92,20 @@ class MemoryRunState(RunState):
     def all(self) -> dict[str, str]:
         with self._r.store.cond:
             return dict(self._d())
+
+
+class MemoryRunMarker:
+    """The run's marker: written once by the run's owner (an in-process store cannot lose it, so nothing watches it)."""
+
+    def __init__(self, run: RunStore) -> None:
+        self._r = run
+
+    def get(self) -> RunMarker | None:
+        with self._r.store.cond:
+            return _MARKERS.get(self._r.store, {}).get(self._r.run_id)
+
+    def create(self, marker: RunMarker) -> RunMarker:
+        """Write `marker` unless the run has one; return the one the store holds."""
+        with self._r.store.cond:
+            markers = _MARKERS.setdefault(self._r.store, {})
+            return markers.setdefault(self._r.run_id, marker)

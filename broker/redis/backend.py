@@ -2,17 +2,30 @@
 
 from __future__ import annotations
 
+import logging
+
 from redis.exceptions import ResponseError
 
-from broker.base import Broker, Consumer, Producer, StreamView, check_one_group, check_stream
-from broker.redis.connection import Connection
+from broker.base import (
+    Broker,
+    Consumer,
+    Producer,
+    RunDataLost,
+    RunMarker,
+    StreamView,
+    check_one_group,
+    check_stream,
+    marker_lost,
+)
 from broker.redis.consumer import RedisConsumer
 from broker.redis.layout import text
 from broker.redis.producer import RedisProducer
-from broker.redis.state import RedisEngineRegistry, RedisPolicyVersion, RedisRunState
+from broker.redis.state import RedisEngineRegistry, RedisPolicyVersion, RedisRunState, WatchedConnection, durability
 from broker.redis.view import RedisStreamView
 from broker.schemas import M
 from broker.settings import BrokerConfig
+
+log = logging.getLogger(__name__)
 
 
 class RedisBroker(Broker):
@@ -20,7 +33,7 @@ class RedisBroker(Broker):
     may instead come from `redis_password_file` or `redis_password_env`."""
 
     def __init__(self, config: BrokerConfig) -> None:
-        self.conn = Connection(config)
+        self.conn = WatchedConnection(config)
         self.config = config
         self.run_id = config.run_id
         self.url = self.conn.url  # without its password
@@ -64,6 +77,20 @@ class RedisBroker(Broker):
     def view(self, stream: str) -> StreamView:
         check_stream(stream)
         return RedisStreamView(self.conn, stream)
+
+    def check_durability(self) -> list[str]:
+        return durability(self.conn)
+
+    def attach_run(self, who: str, owner: bool = False, resumed_from: str = "") -> RunMarker | None:
+        self.check_durability()
+        marker = self.conn.read_marker()
+        if marker is None and resumed_from:
+            raise RunDataLost(marker_lost(self.url, self.run_id, None, None, resumed_from))
+        if marker is None and owner:
+            marker = self.conn.create_marker(RunMarker.new(self.run_id, who))
+        self.conn.watch(marker)
+        log.info("%s attached to %s on %s", who, marker.describe() if marker else f"run {self.run_id!r}", self.url)
+        return marker
 
     def close(self) -> None:
         self.conn.close()

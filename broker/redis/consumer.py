@@ -2,9 +2,11 @@
 
 Read order: this consumer's own pending entries first (after a restart, or a lost XREADGROUP reply), then
 entries idle longer than `claim_idle_s` in other consumers (XPENDING IDLE + XCLAIM), then new ones. Entries it
-holds are never handed out again; `touch` renews their lease (XCLAIM JUSTID). A stream is a queue: ack is XACK
-and XDEL in one MULTI, so XLEN is the backlog. Undecodable and over-delivered entries are buried: moved to the
-dead stream with their reason by one Lua script (broker.redis.scripts.BURY), only while still pending.
+holds are never handed out again; their lease is renewed every `claim_idle_s / 4`, by `touch` and by every read
+(a blocking read wakes up for it), long before another consumer may claim them, and only while this consumer
+still holds them (the RENEW script). A stream is a queue: ack is XACK and XDEL in one MULTI, so XLEN is the
+backlog. Undecodable and over-delivered entries are buried: moved to the dead stream with their reason by one
+Lua script (broker.redis.scripts.BURY), only while still pending.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from broker.base import DEAD, Consumer, Entry, read_deadline
 from broker.entries import dead_letter, triage
 from broker.redis.connection import RETRY_ON, Connection
 from broker.redis.layout import FIELD, no_payload_reason, text
-from broker.redis.scripts import BURY
+from broker.redis.scripts import BURY, Script
 from broker.schemas import M, encode
 from common.logs import warn_once
 
@@ -30,6 +32,24 @@ log = logging.getLogger(__name__)
 
 # A delivered entry before triage: id, its fields (None when it was deleted while pending), delivery count.
 _Raw = tuple[str, dict[bytes, bytes] | None, int]
+
+
+# KEYS: stream; ARGV: group, consumer, entry ids. -> the ids renewed. XCLAIM JUSTID resets an entry's idle time
+# without counting a delivery, but it also takes the entry from whoever holds it: only the entries still pending
+# to this consumer are renewed, so one whose lease ran out and was claimed by another stays with that one.
+RENEW = Script(
+    "renew",
+    """
+local renewed = {}
+for i = 3, #ARGV do
+  if #redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1, ARGV[2]) == 1 then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+    renewed[#renewed + 1] = ARGV[i]
+  end
+end
+return renewed
+""",
+)
 
 
 def _entries(reply: Any) -> list[tuple[bytes, dict[bytes, bytes] | None]]:
@@ -54,31 +74,47 @@ class RedisConsumer(Consumer[M]):
         # Entries handed to the application and not yet acked: a re-read of own pending entries after a
         # lost reply must not hand them out again.
         self._delivered: set[str] = set()
-        self._next_touch_s = 0.0
+        self._next_renew_s = 0.0  # the next lease renewal of the held entries (touch or read)
+        self._renew_every_s = conn.config.claim_idle_s / 4  # the contract: Consumer.touch
 
     def touch(self) -> None:
-        now = time.monotonic()
         with self._lock:
-            if now < self._next_touch_s or not self._delivered:
-                return
-            self._next_touch_s = now + self._c.config.claim_idle_s / 4
-            held: list[Any] = sorted(self._delivered)
-            # JUSTID: reset the idle time without counting a delivery.
-            self._c.call(
-                lambda: self._c.client.xclaim(self._key, self.group, self.name, 0, held, justid=True), "XCLAIM JUSTID"
-            )
+            self._renew_due()
+
+    def _renew_due(self) -> None:
+        """Renew the lease of every held entry if the last renewal is `claim_idle_s / 4` old (lock held)."""
+        now = time.monotonic()
+        if now < self._next_renew_s:
+            return
+        self._next_renew_s = now + self._renew_every_s
+        self._renew(sorted(self._delivered))
+
+    def _renew(self, ids: list[str]) -> None:
+        """Reset the idle time of `ids` that this consumer still holds; forget the others (claimed by another
+        consumer after their lease ran out, or acked by it)."""
+        if not ids:
+            return
+        [renewed] = self._c.eval_many(RENEW, [((self._key,), (self.group, self.name, *ids))])
+        lost = (set(ids) - {text(i) for i in renewed}) & self._delivered  # not those acked meanwhile
+        if lost:
+            self._delivered.difference_update(lost)
+            log.warning(
+                "%s lost %d entries of %s to another consumer (held past claim_idle_s without renewal): %s",
+                self.name, len(lost), self._stream, ", ".join(sorted(lost)[:5]),
+            )  # fmt: skip
 
     def read(self, count: int, block_s: float | None = None) -> list[Entry[M]]:
         deadline = read_deadline(count, block_s, self._c.config.block_s)
         with self._lock:
             while True:
+                self._renew_due()
                 raw = self._take(count, deadline)
                 entries = self._triage(raw)
                 if entries or (not raw and time.monotonic() >= deadline):
                     return entries
 
     def _take(self, count: int, deadline: float) -> list[_Raw]:
-        """Deliver up to `count` raw entries."""
+        """Deliver up to `count` raw entries; a blocking read of new ones wakes up for the next lease renewal."""
         if self._recover_from is not None:
             got = self._read_own_pending(count)
             if got:
@@ -87,7 +123,8 @@ class RedisConsumer(Consumer[M]):
             got = self._claim_idle(count)
             if got:
                 return got
-        return self._read_new(count, min(deadline - time.monotonic(), self._c.block_chunk_s))
+        wake = min(deadline, self._next_renew_s) if self._delivered else deadline
+        return self._read_new(count, min(wake - time.monotonic(), self._c.block_chunk_s))
 
     def _read_own_pending(self, count: int) -> list[_Raw]:
         start = self._recover_from
@@ -109,8 +146,7 @@ class RedisConsumer(Consumer[M]):
 
         XPENDING IDLE + XCLAIM rather than XAUTOCLAIM: XAUTOCLAIM would also hand this consumer the
         entries it still holds (the learner holds its until a checkpoint) and count a delivery each
-        time. Those are only touched (XCLAIM JUSTID resets their idle time without counting), which
-        also tells other consumers that their holder is alive.
+        time. Those are renewed instead (they are idle this long only when a renewal came late).
         """
         idle_ms = int(self._c.config.claim_idle_s * 1000)
         # Paged: the pending list holds what consumers hold besides the backlog (the learner: a checkpoint's worth).
@@ -126,12 +162,9 @@ class RedisConsumer(Consumer[M]):
             if len(got) < page:
                 break
             start = "(" + text(got[-1]["message_id"])  # exclusive range start (Redis >= 6.2)
-        held = [r["message_id"] for r in rows if text(r["message_id"]) in self._delivered]
-        theirs = {r["message_id"]: r["times_delivered"] for r in rows if text(r["message_id"]) not in self._delivered}
-        if held:
-            self._c.call(
-                lambda: self._c.client.xclaim(self._key, self.group, self.name, 0, held, justid=True), "XCLAIM JUSTID"
-            )
+        held = [text(r["message_id"]) for r in rows if self._holds(r)]
+        theirs = {r["message_id"]: r["times_delivered"] for r in rows if not self._holds(r)}
+        self._renew(held)
         if not theirs:
             self._next_claim_s = time.monotonic() + self._c.claim_interval_s
             return []
@@ -149,6 +182,10 @@ class RedisConsumer(Consumer[M]):
         else:
             self._next_claim_s = time.monotonic() + self._c.claim_interval_s
         return [(text(i), f, theirs[i] + 1) for i, f in pairs]
+
+    def _holds(self, row: Any) -> bool:
+        """An XPENDING row of an entry this consumer holds (handed out, not acked, not claimed away)."""
+        return text(row["consumer"]) == self.name and text(row["message_id"]) in self._delivered
 
     def _delivery_counts(self, ids: list[bytes]) -> list[int]:
         def run() -> list[Any]:
@@ -209,10 +246,17 @@ class RedisConsumer(Consumer[M]):
         for entry_id, payload, n, reason in items:
             letter = dead_letter(self._stream, entry_id, payload, n, reason, self.name)
             calls.append(((self._key, dead_key), (self.group, entry_id, encode(letter))))
+        num_buried = 0
         for (entry_id, _, n, reason), buried in zip(items, self._c.eval_many(BURY, calls), strict=True):
             self._delivered.discard(entry_id)
             if buried:
+                num_buried += 1
                 log.warning("dead letter %s/%s after %d deliveries: %s", self._stream, entry_id, n, reason)
+        if num_buried:
+            # The dead stream's cap (BrokerConfig.dead_max_entries, its policy there): the oldest letters go,
+            # approximately (whole stream nodes), as XADD MAXLEN ~ would.
+            cap = self._c.config.dead_max_entries
+            self._c.call(lambda: self._c.client.xtrim(dead_key, maxlen=cap, approximate=True), "XTRIM dead")
 
     def ack(self, ids: Sequence[str]) -> None:
         if not ids:

@@ -65,6 +65,11 @@ class Keys:
         return self.key("engines:expiry")
 
     @property
+    def marker(self) -> str:
+        """String: the run's RunMarker as JSON, written once when the run starts, no TTL (broker/base.py)."""
+        return self.key("marker")
+
+    @property
     def state(self) -> str:
         """Hash of the run's small string key/values."""
         return self.key("state")

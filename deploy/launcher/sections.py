@@ -175,8 +175,11 @@ class RedisSection(BaseConfig):
     their argv or the config files under RUN_DIR; it may also come from $LONGTRACE_REDIS_PASSWORD instead."""
     port: int = Field(0, ge=0, le=65535)
     """Port of the embedded Redis; 0 picks a free one."""
-    appendonly: bool = False
-    """Embedded Redis writes an append-only file in RUN_DIR/redis (survives a crash of redis-server)."""
+    appendonly: bool = True
+    """Embedded Redis writes an append-only file in RUN_DIR/redis, so a restart of redis-server keeps the run. Off:
+    a restart comes back empty, and the services stop with RunDataLost (the run marker is gone). A given
+    `--redis.url` is checked at start instead: an evicting `maxmemory-policy` is an error, `appendonly no` a
+    warning."""
     appendfsync: AppendFsync = "everysec"
     """When the embedded Redis fsyncs its append-only file: always (no acknowledged write lost in a crash, every
     write waits for the disk), everysec (up to a second of acknowledged writes lost), no (the OS decides)."""

@@ -87,6 +87,7 @@ def build_group(row: dict[str, Any], tokenizer: Any, run_id: str, group_id: str,
         SamplingParams,
         ScoredGroup,
         Task,
+        TextSplit,
         pack_ids,
         pack_logprobs,
     )
@@ -114,8 +115,7 @@ def build_group(row: dict[str, Any], tokenizer: Any, run_id: str, group_id: str,
         text=text,
         finish_reason="stop",
         status="completed",
-        reasoning=str(row.get("reasoning", "")),
-        content=str(row.get("content", "")),
+        split=TextSplit.of(text, str(row.get("reasoning", "")), str(row.get("content", ""))),
         engine_id="demonstration",
     )
     reward = SampleReward(reward=1.0, outcome_reward=1.0, rubric_reward=1.0, raw_rubric_reward=1.0)
@@ -134,6 +134,7 @@ def run(cfg: SftSourceConfig, stop: threading.Event) -> int:
     rows = load_demonstrations(cfg.dataset_path)
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path)
     broker = connect(cfg.broker)
+    broker.attach_run("sft source")
     producer = broker.producer(SCORED, ScoredGroup)
     total = cfg.num_steps * cfg.groups_per_step
     published = 0

@@ -33,9 +33,7 @@ def redis(port: int, data_dir: str, appendonly: bool, appendfsync: str, ready_ti
     """The embedded Redis on `port`. The fsync policy is given at its start, not by CONFIG SET later: a write
     acknowledged in between could be lost, and a restart (the chaos bench's Redis fault) starts from this argv."""
     argv = [PY, "-m", "deploy.cli", "redis", "--port", str(port), "--dir", data_dir]
-    if appendonly:
-        argv.append("--appendonly")
-    argv += ["--appendfsync", appendfsync]
+    argv += ["--appendonly" if appendonly else "--no-appendonly", "--appendfsync", appendfsync]
     ready = RedisReady(f"redis://127.0.0.1:{port}/0")
     return ProcessSpec("redis", argv, CHILD_ENV, ready=ready, ready_timeout_s=ready_timeout_s)
 

@@ -118,32 +118,20 @@ class Launcher:
 
     def start_redis(self) -> None:
         from common.net import free_port
+        from deploy.launcher import redis_checks
 
+        phase_ids = [self.cfg.phase_run_id(name) for name in self.cfg.phases]
         if self.redis_url:
-            from broker.base import BrokerError
-            from broker.redis import RedisBroker
-            from broker.settings import BrokerRetryConfig
-
-            for name in self.cfg.phases:
-                rid = self.cfg.phase_run_id(name)
-                try:
-                    retry = BrokerRetryConfig(max_attempts=2, deadline_s=10.0)
-                    broker = RedisBroker(BrokerConfig(redis_url=self.redis_url, run_id=rid, retry=retry))
-                except BrokerError as e:
-                    raise ConfigError(f"--redis.url: {e}") from e
-                try:
-                    # Group ids are deduplicated per namespace for days: a reused namespace would publish nothing.
-                    used = broker.holds_keys()
-                finally:
-                    broker.close()
-                if used:
-                    raise ConfigError(f"--run_id {self.cfg.run_id}: Redis at --redis.url already holds run {rid!r}")
-            return
-        r = self.cfg.redis
-        port = r.port or free_port()
-        data_dir = str(Path(self.cfg.run_dir) / "redis")
-        self.redis_url = self.child_redis_url = f"redis://127.0.0.1:{port}/0"
-        self.sup.start(specs.redis(port, data_dir, r.appendonly, r.appendfsync, self.cfg.startup_timeout_s))
+            warnings = redis_checks.check_given_redis(self.redis_url, phase_ids, self.cfg.run_id)
+        else:
+            r = self.cfg.redis
+            port = r.port or free_port()
+            data_dir = str(Path(self.cfg.run_dir) / "redis")
+            self.redis_url = self.child_redis_url = f"redis://127.0.0.1:{port}/0"
+            self.sup.start(specs.redis(port, data_dir, r.appendonly, r.appendfsync, self.cfg.startup_timeout_s))
+            warnings = redis_checks.check_durability(self.redis_url, phase_ids[0])  # [redis] appendonly off
+        for w in warnings:
+            self.dashboard.note(f"WARNING: {w}")
 
     def start_reward_api(self) -> None:
         from common.net import free_port
@@ -174,6 +162,10 @@ class Launcher:
         phase = self.cfg.phases[name]
         self._event(phase=name, kind=phase.kind, event="start", steps=phase.steps, index=index)
         try:
+            from deploy.launcher.redis_checks import start_run
+
+            # Before any of its services attaches: a Redis that loses the run's data is then never taken for a new run.
+            start_run(self.redis_url, self.cfg.phase_run_id(name))
             self._run_phase(index, name, phase)
         except BaseException as e:
             status = "interrupted" if isinstance(e, Interrupted) else "failed"

@@ -8,9 +8,15 @@
 #   CUDA_VISIBLE_DEVICES=0,1,2,3 ENGINE_PORT=30000 deploy/torchrun/engine.sh --tp_size 4
 #   CUDA_VISIBLE_DEVICES=4,5,6,7 ENGINE_PORT=30001 deploy/torchrun/engine.sh --tp_size 4
 #
+# The engine binds ENGINE_HOST (0.0.0.0), so its control endpoints need a token: LONGTRACE_ENGINE_API_KEY for the
+# built-in engine, --extra_args '["--admin-api-key", "..."]' for SGLang, or ENGINE_ALLOW_UNAUTHENTICATED=1 on a
+# network you trust; with none of them the launch is refused, naming them.
 # Extra arguments are LaunchConfig overrides (--tp_size 4, --extra_args '["--log-level","debug"]', ...).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+# CleanUpOnly (nccl.sh explains the order): when the learner aborts a weight update because another engine died,
+# this engine's watchdog aborts the group and the engine keeps serving, instead of tearing itself down.
+TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-2}"
 source "$LT_DIR/nccl.sh"
 
 ENGINE_PORT="${ENGINE_PORT:-30000}"
@@ -36,6 +42,9 @@ cmd=("$PYTHON" -m deploy.cli engine launch --config "$ENGINE_CONFIG"
     --broker.redis_url "$REDIS_URL")
 lt_opt cmd --broker.run_id "$RUN_ID"
 lt_opt cmd --model_path "$MODEL_PATH"
+if [[ "${ENGINE_ALLOW_UNAUTHENTICATED:-0}" == 1 ]]; then
+    cmd+=(--allow_unauthenticated true)
+fi
 if [[ -n "$weight_version" ]]; then
     cmd+=(--weight_version "\"$weight_version\"")  # a TOML string: the version stays text ("7", not 7)
 fi

@@ -8,8 +8,11 @@ LT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 LT_REPO="$(cd "$LT_DIR/../.." && pwd)"
 LT_ENV_FILE="${LT_ENV_FILE:-$LT_DIR/cluster.env}"
 if [[ -f "$LT_ENV_FILE" ]]; then
+    # Exported (set -a): the tokens it holds are read by the services from their environment.
+    set -a
     # shellcheck source=/dev/null
     source "$LT_ENV_FILE"
+    set +a
 fi
 
 # The model recipe: a directory of configs/models/ (learner.toml, engine.toml, rollout.toml).

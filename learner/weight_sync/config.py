@@ -124,6 +124,13 @@ class DistributedSyncConfig(_EngineSyncConfig):
         """HTTP timeout of one bucket's `/update_weights_from_distributed`: the broadcast plus the load."""
         return self.broadcast_timeout_s + self.http_timeout_s
 
+    @property
+    def attempt_bound_s(self) -> float:
+        """The longest one stage's attempt can keep the learner's other ranks waiting on a hung engine: the build
+        (twice: a rebuild after a failed bucket), one bucket's broadcast deadline, then its load
+        (`update_timeout_s`). `model.dist_timeout_s` must exceed it (TrainConfig checks)."""
+        return 2 * self.init_timeout_s + 15 + self.broadcast_timeout_s + self.update_timeout_s + 5
+
 
 class DiskSyncConfig(_EngineSyncConfig):
     type: Literal["disk"] = "disk"

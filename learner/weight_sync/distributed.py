@@ -19,6 +19,8 @@ Engines in a known state after a failure: dead ones are dropped (the group is re
 next push); engines that never received a tensor are resumed with their previous weights and version;
 engines left with a partial update after the last attempt stay paused (they must not serve mixed weights)
 and are retried at the next push.
+An engine that dies mid-broadcast costs one attempt, never rank 0: the order of the group's, the broadcast's and
+the NCCL watchdog's timeouts that guarantees it is in group.py's docstring (and docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -91,6 +93,13 @@ class DistributedWeightSync(WeightSync):
         """Construct on every learner rank; `broker` is used on the coordinator only (may be None: static URLs)."""
         super().__init__(source, state, broker, cfg.every_k_steps, cfg.max_consecutive_failures)
         self.cfg = cfg
+        if cfg.broadcast_timeout_s < cfg.init_timeout_s:  # NCCL builds its communicator in the first broadcast
+            logger.warning(
+                "weight sync: --weight_sync.broadcast_timeout_s %gs is shorter than --weight_sync.init_timeout_s %gs: "
+                "the first bucket also connects the NCCL communicator and may be given up on",
+                cfg.broadcast_timeout_s,
+                cfg.init_timeout_s,
+            )
         talks = source.is_coordinator or source.is_stage_leader
         self.client = control_client(cfg) if talks else None
         self.fleet = Fleet(cfg, self.client, broker) if source.is_coordinator and self.client else None

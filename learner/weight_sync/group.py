@@ -9,6 +9,24 @@ tensors from rank 0 on a worker thread, then collect the replies. A broadcast ha
 the caller's thread watches it: it gives up after `broadcast_timeout_s`, or as soon as an engine's request
 fails (that engine will never receive, and the others cannot finish the bucket). A group that failed is
 never used again: it is dropped (and destroyed once no thread is inside it) and rebuilt at the next attempt.
+
+Why an engine dying mid-broadcast cannot take rank 0 down (NCCL; the settings are deliberate, in this order):
+ 1. `init_timeout_s` (120 s): the rendezvous and the engines' joins; the build gives up after 2x that + 15 s.
+ 2. `broadcast_timeout_s` (300 s), or at once when an engine's request fails: rank 0 gives up on the bucket
+    first, aborts the group's communicators (`abort_group`: the broadcast thread returns, no NCCL work is left
+    behind) and destroys it; dead engines are dropped and the survivors get the whole update again.
+ 3. the group's own collective timeout, `broadcast_timeout_s + WATCHDOG_GRACE_S`: the NCCL watchdog only ever
+    sees work rank 0 did not abort, and then (4) aborts the group without killing the process.
+ 4. the group is built with TORCH_NCCL_ASYNC_ERROR_HANDLING=2 (weights/group.py), the learner's own groups keep
+    3 (tear down: torchrun restarts the job), and the learner runs with TORCH_NCCL_DUMP_ON_TIMEOUT=0 and
+    TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC=600 (deploy/torchrun/nccl.sh, deploy/compose): with the dump on, any group's
+    error makes the default group's heartbeat monitor kill the process; the heartbeat timeout must exceed the
+    watchdog's wait before an abort (4 x TORCH_NCCL_WAIT_TIMEOUT_DUMP_MILSEC, 60 s) plus the abort itself.
+ 5. the learner's `model.dist_timeout_s` (its other ranks wait in object collectives during a push) must exceed
+    one attempt's worst case, `DistributedSyncConfig.attempt_bound_s` (TrainConfig refuses less): otherwise a
+    hung engine times out the learner's own group.
+Gloo has no watchdog: a dead peer's broadcast fails at once (connection reset); a hung one's thread stays until
+the collective timeout (gloo cannot abort a collective in flight), and the group is dropped without destroying.
 """
 
 from __future__ import annotations
@@ -28,8 +46,16 @@ import torch.distributed as dist
 
 from learner.weight_sync.config import DistributedSyncConfig
 from weights.engine_client import EngineCallError, EngineClient, wait_all
+from weights.group import abort_group, nccl_watchdog_problems
 
 logger = logging.getLogger(__name__)
+
+WATCHDOG_GRACE_S = 60.0
+"""The weight-update group's own collective timeout is `broadcast_timeout_s` plus this: the NCCL watchdog (and gloo)
+fire only after rank 0's deadline, which aborts the group itself."""
+ABORT_JOIN_S = 10.0
+"""After aborting a group, how long to wait for the thread stuck in its collective to return before giving up on
+destroying the group (it is then dropped as stuck)."""
 
 
 @dataclass(frozen=True, order=True)
@@ -134,6 +160,9 @@ class StageGroup:
             }
             self.client.call(engine.url, "/init_weights_update_group", body, timeout_s=self.cfg.init_timeout_s + 10)
 
+        if self.backend == "nccl":
+            for problem in nccl_watchdog_problems():
+                logger.warning("weight sync: %s", problem)
         futures = {e.url: self.client.submit(join, e, off) for e, off in zip(engines, offsets, strict=True)}
         from weights.group import init_custom_process_group
 
@@ -141,7 +170,13 @@ class StageGroup:
 
         def rendezvous() -> None:  # rank 0 hosts the group's store, under torchrun too (see weights/group.py)
             group_box["group"] = init_custom_process_group(
-                self.backend, f"tcp://{self.address}:{port}", world_size, 0, name, self.cfg.init_timeout_s
+                self.backend,
+                f"tcp://{self.address}:{port}",
+                world_size,
+                0,
+                name,
+                self.cfg.init_timeout_s,
+                collective_timeout_s=self.cfg.broadcast_timeout_s + WATCHDOG_GRACE_S,
             )
 
         error, _ = self._guarded(rendezvous, futures, 2 * self.cfg.init_timeout_s + 15, f"building group {name!r}")
@@ -215,7 +250,8 @@ class StageGroup:
             if self.device is not None:
                 torch.cuda.current_stream().synchronize()
 
-        error, stuck = self._guarded(broadcast, futures, self.cfg.broadcast_timeout_s, f"broadcast on {self.name!r}")
+        what = f"broadcast on {self.name!r}"
+        error, stuck = self._guarded(broadcast, futures, self.cfg.broadcast_timeout_s, what, group)
         if error is None:  # every engine got the tensors; now each loads them and answers
             _, culprits = wait_all(futures, timeout_s + 5)
             if not culprits:
@@ -232,13 +268,19 @@ class StageGroup:
         return t if t.is_contiguous() else t.contiguous()
 
     def _guarded(
-        self, fn: Any, futures: dict[str, Future[Any]], timeout_s: float, what: str
+        self,
+        fn: Any,
+        futures: dict[str, Future[Any]],
+        timeout_s: float,
+        what: str,
+        group: dist.ProcessGroup | None = None,
     ) -> tuple[str | None, bool]:
         """Run a blocking collective on a daemon thread; return (None when it finished, else why we gave up;
         whether the thread is still inside the collective).
 
         Gives up after `timeout_s`, or early when an engine's request failed: a peer that will never take
-        part makes the collective wait for nothing (NCCL forever).
+        part makes the collective wait for nothing (NCCL forever). Giving up on a collective in `group`
+        aborts the group (NCCL), so the thread returns and no work is left for the watchdog.
         """
         box: dict[str, BaseException] = {}
 
@@ -257,12 +299,19 @@ class StageGroup:
                 break
             failed = [url for url, f in futures.items() if f.done() and f.exception() is not None]
             if failed:
-                return f"{what} abandoned: {', '.join(failed)} failed", True
+                return f"{what} abandoned: {', '.join(failed)} failed", self._abandon(thread, group, what)
             if time.monotonic() > deadline:
-                return f"{what} did not finish within {timeout_s:g}s", True
+                return f"{what} did not finish within {timeout_s:g}s", self._abandon(thread, group, what)
         if "error" in box:
             return f"{what} failed: {box['error']}", False
         return None, False
+
+    def _abandon(self, thread: threading.Thread, group: dist.ProcessGroup | None, what: str) -> bool:
+        """Abort `group` under a collective given up on (NCCL: the thread returns); whether the thread is still in it."""
+        if group is not None and self.backend == "nccl":
+            abort_group(group, what)
+            thread.join(ABORT_JOIN_S)
+        return thread.is_alive()
 
 
 def _why(f: Future[Any]) -> str:

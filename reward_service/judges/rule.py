@@ -13,6 +13,7 @@ import unicodedata
 from collections import Counter
 
 from reward_service.config import RuleJudgeConfig
+from reward_service.deadline import INLINE_MAX_CHARS, off_loop
 from reward_service.metrics import JUDGE_CALLS, JUDGE_SECONDS
 from reward_service.rubric import norm_text
 
@@ -68,7 +69,8 @@ class RuleJudge:
 
     async def judge(self, question: str, label: str, response: str) -> bool:
         start = time.perf_counter()
-        verdict = rule_match(self.config, label, response)
+        # a long answer (normalised in seconds at 64 MB) is matched off the event loop
+        verdict = await off_loop(len(response) > INLINE_MAX_CHARS, rule_match, self.config, label, response)
         JUDGE_SECONDS.labels(self.kind).observe(time.perf_counter() - start)
         JUDGE_CALLS.labels(self.kind, "yes" if verdict else "no").inc()
         return verdict

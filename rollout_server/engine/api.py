@@ -1,8 +1,9 @@
 """SGLang's native HTTP API on the built-in engine (paths, bodies, response shapes and status codes).
 
 Validation errors answer 400 (SGLang overrides FastAPI's 422) with {object, message, type, param,
-code}; /generate errors answer 400 with {"error": {"message"}}; control endpoints answer
-{success, message} with 200 or 400. The guard (guard.py) in front of the app refuses bodies over
+code}; /generate errors answer 400 with {"error": {"message"}}, and 503 with Retry-After when the waiting queue
+is full (`max_queued_requests`); control endpoints answer {success, message} with 200 or 400, and 503 when the
+scheduler did not take the command within `control_timeout_s` (withdrawn: nothing changed). The guard (guard.py) in front of the app refuses bodies over
 `max_body_mb` (413) and control calls without `Authorization: Bearer <token>` when a token is configured
 (401), both before any body is parsed.
 """
@@ -21,7 +22,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from rollout_server.engine.engine import ClientDisconnected, Engine
+from rollout_server.engine.control import ControlTimeout
+from rollout_server.engine.engine import ClientDisconnected, Engine, EngineOverloaded
 from rollout_server.engine.guard import Guard, SafeJSONResponse, error_response
 from rollout_server.engine.info import model_info as engine_model_info
 from rollout_server.engine.info import server_info as engine_server_info
@@ -48,6 +50,12 @@ def _result(success: bool, message: str, **extra: Any) -> JSONResponse:
 
 def _error(message: str, status: int = HTTPStatus.BAD_REQUEST) -> JSONResponse:
     return SafeJSONResponse({"error": {"message": message}}, status_code=status)
+
+
+def overloaded(engine: Engine, response: JSONResponse) -> JSONResponse:
+    """A full waiting queue's 503: retry after `overload_retry_after_s` (here, or on another engine)."""
+    response.headers["Retry-After"] = str(engine.config.overload_retry_after_s)
+    return response
 
 
 def sse(obj: Any) -> bytes:
@@ -80,6 +88,10 @@ def build_app(engine: Engine) -> FastAPI:
         response = error_response(str(exc.detail), exc.status_code)
         response.headers.update(exc.headers or {})
         return response
+
+    @app.exception_handler(ControlTimeout)
+    async def _control_timeout(request: Request, exc: ControlTimeout) -> JSONResponse:
+        return SafeJSONResponse({"success": False, "message": str(exc)}, status_code=HTTPStatus.SERVICE_UNAVAILABLE)
 
     # ---------------- health and info ----------------
     @app.get("/health")
@@ -131,18 +143,22 @@ def build_app(engine: Engine) -> FastAPI:
             return _error(
                 f"engine scheduler is not running: {engine.scheduler.error!r}", HTTPStatus.SERVICE_UNAVAILABLE
             )
+        try:
+            submitted = engine.submit(items, stream=obj.stream)
+        except EngineOverloaded as e:
+            return overloaded(engine, _error(str(e), HTTPStatus.SERVICE_UNAVAILABLE))
         if not obj.stream:
             outputs: list[dict[str, Any]] = [{} for _ in items]
             try:
-                async for i, out in engine.run(items, stream=False, is_disconnected=request.is_disconnected):
+                async for i, out in engine.results(submitted, is_disconnected=request.is_disconnected):
                     outputs[i] = out
             except ClientDisconnected:
                 return Response(status_code=499)
             return outputs[0] if single else outputs
 
         async def stream() -> AsyncIterator[bytes]:
-            # aclosing: a client that goes away closes run(), which aborts its unfinished requests.
-            async with aclosing(engine.run(items, stream=True)) as outputs:
+            # aclosing: a client that goes away closes results(), which aborts its unfinished requests.
+            async with aclosing(engine.results(submitted)) as outputs:
                 async for i, out in outputs:
                     if not single:
                         out["index"] = i

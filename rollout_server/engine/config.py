@@ -11,6 +11,9 @@ from pydantic import Field
 from broker.settings import BrokerConfig
 from common.config import BaseConfig
 
+UNAUTHENTICATED_RISK = "pause it, abort its requests or replace its weights"
+"""What anyone could do to an engine served on the network without a token (common/exposure.py's `risk`)."""
+
 
 class EngineConfig(BaseConfig):
     model_path: str = ""
@@ -20,7 +23,8 @@ class EngineConfig(BaseConfig):
     served_model_name: str = ""
     """Model name reported by /get_model_info and the OpenAI endpoints; empty means the model path."""
     host: str = "127.0.0.1"
-    """Bind address. The default keeps the control endpoints off the network."""
+    """Bind address. The default keeps the control endpoints off the network; any other address needs a token
+    (`api_key_env` / `api_key_file`) or `allow_unauthenticated`, or the engine refuses to start."""
     port: int = Field(30000, ge=0, le=65535)
     """HTTP port (0 picks a free one)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -45,16 +49,29 @@ class EngineConfig(BaseConfig):
     """Name of the env var holding the bearer token for control endpoints; unset or empty means no auth."""
     api_key_file: str = ""
     """File holding the bearer token instead (e.g. a mounted secret); wins over `api_key_env`. Never logged."""
+    allow_unauthenticated: bool = False
+    """Serve the control endpoints without a token on a non-loopback `host` (anyone who reaches the port can pause
+    the engine or replace its weights). Without it, such an engine refuses to start."""
     max_body_mb: float = Field(64.0, gt=0)
     """Largest request body accepted (HTTP 413 beyond it, checked before parsing); a 128K-token prompt is ~1 MB."""
     max_request_items: int = Field(1024, ge=1)
     """Most sequences one request may ask for (prompts x n); more is refused with 400, not queued."""
+    max_queued_requests: int = Field(1024, ge=1)
+    """Most sequences waiting for a KV slot (SGLang's --max-queued-requests); a /generate that would exceed it is
+    answered 503 with Retry-After, nothing queued (rollout workers retry it elsewhere). One asking for more than
+    this at once is refused with 400."""
+    overload_retry_after_s: int = Field(1, ge=1)
+    """The Retry-After (seconds) of a 503 for a full waiting queue."""
     control_timeout_s: float = Field(60.0, gt=0)
-    """How long a control endpoint waits for the scheduler thread to run its command."""
+    """How long a control command may wait for the scheduler thread (busy with a step) to take it. Past it the
+    command is withdrawn and the call answers 503: it changed nothing. A command the scheduler took always finishes,
+    and the call reports it."""
     health_timeout_s: float = Field(20.0, gt=0)
     """/health_generate answers 503 when a one-token probe takes longer than this."""
     weight_update_timeout_s: float = Field(600.0, gt=0)
-    """Deadline of a weight-group rendezvous or of one bucket's broadcasts (a broadcast has no timeout of its own)."""
+    """Deadline of a weight-group rendezvous, of one bucket's broadcasts (a broadcast has no timeout of its own),
+    or of reading a disk update's weights (past it they are dropped: weights and version stay as they were). Keep
+    it below the caller's HTTP timeout (the learner's `load_timeout_s`) so the caller hears the answer."""
     broker: BrokerConfig | None = None
     """When set (`--broker.redis_url ...`), register in the broker's engine registry with a heartbeat."""
     engine_id: str = ""

@@ -1,18 +1,19 @@
-"""The engine facade the HTTP layer talks to: request normalisation, outputs in SGLang's shape, control ops.
+"""The engine facade the HTTP layer talks to: requests in (items.py), outputs in SGLang's shape, control ops.
 
-Runs on the asyncio side. Generation goes to the scheduler thread through `Scheduler.submit`;
-every control operation runs on the scheduler thread between two steps through `Scheduler.call`, so
-it never races a forward pass. The weight version and the weight-update ops are `Engine.weights`
-(weight_updates.py).
+Runs on the asyncio side. Generation goes to the scheduler thread through `Scheduler.submit`, refused beyond
+`max_queued_requests` waiting sequences (`EngineOverloaded`: HTTP 503 with Retry-After, as SGLang's
+`--max-queued-requests`); every control operation runs on the scheduler thread between two steps (control.py), so
+it never races a forward pass and either completes or is withdrawn. The weight version and the weight-update ops
+are `Engine.weights` (weight_updates.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
-import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +22,15 @@ from typing import Any, TypeVar
 import torch
 
 from rollout_server.engine.config import EngineConfig
+from rollout_server.engine.control import ControlTimeout, control_call
+from rollout_server.engine.items import Item, check_text, prepare
 from rollout_server.engine.model_runner import ModelRunner, resolve_device
 from rollout_server.engine.protocol import GenerateReqInput
 from rollout_server.engine.sampling import SamplingParams, make_generator
 from rollout_server.engine.scheduler import PauseMode, Req, Scheduler, Snapshot
 from rollout_server.engine.weight_updates import WeightUpdates
+
+__all__ = ["ClientDisconnected", "Engine", "EngineOverloaded", "Item", "Submission", "check_text"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -35,39 +40,17 @@ class ClientDisconnected(Exception):
     """The HTTP client went away; its unfinished requests are aborted."""
 
 
-@dataclass(frozen=True)
-class Item:
-    """One normalised generation request (a batch entry, or one of its n samples)."""
-
-    rid: str
-    input_ids: list[int]
-    params: SamplingParams
-    max_new_tokens: int
-    return_logprob: bool
-    logprob_start_len: int
-    return_text_in_logprobs: bool
-    seed: int | None
-    created_s: float
+class EngineOverloaded(Exception):
+    """The waiting queue is full (`max_queued_requests`): nothing was queued; retry later or elsewhere (HTTP 503)."""
 
 
-def check_text(text: str, name: str) -> str:
-    """Refuse text that UTF-8 cannot encode (a lone surrogate from a JSON \\ud800 escape): the tokenizer
-    would fail on it with a TypeError."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise ValueError(f"{name} is not valid Unicode: {e.reason} at position {e.start}") from None
-    return text
+@dataclass
+class Submission:
+    """Items queued on the scheduler; their outputs arrive on `queue` as (index, snapshot)."""
 
-
-def _per_item(value: Any, batch: int, name: str, default: Any) -> list[Any]:
-    if value is None:
-        return [default] * batch
-    if isinstance(value, list):
-        if len(value) != batch:
-            raise ValueError(f"{name} has {len(value)} entries for a batch of {batch}")
-        return [default if v is None else v for v in value]
-    return [value] * batch
+    items: Sequence[Item]
+    reqs: list[Req]
+    queue: asyncio.Queue[tuple[int, Snapshot]]
 
 
 class Engine:
@@ -109,6 +92,7 @@ class Engine:
             self.eos_token_ids,
             max_prefill_tokens=config.max_prefill_tokens,
             original_logprob=config.return_original_logprob,
+            weight_version=config.weight_version,
         )
         self.weights = WeightUpdates(config, self.scheduler, self.runner)
         self.receiver = self.weights.receiver
@@ -116,8 +100,9 @@ class Engine:
 
     @property
     def weight_version(self) -> str:
-        """SGLang's weight version string, as every answer reports it (`weights.weight_version`)."""
-        return self.weights.weight_version
+        """SGLang's weight version string of the weights served now (`Scheduler.weight_version`); each output
+        carries the version of the weights its last token came from."""
+        return self.scheduler.weight_version
 
     def _eos_ids(self, generation_config_cls: Any) -> set[int]:
         ids: set[int] = set()
@@ -144,108 +129,16 @@ class Engine:
         text: str = self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
         return text
 
-    async def _call(self, fn: Callable[[], T]) -> T:
-        return await asyncio.wait_for(asyncio.wrap_future(self.scheduler.call(fn)), self.config.control_timeout_s)
+    async def _call(self, fn: Callable[[], T], what: str) -> T:
+        return await control_call(self.scheduler, fn, self.config.control_timeout_s, what)
 
     # ---------------- generation ----------------
     def prepare(self, obj: GenerateReqInput) -> tuple[list[Item], bool]:
-        """Validate and expand a /generate body into items; raise ValueError with SGLang-like messages."""
-        for name in ("input_embeds", "image_data", "video_data", "audio_data", "lora_path", "token_ids_logprob"):
-            if getattr(obj, name) is not None:
-                raise ValueError(f"{name} is not supported by the built-in engine")
-        if obj.top_logprobs_num not in (None, 0) and not (
-            isinstance(obj.top_logprobs_num, list) and not any(obj.top_logprobs_num)
-        ):
-            raise ValueError("top_logprobs_num is not supported by the built-in engine")
-        if obj.return_hidden_states not in (False, None) and obj.return_hidden_states != []:
-            raise ValueError("return_hidden_states is not supported by the built-in engine")
-        if (obj.text is None) == (obj.input_ids is None):
-            raise ValueError("Either text or input_ids should be provided.")
-        prompts: list[list[int]]
-        if obj.text is not None:
-            single = isinstance(obj.text, str)
-            texts = [obj.text] if isinstance(obj.text, str) else obj.text
-            prompts = [list(self.tokenizer.encode(check_text(t, "text"))) for t in texts]
-        else:
-            assert obj.input_ids is not None
-            single = not obj.input_ids or not isinstance(obj.input_ids[0], list)
-            prompts = [list(obj.input_ids)] if single else [list(p) for p in obj.input_ids]  # type: ignore[arg-type]
-        batch = len(prompts)
-        if batch == 0:
-            raise ValueError("The batch is empty.")
-        raw_params = _per_item(obj.sampling_params, batch, "sampling_params", {})
-        logprob = _per_item(obj.return_logprob, batch, "return_logprob", False)
-        start_len = _per_item(obj.logprob_start_len, batch, "logprob_start_len", -1)
-        if isinstance(obj.rid, list):
-            rids = _per_item(obj.rid, batch, "rid", None)
-        else:
-            rids = [obj.rid if single else (f"{obj.rid}_{i}" if obj.rid else None) for i in range(batch)]
-        all_params = [SamplingParams.from_dict(raw_params[i], self.vocab_size) for i in range(batch)]
-        num_items = sum(p.n for p in all_params)
-        if num_items > self.config.max_request_items:
-            raise ValueError(
-                f"the request asks for {num_items} sequences (prompts x n); the limit is "
-                f"{self.config.max_request_items} (--max_request_items)"
-            )
-        now = time.monotonic()
-        items: list[Item] = []
-        for i, ids in enumerate(prompts):
-            params = all_params[i]
-            self._check_prompt(ids)
-            if params.max_new_tokens == -1:
-                max_new = self.context_length - len(ids) - 1
-            else:
-                max_new = params.max_new_tokens
-                if max_new + len(ids) >= self.context_length:
-                    raise ValueError(
-                        f"Requested token count exceeds the model's maximum context length of {self.context_length} "
-                        f"tokens. You requested a total of {max_new + len(ids)} tokens: {len(ids)} tokens from the "
-                        f"input messages and {max_new} tokens for the completion. Please reduce the number of tokens "
-                        "in the input messages or the completion to fit within the limit."
-                    )
-            if not -1 <= start_len[i] < max(len(ids), 1):
-                raise ValueError(f"logprob_start_len must be in [-1, {len(ids) - 1}], got {start_len[i]}")
-            base_rid = rids[i] or uuid.uuid4().hex
-            for j in range(params.n):
-                seed = None if params.sampling_seed is None else params.sampling_seed + j
-                rid = base_rid if params.n == 1 else f"{base_rid}_{j}"
-                items.append(
-                    Item(
-                        rid=rid,
-                        input_ids=ids,
-                        params=params,
-                        max_new_tokens=max_new,
-                        return_logprob=bool(logprob[i]),
-                        logprob_start_len=int(start_len[i]),
-                        return_text_in_logprobs=obj.return_text_in_logprobs,
-                        seed=seed,
-                        created_s=now,
-                    )
-                )
-            if params.n > 1:
-                single = False
-        if len({it.rid for it in items}) != len(items):
-            raise ValueError(f"Duplicate request IDs detected within the request: {[it.rid for it in items]}")
-        return items, single
+        """Validate and expand a /generate body into items (items.py); raise ValueError with SGLang-like messages."""
+        return prepare(obj, self.tokenizer, self.vocab_size, self.context_length, self.config)
 
-    def _check_prompt(self, ids: list[int]) -> None:
-        if not ids:
-            raise ValueError("The input is empty (0 tokens).")
-        bad = [t for t in ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"input_ids contain token ids outside [0, {self.vocab_size - 1}]: {bad[:5]}")
-        if len(ids) >= self.context_length:
-            raise ValueError(
-                f"The input ({len(ids)} tokens) is longer than the model's context length ({self.context_length} tokens)."
-            )
-
-    async def run(
-        self,
-        items: Sequence[Item],
-        stream: bool,
-        is_disconnected: Callable[[], Awaitable[bool]] | None = None,
-    ) -> AsyncGenerator[tuple[int, dict[str, Any]], None]:
-        """Submit `items`; yield (index, output) per final output (and per step when streaming)."""
+    def submit(self, items: Sequence[Item], stream: bool) -> Submission:
+        """Queue `items` on the scheduler, all or none; EngineOverloaded when the waiting queue has no room."""
         if not self.scheduler.alive:
             raise RuntimeError(f"engine scheduler is not running: {self.scheduler.error!r}")
         loop = asyncio.get_running_loop()
@@ -264,32 +157,43 @@ class Engine:
             )
             for i, it in enumerate(items)
         ]
-        pending = set(range(len(reqs)))
-        self.scheduler.submit(reqs)
+        limit = self.config.max_queued_requests
+        if not self.scheduler.submit(reqs, limit):
+            raise EngineOverloaded(
+                f"The request queue is full. ({self.scheduler.num_queued} sequences waiting, {len(reqs)} more "
+                f"asked, --max_queued_requests {limit})"
+            )
+        return Submission(items, reqs, queue)
+
+    async def results(
+        self, sub: Submission, is_disconnected: Callable[[], Awaitable[bool]] | None = None
+    ) -> AsyncGenerator[tuple[int, dict[str, Any]], None]:
+        """Yield (index, output) per final output of `sub` (and per step when streaming); closing early (the client
+        went away) aborts its unfinished requests."""
+        pending = set(range(len(sub.reqs)))
         try:
             while pending:
                 try:
-                    i, snap = await asyncio.wait_for(queue.get(), timeout=1.0)
+                    i, snap = await asyncio.wait_for(sub.queue.get(), timeout=1.0)
                 except TimeoutError:
                     if is_disconnected is not None and await is_disconnected():
                         raise ClientDisconnected from None
                     continue
                 if snap.finish is not None:
                     pending.discard(i)
-                yield i, self.build_output(items[i], snap)
+                yield i, self.build_output(sub.items[i], snap)
         finally:
             if pending:
-                rids = [items[i].rid for i in pending]
+                rids = [sub.items[i].rid for i in pending]
                 self.scheduler.call(lambda: sum(self.scheduler.abort(r, "client disconnected") for r in rids))
 
-    async def generate(
-        self, obj: GenerateReqInput, is_disconnected: Callable[[], Awaitable[bool]] | None = None
-    ) -> dict[str, Any] | list[dict[str, Any]]:
-        items, single = self.prepare(obj)
-        outputs: list[dict[str, Any]] = [{} for _ in items]
-        async for i, out in self.run(items, stream=False, is_disconnected=is_disconnected):
-            outputs[i] = out
-        return outputs[0] if single else outputs
+    async def run(
+        self, items: Sequence[Item], stream: bool, is_disconnected: Callable[[], Awaitable[bool]] | None = None
+    ) -> AsyncGenerator[tuple[int, dict[str, Any]], None]:
+        """`submit` then `results` (EngineOverloaded at the first iteration)."""
+        async with contextlib.aclosing(self.results(self.submit(items, stream), is_disconnected)) as outputs:
+            async for out in outputs:
+                yield out
 
     def build_output(self, item: Item, snap: Snapshot) -> dict[str, Any]:
         """SGLang's /generate output: text (stop trimmed unless no_stop_trim), output_ids, meta_info."""
@@ -307,7 +211,7 @@ class Engine:
             "id": item.rid,
             "finish_reason": finish,
             "prompt_tokens": len(item.input_ids),
-            "weight_version": self.weight_version,
+            "weight_version": snap.weight_version,
             "num_retractions": snap.num_retractions,
             "completion_tokens": len(ids),
             "cached_tokens": 0,
@@ -332,7 +236,11 @@ class Engine:
         """A one-token greedy generation on input_ids [0], skipped (healthy) while the engine is busy or paused."""
         if not self.scheduler.alive:
             return False
-        load = await self._call(self.scheduler.load)
+        try:
+            load = await self._call(self.scheduler.load, "health probe")
+        except ControlTimeout as e:
+            log.error("health probe: %s", e)
+            return False
         if self.scheduler.paused or load["num_running_reqs"] or load["num_waiting_reqs"]:
             return True
         item = Item(
@@ -353,6 +261,8 @@ class Engine:
 
         try:
             await asyncio.wait_for(probe(), self.config.health_timeout_s)
+        except EngineOverloaded:  # requests arrived meanwhile: busy, which SGLang's probe counts as healthy
+            return True
         except TimeoutError:
             log.error("health probe got no token within %.0fs", self.config.health_timeout_s)
             return False
@@ -360,21 +270,22 @@ class Engine:
 
     # ---------------- control ----------------
     async def pause(self, mode: PauseMode) -> None:
-        await self._call(lambda: self.scheduler.pause(mode))
+        await self._call(lambda: self.scheduler.pause(mode), "pause_generation")
 
     async def resume(self) -> None:
-        await self._call(self.scheduler.resume)
+        await self._call(self.scheduler.resume, "continue_generation")
 
     async def abort(self, rid: str, abort_all: bool) -> int:
         if not abort_all and not rid:
             return 0
-        return await self._call(lambda: self.scheduler.abort(None if abort_all else rid, "Abort by abort_request."))
+        target = None if abort_all else rid
+        return await self._call(lambda: self.scheduler.abort(target, "Abort by abort_request."), "abort_request")
 
     async def flush_cache(self) -> tuple[bool, str]:
-        return await self._call(self.scheduler.flush_cache)
+        return await self._call(self.scheduler.flush_cache, "flush_cache")
 
     async def load(self) -> dict[str, int]:
-        return await self._call(self.scheduler.load)
+        return await self._call(self.scheduler.load, "get_load")
 
 
 def _deliver(

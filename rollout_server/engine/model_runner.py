@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,6 +138,10 @@ class ModelRunner:
             raise ValueError(f"--context_length {self.context_length} exceeds the model's {max_pos} positions")
         with torch.no_grad():
             self.fused = [self._fuse(layer) for layer in self.layers]
+        self.param_specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {
+            name: (tuple(p.shape), p.dtype) for name, p in self.parameter_names().items()
+        }
+        """HF parameter name -> (shape, dtype); fixed for the runner's life, so readable from any thread."""
         self.cache = KVCache(
             len(self.layers), num_slots, self.num_kv_heads, self.context_length, self.head_dim, dtype, self.device
         )
@@ -278,8 +283,12 @@ class ModelRunner:
         for name, tensor in named:
             params[name].copy_(tensor.to(self.device))
 
-    def load_from_disk(self, model_path: str) -> int:
-        """Load every parameter from a HF directory of the same architecture; return how many were loaded."""
+    def stage_from_disk(self, model_path: str, cancelled: threading.Event) -> list[tuple[str, torch.Tensor]] | None:
+        """Read a HF directory of the same architecture into new CPU tensors of the parameters' dtypes, checked
+        against the served parameters' names and shapes; None once `cancelled` is set (checked between tensors).
+
+        Safe off the scheduler thread: it reads only the parameters' names, shapes and dtypes, which never change,
+        and leaves the model alone; `load_weights` (on the scheduler thread) swaps them in."""
         from safetensors import safe_open
 
         path = Path(model_path)
@@ -295,18 +304,28 @@ class ModelRunner:
         if not files:
             raise ValueError(f"model_path {model_path!r}: no *.safetensors files")
         named: list[tuple[str, torch.Tensor]] = []
+        problems: list[str] = []
         for file in files:
             with safe_open(str(file), framework="pt") as f:
-                named.extend((name, f.get_tensor(name)) for name in f.keys())
-        params = self.parameter_names()
-        loaded = {name for name, _ in named}
+                for name in f.keys():
+                    if cancelled.is_set():
+                        return None
+                    spec = self.param_specs.get(name)
+                    tensor = f.get_tensor(name)
+                    if spec is None:
+                        problems.append(f"unknown parameter {name!r}")
+                    elif tuple(tensor.shape) != spec[0]:
+                        problems.append(f"{name}: shape {list(tensor.shape)} != model's {list(spec[0])}")
+                    else:
+                        named.append((name, tensor.to(spec[1])))
         tied = {"lm_head.weight"} if getattr(self.config, "tie_word_embeddings", False) else set()
-        missing = sorted(set(params) - loaded - tied)
+        missing = sorted(set(self.param_specs) - {name for name, _ in named} - tied)
         if missing:
-            raise ValueError(f"model_path {model_path!r}: missing parameters {missing[:5]}")
-        self.load_weights(named)
-        self.model_path = str(path)
-        return len(named)
+            problems.append(f"missing parameters {missing[:5]}")
+        if problems:
+            more = f" (+{len(problems) - 10} more)" if len(problems) > 10 else ""
+            raise ValueError(f"model_path {model_path!r}: " + "; ".join(problems[:10]) + more)
+        return named
 
 
 def check_supported(hf_config: Any) -> None:

@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from jinja2 import TemplateError
 from pydantic import BaseModel, ConfigDict, Field
 
-from rollout_server.engine.engine import ClientDisconnected, Engine, Item, check_text
+from rollout_server.engine.engine import ClientDisconnected, Engine, EngineOverloaded, Item, check_text
 from rollout_server.engine.guard import SafeJSONResponse
 from rollout_server.engine.protocol import GenerateReqInput
 
@@ -125,18 +125,30 @@ def add_openai_routes(app: FastAPI, engine: Engine) -> None:
         completion = sum(o["meta_info"]["completion_tokens"] for o in outputs)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
+    def overloaded(e: EngineOverloaded) -> JSONResponse:
+        response = _openai_error(str(e), HTTPStatus.SERVICE_UNAVAILABLE)
+        response.headers["Retry-After"] = str(engine.config.overload_retry_after_s)
+        return response
+
     async def collect(items: list[Item], request: Request) -> list[dict[str, Any]]:
+        """Every item's final output (EngineOverloaded before anything is queued)."""
         outputs: list[dict[str, Any]] = [{} for _ in items]
-        async for i, out in engine.run(items, stream=False, is_disconnected=request.is_disconnected):
+        submitted = engine.submit(items, stream=False)
+        async for i, out in engine.results(submitted, is_disconnected=request.is_disconnected):
             outputs[i] = out
         return outputs
 
-    def stream_deltas(items: list[Item], make_chunk: Any) -> StreamingResponse:
+    def stream_deltas(items: list[Item], make_chunk: Any) -> Response:
+        try:
+            submitted = engine.submit(items, stream=True)  # before the 200 goes out: a full queue is a 503
+        except EngineOverloaded as e:
+            return overloaded(e)
+
         async def gen() -> AsyncIterator[bytes]:
             from rollout_server.engine.api import sse
 
             sent = [0] * len(items)
-            async with aclosing(engine.run(items, stream=True)) as outputs:
+            async with aclosing(engine.results(submitted)) as outputs:
                 async for i, out in outputs:
                     text = out["text"]
                     delta, sent[i] = text[sent[i] :], len(text)
@@ -199,6 +211,8 @@ def add_openai_routes(app: FastAPI, engine: Engine) -> None:
             outputs = await collect(items, request)
         except ClientDisconnected:
             return Response(status_code=499)
+        except EngineOverloaded as e:
+            return overloaded(e)
         choices = []
         for i, out in enumerate(outputs):
             finish, matched = _finish(out)
@@ -256,6 +270,8 @@ def add_openai_routes(app: FastAPI, engine: Engine) -> None:
             outputs = await collect(items, request)
         except ClientDisconnected:
             return Response(status_code=499)
+        except EngineOverloaded as e:
+            return overloaded(e)
         choices = [
             {
                 "index": i,

@@ -6,6 +6,10 @@ one batched forward, each with its own sampling parameters and RNG. Finished seq
 their slot between steps. The asyncio HTTP side talks to this thread only through `submit` (new
 requests), `call` (a function run on this thread between steps, answered through a Future) and each
 request's `sink` (called here with an immutable snapshot; the sink hands it to the event loop).
+
+The weight version lives here, beside the weights it names: it is changed only on this thread, by the same
+command that changes the weights (weight_updates.py), and every snapshot carries the version of the weights its
+last token came from. `submit` bounds the waiting queue (`max_queued`): beyond it a request is refused, not queued.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ class Snapshot:
     input_logprobs: list[float | None] | None
     finish: FinishReason | None
     num_retractions: int
+    weight_version: str
+    """The engine's weight version when this snapshot was taken (the weights of its last token)."""
 
 
 @dataclass(eq=False)
@@ -61,9 +67,14 @@ class Req:
     num_retractions: int = 0
     created_s: float = field(default_factory=time.monotonic)
 
-    def snapshot(self) -> Snapshot:
+    def snapshot(self, weight_version: str) -> Snapshot:
         return Snapshot(
-            list(self.output_ids), list(self.output_logprobs), self.input_logprobs, self.finish, self.num_retractions
+            list(self.output_ids),
+            list(self.output_logprobs),
+            self.input_logprobs,
+            self.finish,
+            self.num_retractions,
+            weight_version,
         )
 
 
@@ -75,6 +86,7 @@ class Scheduler:
         eos_token_ids: set[int],
         max_prefill_tokens: int = 8192,
         original_logprob: bool = False,
+        weight_version: str = "default",
     ) -> None:
         self.runner = runner
         self._decode_tail = decode_tail
@@ -85,6 +97,8 @@ class Scheduler:
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []
         self.paused = False
+        self.weight_version = weight_version
+        """SGLang's weight version string of the weights every step runs with (set through `call` only)."""
         self.num_steps = 0
         self.num_generated = 0
         self.max_decode_batch = 0  # largest batch decoded in one forward (observability, tests)
@@ -112,10 +126,20 @@ class Scheduler:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stop.is_set()
 
-    def submit(self, reqs: Sequence[Req]) -> None:
+    def submit(self, reqs: Sequence[Req], max_queued: int | None = None) -> bool:
+        """Queue `reqs`, all or none: False (nothing queued) when the waiting requests would exceed `max_queued`."""
         with self._lock:
+            if max_queued is not None and len(self._inbox) + len(self.waiting) + len(reqs) > max_queued:
+                return False
             self._inbox.extend(reqs)
         self._wake.set()
+        return True
+
+    @property
+    def num_queued(self) -> int:
+        """Requests submitted and not running yet (what `max_queued` bounds)."""
+        with self._lock:
+            return len(self._inbox) + len(self.waiting)
 
     def call(self, fn: Callable[[], T]) -> Future[T]:
         """Run `fn` on the scheduler thread between two steps (it then has the model to itself)."""
@@ -216,9 +240,9 @@ class Scheduler:
                 fut.set_exception(RuntimeError(f"engine scheduler died: {error!r}"))
 
     def _drain_inbox(self) -> None:
-        with self._lock:
-            new, self._inbox = self._inbox, []
-        self.waiting.extend(new)
+        with self._lock:  # under the lock: `submit` counts inbox + waiting, a request is never in neither
+            self.waiting.extend(self._inbox)
+            self._inbox = []
 
     def _prefill(self) -> None:
         batch: list[Req] = []
@@ -278,7 +302,7 @@ class Scheduler:
             if finish is not None:
                 self._finish(r, finish)
             elif r.stream:
-                r.sink(r.snapshot())
+                r.sink(r.snapshot(self.weight_version))
         if any(r.finish is not None for r in reqs):
             self.running = [r for r in self.running if r.finish is None]
 
@@ -314,4 +338,4 @@ class Scheduler:
     def _finish(self, r: Req, reason: FinishReason) -> None:
         r.finish = reason
         self._release(r)
-        r.sink(r.snapshot())
+        r.sink(r.snapshot(self.weight_version))

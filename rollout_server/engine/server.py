@@ -11,7 +11,8 @@ from types import TracebackType
 from typing import Any
 
 from broker.base import EngineInfo
-from rollout_server.engine.config import EngineConfig
+from common.exposure import check_exposure
+from rollout_server.engine.config import UNAUTHENTICATED_RISK, EngineConfig
 from rollout_server.engine.registry import Heartbeat
 from weights.version import INITIAL_POLICY_VERSION, parse_weight_version
 
@@ -25,13 +26,22 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def serve(config: EngineConfig) -> None:
-    """Load the model, start the scheduler, register (if a broker is configured) and serve until SIGINT/SIGTERM."""
+    """Load the model, start the scheduler, register (if a broker is configured) and serve until SIGINT/SIGTERM.
+    A non-loopback `host` without a token is refused (common/exposure.py) before anything loads."""
     import uvicorn
 
     from rollout_server.engine.api import build_app
     from rollout_server.engine.engine import Engine
 
-    config.api_key()  # a bad --api_key_file fails before the model loads
+    token = config.api_key()  # a bad --api_key_file fails before the model loads
+    check_exposure(
+        config.host,
+        token is not None,
+        config.allow_unauthenticated,
+        "the engine",
+        f"in the env var {config.api_key_env} (--api_key_env) or a file named by --api_key_file",
+        risk=UNAUTHENTICATED_RISK,
+    )
     port = config.port or free_port(config.host)
     engine = Engine(config)
     engine.start()
@@ -43,6 +53,7 @@ def serve(config: EngineConfig) -> None:
             from broker.factory import connect
 
             broker = connect(config.broker)
+            broker.attach_run("engine registry")
             url = config.advertise_url or f"http://{config.host}:{port}"
             engine_id = config.engine_id or f"{config.host}:{port}"
 

@@ -1,22 +1,28 @@
 """The engine's weight-update control ops, as SGLang names them: the weight version string, joining and leaving a
 weight-update group, receiving broadcast buckets, and loading an HF directory from disk.
 
-Every op that touches the model runs on the scheduler thread between two steps (`Scheduler.call`), so it never
-races a forward pass; broadcast tensors are received on a worker thread (the broadcast may block). The weight
-version is SGLang's free string (`/update_weight_version`, the updates' `weight_version` field): the engine stores
-and reports it as given; what it means as a policy version is weights/version.py's concern (its readers').
+Every op that touches the model runs on the scheduler thread between two steps (control.py), so it never races a
+forward pass, and a deadline that passes before it started withdraws it: a control call completes or changes
+nothing. Broadcast tensors are received on a worker thread (the broadcast may block); a disk load reads and checks
+the new weights on a worker thread (staging, bounded by `weight_update_timeout_s`; past it they are dropped) and
+swaps them in with one scheduler command that also sets the version, so the version always names the weights served.
+The weight version is SGLang's free string (`/update_weight_version`, the updates' `weight_version` field): the
+engine stores and reports it as given (`Scheduler.weight_version`); what it means as a policy version is
+weights/version.py's concern (its readers').
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
 from rollout_server.engine.config import EngineConfig
+from rollout_server.engine.control import ControlTimeout, control_call
 from rollout_server.engine.model_runner import ModelRunner
 from rollout_server.engine.protocol import (
     InitWeightsUpdateGroupReqInput,
@@ -39,24 +45,39 @@ class WeightUpdates:
         self.scheduler = scheduler
         self.runner = runner
         self.receiver = WeightReceiver()
-        self.weight_version = config.weight_version
-        """As SGLang reports it: `--weight_version` at start ("default" unless given), then the last one set."""
         self._lock = asyncio.Lock()
 
-    async def _call(self, fn: Callable[[], T]) -> T:
-        return await asyncio.wait_for(asyncio.wrap_future(self.scheduler.call(fn)), self.config.control_timeout_s)
+    @property
+    def weight_version(self) -> str:
+        """As SGLang reports it: `--weight_version` at start ("default" unless given), then the last one set."""
+        return self.scheduler.weight_version
 
-    def _set_version(self, ok: bool, message: str, weight_version: str | None) -> str:
-        """After a successful update that names a version, the engine reports it (SGLang's update endpoints)."""
-        if ok and weight_version is not None:
-            self.weight_version = weight_version
-            message += f" Weight version updated to {weight_version}."
-        return message
+    async def _call(self, fn: Callable[[], T], what: str) -> T:
+        return await control_call(self.scheduler, fn, self.config.control_timeout_s, what)
+
+    def _swap(
+        self, named: Sequence[tuple[str, torch.Tensor]] | None, weight_version: str | None, flush: bool, abort: str
+    ) -> tuple[int, str]:
+        """One scheduler command (between two steps): abort all requests when `abort` names the op, load `named`,
+        set the version, flush the KV cache if idle. Returns (requests running before, a note for the answer)."""
+        num_running = len(self.scheduler.running)
+        if abort:
+            self.scheduler.abort(None, f"Abort by {abort}.")
+        if named is not None:
+            self.runner.load_weights(named)  # checks every tensor before writing any
+        note = ""
+        if weight_version is not None:
+            self.scheduler.weight_version = weight_version
+            note = f" Weight version updated to {weight_version}."
+        if flush:
+            ok, message = self.scheduler.flush_cache()
+            if not ok:
+                log.info("flush after weight update skipped: %s", message.strip())
+        return num_running, note
 
     async def update_weight_version(self, new_version: str, abort_all_requests: bool) -> None:
-        if abort_all_requests:
-            await self._call(lambda: self.scheduler.abort(None, "Abort by update_weight_version."))
-        self.weight_version = new_version
+        abort = "update_weight_version" if abort_all_requests else ""
+        await self._call(lambda: self._swap(None, new_version, False, abort), "update_weight_version")
 
     async def init_group(self, obj: InitWeightsUpdateGroupReqInput) -> tuple[bool, str]:
         if obj.world_size < 2 or not 1 <= obj.rank_offset < obj.world_size:
@@ -90,10 +111,6 @@ class WeightUpdates:
         return True, "Succeeded to destroy custom process group."
 
     async def from_distributed(self, obj: UpdateWeightsFromDistributedReqInput) -> tuple[bool, str]:
-        ok, message = await self._receive_bucket(obj)
-        return ok, self._set_version(ok, message, obj.weight_version)
-
-    async def _receive_bucket(self, obj: UpdateWeightsFromDistributedReqInput) -> tuple[bool, str]:
         if not len(obj.names) == len(obj.dtypes) == len(obj.shapes):
             return (
                 False,
@@ -108,7 +125,10 @@ class WeightUpdates:
             return False, str(e)
         async with self._lock:
             if obj.abort_all_requests:
-                await self._call(lambda: self.scheduler.abort(None, "Abort by update_weights_from_distributed."))
+                await self._call(
+                    lambda: self.scheduler.abort(None, "Abort by update_weights_from_distributed."),
+                    "update_weights_from_distributed",
+                )
             targets = self._in_place_targets(obj.group_name, obj.names, dtypes, obj.shapes)
             try:
                 tensors = await asyncio.to_thread(
@@ -122,15 +142,25 @@ class WeightUpdates:
                 )
             except (TimeoutError, RuntimeError) as e:  # a dead or mismatched peer
                 return False, f"Failed to receive weights on {obj.group_name!r}: {e}"
-            if targets is None:  # received into new tensors: validate, then copy between two scheduler steps
-                named = list(zip(obj.names, tensors, strict=True))
-                try:
-                    await self._call(lambda: self.runner.load_weights(named))
-                except ValueError as e:
-                    return False, f"Failed to update weights: {e}"
-            if obj.flush_cache:
-                await self._flush_if_idle()
-        return True, "Succeeded to update parameter online."
+            # Received into new tensors: checked, then copied between two scheduler steps with the version. Received
+            # in place (paused): already in the parameters, as SGLang's partial loads are; the version follows.
+            named = list(zip(obj.names, tensors, strict=True)) if targets is None else None
+            try:
+                _, note = await self._call(
+                    lambda: self._swap(named, obj.weight_version, obj.flush_cache, ""),
+                    "update_weights_from_distributed",
+                )
+            except ValueError as e:
+                return False, f"Failed to update weights: {e}"
+            except ControlTimeout as e:
+                if named is None:  # not "unchanged": the bucket is in the parameters already
+                    raise ControlTimeout(
+                        f"update_weights_from_distributed: the bucket was received into the paused engine's "
+                        f"parameters, but setting its version did not start within {self.config.control_timeout_s:g}s "
+                        "(--control_timeout_s)"
+                    ) from e
+                raise
+        return True, "Succeeded to update parameter online." + note
 
     def _in_place_targets(
         self, group_name: str, names: Sequence[str], dtypes: Sequence[torch.dtype], shapes: Sequence[Sequence[int]]
@@ -156,21 +186,41 @@ class WeightUpdates:
         return targets
 
     async def from_disk(self, obj: UpdateWeightFromDiskReqInput) -> tuple[bool, str, int]:
-        """(success, message, requests running when the update began: SGLang's num_paused_requests)."""
-        async with self._lock:
-            if obj.abort_all_requests:
-                await self._call(lambda: self.scheduler.abort(None, "Abort by update_weights_from_disk."))
-            load = await self._call(self.scheduler.load)
-            try:
-                num = await self._call(lambda: self.runner.load_from_disk(obj.model_path))
-            except ValueError as e:
-                return False, f"Failed to update weights: {e}", 0
-            if obj.flush_cache:
-                await self._flush_if_idle()
-        message = self._set_version(True, f"Succeeded to update model weights ({num} tensors).", obj.weight_version)
-        return True, message, load["num_running_reqs"]
+        """(success, message, requests running when the update began: SGLang's num_paused_requests).
 
-    async def _flush_if_idle(self) -> None:
-        ok, message = await self._call(self.scheduler.flush_cache)
-        if not ok:
-            log.info("flush after weight update skipped: %s", message.strip())
+        The new weights are read and checked off the scheduler thread (generation goes on meanwhile) within
+        `weight_update_timeout_s`, then swapped in by one scheduler command with the version and the flush. A
+        failure at any point before the swap leaves the weights and the version as they were."""
+        timeout_s = self.config.weight_update_timeout_s
+        async with self._lock:
+            cancelled = threading.Event()
+            staging = asyncio.ensure_future(asyncio.to_thread(self.runner.stage_from_disk, obj.model_path, cancelled))
+            staging.add_done_callback(_consume)
+            try:
+                named = await asyncio.wait_for(asyncio.shield(staging), timeout_s)
+            except TimeoutError:
+                cancelled.set()  # the staging thread drops what it read at its next tensor
+                return (
+                    False,
+                    f"Failed to update weights: reading {obj.model_path!r} took longer than {timeout_s:g}s "
+                    f"(--weight_update_timeout_s); the engine keeps its weights and version {self.weight_version!r}",
+                    0,
+                )
+            except (ValueError, OSError) as e:  # OSError: e.g. an export pruned while it was read
+                return False, f"Failed to update weights: {e}", 0
+            assert named is not None
+            abort = "update_weights_from_disk" if obj.abort_all_requests else ""
+
+            def swap() -> tuple[int, str]:
+                num_running, note = self._swap(named, obj.weight_version, obj.flush_cache, abort)
+                self.runner.model_path = obj.model_path
+                return num_running, note
+
+            num_running, note = await self._call(swap, "update_weights_from_disk")  # ControlTimeout: unchanged
+        return True, f"Succeeded to update model weights ({len(named)} tensors).{note}", num_running
+
+
+def _consume(fut: asyncio.Future[Any]) -> None:
+    """A staging abandoned at its deadline may still fail: its error was already answered, do not log it again."""
+    if not fut.cancelled():
+        fut.exception()

@@ -103,6 +103,23 @@ class SampleRetryConfig(RetryConfig):
     """No retry starts after this long since the sample's first request; a day by default, so in effect the attempts bound it."""
 
 
+class TaskRetryConfig(RetryConfig):
+    """RetryConfig of a whole task whose samples failed (`[task_retry]`): after its last attempt the task goes to the
+    dead stream with the samples' error, so a failed task is never held by a live worker."""
+
+    max_attempts: int = Field(3, ge=1)
+    """Generations of a task whose samples failed (each sample already retried per `[retry]`), the first included;
+    then it is dead-lettered."""
+    base_s: float = Field(10.0, ge=0)
+    """The first retry of the task waits up to this long (full jitter, doubling per retry): time for an engine to
+    come back."""
+    max_backoff_s: float = Field(120.0, ge=0)
+    """Cap of one backoff wait."""
+    deadline_s: float = Field(86400.0, gt=0)
+    """No retry starts after this long since the task's first generation began; a day by default, so in effect the
+    attempts bound it."""
+
+
 class RolloutConfig(BaseConfig):
     broker: BrokerConfig = Field(default_factory=lambda: BrokerConfig.model_validate({}))
     """Which Redis and run (the `tasks` and `rollouts` streams, the engine registry)."""
@@ -129,6 +146,10 @@ class RolloutConfig(BaseConfig):
     retry: SampleRetryConfig = Field(default_factory=SampleRetryConfig)
     """Retries of a sample after an engine failure (connection, timeout, 5xx), each on another engine (5 attempts,
     0.5 s first backoff). Was `max_attempts` and `retry_backoff_s`; still read, with a warning."""
+    task_retry: TaskRetryConfig = Field(default_factory=TaskRetryConfig)
+    """Retries of a task whose group failed (a sample failed all its `[retry]` attempts) on this worker, with
+    backoff (3 attempts, 10 s first backoff); then the task is dead-lettered with the reason. The worker goes on
+    with other tasks meanwhile."""
     resume_timeout_s: float = Field(default=600.0, gt=0)
     """After a pause-with-abort, how long to wait for the engine to generate again before failing over."""
     resume_poll_s: float = Field(default=0.2, gt=0)

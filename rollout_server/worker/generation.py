@@ -210,7 +210,8 @@ class SampleGenerator:
                 exclude = (engine.engine_id,)
             elif not res.output_ids:
                 await asyncio.sleep(cfg.resume_poll_s)  # an engine that aborts at once while paused: do not spin
-        parsed = self._processor.parse("".join(progress.texts), finish)
+        text = "".join(progress.texts)
+        parsed = self._processor.parse(text, finish)
         if parsed.ill_formed:
             log.debug("sample %s ill-formed: %s", rid, "; ".join(parsed.ill_formed_reasons))
         m.samples.inc()
@@ -218,11 +219,10 @@ class SampleGenerator:
         return Sample(
             response_ids=pack_ids(progress.ids),
             logprobs=pack_logprobs(progress.logprobs),
-            text="".join(progress.texts),
+            text=text,
             finish_reason=finish,
             status=parsed.status,
-            reasoning=parsed.reasoning,
-            content=parsed.content,
+            split=parsed.split,
             ill_formed=parsed.ill_formed,
             task_unfinished=parsed.task_unfinished,
             weight_segments=progress.segments,

@@ -92,8 +92,15 @@ class RolloutMetrics:
         self.groups = Counter("rollout_groups", "Groups published", registry=r)
         self.duplicates = Counter("rollout_duplicate_groups", "Groups already published (redelivered)", registry=r)
         self.dead_letters = Counter("rollout_dead_letters", "Tasks given up on", registry=r)
-        self.failed_groups = Counter("rollout_failed_groups", "Groups left unacked after engine failures", registry=r)
-        self.retries = Counter("rollout_retries", "Resubmitted requests", ["reason"], registry=r)
+        self.failed_groups = Counter(
+            "rollout_failed_groups", "Group generations whose samples failed (retried, then dead-lettered)", registry=r
+        )
+        self.retries = Counter(
+            "rollout_retries",
+            "Resubmitted requests (engine_error, resume) and regenerated tasks (task)",
+            ["reason"],
+            registry=r,
+        )
         self.in_flight_groups = Gauge("rollout_in_flight_groups", "Groups being generated", registry=r)
         Gauge("rollout_samples_per_s", f"Samples per second over {window_s:g}s", registry=r).set_function(
             sample_rate.per_s

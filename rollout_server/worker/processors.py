@@ -10,7 +10,8 @@ whose prompt ends inside the thinking block (`...assistant\\n<think>\\n`), so a 
 - Ill-formed when: the stop token is one that marks a broken turn (Qwen3's `<|endoftext|>`); `</think>`
   does not occur exactly once; the reasoning or the content is empty; the content holds a special token.
 - `reasoning, content = response.rsplit("</think>", 1)`; one trailing "\\n" is removed from the reasoning and a
-  leading "\\n\\n" from the content.
+  leading "\\n\\n" from the content. The split is kept as offsets into the text (`TextSplit`): the wire carries
+  the text once, and `Sample.reasoning` / `Sample.content` rebuild the parts from it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from broker.schemas import FinishReason, Status
+from broker.schemas import FinishReason, Status, TextSplit
 
 THINK_START = "<think>"
 THINK_END = "</think>"
@@ -33,6 +34,7 @@ class ParsedResponse:
     status: Status
     reasoning: str = ""
     content: str = ""
+    split: TextSplit | None = None  # where `reasoning` and `content` are in the text; None when not split
     stop_token: str | None = None  # the stop token found at the end of the text, if any
     ill_formed: bool = False
     task_unfinished: bool = True  # not a finished turn: truncated, aborted or no stop token
@@ -69,11 +71,9 @@ class MessageProcessor:
             reasons.append(f"ended with {stop_token}")
         if response.count(THINK_END) != 1:
             reasons.append(f"{THINK_END} occurs {response.count(THINK_END)} times")
-        reasoning, content = response, ""
-        if THINK_END in response:
-            reasoning, content = response.rsplit(THINK_END, 1)
-            reasoning = reasoning.removesuffix("\n")
-            content = content.removeprefix("\n\n")
+        split = _split(response)
+        reasoning = text[: split.reasoning_end]
+        content = text[split.content_start : split.content_end]
         if not reasoning:
             reasons.append("empty reasoning")
         if not content:
@@ -83,11 +83,24 @@ class MessageProcessor:
             status="completed",
             reasoning=reasoning,
             content=content,
+            split=split,
             stop_token=stop_token,
             ill_formed=bool(reasons),
             task_unfinished=False,
             ill_formed_reasons=tuple(reasons),
         )
+
+
+def _split(response: str) -> TextSplit:
+    """`reasoning, content = response.rsplit("</think>", 1)` less one trailing "\\n" and one leading "\\n\\n", as
+    offsets; without </think> all of it is reasoning."""
+    end = response.rfind(THINK_END)
+    if end < 0:
+        return TextSplit(len(response), len(response), len(response))
+    start = end + len(THINK_END)
+    reasoning_end = end - 1 if end > 0 and response[end - 1] == "\n" else end
+    content_start = start + 2 if response.startswith("\n\n", start) else start
+    return TextSplit(reasoning_end, content_start, len(response))
 
 
 _IM_START, _IM_END, _ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"

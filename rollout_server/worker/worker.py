@@ -5,6 +5,13 @@ nothing sits unstarted in this worker while others idle. A group is published (d
 redelivered task is never published twice) only once all its samples have ended, and the task is acked only
 after that publish. Broker calls are blocking, so they run in threads (asyncio.to_thread).
 
+Every task read leaves this worker one way: published and acked, or dead-lettered with its reason. A task the
+engines reject (4xx) or that cannot be planned goes to `dead` at once; one whose samples fail (engines down) is
+generated again with backoff (`[task_retry]`), then goes to `dead`; a group too large to publish
+(`EntryTooLarge`, `--broker.max_entry_mb`) goes to `dead` with its size. The leases on the tasks held are renewed
+long before they run out (the consumer's reads, `touch` while all slots are busy or while draining), so no other
+worker generates them too.
+
 On SIGTERM the worker stops reading, lets in-flight groups finish for `shutdown_timeout_s`, then cancels the
 rest: their tasks stay unacked and another worker reclaims them after the broker's `claim_idle_s`.
 """
@@ -17,10 +24,12 @@ import logging
 import os
 import signal
 import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 
-from broker.base import ROLLOUTS, TASKS, BackpressureTimeout, Broker, Consumer, Entry, Producer
+from broker.base import ROLLOUTS, TASKS, BackpressureTimeout, Broker, Consumer, Entry, EntryTooLarge, Producer
 from broker.schemas import Group, Task
+from common.retry import RetryPolicy
 from rollout_server.worker.config import RolloutConfig
 from rollout_server.worker.generation import SampleFailed, SampleGenerator, SampleRejected, TaskRejected
 from rollout_server.worker.metrics import RolloutMetrics
@@ -44,6 +53,9 @@ class RolloutWorker:
         self._router = router
         self._metrics = metrics
         self._generator = SampleGenerator(cfg, router, get_processor(cfg.processor), metrics)
+        self._task_retry: RetryPolicy = cfg.task_retry.policy()
+        # How often the loop renews its leases while not reading: the consumer renews every claim_idle_s / 4.
+        self._renew_s = min(1.0, cfg.broker.claim_idle_s / 4)
         self._stopping = False
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -58,7 +70,7 @@ class RolloutWorker:
             free = self.cfg.max_groups_in_flight - len(running)
             if free <= 0:  # not reading, so renew the lease on the tasks being generated
                 await asyncio.to_thread(consumer.touch)
-                await asyncio.wait(running.values(), timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(running.values(), timeout=self._renew_s, return_when=asyncio.FIRST_COMPLETED)
                 continue
             entries = await asyncio.to_thread(consumer.read, free, self.cfg.broker.block_s)
             for entry in entries:
@@ -67,29 +79,57 @@ class RolloutWorker:
                 handler = asyncio.create_task(self._handle(consumer, producer, entry), name=entry.msg.group_id)
                 running[entry.id] = handler
                 handler.add_done_callback(functools.partial(_forget, running, entry.id))
-        await self._drain(running)
+        await self._drain(consumer, running)
         log.info("rollout worker %s stopped", self.worker_id)
 
     async def _handle(self, consumer: Consumer[Task], producer: Producer[Group], entry: Entry[Task]) -> None:
+        """Generate, publish and ack one task, or dead-letter it with the reason; never leave it held."""
         m = self._metrics
         m.in_flight_groups.inc()
+        started = time.monotonic()
         try:
             try:
-                group = await self._generator.generate_group(entry.msg, self.worker_id)
-            except (TaskRejected, SampleRejected) as e:
-                log.error("dead-lettering task %s: %s", entry.msg.group_id, e)
-                m.dead_letters.inc()
-                await asyncio.to_thread(consumer.dead_letter, entry, str(e))
+                group = await self._generate(entry.msg)
+            except (TaskRejected, SampleRejected, _GaveUp) as e:
+                await self._dead_letter(consumer, entry, str(e))
                 return
-            except SampleFailed as e:
-                # Left unacked: redelivered after claim_idle_s, dead-lettered after max_deliveries.
-                log.error("group %s failed, leaving its task for redelivery: %s", entry.msg.group_id, e)
-                m.failed_groups.inc()
+            try:
+                published = await self._publish(producer, group)
+            except EntryTooLarge as e:  # retrying cannot shrink it: a crash here would loop on redelivery
+                await self._dead_letter(consumer, entry, f"its group of {len(group.samples)} samples is too large: {e}")
                 return
-            if await self._publish(producer, group):
+            if published:
                 await asyncio.to_thread(consumer.ack, [entry.id])
+                log.info("group %s done in %.2fs", entry.msg.group_id, time.monotonic() - started)
         finally:
             m.in_flight_groups.dec()
+
+    async def _generate(self, task: Task) -> Group:
+        """The task's group, generated again with backoff (`[task_retry]`) while its samples fail; _GaveUp after
+        the last attempt. A task left unacked instead stayed held by this live worker (its lease renewed) and was
+        never retried nor given up on."""
+        attempts = 0
+
+        async def attempt() -> Group:
+            nonlocal attempts
+            attempts += 1
+            if attempts > 1:
+                self._metrics.retries.labels(reason="task").inc()
+            try:
+                return await self._generator.generate_group(task, self.worker_id)
+            except SampleFailed:
+                self._metrics.failed_groups.inc()
+                raise
+
+        try:
+            return await self._task_retry.acall(attempt, retry_on=(SampleFailed,), what=f"group {task.group_id}")
+        except SampleFailed as e:
+            raise _GaveUp(f"samples failed in {attempts} attempts (--task_retry.max_attempts): {e}") from e
+
+    async def _dead_letter(self, consumer: Consumer[Task], entry: Entry[Task], reason: str) -> None:
+        log.error("dead-lettering task %s: %s", entry.msg.group_id, reason)
+        self._metrics.dead_letters.inc()
+        await asyncio.to_thread(consumer.dead_letter, entry, reason)
 
     async def _publish(self, producer: Producer[Group], group: Group) -> bool:
         """Publish once (dedup by group id); wait out backpressure. False if shutdown came first."""
@@ -109,17 +149,25 @@ class RolloutWorker:
                 self._metrics.groups.inc()
             return True
 
-    async def _drain(self, running: dict[str, asyncio.Task[None]]) -> None:
+    async def _drain(self, consumer: Consumer[Task], running: dict[str, asyncio.Task[None]]) -> None:
         self._stopping = True
         if running:
             log.info("stopping: waiting up to %.0fs for %d groups", self.cfg.shutdown_timeout_s, len(running))
-            _, pending = await asyncio.wait(list(running.values()), timeout=self.cfg.shutdown_timeout_s)
+            deadline = time.monotonic() + self.cfg.shutdown_timeout_s
+            pending = set(running.values())
+            while pending and (left := deadline - time.monotonic()) > 0:  # not reading: renew the leases meanwhile
+                await asyncio.to_thread(consumer.touch)
+                _, pending = await asyncio.wait(pending, timeout=min(left, self._renew_s))
             for t in pending:
                 t.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
             if pending:
                 log.warning("left %d groups unacked for other workers to reclaim", len(pending))
         _raise_if_failed(running)
+
+
+class _GaveUp(RuntimeError):
+    """A task's samples failed in every attempt of `[task_retry]`: dead-letter it with this reason."""
 
 
 def _forget(running: dict[str, asyncio.Task[None]], entry_id: str, task: asyncio.Task[None]) -> None:

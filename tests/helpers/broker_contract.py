@@ -233,6 +233,59 @@ def test_touch_keeps_held_entries_from_being_claimed(make_broker: MakeBroker) ->
     assert sorted(e.id for e in _drain(other, 2)) == sorted(e.id for e in held)
 
 
+def test_a_reading_consumer_renews_its_leases_before_they_expire(make_broker: MakeBroker) -> None:
+    """Guards against leases renewed only once they had expired (issue 19, defect 3): a consumer with free slots
+    keeps reading and never calls touch(); its held entries were renewed only when its own claim pass saw them idle
+    for claim_idle_s, by which time another consumer could claim them (two rollout workers generating the same
+    group). Reads renew every held entry before its lease runs out, whatever their block time."""
+    claim_idle_s = 0.6
+    broker = make_broker(claim_idle_s=claim_idle_s)
+    broker.producer(TASKS, Task).publish([make_task(i) for i in range(2)])
+    holder = broker.consumer(TASKS, Task, "g", "holder")
+    held = _drain(holder, 2)
+    claimed: list[str] = []
+    done = threading.Event()
+
+    def poll() -> None:  # a second consumer, as eager as possible: it claims any entry whose lease ran out
+        other = make_broker(claim_idle_s=claim_idle_s)
+        while not done.is_set():
+            got = other.consumer(TASKS, Task, "g", "other").read(10, block_s=0)  # fresh: looks for idle at once
+            claimed.extend(e.msg.group_id for e in got)
+            time.sleep(0.02)
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        deadline = time.monotonic() + 4 * claim_idle_s
+        while time.monotonic() < deadline and not claimed:
+            assert holder.read(10, block_s=0.4) == []  # each read blocks longer than a renewal interval
+    finally:
+        done.set()
+        poller.join(10)
+    assert claimed == [], "another consumer claimed entries their live holder keeps reading"
+    holder.ack([e.id for e in held])
+    assert broker.producer(TASKS, Task).backlog() == 0
+
+
+def test_touch_never_takes_back_an_entry_another_consumer_claimed(make_broker: MakeBroker) -> None:
+    """Guards against a lease renewal that does not check the holder: a consumer that stalled past claim_idle_s
+    (its entry claimed by another in the meantime) took the entry back on its next touch(), so both worked on it
+    and the claimer's ack raced the stalled one's renewals. The renewal covers only entries still held."""
+    broker = make_broker(claim_idle_s=0.2)
+    broker.producer(TASKS, Task).publish([make_task(0)])
+    stalled = broker.consumer(TASKS, Task, "g", "stalled")
+    [entry] = _drain(stalled, 1)
+    time.sleep(0.3)
+    rescuer = broker.consumer(TASKS, Task, "g", "rescuer")
+    assert [e.id for e in _drain(rescuer, 1)] == [entry.id]
+    stalled.touch()
+    assert list(broker.view(TASKS).stats().groups["g"].holders) == ["rescuer"]
+    assert stalled.read(1, block_s=0.05) == []
+    assert list(broker.view(TASKS).stats().groups["g"].holders) == ["rescuer"]
+    rescuer.ack([entry.id])
+    assert broker.producer(TASKS, Task).backlog() == 0
+
+
 def test_application_dead_letter_keeps_reason_and_acks(make_broker: MakeBroker) -> None:
     """Guards against dead_letter() losing the reason or leaving the entry pending (redelivered later)."""
     broker = make_broker(claim_idle_s=0.05)

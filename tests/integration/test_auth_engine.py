@@ -1,12 +1,15 @@
 """Authentication and exposure of the built-in engine: bearer auth on every control endpoint (pause, flush, weight
 updates, abort, weight version) checked before the body is read, generation and probes open, the body-size
 limit (413), a constant-time compare, the token from env or a file and never in logs or answers, a loopback
-bind by default (a real `longtrace engine serve` process)."""
+bind by default, and no network bind without a token unless allowed (a real `longtrace engine serve` process)."""
 
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -162,3 +165,32 @@ def test_serve_binds_loopback_and_never_logs_the_token(model_dir: Path, tmp_path
         assert all(TOKEN not in a.text for a in answers)
     text = log.read_text()
     assert "control auth on" in text and "DEBUG" in text  # the logs were captured, at debug level
+
+
+def test_serve_on_a_network_address_without_a_token_is_refused_unless_allowed(model_dir: Path, tmp_path: Path) -> None:
+    """Guards against `longtrace engine serve --host 0.0.0.0` exposing the control endpoints (pause, weight
+    updates) to anyone on the network with no token set: it refuses to start, naming --allow_unauthenticated and
+    where the token goes; with the flag (or a token) it starts."""
+    env = {k: v for k, v in os.environ.items() if k != "LONGTRACE_ENGINE_API_KEY"}
+    port = free_port()
+    cmd = [sys.executable, "-m", "deploy.cli", "engine", "serve", "--model", str(model_dir), "--host", "0.0.0.0",
+           "--port", str(port), "--context_length", "64"]  # fmt: skip
+    refused = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert "--allow_unauthenticated" in refused.stderr and "LONGTRACE_ENGINE_API_KEY" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    with (tmp_path / "open.log").open("wb") as out:
+        proc = subprocess.Popen([*cmd, "--allow_unauthenticated"], env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "open.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        assert "without a token (--allow_unauthenticated)" in (tmp_path / "open.log").read_text()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)

@@ -20,3 +20,13 @@ def test_relative_data_dir_starts(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         assert client.set("k", "v") and client.get("k") == b"v"
         client.close()
     assert (tmp_path / "runs" / "demo" / "redis" / "redis.log").exists()
+
+
+def test_append_only_file_is_on_by_default(tmp_path: Path) -> None:
+    """Guards against an embedded Redis that loses the run in a restart by default (issue 19): without the
+    append-only file (and with `--save ""`) redis-server comes back empty."""
+    with EmbeddedRedis(data_dir=tmp_path) as server:
+        client = redis.Redis.from_url(server.url, socket_timeout=5, decode_responses=True)
+        assert client.config_get("appendonly")["appendonly"] == "yes"
+        assert client.config_get("appendfsync")["appendfsync"] == "everysec"
+        client.close()

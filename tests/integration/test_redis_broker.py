@@ -238,19 +238,10 @@ def test_password_from_a_file_or_the_environment_and_never_logged(
 
 
 def test_longtrace_redis_prints_url_and_stops_on_sigterm(tmp_path: Path) -> None:
-    """Guards against `longtrace redis` not printing a usable URL, or leaving redis-server behind on SIGTERM."""
+    """Guards against `longtrace redis` not printing a usable URL, leaving redis-server behind on SIGTERM, or
+    starting without its append-only file unless told (a restart would then come back empty)."""
     env = {**os.environ, "LT_TEST_REDIS_PW": "pw1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "deploy.cli",
-        "redis",
-        "--dir",
-        str(tmp_path),
-        "--appendonly",
-        "--password-env",
-        "LT_TEST_REDIS_PW",
-    ]
+    cmd = [sys.executable, "-m", "deploy.cli", "redis", "--dir", str(tmp_path), "--password-env", "LT_TEST_REDIS_PW"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, cwd=REPO, env=env, text=True)
     try:
         assert proc.stdout is not None

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,6 +21,9 @@ from hypothesis import strategies as st
 from common.net import free_port
 from reward_service.app import create_app
 from reward_service.config import RewardConfig
+from reward_service.judges.llm import LlmJudge
+from tests.helpers.judge_stub import StubJudgeApi
+from tests.helpers.reward_server import HealthProbe, reward_server
 
 SLIME_BODY: dict[str, Any] = {
     # what slime's remote_rm posts with input_keys [label, extra_reward_info, history]
@@ -320,3 +324,88 @@ def test_cli_serve_real_http(tmp_path: Any) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_regex_bomb_answers_within_a_bound_while_health_answers(tmp_path: Path) -> None:
+    """Guards against defect 5 (issue 19): 1 MB of repeated <useful_chunks> tags made the reference regex rescan to
+    the end from every opening tag (minutes), synchronously in the handler, so neither the request timeout nor
+    /health could answer. Real uvicorn, so a blocked event loop shows."""
+    bomb = "<useful_chunks><CHUNK_1></useful_chunks>" + "<useful_chunks>" * 70_000
+    info = {"rubrics": [1, 2], "dataset_name": "longrlvr", "rubric_reward_ratio": 1.0}
+    with reward_server(tmp_path / "serve.log") as url, HealthProbe(url).running() as probe:
+        time.sleep(0.3)
+        start = time.perf_counter()
+        resp = httpx.post(
+            f"{url}/evaluate", json={"label": "x", "extra_reward_info": info, "response": bomb}, timeout=30
+        )
+        elapsed_s = time.perf_counter() - start
+        time.sleep(0.3)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["rubric_reward"] == pytest.approx(5 / 9)  # F2 of {1} against {1, 2}: the last block only
+    assert elapsed_s < 10.0
+    assert not probe.failures and len(probe.latencies_s) >= 5 and max(probe.latencies_s) < 1.0, probe
+
+
+def test_cpu_heavy_scoring_past_its_timeout_is_504_while_health_answers(tmp_path: Path) -> None:
+    """Guards against scoring that its deadline cannot interrupt: 40k rubrics over a 1.5 MB answer (linear, but
+    ~20 s of scanning) ran on the event loop, so `request_timeout_s` could not fire (a late 200 instead of a 504)
+    and /health hung meanwhile. The 504 names the flag."""
+    answer = " ".join(f"w{i}" for i in range(200_000))
+    info = {"rubrics": [f"absent entity {i}" for i in range(40_000)], "rubric_reward_ratio": 1.0}
+    with reward_server(tmp_path / "serve.log", "--request_timeout_s", "1") as url, HealthProbe(url).running() as probe:
+        time.sleep(0.3)
+        start = time.perf_counter()
+        resp = httpx.post(f"{url}/evaluate", json={"label": "x", "extra_reward_info": info, "response": answer},
+                          timeout=60)  # fmt: skip
+        elapsed_s = time.perf_counter() - start
+        time.sleep(0.3)
+    assert resp.status_code == 504, resp.text
+    assert "longer than 1 s" in resp.json()["detail"] and "--request_timeout_s" in resp.json()["detail"]
+    assert elapsed_s < 5.0
+    assert not probe.failures and len(probe.latencies_s) >= 5 and max(probe.latencies_s) < 1.0, probe
+
+
+def test_concurrent_large_bodies_are_bounded_by_a_budget() -> None:
+    """Guards against many large bodies at once exhausting memory (each is buffered, then parsed into several times
+    its size, and held while its judge call runs): a body that would take the bytes in flight past
+    `max_concurrent_body_mb` gets 503 with Retry-After and the flag, small requests still fit beside the held
+    ones, and the budget comes back when the requests end."""
+    stub = StubJudgeApi().start()
+    stub.default = "hang"  # admitted requests stay in flight, inside their judge call
+    config = RewardConfig.model_validate(
+        {"max_body_mb": 1.0, "max_concurrent_body_mb": 2.0, "judge": {"kind": "llm", "base_url": stub.url}}
+    )
+
+    def big(i: int) -> dict[str, Any]:  # about 0.9 MB
+        return {"label": "Beta", "extra_reward_info": {"question": "q", "rubrics": ["Beta"]},
+                "response": f"</think>Beta {i} " + "x" * 900_000}  # fmt: skip
+
+    small = {"label": "x", "extra_reward_info": {"rubrics": ["x"], "rubric_reward_ratio": 1.0}, "response": "x"}
+
+    async def main() -> tuple[list[httpx.Response], list[httpx.Response], httpx.Response]:
+        judge = LlmJudge(config.judge)  # type: ignore[arg-type]
+        app = create_app(config, judge=judge)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t", timeout=30) as c:
+            held = [asyncio.create_task(c.post("/evaluate", json=big(i))) for i in range(5)]
+            deadline = time.monotonic() + 20
+            while len(stub.requests) < 2 or sum(t.done() for t in held) < 3:
+                assert time.monotonic() < deadline, (len(stub.requests), [t.done() for t in held])
+                await asyncio.sleep(0.02)
+            beside = [await c.post("/evaluate", json=small), await c.get("/health")]
+            stub.release()
+            first = list(await asyncio.gather(*held))
+            after = await c.post("/evaluate", json=big(9))
+        await judge.aclose()
+        return first, beside, after
+
+    try:
+        first, beside, after = asyncio.run(main())
+    finally:
+        stub.stop()
+    assert sorted(r.status_code for r in first) == [200, 200, 503, 503, 503]
+    for r in first:
+        if r.status_code == 503:
+            assert r.headers["retry-after"] == "1" and "--max_concurrent_body_mb" in r.json()["detail"]
+    assert len(stub.requests) == 3  # the refused bodies never reached the judge
+    assert [r.status_code for r in beside] == [200, 200]
+    assert after.status_code == 200

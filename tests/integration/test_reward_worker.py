@@ -18,7 +18,18 @@ import pytest
 
 from broker.base import DEAD, ROLLOUTS, SCORED, Broker
 from broker.factory import connect
-from broker.schemas import DeadLetter, Group, RewardInfo, Sample, SampleReward, ScoredGroup, Task, pack_ids
+from broker.schemas import (
+    DeadLetter,
+    Group,
+    RewardInfo,
+    Sample,
+    SampleReward,
+    ScoredGroup,
+    Task,
+    TextSplit,
+    encode,
+    pack_ids,
+)
 from broker.settings import BrokerConfig
 from reward_service.config import RewardConfig
 from reward_service.judges.llm import LlmJudge
@@ -30,14 +41,14 @@ BROKER_FLAGS = {"claim_idle_s": 1.0, "block_s": 0.1, "socket_timeout_s": 5.0}
 
 
 def _sample(content: str, **kw: Any) -> Sample:
+    text = f"R\n</think>\n\n{content}<|im_end|>"
     fields: dict[str, Any] = {
         "response_ids": pack_ids([1, 2, 3]),
         "logprobs": b"\x00" * 12,
-        "text": f"R\n</think>\n\n{content}<|im_end|>",
+        "text": text,
         "finish_reason": "stop",
         "status": "completed",
-        "reasoning": "R",
-        "content": content,
+        "split": TextSplit.of(text, "R", content),  # the reasoning and content a processor would split off
     }
     fields.update(kw)
     return Sample(**fields)
@@ -205,3 +216,105 @@ def test_replica_killed_mid_group_loses_and_duplicates_nothing(
     assert by_id["g1"].scorer_id == "B"
     assert broker.producer(ROLLOUTS, Group).backlog() == 0
     assert _drain(broker, DEAD, DeadLetter, 0, timeout_s=0.5) == []
+
+
+def test_scored_group_over_the_publish_limit_is_dead_lettered_and_the_worker_goes_on(
+    broker_config: BrokerConfig,
+) -> None:
+    """Guards against defect 4 (issue 19), reward side: the worker checked the size of the Group it read, not of the
+    larger ScoredGroup it publishes, so a group just under `--broker.max_entry_mb` made the publish raise
+    EntryTooLarge and crash-looped the worker. It goes to `dead` with the size and the flag; the next group is
+    scored."""
+    limit_mb = 0.02
+    small = broker_config.model_copy(update={"max_entry_mb": limit_mb})
+    limit = int(limit_mb * 1024 * 1024)
+    text = "x" * limit
+    while len(encode(big := _group("big", [_sample(text)]))) > limit - 16:  # just under the limit as a Group
+        text = text[: -max(1, (len(encode(big)) - limit + 16) // 2)]
+    assert len(encode(ScoredGroup(group=big, rewards=[SampleReward(reward=0, outcome_reward=0, rubric_reward=0)],
+                                  scorer_id="x"))) > limit  # fmt: skip
+    b = connect(small)
+    try:
+        b.producer(ROLLOUTS, Group).publish([big, _group("g0", standard(0))])
+        config = RewardConfig(broker=small)
+        worker = _run_worker(config, b, RuleJudge(config.judge), lambda w: w.num_scored + w.num_dead >= 2)  # type: ignore[arg-type]
+        assert (worker.num_scored, worker.num_dead) == (1, 1)
+        [dead] = _drain(b, DEAD, DeadLetter, 1)
+        assert dead.stream == ROLLOUTS and "--broker.max_entry_mb" in dead.reason and "MB" in dead.reason
+        assert [s.group_id for s in _drain(b, SCORED, ScoredGroup, 1)] == ["g0"]
+        assert b.producer(ROLLOUTS, Group).backlog() == 0
+    finally:
+        b.close()
+
+
+def test_slow_judge_with_two_workers_scores_each_group_once(broker_config: BrokerConfig) -> None:
+    """Guards against leases renewed only once expired (defect 3 of issue 19, reward side): with free slots the
+    worker touched its entries only when XPENDING showed them idle for `claim_idle_s`, so a second replica
+    claimed groups still being judged (longer than `claim_idle_s`) and judged them again. Each group must be
+    judged by one replica only."""
+    stub = StubJudgeApi().start()
+    stub.default = "sleep:2.5"  # 2.5 x claim_idle_s
+    cfg = RewardConfig.model_validate(
+        {"broker": broker_config.model_dump(), "judge": {"kind": "llm", "base_url": stub.url}}
+    )
+    brokers = [connect(broker_config) for _ in range(2)]
+    try:
+
+        async def main() -> list[RewardWorker]:
+            stop = asyncio.Event()
+            judges = [LlmJudge(cfg.judge) for _ in range(2)]  # type: ignore[arg-type]
+            workers = [RewardWorker(cfg.model_copy(update={"worker": cfg.worker.model_copy(update={"consumer": n})}),
+                                    b, j) for n, b, j in zip("AB", brokers, judges, strict=True)]  # fmt: skip
+            tasks = [asyncio.create_task(workers[0].run(stop))]
+            # A looks for idle entries once a second from its start: publishing half-way makes B's look come first
+            # once the groups have been idle for claim_idle_s (as in a run, where the phases are arbitrary).
+            await asyncio.sleep(0.5)
+            brokers[0].producer(ROLLOUTS, Group).publish([_group(f"g{i}", standard(i)) for i in range(3)])
+            deadline = time.monotonic() + 20
+            while len(stub.requests) < 6:  # A holds the three groups, with slots to spare, inside its judge calls
+                assert time.monotonic() < deadline and not tasks[0].done()
+                await asyncio.sleep(0.02)
+            tasks.append(asyncio.create_task(workers[1].run(stop)))
+            while sum(w.num_scored for w in workers) < 3 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(1.5)  # a group claimed by B would be judged again meanwhile
+            stop.set()
+            await asyncio.gather(*tasks)
+            for j in judges:
+                await j.aclose()
+            return workers
+
+        a, b = asyncio.run(main())
+    finally:
+        for br in brokers:
+            br.close()
+        stub.stop()
+    responses = [r["messages"][0]["content"].rsplit("[response]: ", 1)[1].split("\n\n")[0] for r in stub.requests]
+    assert sorted(responses) == sorted({*responses}) and len(responses) == 6, responses
+    assert (a.num_scored, b.num_scored) == (3, 0)
+
+
+def test_scoring_past_its_deadline_is_dead_lettered_after_retries(broker: Broker, broker_config: BrokerConfig) -> None:
+    """Guards against scoring without a deadline that can fire (defect 5 of issue 19, worker side): a try at a
+    group that takes longer than `worker.score_timeout_s` fails, is retried, then goes to `dead` with the reason
+    and the flag, never a reward of 0."""
+    stub = StubJudgeApi().start()
+    try:
+        stub.default = "sleep:5"
+        config = RewardConfig.model_validate(
+            {
+                "broker": broker_config.model_dump(),
+                "judge": {"kind": "llm", "base_url": stub.url, "retry": {"max_attempts": 1}},
+                "worker": {"score_timeout_s": 0.3, "retry": {"max_attempts": 2, "base_s": 0.01}},
+            }
+        )
+        broker.producer(ROLLOUTS, Group).publish([_group("g-slow", [_sample("Beta")])])
+        judge = LlmJudge(config.judge)  # type: ignore[arg-type]
+        worker = _run_worker(config, broker, judge, lambda w: w.num_dead >= 1)
+    finally:
+        stub.stop()
+    assert (worker.num_dead, worker.num_scored) == (1, 0)
+    [dead] = _drain(broker, DEAD, DeadLetter, 1)
+    assert "longer than 0.3 s" in dead.reason and "--worker.score_timeout_s" in dead.reason
+    assert "2 attempts" in dead.reason
+    assert _drain(broker, SCORED, ScoredGroup, 0, timeout_s=0.5) == []

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 
 def _launch(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
@@ -23,7 +25,7 @@ def test_sglang_dry_run_prints_a_launch_server_command_that_parses() -> None:
     out = _launch(
         "--backend", "sglang", "--model_path", "/models/Qwen3-4B-Thinking-2507", "--tp_size", "8",
         "--mem_fraction_static", "0.7", "--context_length", "160000", "--host", "0.0.0.0", "--port", "30001",
-        "--extra_args", '["--served-model-name", "policy"]', "--dry_run",
+        "--extra_args", '["--served-model-name", "policy"]', "--allow_unauthenticated", "--dry_run",
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     argv = shlex.split(out.stdout.strip())
@@ -54,10 +56,33 @@ def test_builtin_dry_run_runs_engine_serve_and_bad_flags_are_named() -> None:
     assert typo.returncode == 2 and "tp_sise" in typo.stderr
 
 
-def test_late_engine_loads_the_newest_export_before_it_registers(redis_url: str, tmp_path: Path) -> None:
-    """Guards against an engine that joins between weight updates serving its start-up weights: with
+def test_exposed_launch_without_a_token_is_refused_unless_allowed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Guards against `engine launch --host 0.0.0.0` putting an engine's control endpoints (pause, weight updates)
+    on the network with no token: refused, naming --allow_unauthenticated, unless a token is set (the built-in
+    engine's env var, SGLang's --admin-api-key) or the flag is given, which reaches `engine serve`."""
+    monkeypatch.delenv("LONGTRACE_ENGINE_API_KEY", raising=False)
+    for backend in ("builtin", "sglang"):
+        out = _launch("--backend", backend, "--model_path", "/m", "--host", "0.0.0.0", "--dry_run")
+        assert out.returncode == 2 and "--allow_unauthenticated" in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr
+    assert _launch("--model_path", "/m", "--host", "127.0.0.1", "--dry_run").returncode == 0
+    sglang_key = _launch(
+        "--backend", "sglang", "--model_path", "/m", "--host", "0.0.0.0", "--dry_run",
+        "--extra_args", '["--admin-api-key", "k"]',
+    )  # fmt: skip
+    assert sglang_key.returncode == 0, sglang_key.stderr
+    allowed = _launch("--model_path", "/m", "--host", "0.0.0.0", "--allow_unauthenticated", "--dry_run")
+    assert allowed.returncode == 0, allowed.stderr
+    assert "--allow_unauthenticated" in shlex.split(allowed.stdout.strip())  # engine serve would refuse without it
+    monkeypatch.setenv("LONGTRACE_ENGINE_API_KEY", "s3cret")
+    assert _launch("--model_path", "/m", "--host", "0.0.0.0", "--dry_run").returncode == 0
+
+
+def test_late_engine_loads_the_newest_export_and_the_registry_follows_pushes(redis_url: str, tmp_path: Path) -> None:
+    """Guards against an engine that joins between weight updates serving its start-up weights (with
     --export_dir the launcher loads LATEST (/update_weights_from_disk) before registering, so the registry and
-    the engine report the export's version and generate with its weights."""
+    the engine report the export's version and generate with its weights), and against the heartbeat
+    re-registering the version the engine started with after a push changed it (a stale registry version)."""
     import json
     import shutil
 
@@ -101,6 +126,12 @@ def test_late_engine_loads_the_newest_export_before_it_registers(redis_url: str,
             torch.tensor([prompt]), max_new_tokens=8, do_sample=False, min_new_tokens=8
         )[0, len(prompt) :]
         assert out["output_ids"] == expected.tolist()
+        r = httpx.post(f"{url}/update_weight_version", json={"new_version": "5", "abort_all_requests": False})
+        assert r.status_code == 200, r.text
+        while (live := broker.engines.live()) and live[0].policy_version != 5:
+            assert time.monotonic() < deadline + 30, f"the registry still shows version {live[0].policy_version}"
+            time.sleep(0.2)
+        assert live and live[0].policy_version == 5
     finally:
         broker.close()
         launcher.send_signal(signal.SIGTERM)

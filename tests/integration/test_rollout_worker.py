@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,7 +23,7 @@ import pytest
 
 from broker.base import DEAD, ROLLOUTS, TASKS, Broker
 from broker.factory import connect
-from broker.schemas import DeadLetter, Group, RewardInfo, Task, WeightSegment, pack_ids
+from broker.schemas import DeadLetter, Group, RewardInfo, Task, WeightSegment, decode, pack_ids
 from broker.settings import BrokerConfig
 from common.config import load_config
 from common.net import free_port
@@ -147,9 +148,11 @@ async def _generate(
     expect: set[str] | None = None,
     timeout_s: float = 120,
     wait_engines: bool = True,
+    others: dict[str, RolloutMetrics] | None = None,
 ) -> tuple[list[Group], RolloutMetrics, Router]:
     """Publish `tasks`, run one in-process worker (and `during` alongside) until the groups `expect`ed (default:
-    the tasks') are published; return every group published, duplicates included."""
+    the tasks') are published; return every group published, duplicates included. `others`: more workers run
+    alongside, by worker id, each with the metrics object given."""
     broker = connect(cfg.broker)
     router = build_router(cfg, broker)
     await router.start()
@@ -162,6 +165,7 @@ async def _generate(
     metrics = RolloutMetrics()
     stop = asyncio.Event()
     running = asyncio.create_task(RolloutWorker(cfg, broker, router, metrics, worker_id).run(stop))
+    more = [asyncio.create_task(RolloutWorker(cfg, broker, router, m, w).run(stop)) for w, m in (others or {}).items()]
     if tasks:
         await asyncio.to_thread(broker.producer(TASKS, Task).publish, tasks)
     side = asyncio.create_task(during(router, broker)) if during else None
@@ -172,14 +176,17 @@ async def _generate(
     try:
         while not expect <= {g.group_id for g in groups}:
             assert time.monotonic() < deadline, f"only {[g.group_id for g in groups]} after {timeout_s}s"
-            assert not running.done(), running.exception() if running.done() else ""
+            for w in (running, *more):
+                assert not w.done(), w.exception() if w.done() else ""
+            if side is not None and side.done():
+                side.result()  # its assertion failed: say so now, not after timeout_s
             groups += [e.msg for e in await asyncio.to_thread(reader.read, 16, 0.2)]
         groups += [e.msg for e in await asyncio.to_thread(reader.read, 16, 1.0)]  # a duplicate would show here
         if side is not None:
             await side
     finally:
         stop.set()
-        await running
+        await asyncio.gather(running, *more)
         await router.close()
         broker.close()
     return groups, metrics, router
@@ -342,6 +349,98 @@ def _wait_metric(port: int, name: str, at_least: float, proc: subprocess.Popen[b
                 return
         time.sleep(0.1)
     raise AssertionError(f"{name} never reached {at_least}")
+
+
+def test_a_task_whose_samples_keep_failing_is_retried_then_dead_lettered(engines: Engines, redis_url: str) -> None:
+    """Guards against a failed task stranded in a live worker (issue 19, defect 2): when its samples failed (engine
+    errors past `[retry]`) the task was left unacked among the worker's entries, whose lease the worker kept
+    renewing, so with one worker it was never retried nor dead-lettered and its group never came. It must be
+    generated again with backoff (`[task_retry]`), then go to `dead` with the engines' error, and the worker must go
+    on with the next task. The engine here really fails every sample: its weight_version names no policy version."""
+    url = engines.urls()["e0"]
+    prompt = _prompt(engines.model_a, "Which bridge?")
+    cfg = _config(
+        redis_url, f'--engines.urls=["{url}"]', "--engines.use_registry=false", "--router.failure_threshold=100",
+        "--sampling.max_response_len=4", "--retry.max_attempts=2", "--task_retry.max_attempts=3",
+        "--task_retry.base_s=0.2",
+    )  # fmt: skip
+    [failing, after] = _tasks(prompt, num=2, num_samples=2)
+
+    async def fail_then_recover(router: Router, broker: Broker) -> None:
+        reader = broker.consumer(DEAD, DeadLetter, "test-dead", "test-dead")
+        deadline = time.monotonic() + 60
+        while not (letters := await asyncio.to_thread(reader.read, 4, 0.2)):
+            assert time.monotonic() < deadline, "the failed task was never dead-lettered"
+        [letter] = letters
+        assert letter.msg.stream == TASKS and decode(letter.msg.payload, Task).group_id == failing.group_id
+        assert "samples failed in 3 attempts (--task_retry.max_attempts)" in letter.msg.reason, letter.msg.reason
+        assert "not-a-version" in letter.msg.reason, letter.msg.reason
+        await asyncio.to_thread(_set_version, url, "0")
+        await asyncio.to_thread(broker.producer(TASKS, Task).publish, [after])
+
+    _set_version(url, "not-a-version")
+    try:
+        groups, metrics, _ = asyncio.run(
+            _generate(cfg, [failing], during=fail_then_recover, expect={after.group_id}, wait_engines=False)
+        )
+    finally:
+        _set_version(url, "0")
+    assert [g.group_id for g in groups] == [after.group_id]
+    value = metrics.registry.get_sample_value
+    assert value("rollout_failed_groups_total") == 3 and value("rollout_dead_letters_total") == 1
+    assert value("rollout_retries_total", {"reason": "task"}) == 2
+
+
+def _set_version(url: str, version: str) -> None:
+    body = {"new_version": version, "abort_all_requests": False}
+    httpx.post(f"{url}/update_weight_version", json=body, timeout=30, trust_env=False).raise_for_status()
+
+
+def test_two_workers_with_free_slots_never_generate_the_same_group(engines: Engines, redis_url: str) -> None:
+    """Guards against leases renewed only after they expired (issue 19, defect 3): a worker with free slots renewed
+    the tasks it was generating only once they showed idle for claim_idle_s, so an idle second worker claimed them
+    first and generated the same groups again (generations longer than claim_idle_s, workers throttled by
+    admission). Every sample is counted where it is generated: each group's samples exactly once in all."""
+    prompt = _prompt(engines.model_a, "Who signed the treaty?")
+    cfg = _config(
+        redis_url, f"--sampling.max_response_len={8 * LONG}", "--sampling.ignore_eos=true",
+        "--broker.claim_idle_s=1", "--broker.block_s=0.5",
+    )  # fmt: skip
+    tasks = _tasks(prompt, num=2, num_samples=2)
+    other = RolloutMetrics()
+    start = time.monotonic()
+    groups, metrics, _ = asyncio.run(_generate(cfg, tasks, others={"w2": other}))
+    took_s = time.monotonic() - start
+    assert took_s > 3 * cfg.broker.claim_idle_s, f"generations of {took_s:.1f}s do not outlast the leases"
+    assert sorted(g.group_id for g in groups) == ["g0", "g1"]
+    generated = sum(m.registry.get_sample_value("rollout_samples_total") or 0 for m in (metrics, other))
+    duplicates = sum(m.registry.get_sample_value("rollout_duplicate_groups_total") or 0 for m in (metrics, other))
+    assert (generated, duplicates) == (4, 0), "a group was generated by both workers"
+
+
+def test_an_oversized_group_is_dead_lettered_and_the_worker_goes_on(engines: Engines, redis_url: str) -> None:
+    """Guards against an oversized group crash-looping the worker (issue 19, defect 4): `EntryTooLarge` from the
+    publish killed the worker, and its restart met the same task again until max_deliveries. The task must go to
+    `dead` with the group's size and the flag, and the worker go on with the next task."""
+    prompt = _prompt(engines.model_a, "List every minister.")
+    cfg = _config(redis_url, "--sampling.ignore_eos=true", "--broker.max_entry_mb=0.004")  # 4 KB
+    big, small = _tasks(prompt, num=2, num_samples=4)
+    big.sampling.max_new_tokens, small.sampling.max_new_tokens = 200, 4  # 4 x 200 tokens: over 4 KB
+    small.num_samples = 1
+
+    async def dead_letters(router: Router, broker: Broker) -> None:
+        reader = broker.consumer(DEAD, DeadLetter, "test-dead", "test-dead")
+        deadline = time.monotonic() + 60
+        while not (letters := await asyncio.to_thread(reader.read, 4, 0.2)):
+            assert time.monotonic() < deadline, "the oversized group's task was never dead-lettered"
+        [letter] = letters
+        assert decode(letter.msg.payload, Task).group_id == big.group_id
+        assert re.search(r"too large: .* is [\d,]+ bytes encoded, over the limit of 0.004 MB \(--broker.max_entry_mb\)",
+                         letter.msg.reason), letter.msg.reason  # fmt: skip
+
+    groups, metrics, _ = asyncio.run(_generate(cfg, [big, small], during=dead_letters, expect={small.group_id}))
+    assert [g.group_id for g in groups] == [small.group_id]
+    assert metrics.registry.get_sample_value("rollout_dead_letters_total") == 1
 
 
 def test_sglang_router_mode_forwards_every_request_through_the_router(engines: Engines, redis_url: str) -> None:

@@ -24,7 +24,7 @@ from broker.factory import connect
 from broker.schemas import ScoredGroup
 from broker.settings import BrokerConfig
 from learner.feeder import epoch_order, group_id
-from learner.metrics import read_metrics
+from learner.metrics import read_metrics, trained_lineage
 from learner.scored_reader import CONSUMER_GROUP
 from learner.state import LearnerState
 from tests.helpers.dist import REPO_ROOT, free_port
@@ -155,8 +155,14 @@ def test_sigkill_then_resume_retrains_the_same_step_and_loses_nothing(tmp_path: 
     state = LearnerState.load(run_dir / "checkpoints" / "step_00000004" / "learner_state.json")
     assert state.step == 4 and state.policy_version == 4
     order = [group_id(RUN_ID, e, int(i)) for e in range(2) for i in epoch_order(5, seed=0, epoch=e, shuffle=True)]
-    assert state.consumed_group_ids == order[: 4 * GROUPS_PER_STEP]  # the feeder's order, each group once
-    assert state.num_duplicates == 0 and state.num_dropped_stale == 0
+    # metrics.jsonl, the record that survives the kill: the last line of each step is the final lineage's.
+    lineage = trained_lineage(metrics)
+    assert metrics[3]["trained_group_ids"] == killed[2]["trained_group_ids"]  # the retrained step 3: same groups
+    trained = [g for step in sorted(lineage) for g in lineage[step]]
+    assert trained == order[: 4 * GROUPS_PER_STEP]  # the feeder's order, each group once
+    admitted = order[: state.cursor.admitted]
+    assert set(state.admitted_unread) == set(admitted[4 * GROUPS_PER_STEP :])  # decided: exactly the trained ones
+    assert state.num_duplicates == 0 and state.num_dropped_stale == 0 and state.num_dead_lettered == 0
     # Everything read was acked after the final checkpoint; what is left are groups served for step 5 and up.
     broker = connect(BrokerConfig(redis_url=redis_url, run_id=RUN_ID))
     assert broker.view(SCORED).stats().groups[CONSUMER_GROUP].pending == 0

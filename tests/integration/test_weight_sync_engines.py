@@ -484,3 +484,91 @@ def test_engine_killed_during_an_update_is_reported_and_the_survivor_serves(
         assert list(report.failed) == [victim.url], report.failed
     finally:
         sync.close()
+
+
+class MidBroadcastKill(HFModelSource):
+    """The HF model's tensors in one bucket; when they are all read (the broadcast comes next) the victim engine is
+    stopped (SIGSTOP: it reads nothing, so rank 0 blocks inside the broadcast), then SIGKILLed once rank 0 has been
+    inside the broadcast for a while: a receiver dying mid-broadcast, deterministically."""
+
+    def __init__(self, victim: EngineProc) -> None:
+        super().__init__()
+        self.victim = victim
+        self.killed_in_broadcast = False
+
+    def named_tensors(self, model: Any) -> Iterator[tuple[str, torch.Tensor]]:
+        yield from super().named_tensors(model)
+        if self.victim.proc.poll() is None:
+            self.victim.proc.send_signal(signal.SIGSTOP)
+            threading.Thread(target=self._kill_in_broadcast, daemon=True).start()
+
+    def _kill_in_broadcast(self) -> None:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not _broadcast_threads():
+            time.sleep(0.01)
+        time.sleep(1.0)
+        self.killed_in_broadcast = bool(_broadcast_threads())
+        self.victim.proc.kill()
+        self.victim.proc.wait(timeout=10)
+
+
+def _broadcast_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("weight-sync broadcast") and t.is_alive()]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_receiver_killed_mid_broadcast_leaves_rank_0_alive_and_is_dropped(
+    device: str, cluster: dict[str, Any], models: tuple[Path, Path], learner_model: Any, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """Guards against defect 8 of issue 19: an engine dying inside a broadcast must cost one attempt, never rank 0.
+    The weight-update group's own collective timeout (the NCCL watchdog's) must fire after rank 0's broadcast
+    deadline, which gives up and aborts the group first (it was the build's init timeout, earlier than the deadline,
+    so the watchdog met the abandoned broadcast and tore rank 0 down); no thread is left inside the collective;
+    the survivor gets the whole update and rank 0 pushes again. NCCL: the same test on a GPU, with the launch
+    scripts' watchdog settings and a heartbeat timeout short enough to have fired before the second push."""
+    if device == "cuda":
+        torch.cuda.set_device(0)
+        monkeypatch.setenv("NCCL_HOSTID", "learner")
+        monkeypatch.setenv("TORCH_NCCL_DUMP_ON_TIMEOUT", "0")
+        monkeypatch.setenv("TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC", "10")
+        survivor = EngineProc(models[0], tmp_path / "survivor.log", device="cuda")
+        survivor.wait_healthy()
+    else:
+        survivor = cluster["engines"]["a"]
+    victim = EngineProc(models[0], tmp_path / "victim.log", device=device)
+    model = learner_model.cuda() if device == "cuda" else learner_model
+    backend = "nccl" if device == "cuda" else "gloo"
+    try:
+        victim.wait_healthy()
+        perturb(model, seed=9)
+        cfg = DistributedSyncConfig(
+            engine_urls=[survivor.url, victim.url], use_registry=False, bucket_mb=64, init_timeout_s=20,
+            broadcast_timeout_s=20, backend=backend,
+        )  # fmt: skip
+        source = MidBroadcastKill(victim)
+        sync = DistributedWeightSync(cfg, source)
+        try:
+            t0 = time.monotonic()
+            report = _push_at(sync, 11, model)
+            elapsed = time.monotonic() - t0
+            assert source.killed_in_broadcast, "the victim died outside the broadcast"
+            assert report.ok and report.updated == [survivor.url] and report.attempts == 2, report
+            assert list(report.failed) == [victim.url] and "dead" in report.failed[victim.url], report.failed
+            assert elapsed < cfg.broadcast_timeout_s + 30, f"the push took {elapsed:.0f}s"
+            assert not _broadcast_threads(), "a thread was left inside the abandoned broadcast"
+            assert sync.group is not None
+            group_timeout = sync.group.process_group._get_backend(torch.device(device)).options._timeout
+            assert group_timeout.total_seconds() > cfg.broadcast_timeout_s, "the watchdog would fire first"
+            assert_serves(survivor.url, model, "11")
+            if device == "cuda":
+                time.sleep(2 * 10 + 70)  # past the heartbeat monitor's checks and the watchdog's wait on an error
+            report = _push_at(sync, 12, model)  # rank 0 is alive and pushes again, without the dead engine
+            assert report.ok and report.updated == [survivor.url], report
+            assert_serves(survivor.url, model, "12")
+        finally:
+            sync.close()
+    finally:
+        victim.stop()
+        if device == "cuda":
+            survivor.stop()

@@ -49,7 +49,7 @@ def test_stale_groups_are_dropped_and_counted_and_entries_held_until_ack() -> No
     assert batch is not None
     assert batch.group_ids == ["ok-a", "ok-b"]
     assert state.num_dropped_stale == 1
-    assert state.consumed_group_ids == ["old", "ok-a", "ok-b"]
+    assert all(reader.ledger.is_decided(g) for g in ["old", "ok-a", "ok-b"])
     assert batch.metrics["staleness/1"] == 1 and batch.metrics["staleness/0"] == 1
     assert producer.backlog() == 3  # all held (pending), none acked yet
     assert reader.ack_held() == 3
@@ -72,7 +72,7 @@ def test_redelivered_group_is_not_trained_twice_and_held_entries_come_back_after
     # A checkpointed state that already consumed g1 skips its redelivered copy.
     broker2 = MemoryBroker(BrokerConfig(redis_url="memory://", claim_idle_s=3600))
     broker2.producer(SCORED, ScoredGroup).publish([_scored("g1", 0, [1, 0]), _scored("g2", 0, [0, 1])])
-    done = LearnerState(consumed_group_ids=["g1"])
+    done = LearnerState(recent_decided=["g1"])
     batch = _reader(broker2, done, groups_per_step=1).poll(0.1)
     assert batch is not None and batch.group_ids == ["g2"]
     assert done.num_duplicates == 1
@@ -88,7 +88,7 @@ def test_malformed_group_goes_to_the_dead_stream_and_zero_variance_filter() -> N
     state = LearnerState()
     batch = _reader(broker, state, groups_per_step=1, zero_var=True).poll(0.1)
     assert batch is not None and batch.group_ids == ["good"]
-    assert state.num_dead_lettered == 1 and state.num_dropped_zero_variance == 1
+    assert state.groups_dead_lettered == {"invalid": 1} and state.num_dropped_zero_variance == 1
     dead = broker.consumer(DEAD, DeadLetter, group="inspect", name="t").read(10, 0.1)
     assert len(dead) == 1 and "1 logprobs" in dead[0].msg.reason
 

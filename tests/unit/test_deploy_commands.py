@@ -248,6 +248,37 @@ def test_service_scripts_parse_and_load_their_configs() -> None:
     assert "--appendonly" in redis and "--password-env" in redis and "s3cret" not in redis
 
 
+def _nccl_env(script: str) -> dict[str, str]:
+    """The NCCL/torch.distributed environment `script` runs its command with (DRY_RUN=1; the env at its exit)."""
+    full = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"), "DRY_RUN": "1"} | CLUSTER
+    full |= {"LT_ENV_FILE": "/nonexistent", "NODE_RANK": "0"}
+    out = subprocess.run(
+        ["bash", "-c", f'trap "env" EXIT; source "{TORCHRUN / script}"'],
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    return dict(line.split("=", 1) for line in out.stdout.splitlines() if line.startswith(("TORCH_NCCL_", "NCCL_")))
+
+
+def test_nccl_watchdog_settings_keep_learner_rank_0_alive_when_an_engine_dies() -> None:
+    """Guards against defect 8 of issue 19: with TORCH_NCCL_DUMP_ON_TIMEOUT=1 (what nccl.sh set), a weight-update
+    group's error raised the process-wide dump flag and the default group's heartbeat monitor killed learner rank
+    0 after an engine died mid-broadcast; and against engines that tear themselves down (error handling 3) when
+    the learner aborts an update another engine broke. The heartbeat timeout must outlast the watchdog's 60 s wait
+    before it aborts a group."""
+    learner, engine = _nccl_env("learner.sh"), _nccl_env("engine.sh")
+    for env in (learner, engine):
+        assert env["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "0"
+        assert int(env["TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC"]) > 4 * 15 + 60
+        assert int(env["NCCL_IB_TIMEOUT"]) <= 22  # about 17 s: a dead IB peer errors before the 300 s deadline
+    assert learner["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "3"  # the learner's own groups: torchrun restarts the job
+    assert engine["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "2"
+
+
 def test_scripts_pass_shellcheck() -> None:
     """Guards against shell bugs a dry run does not reach (unquoted expansions, a failing `wait`, typos)."""
     shellcheck = shutil.which("shellcheck", path=str(Path(sys.executable).parent)) or shutil.which("shellcheck")
@@ -267,3 +298,35 @@ def test_late_engine_starts_from_the_newest_export(tmp_path: Path) -> None:
     [engine] = dry_run("engine.sh", CLUSTER | {"RUN_DIR": str(tmp_path), "PYTHON": sys.executable})
     cfg = check_command(engine)
     assert cfg.model_path == str(export) and cfg.weight_version == "7"
+
+
+def test_network_facing_services_carry_a_token_or_the_explicit_opt_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Guards against the multi-node scripts starting the reward API or an engine on 0.0.0.0 that the exposure check
+    refuses at start (or, worse, one that serves without a token): with the tokens in the environment the scripts
+    pass them (by env var name, never the value), without them the check refuses naming the opt-out, and the opt-out
+    variables pass `--allow_unauthenticated`."""
+    from common.config import ConfigError
+    from common.exposure import check_exposure
+
+    def reward_exposure(env: dict[str, str]) -> None:
+        [api, *_] = dry_run("reward.sh", CLUSTER | env)
+        assert "change-me" not in api
+        cfg = check_command(api)
+        check_exposure(cfg.host, cfg.auth_token() is not None, cfg.allow_unauthenticated, "reward", "token")
+
+    def engine_exposure(env: dict[str, str]) -> None:
+        [engine] = dry_run("engine.sh", CLUSTER | env, "--backend", "builtin")
+        cfg = check_command(engine)
+        check_exposure(cfg.host, cfg.has_token(), cfg.allow_unauthenticated, "engine", "token")
+
+    monkeypatch.setenv("LONGTRACE_REWARD_API_KEY", "change-me")
+    monkeypatch.setenv("LONGTRACE_ENGINE_API_KEY", "change-me")
+    reward_exposure({"LONGTRACE_REWARD_API_KEY": "change-me"})
+    engine_exposure({})
+    monkeypatch.delenv("LONGTRACE_REWARD_API_KEY")
+    monkeypatch.delenv("LONGTRACE_ENGINE_API_KEY")
+    for check in (reward_exposure, engine_exposure):
+        with pytest.raises(ConfigError, match="--allow_unauthenticated"):
+            check({})
+    reward_exposure({"REWARD_ALLOW_UNAUTHENTICATED": "1"})
+    engine_exposure({"ENGINE_ALLOW_UNAUTHENTICATED": "1"})

@@ -132,3 +132,15 @@ def test_workers_scale_with_unique_consumer_names() -> None:
         assert int(svc["deploy"]["replicas"]) >= 1, name
         assert svc["pid"] == "host", name
         assert not {"--worker_id", "--worker.consumer"} & set(svc["command"]), name
+
+
+def test_nccl_watchdog_settings_and_a_redis_that_never_evicts() -> None:
+    """Guards against defect 8 of issue 19 in the one-node deployment (an engine dying mid-broadcast got learner
+    rank 0 killed by the heartbeat monitor, and the surviving engines tore themselves down), and against a Redis
+    that may evict the run's keys (dedup keys have a TTL: volatile-* policies drop them)."""
+    services = load_compose()["services"]
+    for name, handling in (("learner", "3"), ("engine-0", "2")):
+        env = services[name]["environment"]
+        assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == handling, name
+        assert env["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "0" and int(env["TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC"]) > 120, name
+    assert "--maxmemory-policy noeviction" in services["redis"]["command"][-1]

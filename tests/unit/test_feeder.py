@@ -201,3 +201,20 @@ def test_admissions_are_recorded_with_their_version_until_read_and_survive_a_che
     restored = LearnerState.load(_save(state, tmp_path / "s.json"))
     assert restored.admitted_unread == state.admitted_unread
     broker.close()
+
+
+def test_admission_order_places_only_the_feeders_own_group_ids(dataset: JsonlDataset, tokenizer: Any) -> None:
+    """Guards the bounded record of decided groups (ledger.py): it reads a group's place in the feeder's order from
+    its id, so an id of another run, a row the dataset does not have, a non-canonical spelling ("e01") or non-ASCII
+    digits ("²") must not be taken for one of the feeder's, and every admitted id must map to its own place."""
+    broker = MemoryBroker(BrokerConfig(redis_url="memory://"))
+    state = LearnerState(policy_version=100)
+    feeder = _feeder(dataset, tokenizer, broker, state, groups_per_step=1, max_staleness=0)
+    feeder.fill()
+    order = feeder.admission
+    for position, task in enumerate(_drain(broker)[: 2 * NUM_ROWS]):
+        epoch, index = order.parse(task.group_id) or (-1, -1)
+        assert (epoch, index) == (task.epoch, task.dataset_index)
+        assert order.position(epoch, index) == position % NUM_ROWS
+    for other in ["other/e0/i1", "run/e0/i99", "run/e01/i1", "run/e0/i01", "run/e²/i1", "run/e0/i1/x", "run/sft/e0/i1"]:
+        assert order.parse(other) is None, other

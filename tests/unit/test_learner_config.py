@@ -63,3 +63,19 @@ def test_parallel_fit_names_the_flag() -> None:
     cfg = load_config(LearnerConfig, None, ["--model.pp_size", "3"]).model
     with pytest.raises(ValueError, match="--model.pp_size 3 must divide num_hidden_layers 4"):
         check_parallel_fit(TINY, cfg)
+
+
+def test_dist_timeout_must_outlast_a_weight_push_attempt() -> None:
+    """Guards against issue 19's timeout ordering: with distributed weight sync the learner's other ranks wait in a
+    collective while rank 0 pushes; a `dist_timeout_s` below one push attempt's worst case (a hung engine) times out
+    the learner's own group and kills the run instead of failing the push. The error names the flags."""
+    from learner.train_config import TrainConfig
+
+    base = ["--model.hf_path", "m", "--data.dataset_path", "d", "--weight_sync.type", "distributed"]
+    cfg = load_config(TrainConfig, None, base)
+    assert cfg.model.dist_timeout_s > cfg.weight_sync.attempt_bound_s == 890  # type: ignore[union-attr]
+    with pytest.raises(ConfigError, match=r"--model.dist_timeout_s 800 must exceed 890 s.*broadcast_timeout_s"):
+        load_config(TrainConfig, None, [*base, "--model.dist_timeout_s", "800"])
+    with pytest.raises(ConfigError, match="must exceed 1290 s"):
+        load_config(TrainConfig, None, [*base, "--weight_sync.broadcast_timeout_s", "500"])
+    load_config(TrainConfig, None, [*base[:4], "--model.dist_timeout_s", "60"])  # no push: no bound

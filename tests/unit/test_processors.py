@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from broker.schemas import Sample
 from rollout_server.worker.processors import DEEPSEEK_R1, QWEN3, get_processor
 
 DS_EOS = "<｜end▁of▁sentence｜>"
@@ -103,3 +104,27 @@ def test_default_stop_ids_and_unknown_processor() -> None:
     assert get_processor("deepseek_r1").default_stop_token_ids == (151645,)
     with pytest.raises(ValueError, match="--processor"):
         get_processor("llama")
+
+
+@pytest.mark.parametrize(
+    "text, finish",
+    [
+        ("Let me think.\nStep 2.\n</think>\n\nThe answer is Paris.<|im_end|>", "stop"),
+        ("r\n\n</think>\n\n\nc \n<|im_end|>", "stop"),
+        ("a</think>b</think>\n\nc<|im_end|>", "stop"),
+        ("no think end at all<|im_end|>", "stop"),
+        ("\n</think>\n\nanswer<|im_end|>", "stop"),
+        ("reasoning\n</think>\n\n<|im_end|>", "stop"),
+        ("r</think>answer<|endoftext|>", "stop"),
+        ("r\n</think>\n\nanswer", "stop"),
+        ("half a thought </think>\n\nx", "length"),
+        ("half a thought </think>\n\nx", "abort"),
+    ],
+)
+def test_the_split_rebuilds_reasoning_and_content_from_the_text(text: str, finish: str) -> None:
+    """Guards against the wire's split (issue 19: the text travels once, reasoning and content as offsets into it)
+    disagreeing with the processor's own reasoning and content, which the reward scans and eval reports."""
+    p = QWEN3.parse(text, finish)  # type: ignore[arg-type]
+    sample = Sample(response_ids=b"", logprobs=b"", text=text, finish_reason=finish, status=p.status, split=p.split)  # type: ignore[arg-type]
+    assert (sample.reasoning, sample.content) == (p.reasoning, p.content)
+    assert (p.split is None) == (p.status != "completed" or p.stop_token is None)

@@ -87,7 +87,8 @@ def test_appendfsync_config_errors_name_the_flag(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="--redis.appendfsync applies to the embedded Redis only"):
         load_config(UpConfig, UP_CONFIG, [*base, "--redis.url", "redis://h:1/0", "--redis.appendfsync", "always"])
     with pytest.raises(ConfigError, match="--redis.appendonly true"):
-        load_config(UpConfig, UP_CONFIG, [*base, "--redis.appendfsync", "always"])
+        load_config(UpConfig, UP_CONFIG, [*base, "--redis.appendonly", "false", "--redis.appendfsync", "always"])
+    assert load_config(UpConfig, UP_CONFIG, [*base, "--redis.appendfsync", "always"]).redis.appendonly  # on by default
     with pytest.raises(ConfigError, match="redis.appendfsync"):
         load_config(UpConfig, UP_CONFIG, [*base, "--redis.appendfsync", "sometimes"])
     chaos = ["--up.run_dir", str(tmp_path / "chaos")]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -9,13 +10,25 @@ import pytest
 from common.config import ConfigError, load_config
 from reward_service.config import LlmJudgeConfig, RewardConfig, RuleJudgeConfig
 from reward_service.judges.llm import judge_prompt, parse_verdict
-from reward_service.judges.rule import answer_tokens, rule_match, token_f1
+from reward_service.judges.rule import RuleJudge, answer_tokens, rule_match, token_f1
 
 
 def test_rule_normalisation_folds_accents_and_drops_articles() -> None:
     """Guards against "Café" failing to match "cafe" or "The Beatles" failing to match "Beatles"."""
     assert answer_tokens("The Café, Zürich!") == ["cafe", "zurich"]
     assert answer_tokens("an 北京 apple") == ["北", "京", "apple"]
+
+
+def test_rule_judge_of_a_long_answer_gives_the_inline_verdict() -> None:
+    """Guards against the scoring-thread path of the rule judge (answers over INLINE_MAX_CHARS, matched off the
+    event loop) giving another verdict than the inline path, or failing to run."""
+    judge = RuleJudge(RuleJudgeConfig(mode="contains"))
+    long_yes, long_no = "filler words " * 20_000 + "the Gulf of Tonkin", "filler words " * 20_000
+
+    async def verdicts() -> list[bool]:
+        return [await judge.judge("q", "Gulf of Tonkin", a) for a in (long_yes, long_no, "Gulf of Tonkin")]
+
+    assert asyncio.run(verdicts()) == [True, False, True]
 
 
 def test_rule_modes() -> None:

@@ -119,7 +119,7 @@ async def _run_worker_once(broker: MemoryBroker, cfg: RolloutConfig, metrics: Ro
     stop = asyncio.Event()
     worker = asyncio.create_task(RolloutWorker(cfg, broker, router, metrics, "w").run(stop))
     deadline = asyncio.get_running_loop().time() + 10
-    while _count(metrics, "rollout_dead_letters_total") + _count(metrics, "rollout_failed_groups_total") < 1:
+    while _count(metrics, "rollout_dead_letters_total") < 1:  # every task that is not published ends there
         assert asyncio.get_running_loop().time() < deadline and not worker.done()
         await asyncio.sleep(0.02)
     stop.set()
@@ -143,28 +143,34 @@ def test_task_without_room_is_dead_lettered_with_its_reason() -> None:
     assert broker.producer(TASKS, Task).backlog() == 0
 
 
-def test_engines_failing_leaves_the_task_unacked_for_redelivery() -> None:
-    """Guards against a group whose engines all failed being acked (lost) or published with missing or
-    zero-reward samples: after max_attempts it is left pending, to be redelivered."""
+def test_engines_failing_retry_the_task_then_dead_letter_it() -> None:
+    """Guards against a group whose engines all failed being acked (lost), published with missing or zero-reward
+    samples, or held unacked by the live worker forever (issue 19, defect 2): each sample is retried per `[retry]`,
+    the task per `[task_retry]`, then it goes to `dead` with the engines' error."""
     broker = MemoryBroker()
     cfg = _cfg(
         f'--engines.urls=["http://127.0.0.1:{free_port()}"]',  # connection refused: a dead engine
         "--max_attempts=2",
         "--retry_backoff_s=0.01",
+        "--task_retry.max_attempts=2",
+        "--task_retry.base_s=0.01",
         "--router.failure_threshold=100",
         "--broker.block_s=0.05",
     )
     broker.producer(TASKS, Task).publish([_task(4, num_samples=2)])
     metrics = RolloutMetrics()
     asyncio.run(_run_worker_once(broker, cfg, metrics))
-    assert _count(metrics, "rollout_failed_groups_total") == 1 and _count(metrics, "rollout_groups_total") == 0
-    assert broker.producer(TASKS, Task).backlog() == 1  # still pending
-    assert (metrics.registry.get_sample_value("rollout_retries_total", {"reason": "engine_error"}) or 0) >= 2
+    assert _count(metrics, "rollout_failed_groups_total") == 2 and _count(metrics, "rollout_groups_total") == 0
+    assert broker.producer(TASKS, Task).backlog() == 0
+    [entry] = broker.consumer(DEAD, DeadLetter, "inspect", "i").read(10, 0.1)
+    assert "samples failed in 2 attempts (--task_retry.max_attempts)" in entry.msg.reason, entry.msg.reason
+    assert (metrics.registry.get_sample_value("rollout_retries_total", {"reason": "engine_error"}) or 0) >= 4
 
 
 def test_an_engine_reporting_a_bad_weight_version_fails_the_sample_not_the_worker() -> None:
     """Guards against an engine whose weight_version is "²" crashing the rollout worker (int() raised a ValueError
-    nobody caught): its answers are engine errors, retried elsewhere; the group fails and stays pending."""
+    nobody caught): its answers are engine errors, retried elsewhere; the group fails, and its task goes to `dead`
+    with the engine's version named once its attempts are spent."""
     from fastapi import FastAPI, Response
 
     from rollout_server.engine.server import BackgroundServer
@@ -181,6 +187,7 @@ def test_an_engine_reporting_a_bad_weight_version_fails_the_sample_not_the_worke
             f'--engines.urls=["{engine.url}"]',
             "--retry.max_attempts=2",
             "--retry.base_s=0.01",
+            "--task_retry.max_attempts=1",
             "--router.failure_threshold=100",
             "--broker.block_s=0.05",
         )
@@ -188,7 +195,8 @@ def test_an_engine_reporting_a_bad_weight_version_fails_the_sample_not_the_worke
         metrics = RolloutMetrics()
         asyncio.run(_run_worker_once(broker, cfg, metrics))
     assert _count(metrics, "rollout_failed_groups_total") == 1 and _count(metrics, "rollout_groups_total") == 0
-    assert broker.producer(TASKS, Task).backlog() == 1  # still pending: another worker or engine may take it
+    [entry] = broker.consumer(DEAD, DeadLetter, "inspect", "i").read(10, 0.1)
+    assert "'²' is not a policy version" in entry.msg.reason, entry.msg.reason
     assert (metrics.registry.get_sample_value("rollout_retries_total", {"reason": "engine_error"}) or 0) >= 2
 
 

@@ -4,13 +4,15 @@ the entity rubric, the longrlvr F-beta, group normalisation, combination rules a
 from __future__ import annotations
 
 import asyncio
+import re
+import time
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.schemas import Group, RewardInfo, Sample, Task, pack_ids
+from broker.schemas import Group, RewardInfo, Sample, Task, TextSplit, pack_ids
 from common.text import norm, norm_reference
 from reward_service.combine import SampleParts, combine_group, single_reward
 from reward_service.config import RewardConfig, RuleJudgeConfig
@@ -19,8 +21,12 @@ from reward_service.rubric import (
     Turn,
     f_beta,
     judged_text,
+    last_useful_block,
+    norm_in_pieces,
+    norm_text,
     predicted_chunks,
     response_mode_turn,
+    rubric_fraction,
     rubric_reward,
     scanned_text,
     split_think,
@@ -224,6 +230,74 @@ def test_longrlvr_last_block_only_and_combined_formula() -> None:
         rubric_reward([Turn(content=text)], ["two"], "longrlvr", False, True)
 
 
+# The reference's scan, verbatim (quadratic on unclosed opening tags): the linear scan must agree with it.
+_REFERENCE_USEFUL_RE = re.compile(r"<useful_chunks>(.*?)</useful_chunks>", re.DOTALL | re.IGNORECASE)
+_REFERENCE_CHUNK_RE = re.compile(r"<CHUNK[_\s]?(\d+)>", re.IGNORECASE)
+
+
+def _reference_block(text: str) -> str | None:
+    blocks = _REFERENCE_USEFUL_RE.findall(text)
+    return blocks[-1] if blocks else None
+
+
+def _reference_chunks(text: str) -> set[int]:
+    block = _reference_block(text)
+    return set() if block is None else {int(x) for x in _REFERENCE_CHUNK_RE.findall(block)}
+
+
+# Tag spellings (case, the long s and the Kelvin sign that IGNORECASE folds to s and k, broken halves) and chunk ids.
+_TAG_PIECES = st.sampled_from(
+    ["<useful_chunks>", "</useful_chunks>", "<USEFUL_CHUNKS>", "</Useful_Chunks>", "<u\u017feful_chun\u212as>",
+     "</useful_chunk\u017f>", "<useful_chunks", "/useful_chunks>", "<", "</", ">", "<CHUNK_1>", "<chunk 22>",
+     "<CHUNK3>", "<CHUNK-4>", "<chunk\n5>", "<CHUNK_", "x", " ", "\n", "\u0130", "\u4e2d"]
+)  # fmt: skip
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(_TAG_PIECES | st.text(max_size=4), max_size=40).map("".join))
+def test_useful_chunks_scan_equals_the_reference_regex(text: str) -> None:
+    """Guards against the linear <useful_chunks> scan drifting from the reference's regex (findall with DOTALL
+    and IGNORECASE, last block) on any input: pairing, unclosed tags, case folding, nesting."""
+    assert last_useful_block(text) == _reference_block(text)
+    assert predicted_chunks(text) == _reference_chunks(text)
+
+
+def test_useful_chunks_scan_is_linear() -> None:
+    """Guards against defect 5 (issue 19): the reference regex scans to the end from every unclosed opening tag,
+    1.6 s at 60 KB and minutes at 1 MB, blocking the reward service; the scan must stay linear."""
+    for copies in (8_000, 70_000):  # 120 KB, then 1 MB of opening tags after one closed block
+        text = "<useful_chunks><CHUNK_1></useful_chunks>" + "<useful_chunks>" * copies
+        start = time.perf_counter()
+        assert predicted_chunks(text) == {1}
+        assert time.perf_counter() - start < 1.0, copies
+
+
+_NORM_ALPHABET = "aZ09_ -.,\n\t\u00e9\u4e2d\u03a3\u0130\u212a\u017f\u00a0"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=_NORM_ALPHABET, max_size=80), st.integers(min_value=1, max_value=9))
+def test_norm_in_pieces_equals_norm(s: str, piece_chars: int) -> None:
+    """Guards against the piecewise norm of long texts (short C calls, so a scoring thread yields the GIL to
+    the event loop) giving other tokens than norm() of the whole: a split inside a token, a context-sensitive
+    lower-casing (final sigma, dotted I, Kelvin sign) or a lost separator."""
+    assert norm_in_pieces(s, piece_chars) == norm(s)
+
+
+def test_norm_text_of_a_long_text_is_norm() -> None:
+    """Guards against the cached norm of a text longer than one piece differing from norm()."""
+    text = ("Alpha-beta \u4e2d\u6587 Caf\u00e9 " * 100_000) + "tail"
+    assert norm_text(text) == norm(text)
+
+
+def test_rubric_fraction_stops_at_its_deadline() -> None:
+    """Guards against CPU-heavy rubric scoring (many rubrics over a long text) running on after the request's
+    deadline: the scan checks the deadline and raises TimeoutError."""
+    with pytest.raises(TimeoutError):
+        rubric_fraction("a b c", ["x"] * 100, deadline_s=time.monotonic() - 1)
+    assert rubric_fraction("a b c", ["b", "x"], deadline_s=time.monotonic() + 60) == 0.5
+
+
 def _parts(outcomes: list[float], raws: list[float]) -> list[SampleParts]:
     return [SampleParts(outcome=o, raw_rubric=r) for o, r in zip(outcomes, raws, strict=True)]
 
@@ -259,14 +333,14 @@ def test_longrlvr_group_uses_its_formula_whatever_the_rule() -> None:
 
 
 def _sample(content: str, **kw: object) -> Sample:
+    text = f"R\n</think>\n\n{content}<|im_end|>"
     fields: dict[str, object] = {
         "response_ids": pack_ids([1, 2]),
         "logprobs": b"",
-        "text": f"R\n</think>\n\n{content}<|im_end|>",
+        "text": text,
         "finish_reason": "stop",
         "status": "completed",
-        "reasoning": "R",
-        "content": content,
+        "split": TextSplit.of(text, "R", content),  # the reasoning and content a processor would split off
     }
     fields.update(kw)
     return Sample(**fields)  # type: ignore[arg-type]

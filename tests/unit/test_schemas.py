@@ -21,6 +21,7 @@ from broker.schemas import (
     SchemaError,
     ScoredGroup,
     Task,
+    TextSplit,
     WeightSegment,
     decode,
     encode,
@@ -52,20 +53,28 @@ tasks = st.builds(
     policy_version=st.integers(-1, 10**6),
     created_s=finite,
 )
-samples = st.builds(
-    Sample,
-    response_ids=ints32.map(pack_ids),
-    logprobs=floats32.map(pack_logprobs),
-    text=text,
-    finish_reason=st.sampled_from(["stop", "length", "abort"]),
-    status=st.sampled_from(["completed", "truncated", "aborted"]),
-    reasoning=text,
-    content=text,
-    ill_formed=st.booleans(),
-    weight_segments=st.lists(st.builds(WeightSegment, st.integers(0, 10**6), st.integers(-1, 10**6)), max_size=4),
-    engine_id=text,
-    num_resumes=st.integers(0, 10),
-    gen_s=finite,
+# A text of reasoning + separator + content + stop, and its split (or none).
+split_texts = st.tuples(text, text, text, text, st.booleans()).map(
+    lambda p: (
+        "".join(p[:4]),
+        TextSplit(len(p[0]), len(p[0] + p[1]), len(p[0] + p[1] + p[2])) if p[4] else None,
+    )
+)
+samples = split_texts.flatmap(
+    lambda ts: st.builds(
+        Sample,
+        response_ids=ints32.map(pack_ids),
+        logprobs=floats32.map(pack_logprobs),
+        text=st.just(ts[0]),
+        finish_reason=st.sampled_from(["stop", "length", "abort"]),
+        status=st.sampled_from(["completed", "truncated", "aborted"]),
+        split=st.just(ts[1]),
+        ill_formed=st.booleans(),
+        weight_segments=st.lists(st.builds(WeightSegment, st.integers(0, 10**6), st.integers(-1, 10**6)), max_size=4),
+        engine_id=text,
+        num_resumes=st.integers(0, 10),
+        gen_s=finite,
+    )
 )
 groups = st.builds(Group, task=tasks, samples=st.lists(samples, max_size=3), worker_id=text, rollout_s=finite)
 rewards = st.builds(SampleReward, reward=finite, outcome_reward=finite, rubric_reward=finite, zeroed_reason=text)
@@ -172,6 +181,61 @@ def test_other_schema_version_raises_schema_error() -> None:
     future = msgspec.structs.replace(_task(), schema_version=SCHEMA_VERSION + 1)
     with pytest.raises(SchemaError, match="schema_version"):
         decode(encode(future), Task)
+
+
+def _parsed_sample(reasoning: str, content: str) -> Sample:
+    text = f"{reasoning}\n</think>\n\n{content}<|im_end|>"
+    return Sample(
+        response_ids=pack_ids([1, 2, 3]), logprobs=pack_logprobs([-0.5] * 3), text=text, finish_reason="stop",
+        status="completed", split=TextSplit.of(text, reasoning, content),
+    )  # fmt: skip
+
+
+def test_a_sample_carries_its_text_once() -> None:
+    """Guards against the wire storing a sample's text three times (issue 19, defect 4: `text`, then `reasoning`
+    and `content`, the processor's split of it), which tripled the entry size of long generations, and against
+    the reasoning and content the readers use (reward, eval, ablation) changing on the way."""
+    reasoning, content = "R" * 30_000 + " thought", "Answer: Paris " * 1000
+    sample = _parsed_sample(reasoning, content)
+    wire = encode(Group(task=_task(), samples=[sample]))
+    assert wire.count(b"R" * 30_000) == 1 and wire.count(b"Answer: Paris " * 1000) == 1
+    assert len(wire) < len(sample.text.encode()) + 1024  # the rest: the task, ids, field names
+    back = decode(wire, Group).samples[0]
+    assert (back.reasoning, back.content) == (reasoning, content)
+    unsplit = Sample(
+        response_ids=b"", logprobs=b"", text="cut off </think>", finish_reason="length", status="truncated"
+    )
+    assert (unsplit.reasoning, unsplit.content) == ("", "")
+
+
+def test_a_split_that_does_not_fit_its_text_is_refused() -> None:
+    """Guards against offsets that point outside the text (a foreign or corrupt producer) decoding into a sample
+    whose reasoning or content is silently cut: the consumer must dead-letter it, and no producer can build it."""
+    doc = msgspec.msgpack.decode(encode(Group(task=_task(), samples=[_parsed_sample("r", "c")])))
+    doc["samples"][0]["split"] = [1, 5, 99]
+    with pytest.raises(SchemaError, match="does not fit a text of"):
+        decode(msgspec.msgpack.encode(doc), Group)
+    with pytest.raises(ValueError, match="does not fit"):
+        Sample(response_ids=b"", logprobs=b"", text="abc", finish_reason="stop", status="completed",
+               split=TextSplit(2, 1, 3))  # fmt: skip
+    with pytest.raises(ValueError, match="does not begin the text"):
+        TextSplit.of("abc", "x", "c")
+    with pytest.raises(ValueError, match="not in the text"):
+        TextSplit.of("abc", "a", "z")
+
+
+def test_a_version_1_group_is_refused_not_misread() -> None:
+    """Guards against an entry written before the split (schema 1: `reasoning` and `content` as strings) being
+    read with an empty answer, which the reward would score 0: it is undecodable, so the consumer dead-letters it."""
+    doc = msgspec.msgpack.decode(encode(Group(task=_task(), samples=[_parsed_sample("r", "c")])))
+    doc["schema_version"] = doc["task"]["schema_version"] = 1
+    del doc["samples"][0]["split"]
+    doc["samples"][0] |= {"reasoning": "r", "content": "c"}
+    with pytest.raises(SchemaError, match="unknown field `reasoning`"):
+        decode(msgspec.msgpack.encode(doc), Group)
+    old_task = msgspec.msgpack.decode(encode(_task())) | {"schema_version": 1}
+    with pytest.raises(SchemaError, match="schema_version 1, expected 2"):
+        decode(msgspec.msgpack.encode(old_task), Task)
 
 
 def test_truncated_and_unknown_field_payloads_raise_schema_error() -> None:
