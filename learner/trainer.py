@@ -4,8 +4,8 @@
     metrics = learner.train_step(batch)     old logprobs, then megatron forward-backward and one optimizer step
     weight_sync.maybe_push(model)           weights to the engines as version `state.step` (learner/weight_sync);
                                             on success it advances `state.policy_version` and the broker's key
+    metrics_logger.log(step, metrics)       <run_dir>/metrics.jsonl on rank 0 (before the checkpoint: see train_loop)
     checkpointer.maybe_save(step)           dist checkpoint + learner state, then rank 0 acks the used entries
-    metrics_logger.log(step, metrics)       <run_dir>/metrics.jsonl on rank 0
 
 One step's maths on this rank is learner/train_step.py. Rank 0 owns all broker I/O; the other ranks wait in
 a broadcast that rank 0 repeats every `read_block_s` while it waits for data, so every collective keeps a
@@ -180,14 +180,17 @@ def train_loop(t: Training) -> None:
             push = t.weight_sync.push(t.learner.model)  # the engines and exports get the last step
         if push is not None:
             metrics |= push.metrics()
-        if not t.checkpointer.maybe_save(state.step) and state.stopped_early:
-            t.checkpointer.save(state.step)
+        # The line before the checkpoint: a learner killed between the two resumes from the previous checkpoint and
+        # logs the step again (its line replaces this one), while a checkpoint whose step has no line would leave
+        # the groups it trained out of the record (metrics.jsonl is what `bench chaos` counts from).
         t.metrics_logger.log(
             state.step,
             metrics | _counters(state) | {"stopped_early": float(state.stopped_early)},
             trained_group_ids=batch.group_ids,
             released_group_ids=batch.released_group_ids,
         )
+        if not t.checkpointer.maybe_save(state.step) and state.stopped_early:
+            t.checkpointer.save(state.step)
     if state.stopped_early:
         logger.info(
             "stopped early after step %d of %d: mean loss below %s",

@@ -214,5 +214,12 @@ def build_app(engine: Engine) -> FastAPI:
         return _result(ok, message, num_paused_requests=num_paused)
 
     add_openai_routes(app, engine)
-    app.add_middleware(Guard, max_body_bytes=int(engine.config.max_body_mb * 1024 * 1024), token=token)
+    cfg = engine.config
+    app.add_middleware(
+        Guard,
+        max_body_bytes=int(cfg.max_body_mb * 1024 * 1024),
+        token=token,
+        max_concurrent_body_bytes=int(cfg.max_concurrent_body_mb * 1024 * 1024),
+        retry_after_s=cfg.overload_retry_after_s,
+    )
     return app

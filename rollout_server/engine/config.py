@@ -54,6 +54,10 @@ class EngineConfig(BaseConfig):
     the engine or replace its weights). Without it, such an engine refuses to start."""
     max_body_mb: float = Field(64.0, gt=0)
     """Largest request body accepted (HTTP 413 beyond it, checked before parsing); a 128K-token prompt is ~1 MB."""
+    max_concurrent_body_mb: float = Field(2048.0, gt=0)
+    """Request bodies held at once by the requests in flight, from their first byte until answered (a generation
+    holds its body until it ends): past it, HTTP 503 with Retry-After (`overload_retry_after_s`), as a full
+    waiting queue. Bounds memory where `max_queued_requests` x `max_body_mb` would not."""
     max_request_items: int = Field(1024, ge=1)
     """Most sequences one request may ask for (prompts x n); more is refused with 400, not queued."""
     max_queued_requests: int = Field(1024, ge=1)

@@ -39,7 +39,14 @@ def error_response(message: str, status: int) -> SafeJSONResponse:
 class Guard(_Guard):
     """The shared guard with the engine's policy: control paths need the token, SGLang-shaped errors."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int, token: str | None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_body_bytes: int,
+        token: str | None,
+        max_concurrent_body_bytes: int | None = None,
+        retry_after_s: int = 1,
+    ) -> None:
         super().__init__(
             app,
             max_body_bytes=max_body_bytes,
@@ -47,4 +54,6 @@ class Guard(_Guard):
             needs_auth=CONTROL_PATHS.__contains__,
             error=error_response,
             unauthorized_message="control endpoints need Authorization: Bearer <token>",
+            max_concurrent_body_bytes=max_concurrent_body_bytes,
+            retry_after_s=retry_after_s,
         )

@@ -28,6 +28,15 @@ class EngineError(RuntimeError):
     """The engine failed to answer properly (transient from the request's point of view)."""
 
 
+class EngineOverloaded(EngineError):
+    """503 with Retry-After: the engine's waiting queue is full (SGLang's `--max-queued-requests`, the built-in
+    engine's `max_queued_requests`). The engine is healthy: back off, do not count it toward the breaker."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class RequestRejected(ValueError):
     """The engine refused the request with a 4xx: the request is invalid, not the engine."""
 
@@ -142,6 +151,11 @@ class EngineClient:
             raise EngineError(f"{self.url}/generate: {type(e).__name__}: {e}") from e
         if 400 <= resp.status_code < 500:
             raise RequestRejected(f"{self.url}/generate rejected the request ({resp.status_code}): {resp.text[:500]}")
+        if resp.status_code == 503 and "retry-after" in resp.headers:
+            raise EngineOverloaded(
+                f"{self.url}/generate is overloaded (503): {resp.text[:200]}",
+                _retry_after_s(resp.headers["retry-after"]),
+            )
         if resp.status_code != 200:
             raise EngineError(f"{self.url}/generate answered {resp.status_code}: {resp.text[:500]}")
         return parse_generate(resp.content, self._initial_policy_version)
@@ -176,6 +190,15 @@ class EngineClient:
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
             raise EngineError(f"malformed /get_model_info reply: {e}") from e
         return engine_policy_version(raw, self._initial_policy_version)
+
+
+def _retry_after_s(value: str) -> float:
+    """Seconds of a Retry-After header (delta-seconds; an HTTP date or garbage counts as 1 s), capped at 60 s."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        return 1.0
+    return min(max(seconds, 0.0), 60.0) if seconds == seconds else 1.0
 
 
 def make_http_client(max_keepalive: int = 256) -> httpx.AsyncClient:

@@ -21,7 +21,7 @@ import msgspec
 
 from broker.schemas import FinishReason, Group, Sample, SamplingParams, Task, WeightSegment, pack_ids, pack_logprobs
 from common.logs import warn_once
-from rollout_server.worker.client import EngineError, GenerateResult, RequestRejected
+from rollout_server.worker.client import EngineError, EngineOverloaded, GenerateResult, RequestRejected
 from rollout_server.worker.config import RolloutConfig
 from rollout_server.worker.metrics import RolloutMetrics
 from rollout_server.worker.processors import MessageProcessor
@@ -171,6 +171,15 @@ class SampleGenerator:
                 async with self._router.lease(exclude) as engine:
                     leased = engine
                     res = await engine.client.generate(plan.prompt_ids + progress.ids, params, f"{rid}-{num_requests}")
+            except EngineOverloaded as e:
+                # A full queue is back-pressure, not a failure: wait as asked (bounded by the sample's deadline)
+                # and prefer another engine; the breaker and the attempt count are left alone.
+                m.retries.labels(reason="overloaded").inc()
+                if time.monotonic() - t0 + e.retry_after_s > cfg.retry.deadline_s:
+                    raise SampleFailed(f"sample {rid}: engines overloaded past --retry.deadline_s: {e}") from e
+                exclude = (leased.engine_id,) if leased is not None else ()
+                await asyncio.sleep(e.retry_after_s)
+                continue
             except EngineError as e:
                 num_failures += 1
                 if leased is not None:  # None: no engine was available at all

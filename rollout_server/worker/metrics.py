@@ -97,7 +97,7 @@ class RolloutMetrics:
         )
         self.retries = Counter(
             "rollout_retries",
-            "Resubmitted requests (engine_error, resume) and regenerated tasks (task)",
+            "Resubmitted requests (engine_error, overloaded, resume) and regenerated tasks (task)",
             ["reason"],
             registry=r,
         )

@@ -42,7 +42,7 @@ def _write_inputs(tmp: Path) -> tuple[Path, Path]:
     learner.write_text(
         f"""max_steps = {STEPS}
 [model]
-dist_timeout_s = 120
+dist_timeout_s = 300  # above a push attempt's bound: 2 x 60 + 15 + 60 + (60 + 30) + 5 = 290 s
 [data]
 groups_per_step = 2
 num_samples = 2

@@ -193,3 +193,89 @@ def test_generate_beyond_the_waiting_queue_bound_gets_503_with_retry_after(
     filler.join(timeout=60)
     assert [r.status_code for r in results] == [200, 200, 200]
     assert httpx.post(f"{url}/generate", json=body, timeout=30).status_code == 200  # room again
+
+
+def test_a_rollout_sample_waits_out_a_full_queue_without_tripping_the_breaker(
+    queued_engine: tuple[Engine, str],
+) -> None:
+    """Guards against the rollout worker treating back-pressure as a failure: a 503 with Retry-After from a full
+    waiting queue counted toward the circuit breaker (a busy engine was taken out of rotation) and toward the
+    sample's attempts (it failed after 3), instead of waiting as asked and trying again."""
+    from common.config import load_config
+    from rollout_server.worker.client import EngineOverloaded
+    from rollout_server.worker.config import RolloutConfig
+    from rollout_server.worker.generation import GroupPlan, SampleGenerator
+    from rollout_server.worker.metrics import RolloutMetrics
+    from rollout_server.worker.processors import get_processor
+    from rollout_server.worker.router import BuiltinRouter
+
+    engine, url = queued_engine
+    body: dict[str, Any] = {"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 2, "temperature": 0}}
+    assert httpx.post(f"{url}/pause_generation", json={"mode": "in_place"}, timeout=30).status_code == 200
+
+    def post() -> None:
+        httpx.post(f"{url}/generate", json=body, timeout=60)
+
+    fillers = [threading.Thread(target=post, daemon=True) for _ in range(3)]
+    for f in fillers:
+        f.start()
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{url}/get_load", timeout=10).json()[0]["num_waiting_reqs"] < 3:
+        assert time.monotonic() < deadline, "the three requests never queued"
+        time.sleep(0.02)
+    threading.Timer(3.0, lambda: httpx.post(f"{url}/continue_generation", json={}, timeout=30)).start()
+
+    cfg = load_config(RolloutConfig, overrides=["--engines.use_registry", "false", "--engines.urls", f'["{url}"]',
+                                                "--retry.max_attempts", "1"])  # fmt: skip
+    metrics = RolloutMetrics()
+
+    async def main() -> tuple[Any, int, int, bool]:
+        router = BuiltinRouter(cfg, None)
+        generator = SampleGenerator(cfg, router, get_processor("qwen3"), metrics)
+        async with router.lease() as leased:
+            with pytest.raises(EngineOverloaded) as overloaded:
+                await leased.client.generate([1, 2, 3], {"max_new_tokens": 2}, "probe")
+        assert overloaded.value.retry_after_s == 2.0
+        plan = GroupPlan([1, 2, 3], 2, {"temperature": 0}, 1)
+        sample = await asyncio.wait_for(generator.generate_sample(plan, "g-0"), timeout=60)
+        [state] = router._engines.values()
+        closed = state.open_until is None
+        await router.close()
+        return sample, state.consecutive_failures, state.num_failures, closed
+
+    sample, consecutive, failures, closed = asyncio.run(main())
+    assert sample.finish_reason == "length" and len(sample.response_ids) == 2 * 4  # two int32 tokens
+    assert (consecutive, failures, closed) == (0, 0, True)
+    assert metrics.retries.labels(reason="overloaded")._value.get() >= 1
+    for f in fillers:
+        f.join(timeout=60)
+
+
+def test_request_bodies_in_flight_are_bounded_with_503_and_retry_after(tmp_path: Path) -> None:
+    """Guards against memory growing with the bodies held by waiting generations (each is held until its answer):
+    past `max_concurrent_body_mb` the engine answers 503 with Retry-After, which the rollout worker treats as
+    back-pressure; the held request still completes and the engine takes bodies again afterwards."""
+    engine = Engine(EngineConfig(model_path=str(init_tiny_model(tmp_path / "tiny")), context_length=4096,
+                                 max_concurrent_body_mb=0.004, overload_retry_after_s=3))  # fmt: skip
+    engine.start()
+    body: dict[str, Any] = {"input_ids": [1, 2, 3] * 400, "sampling_params": {"max_new_tokens": 2}}  # ~4.8 KB
+    try:
+        with BackgroundServer(build_app(engine)) as server:
+            url = server.url
+            assert httpx.post(f"{url}/pause_generation", json={"mode": "in_place"}, timeout=30).status_code == 200
+            held: list[httpx.Response] = []
+            first = threading.Thread(target=lambda: held.append(httpx.post(f"{url}/generate", json=body, timeout=60)))
+            first.start()
+            deadline = time.monotonic() + 30
+            while httpx.get(f"{url}/get_load", timeout=10).json()[0]["num_waiting_reqs"] < 1:
+                assert time.monotonic() < deadline, "the first request never queued"
+                time.sleep(0.02)
+            busy = httpx.post(f"{url}/generate", json=body, timeout=30)
+            assert busy.status_code == 503 and busy.headers["retry-after"] == "3", busy.text
+            assert "--max_concurrent_body_mb" in busy.json()["message"]
+            assert httpx.post(f"{url}/continue_generation", json={}, timeout=30).status_code == 200
+            first.join(timeout=60)
+            assert [r.status_code for r in held] == [200]
+            assert httpx.post(f"{url}/generate", json=body, timeout=30).status_code == 200  # room again
+    finally:
+        engine.shutdown()
