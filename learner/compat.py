@@ -113,6 +113,23 @@ def _patch_megatron_rng() -> None:
     tp_random._set_cuda_rng_state = set_state
 
 
+def _patch_megatron_recompute() -> None:
+    """Activation recompute re-runs layers inside autograd's backward, where the process-wide device mode is not
+    in force (torch runs backward functions without the forward's function modes): enter it there too."""
+    from megatron.core.tensor_parallel import random as tp_random
+
+    for cls in (tp_random.CheckpointFunction, getattr(tp_random, "CheckpointWithoutOutputFunction", None)):
+        if cls is None:
+            continue
+        original = cls.backward
+
+        def backward(ctx: Any, *args: Any, _original: Callable[..., Any] = original) -> Any:
+            with _CpuDeviceMode():
+                return _original(ctx, *args)
+
+        cls.backward = staticmethod(backward)
+
+
 def activate() -> bool:
     """Install the CPU redirections once if CUDA is absent; return whether they are active."""
     global _ACTIVE
@@ -124,6 +141,7 @@ def activate() -> bool:
     # Entered for the life of the process: megatron allocates on "cuda" at any time (DDP buffers, optimizer).
     _CpuDeviceMode().__enter__()  # type: ignore[no-untyped-call]  # torch leaves TorchFunctionMode.__enter__ unannotated
     _patch_megatron_rng()
+    _patch_megatron_recompute()
     _ACTIVE = True
     logger.debug("CUDA absent: megatron-core's CUDA calls redirected to the CPU")
     return True

@@ -28,6 +28,16 @@ class LearnerModelConfig(BaseConfig):
     """Attention kernel of the local layers: torch SDPA (fused, GQA-native) or megatron's unfused DotProductAttention."""
     dtype: Literal["fp32", "bf16"] = "fp32"
     """Parameter and compute dtype; bf16 wraps the model in megatron's Float16Module (the optimizer keeps fp32 masters)."""
+    recompute: Literal["none", "selective", "full"] = "none"
+    """Activation recompute in the backward pass (megatron's `recompute_granularity`): none keeps every layer's
+    activations; selective recomputes the core attention only (`recompute_modules = ["core_attn"]`: the
+    [heads, seq, seq] scores of the unfused kernel; SDPA keeps none anyway); full keeps only each recomputed
+    layer's input and runs the layer again (`recompute_method`, `recompute_num_layers`). Gradients are the same."""
+    recompute_method: Literal["uniform", "block"] = "uniform"
+    """Full recompute: `uniform` groups the layers into chunks of `recompute_num_layers` and keeps each chunk's
+    input; `block` recomputes the first `recompute_num_layers` layers of each pipeline stage and keeps the rest."""
+    recompute_num_layers: int = Field(default=1, ge=1)
+    """Full recompute: layers per recomputed chunk (uniform) or recomputed layers per stage (block)."""
     seed: int = 1234
     """Seed of the default and tensor-parallel RNGs (megatron's model_parallel_cuda_manual_seed)."""
     make_vocab_size_divisible_by: int = Field(default=128, ge=1)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -123,6 +123,15 @@ def transformer_config(arch: HFArch, cfg: LearnerModelConfig) -> TransformerConf
 
     check_parallel_fit(arch, cfg)
     dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
+    recompute: dict[str, Any] = {}
+    if cfg.recompute == "selective":
+        recompute = {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]}
+    elif cfg.recompute == "full":
+        recompute = {
+            "recompute_granularity": "full",
+            "recompute_method": cfg.recompute_method,
+            "recompute_num_layers": cfg.recompute_num_layers,
+        }
     return TransformerConfig(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
@@ -149,4 +158,5 @@ def transformer_config(arch: HFArch, cfg: LearnerModelConfig) -> TransformerConf
         bf16=cfg.dtype == "bf16",
         params_dtype=dtype,
         pipeline_dtype=dtype,
+        **recompute,
     )
