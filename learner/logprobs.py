@@ -2,13 +2,22 @@
 
 Convention (shared with the rollout engine): the logprob of token i is log_softmax(logits / T)[token_i],
 T the sampling temperature (1 for greedy), in fp32, over the real vocabulary, with no top-k/top-p
-filtering; the logits at position j predict token j + 1. The vocab dimension stays sharded over TP:
-megatron's vocab-parallel cross entropy does the log-softmax with two all-reduces and has a backward.
+filtering; the logits at position j predict token j + 1. The vocab dimension stays sharded over TP.
+
+Two paths. `token_logprobs`: megatron's vocab-parallel cross entropy (two all-reduces, a backward), which holds
+several fp32 copies of the whole `[tokens, vocab / tp]` logits (the scaled input, the softmax it saves for the
+backward). `logprobs_and_entropy` (the training step's): one pass over chunks of `chunk_tokens` rows that
+gives the logprobs and, fused into the same pass, the entropy; it saves only two numbers per token for its
+backward, which recomputes the softmax chunk by chunk. Never more than one chunk of fp32 `[rows, vocab / tp]`
+is alive (at 64K tokens and a 152K vocabulary over TP4 the whole tensor is ~10 GB in fp32).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
@@ -40,3 +49,106 @@ def shifted_token_logprobs(
 ) -> torch.Tensor:
     """`[b, s - 1]` logprobs of input_ids[:, 1:] from logits[:, :-1] (position j predicts token j + 1)."""
     return token_logprobs(logits[:, :-1], input_ids[:, 1:], temperature, vocab_size)
+
+
+CHUNK_TOKENS = 4096  # rows of fp32 [rows, vocab / tp] per chunk: 4096 x 38K (Qwen3 over TP4) is ~0.6 GB
+
+
+def logprobs_and_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    temperature: float,
+    vocab_size: int,
+    chunk_tokens: int = CHUNK_TOKENS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p(target), entropy of softmax(logits / T)) per position, fp32, shape of `target`; both differentiable
+    w.r.t. `logits` (the entropy's gradient is computed only when it is used). Same inputs as `token_logprobs`."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 (use 1 for greedy), got {temperature}")
+    if logits.shape[:-1] != target.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} do not line up")
+    logp, entropy = _ChunkedLogprobEntropy.apply(  # type: ignore[no-untyped-call]  # torch leaves apply untyped
+        logits, target, temperature, vocab_size, chunk_tokens
+    )
+    return logp, entropy
+
+
+def _tp() -> tuple[Any, int, int]:
+    group = parallel_state.get_tensor_model_parallel_group()
+    return group, parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
+
+
+class _ChunkedLogprobEntropy(torch.autograd.Function):
+    """Forward: per chunk of rows, z = logits / T (padding rows of the vocab at -inf), lse = log sum exp z, the
+    target's z (from the shard that holds it) and E_p[z], all-reduced over TP. Saves lse and E_p[z] per row.
+    Backward, per chunk, with p = exp(z - lse) recomputed: d logp / dz = onehot - p, dH / dz = p (E_p[z] - z),
+    times 1 / T; local to the shard (the reductions it needs are in the saved numbers)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, logits: torch.Tensor, target: torch.Tensor, temperature: float, vocab_size: int, chunk: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        group, tp, rank = _tp()
+        shard = logits.shape[-1]
+        start = rank * shard
+        flat = logits.reshape(-1, shard)
+        tgt = target.reshape(-1)
+        real = torch.arange(start, start + shard, device=logits.device) < vocab_size
+        lse = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
+        logp = torch.empty_like(lse)
+        mean_z = torch.empty_like(lse)
+        for lo in range(0, flat.shape[0], chunk):
+            z = flat[lo : lo + chunk].float() / temperature
+            z.masked_fill_(~real, float("-inf"))
+            m = z.max(dim=-1).values
+            if tp > 1:
+                dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+            z.sub_(m[:, None])  # z - m: exp cannot overflow; the max cancels out of every result below
+            e = torch.exp(z)
+            local = tgt[lo : lo + chunk] - start
+            mine = (local >= 0) & (local < shard)
+            picked = z.gather(-1, local.clamp(0, shard - 1)[:, None]).squeeze(-1) * mine
+            # sum e, sum e * z (z := 0 on padding: 0 * -inf is NaN), the target's z: one all-reduce for all three
+            sums = torch.stack([e.sum(-1), (e * z.masked_fill(~real, 0.0)).sum(-1), picked])
+            del e, z
+            if tp > 1:
+                dist.all_reduce(sums, group=group)
+            log_sum = torch.log(sums[0])
+            lse[lo : lo + chunk] = m + log_sum
+            logp[lo : lo + chunk] = sums[2] - log_sum
+            mean_z[lo : lo + chunk] = m + sums[1] / sums[0]  # E_p[z] in the unshifted scale
+        ctx.save_for_backward(logits, target, lse, mean_z)
+        ctx.args = (temperature, vocab_size, chunk)
+        ctx.set_materialize_grads(False)  # an output the loss does not use gets None: its backward term is skipped
+        entropy = lse - mean_z
+        return logp.view(target.shape), entropy.view(target.shape)
+
+    @staticmethod
+    def backward(ctx: Any, g_logp: torch.Tensor | None, g_entropy: torch.Tensor | None) -> tuple[Any, ...]:
+        logits, target, lse, mean_z = ctx.saved_tensors
+        temperature, vocab_size, chunk = ctx.args
+        _, _, rank = _tp()
+        shard = logits.shape[-1]
+        start = rank * shard
+        flat = logits.reshape(-1, shard)
+        tgt = target.reshape(-1)
+        g_lp = None if g_logp is None else g_logp.reshape(-1).float()
+        g_h = None if g_entropy is None else g_entropy.reshape(-1).float()
+        real = torch.arange(start, start + shard, device=logits.device) < vocab_size
+        grad = torch.empty_like(flat)
+        for lo in range(0, flat.shape[0], chunk):
+            hi = lo + chunk
+            z = flat[lo:hi].float() / temperature
+            z.masked_fill_(~real, float("-inf"))
+            p = torch.exp(z - lse[lo:hi, None])  # 0 on padding
+            g = torch.zeros_like(p)
+            if g_lp is not None:
+                g -= p * g_lp[lo:hi, None]
+                local = tgt[lo:hi] - start
+                mine = (local >= 0) & (local < shard)
+                rows = torch.arange(local.shape[0], device=logits.device)[mine]
+                g[rows, local[mine]] += g_lp[lo:hi][mine]
+            if g_h is not None:
+                g += g_h[lo:hi, None] * p * (mean_z[lo:hi, None] - z.masked_fill(~real, 0.0))
+            grad[lo:hi] = (g / temperature).to(grad.dtype)
+        return grad.view(logits.shape), None, None, None, None

@@ -48,6 +48,9 @@ class BatchConfig(BaseConfig):
     """Dynamic batch size: a micro-batch holds sequences while (count * padded max length) stays within this."""
     pad_multiple: int = Field(8, ge=1)
     """Micro-batch sequence length is padded up to a multiple of this (keeps shapes few; SP needs tp_size | it)."""
+    logprob_chunk_tokens: int = Field(4096, ge=1)
+    """Rows of the logits turned into logprobs and entropy at once (learner/logprobs.py): at most one chunk of
+    fp32 `[rows, vocab / tp]` is alive, in the forward and in the backward."""
     zero_variance_filter: bool = False
     """Drop groups whose samples all have the same reward (zero advantage); off in the paper."""
     read_block_s: float = Field(1.0, gt=0)

@@ -26,7 +26,7 @@ from megatron.core.utils import get_model_config
 
 from learner import compat  # noqa: F401  (before megatron: CPU redirections when CUDA is absent)
 from learner.batching import MicroBatch, TrainBatch, build_micro_batch, plan_micro_batches
-from learner.logprobs import token_logprobs
+from learner.logprobs import logprobs_and_entropy
 from learner.loss import STAT_KEYS, compute_loss, reduce_stats
 from learner.model.build import build_model
 from learner.model.hf_config import HFArch
@@ -210,15 +210,20 @@ class Learner:
         return [d["logp"] for d in store]
 
     def _logprobs_only(self, mb: MicroBatch, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-        logp = token_logprobs(logits, mb.labels_BS, self.temperature, self.arch.vocab_size)
+        logp, _ = logprobs_and_entropy(
+            logits, mb.labels_BS, self.temperature, self.arch.vocab_size, self.cfg.batch.logprob_chunk_tokens
+        )
         zero = torch.zeros((), device=logits.device)
         return zero, mb.loss_mask_BS.sum().int(), {"logp": logp.detach()}
 
     def _loss(self, mb: MicroBatch, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
         cfg = self.cfg.loss
-        logp = token_logprobs(logits, mb.labels_BS, self.temperature, self.arch.vocab_size)
-        with torch.set_grad_enabled(cfg.entropy_coef > 0 and torch.is_grad_enabled()):
-            entropy = vocab_parallel_entropy(logits, self.temperature, self.arch.vocab_size)
+        # One chunked pass gives both (learner/logprobs.py); the entropy's gradient only when the loss uses it.
+        logp, entropy = logprobs_and_entropy(
+            logits, mb.labels_BS, self.temperature, self.arch.vocab_size, self.cfg.batch.logprob_chunk_tokens
+        )
+        if cfg.entropy_coef == 0:
+            entropy = entropy.detach()
         out = compute_loss(
             cfg,
             logp,
