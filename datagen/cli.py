@@ -13,7 +13,7 @@ from common.config import ConfigError
 
 def register(commands: SubParsers, benches: SubParsers) -> None:
     """Add this package's subcommands and benchmarks. Keep imports inside the handlers."""
-    data = commands.add_parser("data", help="LongTraceRL datasets: validate, stats, build, synth")
+    data = commands.add_parser("data", help="LongTraceRL datasets: validate, stats, build, fit, synth")
     sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
 
     p = command(
@@ -46,6 +46,15 @@ def register(commands: SubParsers, benches: SubParsers) -> None:
     p.add_argument("--docs-index", help="keep the document index here and reuse it (default: a temporary file)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.add_argument("--json", action="store_true", help="print the statistics as one JSON object")
+
+    p = command(sub, "fit", _fit, help="trim built rows to a smaller token budget, dropping whole documents")
+    p.add_argument("src", help="dataset JSONL built by `longtrace data build` (or .jsonl.gz)")
+    p.add_argument("dst", help="output dataset JSONL (or .jsonl.gz)")
+    p.add_argument("--max-tokens", "--max_tokens", dest="max_tokens", type=int, required=True,
+                   help="token budget of the user message (count as in `data build`: no chat template)")  # fmt: skip
+    p.add_argument("--tokenizer", help="local Hugging Face tokenizer directory (default: whitespace words)")
+    p.add_argument("--doc-separator", dest="doc_separator", default="\n", help="text between documents (build's)")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
 
     p = command(
         sub, "synth", _synth, help="a synthetic world, agent trajectories and the built dataset (datagen/synth/)"
@@ -164,6 +173,30 @@ def _build(args: argparse.Namespace) -> int:
         print(f"  context docs {out['context_docs']}  tokens {out['context_tokens']}")
         print(f"  distractors with a rubric entity {out['distractors_with_rubric_entity']}")
     return 0 if out["num_rows"] else _fail("build", ValueError(f"no rows built: {out['skipped']}"))
+
+
+def _fit(args: argparse.Namespace) -> int:
+    from datagen.dataset import DatasetError
+    from datagen.fit import fit_file
+    from datagen.tokens import load_counter
+
+    if args.max_tokens < 1:
+        return _fail("fit", ValueError(f"--max_tokens {args.max_tokens}: must be at least 1"))
+    counter = load_counter(args.tokenizer)
+    try:
+        summary = fit_file(args.src, args.dst, args.max_tokens, counter, args.doc_separator)
+    except DatasetError as e:
+        return _fail("fit", e)
+    out = summary.to_dict()
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"wrote {out['rows_out']} of {out['rows_in']} rows to {args.dst} ({out['rows_trimmed']} trimmed)")
+        print(f"  documents dropped {out['docs_dropped']}")
+        for miss in out["cannot_fit"]:
+            print(f"  cannot fit: line {miss['line']} question {miss['question_id']!r}: {miss['kept_tokens']} "
+                  f"tokens with its gold and rubric documents only")  # fmt: skip
+    return 0 if out["rows_out"] else _fail("fit", ValueError(f"no row fits --max_tokens {args.max_tokens}"))
 
 
 def _synth(args: argparse.Namespace) -> int:
