@@ -59,7 +59,7 @@ def group_id_of(payload: bytes) -> str:
     """The group id an encoded message carries, decodable or not as its stream's message; "" when none can be read."""
     try:
         ref = _group_ref.decode(payload)
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
         return ""
     if isinstance(ref, _GroupRef):
         return ref.task.group_id

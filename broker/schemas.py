@@ -252,7 +252,8 @@ def decode(data: bytes, kind: type[M]) -> M:
         dec = _decoders[kind] = msgspec.msgpack.Decoder(kind)
     try:
         msg = dec.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as e:
+        # msgspec lets a string that is not UTF-8 through as UnicodeDecodeError: a poison entry all the same.
         raise SchemaError(f"cannot decode {kind.__name__}: {e}") from e
     if msg.schema_version != SCHEMA_VERSION:
         raise SchemaError(f"{kind.__name__} has schema_version {msg.schema_version}, expected {SCHEMA_VERSION}")

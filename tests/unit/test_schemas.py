@@ -7,7 +7,7 @@ from pathlib import Path
 import msgspec
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from broker.schemas import (
@@ -152,6 +152,8 @@ def test_numpy_buffers_round_trip_bit_exactly(ids: list[int], logprobs: list[flo
 
 @settings(max_examples=60, deadline=None)
 @given(st.binary(max_size=200))
+@example(b"\x81\xa2\xff\xfe\x01")  # a map key that is not UTF-8: msgspec raised UnicodeDecodeError
+@example(b"\x81\xa4type\xa2\xff\xfe")
 def test_garbage_bytes_raise_schema_error(data: bytes) -> None:
     """Guards against malformed payloads raising something other than SchemaError (the consumer would crash)."""
     with pytest.raises(SchemaError):
