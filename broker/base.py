@@ -191,7 +191,10 @@ class EngineInfo(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     url: str  # base URL of the native HTTP API
     backend: str = "builtin"  # builtin | sglang
     model: str = ""
-    tp_size: int = 1  # ranks it contributes to the weight-update group
+    # Ranks it contributes to the weight-update group: every GPU it runs on (tp x pp x dp replicas, read from its
+    # /get_server_info by weights/sglang_release.py `engine_ranks`). The name is from when only TP was counted;
+    # kept, as the JSON key, so engines and readers of either release share a registry during an upgrade.
+    tp_size: int = 1
     # The policy version it serves (its SGLang weight_version parsed by weights/version.py: "default" is its
     # start-up weights, 0). Stored under the JSON key "weight_version", the registry's format before the rename,
     # so engines and readers of either release share a registry during an upgrade.

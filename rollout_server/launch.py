@@ -6,7 +6,8 @@ heartbeats while it lives, deregister it and stop it on exit.
 it without SGLang installed. Workers find the engine through the registry as soon as it answers /health, and
 forget it within `heartbeat_ttl_s` after it dies (the launcher exits with the engine's code when it does). Every
 heartbeat registers the policy version the engine serves at that moment (its `/model_info`), so the registry
-follows weight pushes. A non-loopback `host` without a token is refused unless `--allow_unauthenticated`.
+follows weight pushes, and the ranks the engine adds to the weight-update group (every GPU, from its
+`/server_info` once). A non-loopback `host` without a token is refused unless `--allow_unauthenticated`.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ from broker.settings import BrokerConfig
 from common.config import BaseConfig
 from common.exposure import check_exposure
 from common.net import free_port
-from rollout_server.engine.config import UNAUTHENTICATED_RISK
+from rollout_server.engine.config import HEALTH_GENERATION_ENV, UNAUTHENTICATED_RISK
 from rollout_server.engine.registry import Heartbeat
+from weights.sglang_release import distributed_update_problem, engine_ranks
 from weights.version import INITIAL_POLICY_VERSION, SGLANG_DEFAULT, WeightVersionError, parse_weight_version
 
 log = logging.getLogger(__name__)
@@ -53,7 +55,9 @@ class LaunchConfig(BaseConfig):
     port: int = Field(default=30000, ge=0, le=65535)
     """Engine HTTP port; 0 picks a free one."""
     tp_size: int = Field(default=1, ge=1)
-    """Tensor-parallel size (SGLang --tp-size); also the ranks the engine adds to the weight-update group."""
+    """Tensor-parallel size (SGLang --tp-size). The ranks the engine adds to the weight-update group are read from
+    the running engine (`/get_server_info`: every GPU, tp x pp x dp), so `--pp-size`/`--dp-size` in `extra_args`
+    count too."""
     mem_fraction_static: float = Field(default=0.7, gt=0, le=1)
     """SGLang --mem-fraction-static: GPU memory for weights and KV cache."""
     context_length: int = Field(default=0, ge=0)
@@ -146,6 +150,13 @@ def engine_command(cfg: LaunchConfig, port: int) -> list[str]:
     return cmd + cfg.extra_args
 
 
+def engine_env() -> dict[str, str]:
+    """The engine's environment: the launcher's, with SGLang's generation-based `/health` off (as slime launches
+    SGLang; the built-in engine reads the same variable). With it on, a paused engine answers `/health` 503 after
+    its health timeout, so every probe during a weight push would call it dead."""
+    return {**os.environ, HEALTH_GENERATION_ENV: "0"}
+
+
 def advertised_url(cfg: LaunchConfig, port: int) -> str:
     if cfg.advertise_url:
         return cfg.advertise_url.rstrip("/")
@@ -210,6 +221,21 @@ def served_policy_version(http: httpx.Client, url: str) -> int:
     return parse_weight_version(str(r.json()["weight_version"]), INITIAL_POLICY_VERSION)
 
 
+def served_ranks(http: httpx.Client, url: str) -> int:
+    """The ranks the engine at `url` adds to the weight-update group (weights/sglang_release.py `engine_ranks`),
+    from its `/server_info` (SGLang 0.5.23 deprecates /get_server_info; older builds lack /server_info). Logs why
+    pushes over NCCL cannot reach an engine whose layout the pinned SGLang cannot join."""
+    r = http.get(f"{url}/server_info")
+    if r.status_code == 404:
+        r = http.get(f"{url}/get_server_info")
+    if r.status_code != 200:
+        raise RuntimeError(f"{url}/server_info answered {r.status_code}: {r.text[:200]}")
+    info = r.json()
+    if problem := distributed_update_problem(info):
+        log.warning("engine at %s cannot take distributed weight updates: %s", url, problem)
+    return engine_ranks(info)
+
+
 def launch(cfg: LaunchConfig) -> int:
     """Run the engine until it exits or the launcher is signalled; return an exit code."""
     check_exposure(  # a ConfigError (exit 2) naming --allow_unauthenticated
@@ -237,13 +263,17 @@ def launch(cfg: LaunchConfig) -> int:
         timeout=cfg.health_timeout_s, trust_env=False, headers={"Authorization": f"Bearer {token}"} if token else {}
     )
 
+    layout: dict[str, int] = {}  # the engine's ranks: fixed once it runs, read at the first beat that succeeds
+
     def info() -> EngineInfo:  # read at every beat: the registry follows the weights the engine serves
+        if "ranks" not in layout:
+            layout["ranks"] = served_ranks(http, local_url)
         return EngineInfo(
             engine_id=engine_id,
             url=url,
             backend=cfg.backend,
             model=cfg.model_path,
-            tp_size=cfg.tp_size,
+            tp_size=layout["ranks"],
             policy_version=served_policy_version(http, local_url),
         )
 
@@ -251,7 +281,8 @@ def launch(cfg: LaunchConfig) -> int:
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     broker = connect(cfg.broker)
     log.info("starting engine %s: %s", engine_id, shlex.join(cmd))
-    proc = subprocess.Popen(cmd, start_new_session=True)  # its own group: we stop it and its children together
+    # its own group: we stop it and its children together
+    proc = subprocess.Popen(cmd, env=engine_env(), start_new_session=True)
     heartbeat: Heartbeat | None = None
     try:
         if not wait_healthy(local_url, proc, cfg.startup_timeout_s, cfg.health_timeout_s, stop.event):

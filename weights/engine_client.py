@@ -24,6 +24,15 @@ from common.retry import RetryPolicy
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
+LIVENESS_PATHS = ("/model_info", "/get_model_info")
+"""Where a caller asks whether an engine is alive, the first path that exists (404: the next one): /model_info,
+and /get_model_info on SGLang builds older than 0.5.23 and on sglang-router, which lack it. SGLang answers it from
+its HTTP process without the scheduler, so a paused engine answers at once (0.5.23 http_server.py `model_info`).
+Not /health: SGLang runs a one-token generation there unless SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION=0, which a
+paused engine answers 503 after 20 s, so every probe during a weight push would call a live engine dead. Not
+/get_server_info: it waits for the scheduler, busy for a whole weight update. (SGLang answers /health, not these,
+without its --api-key: an engine started with one needs the key on /generate too, which workers do not send.)"""
+
 
 class EngineCallError(RuntimeError):
     """An engine control call failed: connection error, timeout, or a non-success answer (the message says which)."""
@@ -95,10 +104,16 @@ class EngineClient:
     # ------------------------------------------------------------------ SGLang control endpoints
 
     def healthy(self, url: str) -> bool:
+        """Whether the engine at `url` is alive, paused or not: its liveness path (LIVENESS_PATHS) answers 200
+        within min(http_timeout_s, 10 s). No retry: a refused connection means a dead engine."""
         try:
-            return self.request("GET", url + "/health", timeout_s=min(self.http_timeout_s, 10.0)).status_code == 200
+            for path in LIVENESS_PATHS:
+                status = self.request("GET", url + path, timeout_s=min(self.http_timeout_s, 10.0)).status_code
+                if status != 404:
+                    return status == 200
         except EngineCallError:
-            return False
+            pass
+        return False
 
     def server_info(self, url: str) -> dict[str, Any]:
         r = self._retry.call(lambda: self.request("GET", url + "/get_server_info"), (EngineUnreachable,), f"GET {url}")
@@ -108,11 +123,19 @@ class EngineClient:
         return info
 
     def weight_version(self, url: str) -> str:
-        """The engine's weight version, from /get_model_info (SGLang 0.5.23 has no /get_weight_version)."""
-        r = self._retry.call(lambda: self.request("GET", url + "/get_model_info"), (EngineUnreachable,), f"GET {url}")
+        """The engine's weight version, from /model_info (SGLang 0.5.23 has no /get_weight_version and deprecates
+        /get_model_info, asked only of an older build that has no /model_info)."""
+        path = "/model_info"
+        r = self._retry.call(lambda: self.request("GET", url + path), (EngineUnreachable,), f"GET {url}{path}")
+        if r.status_code == 404:
+            path = "/get_model_info"
+            r = self._retry.call(lambda: self.request("GET", url + path), (EngineUnreachable,), f"GET {url}{path}")
         if r.status_code != 200:
-            raise EngineCallError(f"GET {url}/get_model_info answered {r.status_code}")
-        return str(r.json()["weight_version"])
+            raise EngineCallError(f"GET {url}{path} answered {r.status_code}")
+        try:
+            return str(r.json()["weight_version"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise EngineCallError(f"GET {url}{path}: no weight_version in {r.text[:200]!r}") from e
 
     def pause(self, url: str, mode: str, timeout_s: float) -> None:
         self.call_idempotent(url, "/pause_generation", {"mode": mode}, timeout_s)
@@ -138,6 +161,30 @@ class EngineClient:
                     f"POST {url}/flush_cache answered {r.status_code} for {deadline_s:g}s: {r.text[:300]}"
                 )
             time.sleep(interval_s)
+
+    def begin_update(self, url: str) -> None:
+        """Open SGLang's weight-update session (0.5.23 refuses distributed updates outside one). A session left
+        open by a push that died is closed and opened again; an engine without the route (older SGLang) needs
+        none."""
+        r = self._post_session(url, "/begin_weight_update", {"selector": "all"})
+        if r.status_code == 400 and "already open" in r.text:
+            logger.warning("%s: a weight-update session was left open (a push died): closing it", url)
+            self.end_update(url)
+            r = self._post_session(url, "/begin_weight_update", {"selector": "all"})
+        if r.status_code != 404:
+            _checked(r, url + "/begin_weight_update")
+
+    def end_update(self, url: str) -> None:
+        """Close the weight-update session; none open (or no such route) is fine."""
+        r = self._post_session(url, "/end_weight_update", {})
+        if r.status_code == 404 or (r.status_code == 400 and "no weight-update session is open" in r.text):
+            return
+        _checked(r, url + "/end_weight_update")
+
+    def _post_session(self, url: str, path: str, body: dict[str, Any]) -> httpx.Response:
+        return self._retry.call(
+            lambda: self.request("POST", url + path, body), retry_on=(EngineUnreachable,), what=f"POST {url}{path}"
+        )
 
     def destroy_group(self, url: str, group_name: str) -> None:
         self.call_idempotent(url, "/destroy_weights_update_group", {"group_name": group_name})

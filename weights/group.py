@@ -74,6 +74,27 @@ def nccl_watchdog_problems(environ: dict[str, str] | None = None) -> list[str]:
     ]
 
 
+def nccl_version() -> str | None:
+    """This process's NCCL release, e.g. "2.30.7"; None where torch has none (a CPU build)."""
+    try:
+        version = torch.cuda.nccl.version()  # type: ignore[no-untyped-call]  # torch leaves it unannotated
+    except (AttributeError, RuntimeError):  # CPU torch lacks the binding
+        return None
+    return ".".join(str(part) for part in version[:3])
+
+
+def nccl_versions_note() -> str:
+    """The NCCL releases a failed NCCL weight-update group may owe to. SGLang reports no NCCL version (its
+    /get_server_info has none), so the engines' side is what the pinned engine image runs."""
+    from weights.sglang_release import ENGINE_IMAGE, ENGINE_NCCL_VERSION
+
+    return (
+        f"NCCL here {nccl_version() or 'unknown'}, SGLang engines from {ENGINE_IMAGE} NCCL {ENGINE_NCCL_VERSION}, "
+        "the built-in engine its own (its /get_server_info nccl_version): NCCL refuses a communicator whose "
+        "members run different releases"
+    )
+
+
 def init_custom_process_group(
     backend: str,
     init_method: str,
@@ -104,18 +125,27 @@ def init_custom_process_group(
     if parts.scheme != "tcp" or not parts.hostname or parts.port is None:
         raise ValueError(f"init_method {init_method!r} must be tcp://host:port")
     timeout = timedelta(seconds=timeout_s)
-    # As torch's tcp:// rendezvous does without an agent store: multi_tenant lets several groups of this
-    # process share one port; the host waits (up to `timeout`) for every rank to connect.
-    store = TCPStore(parts.hostname, parts.port, world_size, is_master=rank == 0, timeout=timeout, multi_tenant=True)
-    prefixed = PrefixStore(group_name, store)
     new_group: Any = _new_process_group_helper  # private helper; group_name is a NewType of str
     group: dist.ProcessGroup
     collective_timeout = timedelta(seconds=timeout_s if collective_timeout_s is None else collective_timeout_s)
-    # ProcessGroupNCCL reads the error handling when it is constructed: this group's, not the process's.
-    with _env(ERROR_HANDLING_ENV, GROUP_ERROR_HANDLING) if backend == "nccl" else contextlib.nullcontext():
-        group, _ = new_group(
-            world_size, rank, [], Backend(backend), prefixed, group_name=group_name, timeout=collective_timeout
+    try:
+        # As torch's tcp:// rendezvous does without an agent store: multi_tenant lets several groups of this
+        # process share one port; the host waits (up to `timeout`) for every rank to connect.
+        store = TCPStore(
+            parts.hostname, parts.port, world_size, is_master=rank == 0, timeout=timeout, multi_tenant=True
         )
+        prefixed = PrefixStore(group_name, store)
+        # ProcessGroupNCCL reads the error handling when it is constructed: this group's, not the process's.
+        with _env(ERROR_HANDLING_ENV, GROUP_ERROR_HANDLING) if backend == "nccl" else contextlib.nullcontext():
+            group, _ = new_group(
+                world_size, rank, [], Backend(backend), prefixed, group_name=group_name, timeout=collective_timeout
+            )
+    except Exception as e:
+        if backend != "nccl":
+            raise
+        # The NCCL communicator itself is built lazily, at the first collective: a version mismatch shows there,
+        # but a member that never joined (it could not load the group) also lands here. Name both releases.
+        raise RuntimeError(f"{type(e).__name__}: {e} ({nccl_versions_note()})") from e
     # Register it so torch.distributed collectives accept it: group rank == global rank in this group.
     _world.pg_group_ranks[group] = {i: i for i in range(world_size)}
     return group

@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 
 from common.supervisor import HttpReady, LogReady, ProcessSpec, RedisReady
+from rollout_server.engine.config import HEALTH_GENERATION_ENV
 
 PY = sys.executable
 CHILD_ENV = {
@@ -50,10 +51,12 @@ def reward_api(config_path: str, url: str, env: dict[str, str], ready_timeout_s:
 
 
 def engine(name: str, config_path: str, url: str, env: dict[str, str], ready_timeout_s: float) -> ProcessSpec:
+    """The built-in engine, with SGLang's generation-based `/health` off (as slime launches SGLang): with it on,
+    a paused engine answers `/health` 503, and every probe during a weight push would call it dead."""
     return ProcessSpec(
         name,
         [PY, "-m", "deploy.cli", "engine", "serve", "--config", config_path],
-        env,
+        {**env, HEALTH_GENERATION_ENV: "0"},
         ready=HttpReady(f"{url}/health"),
         ready_timeout_s=ready_timeout_s,
         stop_timeout_s=20.0,

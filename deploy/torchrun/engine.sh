@@ -24,6 +24,9 @@ ENGINE_HOST="${ENGINE_HOST:-0.0.0.0}"
 ENGINE_ID="${ENGINE_ID:-$(hostname -s)-$ENGINE_PORT}"
 # The recipes run 128K + 32K tokens, beyond the YaRN-derived 131072 of DeepSeek-R1-0528-Qwen3-8B.
 export SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN="${SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN:-1}"
+# /health without a generation (as slime launches SGLang): with one, a paused engine answers /health 503, and
+# every probe during a weight push would take it for dead (`engine launch` sets it for its child as well).
+export SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION=0
 
 # An engine that joins a running training starts from the learner's newest HF export (RUN_DIR/exports/LATEST,
 # written at every weight push), at that weight version, instead of serving the initial weights until the

@@ -67,7 +67,9 @@ class _EngineSyncConfig(BaseConfig):
     `http_attempts`; still read, with a warning."""
     pause_mode: Literal["abort", "retract", "in_place"] = "abort"
     """`/pause_generation` mode: abort returns partial outputs (the rollout workers resubmit them), retract
-    requeues requests and recomputes their KV after the update, in_place keeps the (stale) KV cache."""
+    requeues requests and recomputes their KV after the update, in_place keeps the (stale) KV cache (distributed
+    backend only). With retract or in_place one answer spans the update: its `meta_info.weight_versions` labels
+    each token's version."""
     pause_timeout_s: float = Field(60.0, gt=0)
     """How long pausing all engines may take."""
     flush_timeout_s: float = Field(60.0, gt=0)
@@ -142,6 +144,17 @@ class DiskSyncConfig(_EngineSyncConfig):
     def _needs_dir(self) -> DiskSyncConfig:
         if not self.export_dir:
             raise ValueError("--weight_sync.export_dir is required with --weight_sync.type disk")
+        return self
+
+    @model_validator(mode="after")
+    def _pause_mode_supported(self) -> DiskSyncConfig:
+        # The disk load asks the engine to flush its KV cache; SGLang 0.5.23 fails the update (weights loaded,
+        # success false) while requests still hold KV, which in_place keeps: every push would fail on busy engines.
+        if self.pause_mode == "in_place":
+            raise ValueError(
+                "--weight_sync.pause_mode in_place is not supported with --weight_sync.type disk: SGLang's "
+                "/update_weights_from_disk then fails while paused requests hold KV cache; use retract or abort"
+            )
         return self
 
 

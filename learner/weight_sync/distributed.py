@@ -5,7 +5,8 @@ One transfer (a collective over the learner's ranks; the coordinator is global r
 the policy version and the failure count, is the base class's, base.py):
  1. (with `export_dir`) every rank writes the HF export late engines load (disk.py).
  2. Coordinator: list the engines (registry + static URLs), pause them (`pause_mode`, default abort: the
-    rollout workers resubmit the partial outputs), flush their KV caches (retried while they answer 400).
+    rollout workers resubmit the partial outputs), flush their KV caches (retried while they answer 400), and
+    open their weight-update sessions (`/begin_weight_update`: SGLang 0.5.23 refuses the buckets outside one).
  3. Stage by stage (pipeline parallelism: each stage's leader, its TP/CP/DP rank 0, owns one group
     `<prefix>_pp<stage>_g<n>` with every engine and sends that stage's parameters; the stage's other ranks
     take part in the TP gathers of the export iterator; stages take turns so an engine serves one group at a
@@ -13,8 +14,8 @@ the policy version and the failure count, is the base class's, base.py):
     update to every engine without waiting, broadcast, await the replies.
  4. Coordinator: on a failed attempt, drop the engines that are dead or refused, rebuild with the survivors
     and send everything again (`push_retry`), so no survivor keeps a partial update. Then name the new
-    version on the updated engines (`/update_weight_version`, abort_all_requests false) and continue
-    generation on them.
+    version on the updated engines (`/end_weight_update`, then `/update_weight_version` with abort_all_requests
+    false) and continue generation on them.
 Engines in a known state after a failure: dead ones are dropped (the group is rebuilt without them at the
 next push); engines that never received a tensor are resumed with their previous weights and version;
 engines left with a partial update after the last attempt stay paused (they must not serve mixed weights)
@@ -145,8 +146,9 @@ class DistributedWeightSync(WeightSync):
             return []
         errors = self.fleet.pause(engines)
         errors |= self.fleet.flush([e for e in engines if e.url not in errors])
+        errors |= self.fleet.begin([e for e in engines if e.url not in errors])
         for url, why in errors.items():
-            t.failed[url] = f"not updated (pause/flush failed, previous weights kept): {why}"
+            t.failed[url] = f"not updated (pause/flush/begin failed, previous weights kept): {why}"
         intact.extend(e for e in engines if e.url in errors)
         return [e for e in engines if e.url not in errors]
 
@@ -192,9 +194,10 @@ class DistributedWeightSync(WeightSync):
     ) -> None:
         """Name the new version on the updated engines, resume them and the intact ones."""
         assert self.fleet is not None
-        errors = self.fleet.set_version(updated, policy_version)
+        errors = self.fleet.end(updated)
+        errors |= self.fleet.set_version([e for e in updated if e.url not in errors], policy_version)
         for url, why in errors.items():
-            t.failed[url] = f"weights updated but the version was not set (left paused): {why}"
+            t.failed[url] = f"weights updated but the session or version was not closed (left paused): {why}"
         ready = [e for e in updated if e.url not in errors]
         t.failed |= {url: f"resume failed: {why}" for url, why in self.fleet.resume(ready + intact).items()}
         t.pause_to_continue_s = time.monotonic() - t_pause if t.num_engines else 0.0

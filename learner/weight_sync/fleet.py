@@ -1,8 +1,9 @@
 """The engines one push addresses, and the control steps around the weight transfer (coordinator only).
 
-Engines are the live ones of the broker's registry plus the static URLs (their TP size from
-`/get_server_info`), sorted by URL so every rebuild gives the same rank offsets for the same set. Each step
-runs on all engines concurrently with a timeout and returns the engines it failed on with the reason.
+Engines are the live ones of the broker's registry (their ranks as registered) plus the static URLs (their
+ranks from `/get_server_info`: every GPU, weights/sglang_release.py `engine_ranks`), sorted by URL so every
+rebuild gives the same rank offsets for the same set. Each step runs on all engines concurrently with a timeout
+and returns the engines it failed on with the reason.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from common.retry import RetryPolicy
 from learner.weight_sync.config import EngineSyncConfig
 from learner.weight_sync.group import EngineRef
 from weights.engine_client import EngineCallError, EngineClient
+from weights.sglang_release import distributed_update_problem, engine_ranks
 from weights.version import format_weight_version
 
 logger = logging.getLogger(__name__)
@@ -40,10 +42,10 @@ class Fleet:
         self.cfg = cfg
         self.client = client
         self.broker = broker
-        self._static_tp: dict[str, int] = {}
+        self._static_ranks: dict[str, int] = {}
 
     def discover(self) -> tuple[list[EngineRef], dict[str, str]]:
-        """The engines to push to, and static engines that could not be asked for their TP size."""
+        """The engines to push to, and static engines that could not be asked for their layout."""
         found: dict[str, EngineRef] = {}
         errors: dict[str, str] = {}
         if self.cfg.use_registry and self.broker is not None:
@@ -54,18 +56,21 @@ class Fleet:
             url = raw.rstrip("/")
             if url in found:
                 continue
-            if url not in self._static_tp:
+            if url not in self._static_ranks:
                 try:
-                    self._static_tp[url] = int(self.client.server_info(url).get("tp_size", 1))
+                    layout = self.client.server_info(url)
                 except EngineCallError as e:
                     errors[url] = f"unreachable: {e}"
                     continue
-            found[url] = EngineRef(url, self._static_tp[url])
+                if problem := distributed_update_problem(layout):
+                    logger.warning("engine %s cannot take distributed weight updates: %s", url, problem)
+                self._static_ranks[url] = engine_ranks(layout)
+            found[url] = EngineRef(url, self._static_ranks[url])
         return sorted(found.values()), errors
 
     def forget(self, url: str) -> None:
-        """A static engine that failed may come back with another TP size: ask again next time."""
-        self._static_tp.pop(url, None)
+        """A static engine that failed may come back with another layout: ask again next time."""
+        self._static_ranks.pop(url, None)
 
     def pause(self, engines: Sequence[EngineRef]) -> dict[str, str]:
         mode, timeout_s = self.cfg.pause_mode, self.cfg.pause_timeout_s
@@ -86,6 +91,15 @@ class Fleet:
         )
         return errors
 
+    def begin(self, engines: Sequence[EngineRef]) -> dict[str, str]:
+        """Open each engine's weight-update session (SGLang 0.5.23 refuses distributed updates outside one)."""
+        _, errors = self.client.for_all([e.url for e in engines], self.client.begin_update, self._idempotent_s)
+        return errors
+
+    def end(self, engines: Sequence[EngineRef]) -> dict[str, str]:
+        _, errors = self.client.for_all([e.url for e in engines], self.client.end_update, self._idempotent_s)
+        return errors
+
     def set_version(self, engines: Sequence[EngineRef], policy_version: int) -> dict[str, str]:
         """Name the new weights on the engines (SGLang's /update_weight_version)."""
         weight_version = format_weight_version(policy_version)
@@ -104,5 +118,8 @@ class Fleet:
         return self.cfg.http_timeout_s * self.cfg.http_retry.max_attempts + 5
 
     def healthy(self, urls: Sequence[str]) -> set[str]:
+        """The engines of `urls` that are alive. Asked after a failed bucket, when every engine is paused: the
+        probe is liveness (`EngineClient.healthy`, /model_info), never SGLang's generation-based /health, which a
+        paused engine fails (it would have labelled every engine that refused an update dead)."""
         results, _ = self.client.for_all(urls, self.client.healthy, self.cfg.http_timeout_s + 5)
         return {url for url, ok in results.items() if ok}

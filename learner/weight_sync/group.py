@@ -2,7 +2,8 @@
 
 The group is built the way SGLang joins it (`init_custom_process_group`: a rendezvous store wrapped in
 `PrefixStore(group_name)`), never with `init_process_group`, whose store prefix never meets the engines'.
-World size = 1 + the engines' TP ranks; engine i joins at rank_offset = 1 + the TP ranks before it.
+World size = 1 + the engines' ranks (every GPU of each: `EngineRef.ranks`); engine i joins at rank_offset = 1 +
+the ranks before it.
 
 Per bucket: post `/update_weights_from_distributed` to every engine without waiting, broadcast the bucket's
 tensors from rank 0 on a worker thread, then collect the replies. A broadcast has no timeout of its own, so
@@ -60,10 +61,11 @@ destroying the group (it is then dropped as stuck)."""
 
 @dataclass(frozen=True, order=True)
 class EngineRef:
-    """An engine as a group member: its URL and how many ranks (its TP size) it adds to the group."""
+    """An engine as a group member: its URL and how many ranks it adds to the group (every GPU it runs on:
+    weights/sglang_release.py `engine_ranks`)."""
 
     url: str
-    tp_size: int = 1
+    ranks: int = 1
 
 
 def resolve_backend(name: str) -> str:
@@ -135,8 +137,8 @@ class StageGroup:
         self.generation += 1
         name = f"{self.cfg.group_name}_{self._token}_pp{self.stage}_g{self.generation}"
         port = self.cfg.master_port + self.stage if self.cfg.master_port else free_port(self.address)
-        world_size = 1 + sum(e.tp_size for e in engines)
-        offsets = [1 + sum(e.tp_size for e in engines[:i]) for i in range(len(engines))]
+        world_size = 1 + sum(e.ranks for e in engines)
+        offsets = [1 + sum(e.ranks for e in engines[:i]) for i in range(len(engines))]
         stale: dict[str, list[str]] = {}
         for old, members in self._stale:
             for m in members:

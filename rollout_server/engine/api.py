@@ -22,6 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from rollout_server.engine.config import HEALTH_GENERATION_ENV, health_endpoint_generation
 from rollout_server.engine.control import ControlTimeout
 from rollout_server.engine.engine import ClientDisconnected, Engine, EngineOverloaded
 from rollout_server.engine.guard import Guard, SafeJSONResponse, error_response
@@ -29,8 +30,10 @@ from rollout_server.engine.info import model_info as engine_model_info
 from rollout_server.engine.info import server_info as engine_server_info
 from rollout_server.engine.protocol import (
     AbortReq,
+    BeginWeightUpdateReqInput,
     ContinueGenerationReqInput,
     DestroyWeightsUpdateGroupReqInput,
+    EndWeightUpdateReqInput,
     GenerateReqInput,
     InitWeightsUpdateGroupReqInput,
     PauseGenerationReqInput,
@@ -94,14 +97,22 @@ def build_app(engine: Engine) -> FastAPI:
         return SafeJSONResponse({"success": False, "message": str(exc)}, status_code=HTTPStatus.SERVICE_UNAVAILABLE)
 
     # ---------------- health and info ----------------
-    @app.get("/health")
-    async def health() -> Response:
-        return Response(status_code=200 if engine.scheduler.alive else HTTPStatus.SERVICE_UNAVAILABLE)
+    # As SGLang's http_server.py `health_generate`: /health_generate always runs the generation probe (a paused
+    # engine fails it after `health_timeout_s`); /health too, unless SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION is
+    # off: then a cheap liveness answer, 503 only once the scheduler is gone. Read once: a process's env stays put.
+    health_generates = health_endpoint_generation()
+    log.info("engine /health: %s (%s)", "generation probe" if health_generates else "liveness", HEALTH_GENERATION_ENV)
 
     @app.get("/health_generate")
     async def health_generate() -> Response:
         ok = await engine.health_probe()
         return Response(status_code=200 if ok else HTTPStatus.SERVICE_UNAVAILABLE)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if health_generates:
+            return await health_generate()
+        return Response(status_code=200 if engine.scheduler.alive else HTTPStatus.SERVICE_UNAVAILABLE)
 
     @app.get("/get_model_info")
     @app.get("/model_info")
@@ -203,6 +214,14 @@ def build_app(engine: Engine) -> FastAPI:
     async def destroy_weights_update_group(obj: DestroyWeightsUpdateGroupReqInput | None = Body(None)) -> JSONResponse:
         name = (obj or DestroyWeightsUpdateGroupReqInput()).group_name
         return _result(*await engine.weights.destroy_group(name))
+
+    @app.post("/begin_weight_update")
+    async def begin_weight_update(obj: BeginWeightUpdateReqInput | None = Body(None)) -> JSONResponse:
+        return _result(*engine.weights.begin_session())
+
+    @app.post("/end_weight_update")
+    async def end_weight_update(obj: EndWeightUpdateReqInput | None = Body(None)) -> JSONResponse:
+        return _result(*engine.weights.end_session())
 
     @app.post("/update_weights_from_distributed")
     async def update_weights_from_distributed(obj: UpdateWeightsFromDistributedReqInput) -> JSONResponse:

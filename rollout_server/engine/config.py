@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Literal
@@ -11,8 +12,31 @@ from pydantic import Field
 from broker.settings import BrokerConfig
 from common.config import BaseConfig
 
+log = logging.getLogger(__name__)
+
 UNAUTHENTICATED_RISK = "pause it, abort its requests or replace its weights"
 """What anyone could do to an engine served on the network without a token (common/exposure.py's `risk`)."""
+
+HEALTH_GENERATION_ENV = "SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION"
+"""SGLang's switch (default on) making `/health` a one-token generation, which a paused engine cannot answer (503
+after the health timeout). Every launcher sets it to "0", as slime does, so `/health` answers during weight pushes."""
+
+
+def health_endpoint_generation() -> bool:
+    """Whether `/health` runs the generation probe, read from HEALTH_GENERATION_ENV as SGLang reads it
+    (srt/environ.py `EnvBool`: unset means on; true/1/yes/y or false/0/no/n in any case; another value warns and
+    keeps the default, on)."""
+    raw = os.environ.get(HEALTH_GENERATION_ENV)
+    if raw is None:
+        return True
+    value = raw.lower()
+    if value in ("false", "0", "no", "n"):
+        return False
+    if value not in ("true", "1", "yes", "y"):
+        log.warning(
+            "%s=%r is not a boolean (true/1/yes/y, false/0/no/n): on, as SGLang reads it", HEALTH_GENERATION_ENV, raw
+        )
+    return True
 
 
 class EngineConfig(BaseConfig):
@@ -71,7 +95,8 @@ class EngineConfig(BaseConfig):
     command is withdrawn and the call answers 503: it changed nothing. A command the scheduler took always finishes,
     and the call reports it."""
     health_timeout_s: float = Field(20.0, gt=0)
-    """/health_generate answers 503 when a one-token probe takes longer than this."""
+    """/health_generate (and /health with SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION on) answers 503 when its one-token
+    probe gets no token within this (SGLang's SGLANG_HEALTH_CHECK_TIMEOUT, 20 s), as on a paused engine."""
     weight_update_timeout_s: float = Field(600.0, gt=0)
     """Deadline of a weight-group rendezvous, of one bucket's broadcasts (a broadcast has no timeout of its own),
     or of reading a disk update's weights (past it they are dropped: weights and version stay as they were). Keep

@@ -14,6 +14,7 @@ import contextlib
 import functools
 import logging
 import time
+import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,8 @@ __all__ = ["ClientDisconnected", "Engine", "EngineOverloaded", "Item", "Submissi
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+HEALTH_PAUSE_POLL_S = 0.1
+"""How often a health probe held by a paused engine looks whether generation has continued."""
 
 
 class ClientDisconnected(Exception):
@@ -196,7 +199,9 @@ class Engine:
                 yield out
 
     def build_output(self, item: Item, snap: Snapshot) -> dict[str, Any]:
-        """SGLang's /generate output: text (stop trimmed unless no_stop_trim), output_ids, meta_info."""
+        """SGLang's /generate output: text (stop trimmed unless no_stop_trim), output_ids, meta_info (a final one with
+        `weight_versions`, the spans of output tokens per weight version; `output_token_logprobs_length` with
+        logprobs)."""
         p = item.params
         ids = snap.output_ids
         finish = snap.finish
@@ -217,10 +222,14 @@ class Engine:
             "cached_tokens": 0,
             "e2e_latency": time.monotonic() - item.created_s,
         }
+        if snap.weight_versions is not None:  # a final output: SGLang names its version by the last span
+            meta["weight_versions"] = snap.weight_versions
+            meta["weight_version"] = snap.weight_versions[-1]["version"]
         if item.return_logprob:
             meta["output_token_logprobs"] = self._logprob_triples(
                 snap.output_logprobs, ids, item.return_text_in_logprobs
             )
+            meta["output_token_logprobs_length"] = len(meta["output_token_logprobs"])
             if snap.input_logprobs is not None:
                 prompt = item.input_ids[item.logprob_start_len :]
                 meta["input_token_logprobs"] = self._logprob_triples(
@@ -233,40 +242,46 @@ class Engine:
         return [[v, t, s] for v, t, s in zip(values, ids, texts, strict=True)]
 
     async def health_probe(self) -> bool:
-        """A one-token greedy generation on input_ids [0], skipped (healthy) while the engine is busy or paused."""
-        if not self.scheduler.alive:
-            return False
-        try:
-            load = await self._call(self.scheduler.load, "health probe")
-        except ControlTimeout as e:
-            log.error("health probe: %s", e)
-            return False
-        if self.scheduler.paused or load["num_running_reqs"] or load["num_waiting_reqs"]:
-            return True
-        item = Item(
-            f"HEALTH_CHECK_{time.time()}",
-            [0],
-            SamplingParams(max_new_tokens=1, temperature=0.0),
-            1,
-            False,
-            -1,
-            False,
-            None,
-            time.monotonic(),
-        )
+        """SGLang's generation health check (`/health_generate`; `/health` too unless
+        SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION is off): True when the engine shows within `health_timeout_s` that
+        it generates. A busy engine passes at once (SGLang's probe passes on any output); an idle one runs a
+        one-token greedy generation on input_ids [0]. SGLang's tokenizer manager holds every generation while
+        paused, this one too, so a paused engine fails the check once the timeout passes, unless it resumes first
+        (SGLang 0.5.23 http_server.py `health_generate`, tokenizer_manager.py `is_pause_cond`)."""
+        timeout_s = self.config.health_timeout_s
 
-        async def probe() -> None:
+        async def probe() -> bool:
+            while True:
+                if not self.scheduler.alive:
+                    return False
+                if not self.scheduler.paused:
+                    paused, load = await self._call(
+                        lambda: (self.scheduler.paused, self.scheduler.load()), "health probe"
+                    )
+                    if not paused:
+                        break
+                await asyncio.sleep(HEALTH_PAUSE_POLL_S)
+            if load["num_running_reqs"] or load["num_waiting_reqs"]:
+                return True
+            # a unique rid: a clock-based one can repeat between two probes (SGLang's HEALTH_CHECK_<uuid>)
+            params = SamplingParams(max_new_tokens=1, temperature=0.0)
+            item = Item(f"HEALTH_CHECK_{uuid.uuid4().hex}", [0], params, 1, False, -1, False, None, time.monotonic())
             async for _ in self.run([item], stream=False):
                 pass
+            return True
 
         try:
-            await asyncio.wait_for(probe(), self.config.health_timeout_s)
+            return await asyncio.wait_for(probe(), timeout_s)
         except EngineOverloaded:  # requests arrived meanwhile: busy, which SGLang's probe counts as healthy
             return True
+        except ControlTimeout as e:
+            log.error("health probe: %s", e)
         except TimeoutError:
-            log.error("health probe got no token within %.0fs", self.config.health_timeout_s)
-            return False
-        return True
+            paused = " (generation is paused)" if self.scheduler.paused else ""
+            log.error("health probe got no token within %gs%s", timeout_s, paused)
+        except RuntimeError as e:  # the scheduler died meanwhile
+            log.error("health probe: %s", e)
+        return False
 
     # ---------------- control ----------------
     async def pause(self, mode: PauseMode) -> None:

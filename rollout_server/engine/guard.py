@@ -24,6 +24,8 @@ CONTROL_PATHS = frozenset(
         "/update_weight_version",
         "/init_weights_update_group",
         "/destroy_weights_update_group",
+        "/begin_weight_update",
+        "/end_weight_update",
         "/update_weights_from_distributed",
         "/update_weights_from_disk",
     }

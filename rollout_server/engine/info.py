@@ -1,11 +1,14 @@
 """What the built-in engine answers on SGLang's info endpoints (/get_model_info, /get_server_info), in SGLang's
-shapes: the weight version as SGLang reports it, the context limits and the scheduler's state."""
+shapes: the weight version as SGLang reports it, the context limits, the layout (one rank: the learner's
+weights/sglang_release.py `engine_ranks` reads 1), the NCCL release a weight-update group would use (SGLang reports
+none) and the scheduler's state."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from rollout_server.engine.engine import Engine
+from weights.group import nccl_version
 
 ENGINE_VERSION = "longtrace-builtin-0.1"
 
@@ -35,7 +38,9 @@ async def server_info(engine: Engine) -> dict[str, Any]:
         "max_total_num_tokens": engine.runner.cache.num_slots * context_length,
         "max_req_input_len": context_length - 1,
         "tp_size": 1,
+        "pp_size": 1,
         "dp_size": 1,
+        "nccl_version": nccl_version(),
         "internal_states": [
             {
                 **load,

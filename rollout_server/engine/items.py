@@ -10,7 +10,7 @@ from typing import Any
 
 from rollout_server.engine.config import EngineConfig
 from rollout_server.engine.protocol import GenerateReqInput
-from rollout_server.engine.sampling import SamplingParams
+from rollout_server.engine.sampling import SamplingParams, UnsupportedField
 
 
 @dataclass(frozen=True)
@@ -55,13 +55,13 @@ def prepare(
     ValueError with SGLang-like messages."""
     for name in ("input_embeds", "image_data", "video_data", "audio_data", "lora_path", "token_ids_logprob"):
         if getattr(obj, name) is not None:
-            raise ValueError(f"{name} is not supported by the built-in engine")
+            raise UnsupportedField(name)
     if obj.top_logprobs_num not in (None, 0) and not (
         isinstance(obj.top_logprobs_num, list) and not any(obj.top_logprobs_num)
     ):
-        raise ValueError("top_logprobs_num is not supported by the built-in engine")
+        raise UnsupportedField("top_logprobs_num")
     if obj.return_hidden_states not in (False, None) and obj.return_hidden_states != []:
-        raise ValueError("return_hidden_states is not supported by the built-in engine")
+        raise UnsupportedField("return_hidden_states")
     if (obj.text is None) == (obj.input_ids is None):
         raise ValueError("Either text or input_ids should be provided.")
     prompts: list[list[int]]

@@ -107,6 +107,16 @@ class InitWeightsUpdateGroupReqInput(_Body):
     backend: Annotated[str, WithJsonSchema({"enum": ["gloo", "nccl"]})] = "nccl"
 
 
+class BeginWeightUpdateReqInput(_Body):
+    """Open a weight-update session (SGLang >= 0.5.23): distributed updates are refused outside one."""
+
+    selector: Literal["target", "draft", "all"] = "all"
+
+
+class EndWeightUpdateReqInput(_Body):
+    """Close the weight-update session."""
+
+
 class DestroyWeightsUpdateGroupReqInput(_Body):
     group_name: str = "weight_update_group"
 

@@ -49,7 +49,42 @@ _UNSUPPORTED_DEFAULTS: dict[str, Any] = {
     "logit_bias": None,
     "custom_params": None,
     "stream_interval": None,
+    "beam_width": None,
+    "watermark": None,
 }
+_NO_VALUE = object()
+
+
+class UnsupportedField(ValueError):
+    """A field SGLang implements and this engine does not, set to other than its neutral value (a 400 naming it).
+    The one rule of refusal for the native /generate path and the OpenAI path: `key` is the field's name where it
+    was refused (sampling_params.frequency_penalty is `key` frequency_penalty), so the OpenAI layer can name the
+    field its client sent instead."""
+
+    def __init__(self, key: str, value: Any = _NO_VALUE, prefix: str = "") -> None:
+        self.key, self.value = key, value
+        shown = prefix + key if value is _NO_VALUE else f"{prefix}{key}={_short_repr(value)}"
+        super().__init__(f"{shown} is not supported by the built-in engine")
+
+
+def _short_repr(value: Any, limit: int = 120) -> str:
+    text = repr(value)  # a logit_bias of the whole vocabulary would otherwise fill the error
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def is_neutral(value: Any, neutral: Any) -> bool:
+    """Null, the neutral value, or an empty value where the neutral is null (an empty logit_bias biases nothing;
+    SGLang reads an empty json_schema, regex or ebnf as none)."""
+    if value is None or value == neutral:
+        return True
+    return neutral is None and isinstance(value, (str, list, dict)) and not value
+
+
+def refuse_unsupported(values: Mapping[str, Any], neutral: Mapping[str, Any], prefix: str = "") -> None:
+    """Raise UnsupportedField for the first field of `neutral` that `values` sets to other than its neutral value."""
+    for key, default in neutral.items():
+        if not is_neutral(values.get(key), default):
+            raise UnsupportedField(key, values[key], prefix)
 
 
 @dataclass
@@ -87,10 +122,9 @@ class SamplingParams:
     def from_dict(cls, raw: Mapping[str, Any] | None, vocab_size: int) -> SamplingParams:
         """Validate a request's `sampling_params` dict; raise ValueError naming the bad key."""
         raw = dict(raw or {})
-        for key, neutral in _UNSUPPORTED_DEFAULTS.items():
-            value = raw.pop(key, neutral)
-            if value is not None and value != neutral:
-                raise ValueError(f"sampling_params.{key}={value!r} is not supported by the built-in engine")
+        refuse_unsupported(raw, _UNSUPPORTED_DEFAULTS, "sampling_params.")
+        for key in _UNSUPPORTED_DEFAULTS:
+            raw.pop(key, None)
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(raw) - known)
         if unknown:

@@ -9,7 +9,10 @@ request's `sink` (called here with an immutable snapshot; the sink hands it to t
 
 The weight version lives here, beside the weights it names: it is changed only on this thread, by the same
 command that changes the weights (weight_updates.py), and every snapshot carries the version of the weights its
-last token came from. `submit` bounds the waiting queue (`max_queued`): beyond it a request is refused, not queued.
+last token came from. A change records, in each live request with tokens, where the old version's tokens end, so a
+request that spans an update (paused retract/in_place) reports each span's version (`weight_version_spans`, as
+SGLang 0.5.23's `meta_info.weight_versions`). `submit` bounds the waiting queue (`max_queued`): beyond it a request
+is refused, not queued.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any, Literal, TypeVar
 
 import torch
@@ -45,6 +49,9 @@ class Snapshot:
     num_retractions: int
     weight_version: str
     """The engine's weight version when this snapshot was taken (the weights of its last token)."""
+    weight_versions: list[dict[str, Any]] | None = None
+    """Once finished: {version, start, end} per run of output tokens generated under one version (SGLang's
+    `meta_info.weight_versions`); None before (SGLang reports the spans on the final output only)."""
 
 
 @dataclass(eq=False)
@@ -66,8 +73,13 @@ class Req:
     kv_len: int = 0
     num_retractions: int = 0
     created_s: float = field(default_factory=time.monotonic)
+    version_changes: list[tuple[str, int]] = field(default_factory=list)
+    """(old version, output tokens so far) at each weight version change while this request had tokens."""
 
     def snapshot(self, weight_version: str) -> Snapshot:
+        spans = None
+        if self.finish is not None:
+            spans = weight_version_spans(self.version_changes, weight_version, len(self.output_ids))
         return Snapshot(
             list(self.output_ids),
             list(self.output_logprobs),
@@ -75,7 +87,24 @@ class Req:
             self.finish,
             self.num_retractions,
             weight_version,
+            spans,
         )
+
+
+def weight_version_spans(changes: Sequence[tuple[str, int]], current: str, num_tokens: int) -> list[dict[str, Any]]:
+    """SGLang's spans of one request: contiguous {version, start, end} over its `num_tokens` output tokens, one per
+    run of a version (an empty request: one empty span of `current`). A change that came with no new token since the
+    previous one names weights that generated nothing here: skipped."""
+    spans: list[dict[str, Any]] = []
+    for version, end in [*changes, (current, num_tokens)]:
+        end = min(end, num_tokens)
+        if spans and end <= spans[-1]["end"]:
+            continue
+        if spans and spans[-1]["version"] == version:
+            spans[-1]["end"] = end
+            continue
+        spans.append({"version": version, "start": spans[-1]["end"] if spans else 0, "end": end})
+    return spans
 
 
 class Scheduler:
@@ -97,8 +126,7 @@ class Scheduler:
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []
         self.paused = False
-        self.weight_version = weight_version
-        """SGLang's weight version string of the weights every step runs with (set through `call` only)."""
+        self._weight_version = weight_version
         self.num_steps = 0
         self.num_generated = 0
         self.max_decode_batch = 0  # largest batch decoded in one forward (observability, tests)
@@ -110,6 +138,23 @@ class Scheduler:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
+
+    @property
+    def weight_version(self) -> str:
+        """SGLang's weight version string of the weights every step runs with (set through `call` only)."""
+        return self._weight_version
+
+    @weight_version.setter
+    def weight_version(self, new: str) -> None:
+        # A setter, not a method: weight_updates.py names the weights by assigning it. As SGLang's
+        # record_weight_version_change: the running and waiting (retracted) requests' tokens so far are the old
+        # version's; an unchanged version records nothing.
+        if new == self._weight_version:
+            return
+        for r in (*self.running, *self.waiting):
+            if r.output_ids:
+                r.version_changes.append((self._weight_version, len(r.output_ids)))
+        self._weight_version = new
 
     # ---- thread-safe API ----
     def start(self) -> None:
@@ -153,16 +198,25 @@ class Scheduler:
         return fut
 
     # ---- scheduler-thread operations (run them through `call`) ----
-    def abort(self, rid: str | None, message: str) -> int:
-        """Finish matching requests (all when rid is None) with finish_reason abort; return how many."""
+    def abort(self, rid: str | None, message: str, status_code: int | None = None, err_type: str | None = None) -> int:
+        """Finish matching requests (all when rid is None) with finish_reason abort; return how many.
+
+        SGLang's shapes: a running request ends with FINISH_ABORT's {type, message, status_code, err_type} (null
+        codes unless the abort is an error of its own); a waiting one with {type, message} only, unless codes are
+        given."""
         self._drain_inbox()
 
         def match(r: Req) -> bool:
             return rid is None or r.rid == rid or r.rid.startswith(rid + "_")
 
-        hit = [r for r in self.waiting if match(r)] + [r for r in self.running if match(r)]
-        for r in hit:
-            self._finish(r, {"type": "abort", "message": message})
+        waiting = [r for r in self.waiting if match(r)]
+        running = [r for r in self.running if match(r)]
+        codes = {"status_code": status_code, "err_type": err_type}
+        for r in waiting:
+            self._finish(r, {"type": "abort", "message": message, **(codes if status_code is not None else {})})
+        for r in running:
+            self._finish(r, {"type": "abort", "message": message, **codes})
+        hit = waiting + running
         self.waiting = deque(r for r in self.waiting if r.finish is None)
         self.running = [r for r in self.running if r.finish is None]
         return len(hit)
@@ -218,7 +272,7 @@ class Scheduler:
             log.exception("engine scheduler died")
             self.error = e
             self._stop.set()
-            self.abort(None, f"engine error: {e!r}")
+            self.abort(None, f"engine error: {e!r}", int(HTTPStatus.INTERNAL_SERVER_ERROR), "InternalServerError")
             self._fail_commands(e)
 
     def _run_commands(self) -> None:

@@ -9,6 +9,8 @@ swaps them in with one scheduler command that also sets the version, so the vers
 The weight version is SGLang's free string (`/update_weight_version`, the updates' `weight_version` field): the
 engine stores and reports it as given (`Scheduler.weight_version`); what it means as a policy version is
 weights/version.py's concern (its readers').
+Distributed updates run inside a weight-update session (`/begin_weight_update` ... `/end_weight_update`), as
+SGLang 0.5.23 requires: outside one they are refused with SGLang's message; a second begin is refused too.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class WeightUpdates:
         self.runner = runner
         self.receiver = WeightReceiver()
         self._lock = asyncio.Lock()
+        self._session_open = False
 
     @property
     def weight_version(self) -> str:
@@ -110,6 +113,19 @@ class WeightUpdates:
                 return False, str(e)
         return True, "Succeeded to destroy custom process group."
 
+    def begin_session(self) -> tuple[bool, str]:
+        """SGLang's begin_weight_update: distributed updates are accepted until end_session."""
+        if self._session_open:
+            return False, "a weight-update session is already open; call end_weight_update() first"
+        self._session_open = True
+        return True, "Success"
+
+    def end_session(self) -> tuple[bool, str]:
+        if not self._session_open:
+            return False, "no weight-update session is open; call begin_weight_update() first"
+        self._session_open = False
+        return True, "Success"
+
     async def from_distributed(self, obj: UpdateWeightsFromDistributedReqInput) -> tuple[bool, str]:
         if not len(obj.names) == len(obj.dtypes) == len(obj.shapes):
             return (
@@ -123,6 +139,11 @@ class WeightUpdates:
             self.receiver.group(obj.group_name)
         except ValueError as e:
             return False, str(e)
+        if not self._session_open:  # checked after the body: a malformed one is told what is wrong with it
+            return (
+                False,
+                "update_weights_from_distributed must run between begin_weight_update() and end_weight_update()",
+            )
         async with self._lock:
             if obj.abort_all_requests:
                 await self._call(

@@ -1,9 +1,11 @@
-"""Async client of one engine's SGLang native HTTP API: /generate with logprobs, /health, /get_model_info.
+"""Async client of one engine's SGLang native HTTP API: /generate with logprobs, /health, /model_info.
 
 Every answer's SGLang `weight_version` string becomes a policy version here, through weights/version.py (one
-parser, one meaning of "default": `initial_policy_version`). A string that names no policy version is the
-engine's fault (EngineError: the sample moves to another engine), never a crash of the worker. The version is
-read from /get_model_info: SGLang 0.5.23 has no /get_weight_version (docs/deploy.md).
+parser, one meaning of "default": `initial_policy_version`), and so does each span of `meta_info.weight_versions`
+(SGLang 0.5.23: an answer paused in_place/retract across a weight update names each span's version). A string that
+names no policy version is the engine's fault (EngineError: the sample moves to another engine), never a crash of
+the worker. The version served now is read from /model_info: SGLang 0.5.23 deprecates /get_model_info and has no
+/get_weight_version (docs/deploy.md).
 
 Errors are typed by what the caller should do: `EngineError` (connection, timeout, 5xx, a malformed reply)
 means try another engine; `RequestRejected` (a 4xx) means the request itself is wrong and retrying is futile.
@@ -11,6 +13,7 @@ means try another engine; `RequestRejected` (a 4xx) means the request itself is 
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -18,7 +21,8 @@ from typing import Any, Literal
 import httpx
 import msgspec
 
-from broker.schemas import FinishReason
+from broker.schemas import FinishReason, WeightSegment
+from weights.engine_client import LIVENESS_PATHS
 from weights.version import SGLANG_DEFAULT, WeightVersionError, parse_weight_version
 
 log = logging.getLogger(__name__)
@@ -47,11 +51,18 @@ class _FinishReason(msgspec.Struct):
     status_code: int | None = None
 
 
+class _WeightVersionSpan(msgspec.Struct):
+    version: str
+    start: int
+    end: int
+
+
 class _MetaInfo(msgspec.Struct):
     finish_reason: _FinishReason | None = None
     # [logprob, token id, token text or null] per generated token
     output_token_logprobs: list[tuple[float | None, int, str | None]] = []
     weight_version: str = SGLANG_DEFAULT
+    weight_versions: list[_WeightVersionSpan] | None = None  # absent before SGLang 0.5.23
 
 
 class _GenerateResponse(msgspec.Struct):
@@ -77,7 +88,10 @@ class GenerateResult:
     logprobs: list[float]
     text: str
     finish_reason: FinishReason
-    policy_version: int  # of the weights that generated these tokens (meta_info.weight_version, parsed)
+    policy_version: int  # of the weights the last token came from (meta_info.weight_version, parsed)
+    segments: tuple[WeightSegment, ...]
+    """The policy version of this answer's tokens: one segment per run of a version, `start` counted from this
+    answer's first token, each covering at least one token (none when the answer has no token)."""
     abort_message: str = ""
     abort_status: int | None = None  # set when the engine aborted for a reason of its own (4xx/5xx code)
 
@@ -109,15 +123,38 @@ def parse_generate(body: bytes, initial_policy_version: int) -> GenerateResult:
         raise EngineError(
             f"/generate reply: output_ids ({len(resp.output_ids)}) disagree with output_token_logprobs ({len(ids)})"
         )
+    policy_version = engine_policy_version(resp.meta_info.weight_version, initial_policy_version)
     return GenerateResult(
         output_ids=ids,
         logprobs=logprobs,  # type: ignore[arg-type]  # None excluded above
         text=resp.text,
         finish_reason=finish.type,  # type: ignore[arg-type]  # checked above
-        policy_version=engine_policy_version(resp.meta_info.weight_version, initial_policy_version),
+        policy_version=policy_version,
+        segments=_segments(resp.meta_info.weight_versions, len(ids), policy_version, initial_policy_version),
         abort_message=finish.message if finish.type == "abort" else "",
         abort_status=finish.status_code if finish.type == "abort" else None,
     )
+
+
+def _segments(
+    spans: list[_WeightVersionSpan] | None, num_tokens: int, policy_version: int, initial_policy_version: int
+) -> tuple[WeightSegment, ...]:
+    """The answer's segments from SGLang's spans, which tile its tokens: [start, end) in order from 0 to the last
+    token; adjacent spans of one policy version ("default" and "0") merge. Without spans (before 0.5.23) every token
+    is `policy_version`'s. Spans that do not tile the tokens are a malformed reply (EngineError)."""
+    if spans is None:
+        return (WeightSegment(0, policy_version),) if num_tokens else ()
+    # 0, start, end, start, end, ..., num_tokens: each span starts where the one before ended, none runs backwards
+    edges = [0, *(e for s in spans for e in (s.start, s.end)), num_tokens]
+    if not spans or any(a > b for a, b in itertools.pairwise(edges)) or edges[::2] != edges[1::2]:
+        shown = [(s.version, s.start, s.end) for s in spans[:8]]
+        raise EngineError(f"/generate reply: meta_info.weight_versions {shown} do not tile its {num_tokens} tokens")
+    segments: list[WeightSegment] = []
+    for span in spans:
+        version = engine_policy_version(span.version, initial_policy_version)
+        if span.end > span.start and (not segments or segments[-1].policy_version != version):
+            segments.append(WeightSegment(span.start, version))
+    return tuple(segments)
 
 
 class EngineClient:
@@ -161,34 +198,44 @@ class EngineClient:
         return parse_generate(resp.content, self._initial_policy_version)
 
     async def healthy(self) -> bool:
-        """True when /health answers 200 within the health timeout (SGLang: a 1-token generation probe)."""
+        """True when the engine is alive (`health` is "ok"): paused for a weight push counts as alive."""
         return await self.health() == "ok"
 
     async def health(self) -> Literal["ok", "unhealthy", "unreachable"]:
-        """`ok`: /health answered 200. `unhealthy`: it answered otherwise or timed out (a paused SGLang engine
-        holds its generation probe). `unreachable`: the connection failed (no process listens: it is gone)."""
+        """Liveness, paused or not, on the first of LIVENESS_PATHS that exists (/model_info; why not /health:
+        weights/engine_client.py). `ok`: it answered 200 within the health timeout. `unhealthy`: it answered
+        otherwise or timed out. `unreachable`: the connection failed (no process listens: it is gone)."""
+        path = LIVENESS_PATHS[0]
         try:
-            resp = await self._http.get(f"{self.url}/health", timeout=self._health_timeout)
+            for path in LIVENESS_PATHS:
+                resp = await self._http.get(f"{self.url}{path}", timeout=self._health_timeout)
+                if resp.status_code != 404:
+                    break
         except (httpx.ConnectError, httpx.RemoteProtocolError) as e:
-            log.debug("%s/health: %r", self.url, e)
+            log.debug("%s%s: %r", self.url, path, e)
             return "unreachable"
         except httpx.HTTPError as e:
-            log.debug("%s/health: %r", self.url, e)
+            log.debug("%s%s: %r", self.url, path, e)
             return "unhealthy"
         return "ok" if resp.status_code == 200 else "unhealthy"
 
     async def policy_version(self) -> int:
-        """The policy version the engine serves now (its weight_version on /get_model_info)."""
+        """The policy version the engine serves now (its weight_version on /model_info; /get_model_info, deprecated
+        in SGLang 0.5.23, only for an older build that has no /model_info)."""
+        path = "/model_info"
         try:
-            resp = await self._http.get(f"{self.url}/get_model_info", timeout=self._health_timeout)
+            resp = await self._http.get(f"{self.url}{path}", timeout=self._health_timeout)
+            if resp.status_code == 404:
+                path = "/get_model_info"
+                resp = await self._http.get(f"{self.url}{path}", timeout=self._health_timeout)
         except httpx.HTTPError as e:
-            raise EngineError(f"{self.url}/get_model_info: {type(e).__name__}: {e}") from e
+            raise EngineError(f"{self.url}{path}: {type(e).__name__}: {e}") from e
         if resp.status_code != 200:
-            raise EngineError(f"{self.url}/get_model_info answered {resp.status_code}")
+            raise EngineError(f"{self.url}{path} answered {resp.status_code}")
         try:
             raw = _decode_version(resp.content).weight_version
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
-            raise EngineError(f"malformed /get_model_info reply: {e}") from e
+            raise EngineError(f"malformed {path} reply: {e}") from e
         return engine_policy_version(raw, self._initial_policy_version)
 
 

@@ -4,9 +4,9 @@ A sample's life: send prompt (+ tokens so far) with the remaining budget to the 
 failure (connection, timeout, 5xx) retries on another engine from the last tokens received. An answer with
 finish_reason "abort" without an error code means the engine paused generation for a weight update: wait
 until it generates again, then resubmit prompt + tokens so far with max_new_tokens reduced by what was
-generated (partial rollout). Each answer's policy version (its `meta_info.weight_version`, parsed by the
-client) labels the tokens it brought, giving the sample's weight segments. The logprobs are the engine's, one
-per response token.
+generated (partial rollout). Each answer's policy versions (its `meta_info.weight_versions` spans, else its
+`weight_version`, parsed by the client) label the tokens it brought, giving the sample's weight segments. The
+logprobs are the engine's, one per response token.
 """
 
 from __future__ import annotations
@@ -55,12 +55,9 @@ class _Progress:
     segments: list[WeightSegment] = field(default_factory=list)
 
     def add(self, res: GenerateResult) -> None:
-        if res.output_ids:
-            start = len(self.ids)
-            if self.segments and self.segments[-1].policy_version == res.policy_version:
-                pass  # same weights: the current segment goes on
-            else:
-                self.segments.append(WeightSegment(start, res.policy_version))
+        for seg in res.segments:  # the answer's own segments, shifted past the tokens before it
+            if not self.segments or self.segments[-1].policy_version != seg.policy_version:
+                self.segments.append(WeightSegment(len(self.ids) + seg.start, seg.policy_version))
         self.ids += res.output_ids
         self.logprobs += res.logprobs
         self.texts.append(res.text)
@@ -241,8 +238,11 @@ class SampleGenerator:
         )
 
     async def _wait_generating(self, engine: Engine) -> bool:
-        """Poll the engine's /health until it answers 200. SGLang and the built-in engine both hold a request sent
-        while paused until generation continues, so a live engine is enough to resubmit to.
+        """Poll the engine's liveness (`EngineClient.health`) until it answers. SGLang and the built-in engine both
+        hold a request sent while paused until generation continues, so a live engine is enough to resubmit to, and
+        the probe must not be one that a paused engine fails: SGLang's /health generates a token unless
+        SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION=0, so polling it kept every paused sample waiting through the push
+        and had it give up on (and report to the breaker) a live engine whose push outlasted resume_timeout_s.
 
         False (resubmit elsewhere) after resume_timeout_s, and at once when the engine is gone: the router took it
         out of rotation (registry heartbeat expired, circuit open) or its port refuses connections

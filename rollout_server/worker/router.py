@@ -204,7 +204,9 @@ class BuiltinRouter(Router):
             )
 
     async def probe(self) -> None:
-        """Health-check every engine once: failures count toward the breaker; a pass after cooldown closes it."""
+        """Health-check every engine once: failures count toward the breaker; a pass after cooldown closes it.
+        The check is liveness (`EngineClient.healthy`), which an engine paused for a weight push passes: SGLang's
+        generation-based /health would fail every engine of the fleet at each push and open all their breakers."""
         engines = list(self._engines.values())
         results = await asyncio.gather(*(e.client.healthy() for e in engines))
         now = time.monotonic()

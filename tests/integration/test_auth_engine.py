@@ -39,6 +39,8 @@ CONTROL_CALLS: list[tuple[str, str, Any]] = [
     ("POST", "/init_weights_update_group",
      {"master_address": "127.0.0.1", "master_port": 1, "rank_offset": 1, "world_size": 2, "backend": "mpi"}),
     ("POST", "/destroy_weights_update_group", {"group_name": "none"}),
+    ("POST", "/begin_weight_update", {}),  # opens the session the next one closes
+    ("POST", "/end_weight_update", {}),
     ("POST", "/update_weights_from_distributed", {"names": ["x"], "dtypes": ["float32"], "shapes": [[1]]}),
     ("POST", "/update_weights_from_disk", {"model_path": "/nonexistent"}),
 ]  # fmt: skip

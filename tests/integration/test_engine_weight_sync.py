@@ -43,6 +43,9 @@ t = threading.Thread(target=post, args=("init", "/init_weights_update_group", in
 t.start()
 group = init_custom_process_group("gloo", f"tcp://127.0.0.1:{port}", 2, 0, group_name, timeout_s=30)
 t.join()
+post("outside", "/update_weights_from_distributed", dict(names=["x"], dtypes=["float32"], shapes=[[1]], group_name=group_name))
+post("begin", "/begin_weight_update", {})
+post("begin_again", "/begin_weight_update", {})
 half = len(params) // 2
 for i, bucket in enumerate((params[:half], params[half:])):
     body = dict(
@@ -60,6 +63,8 @@ for i, bucket in enumerate((params[:half], params[half:])):
 never_sent = dict(names=["model.norm.weight"], dtypes=["float32"], shapes=[[128]], group_name=group_name)
 post("stalled", "/update_weights_from_distributed", never_sent)
 post("after", "/update_weights_from_distributed", never_sent)
+post("end", "/end_weight_update", {})
+post("end_again", "/end_weight_update", {})
 post("destroy", "/destroy_weights_update_group", dict(group_name=group_name))
 print(json.dumps({k: [r.status_code, r.json()] for k, r in replies.items()}))
 """
@@ -100,7 +105,9 @@ def test_distributed_update_from_another_process_switches_weights(
 ) -> None:
     """Guards against the weight-sync path: a group that never meets the trainer's (init_process_group
     instead of PrefixStore), tensors applied to the wrong names, a missing version, or a stalled trainer
-    hanging the engine. After the update, outputs are exactly those of the new model."""
+    hanging the engine, or an engine that takes buckets outside a weight-update session (real SGLang 0.5.23
+    refuses them: a client tested only against ours would never open one). After the update, outputs are exactly
+    those of the new model."""
     _, url = server
     prompt = [3, 14, 15, 92, 6]
     before = _greedy(url, prompt)
@@ -118,6 +125,10 @@ def test_distributed_update_from_another_process_switches_weights(
     assert proc.returncode == 0, proc.stderr[-3000:]
     replies = json.loads(proc.stdout.strip().splitlines()[-1])
     assert replies["init"][0] == 200 and replies["init"][1]["success"], replies["init"]
+    # As SGLang 0.5.23: distributed updates only inside a weight-update session, one session at a time.
+    assert replies["outside"][0] == 400 and "must run between begin_weight_update()" in replies["outside"][1]["message"]
+    assert replies["begin"][0] == 200 and replies["begin_again"][0] == 400, replies
+    assert replies["end"][0] == 200 and replies["end_again"][0] == 400, replies
     assert replies["bucket0"][0] == 200 and replies["bucket1"][0] == 200, replies
     assert "Weight version updated to 1" in replies["bucket1"][1]["message"]
     stalled_code, stalled = replies["stalled"]

@@ -248,10 +248,13 @@ def test_service_scripts_parse_and_load_their_configs() -> None:
     assert "--appendonly" in redis and "--password-env" in redis and "s3cret" not in redis
 
 
-def _nccl_env(script: str) -> dict[str, str]:
-    """The NCCL/torch.distributed environment `script` runs its command with (DRY_RUN=1; the env at its exit)."""
+def _script_env(
+    script: str, prefixes: tuple[str, ...] = ("TORCH_NCCL_", "NCCL_"), env: dict[str, str] | None = None
+) -> dict[str, str]:
+    """The environment `script` runs its command with (DRY_RUN=1; the env at its exit), the variables named by
+    `prefixes` (NCCL/torch.distributed's by default); `env` is added to the caller's environment."""
     full = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"), "DRY_RUN": "1"} | CLUSTER
-    full |= {"LT_ENV_FILE": "/nonexistent", "NODE_RANK": "0"}
+    full |= {"LT_ENV_FILE": "/nonexistent", "NODE_RANK": "0"} | (env or {})
     out = subprocess.run(
         ["bash", "-c", f'trap "env" EXIT; source "{TORCHRUN / script}"'],
         env=full,
@@ -261,7 +264,7 @@ def _nccl_env(script: str) -> dict[str, str]:
         check=False,
     )
     assert out.returncode == 0, out.stderr
-    return dict(line.split("=", 1) for line in out.stdout.splitlines() if line.startswith(("TORCH_NCCL_", "NCCL_")))
+    return dict(line.split("=", 1) for line in out.stdout.splitlines() if line.startswith(prefixes))
 
 
 def test_nccl_watchdog_settings_keep_learner_rank_0_alive_when_an_engine_dies() -> None:
@@ -270,13 +273,22 @@ def test_nccl_watchdog_settings_keep_learner_rank_0_alive_when_an_engine_dies() 
     0 after an engine died mid-broadcast; and against engines that tear themselves down (error handling 3) when
     the learner aborts an update another engine broke. The heartbeat timeout must outlast the watchdog's 60 s wait
     before it aborts a group."""
-    learner, engine = _nccl_env("learner.sh"), _nccl_env("engine.sh")
+    learner, engine = _script_env("learner.sh"), _script_env("engine.sh")
     for env in (learner, engine):
         assert env["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "0"
         assert int(env["TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC"]) > 4 * 15 + 60
         assert int(env["NCCL_IB_TIMEOUT"]) <= 22  # about 17 s: a dead IB peer errors before the 300 s deadline
     assert learner["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "3"  # the learner's own groups: torchrun restarts the job
     assert engine["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "2"
+
+
+def test_engine_script_runs_engines_without_sglang_generating_health() -> None:
+    """Guards against issue 21: SGLang's /health generates a token by default, which a paused engine answers 503,
+    so every probe during a weight push took the engine for dead. engine.sh must turn it off (as slime does), even
+    when the caller's environment says otherwise."""
+    for caller in ({}, {"SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION": "1"}):
+        env = _script_env("engine.sh", ("SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION=",), caller)
+        assert env == {"SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION": "0"}, caller
 
 
 def test_scripts_pass_shellcheck() -> None:

@@ -95,6 +95,18 @@ def test_startup_order_follows_healthchecks() -> None:
             assert svc["depends_on"]["redis"]["condition"] == "service_healthy", name
 
 
+def test_engines_run_without_sglang_generating_health() -> None:
+    """Guards against issue 21: SGLang's /health generates a token by default, which a paused engine answers 503
+    after 20 s, so the engine's healthcheck and every probe during a weight push would take it for dead. Every
+    engine service must set SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION=0 (as slime does)."""
+    services = load_compose()["services"]
+    engines = [name for name in services if name.startswith("engine")]
+    assert engines
+    for name in engines:
+        assert services[name]["environment"].get("SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION") == "0", name
+        assert services[name]["healthcheck"]["test"][-1].endswith("/health"), name
+
+
 def test_redis_keeps_queued_data_across_down() -> None:
     """Guards against `docker compose down` losing queued groups: append-only file on a named volume (down keeps
     volumes), redis-server as PID 1 (it must get SIGTERM to flush), and a password."""

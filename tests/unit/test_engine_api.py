@@ -311,7 +311,17 @@ def test_abort_request_by_rid_and_all(run: Runner, engine: Engine) -> None:
 )
 def test_bad_requests_get_400_with_a_reason(run: Runner, path: str, body: dict[str, Any], reason: str) -> None:
     """Guards against bad input crashing (500), being silently accepted, or failing without saying why."""
-    r = run(lambda c: c.post(path, json=body))
+
+    async def post(c: httpx.AsyncClient) -> httpx.Response:
+        if path != "/update_weights_from_distributed":
+            return await c.post(path, json=body)
+        assert (await c.post("/begin_weight_update", json={})).status_code == 200  # else: refused for no session
+        try:
+            return await c.post(path, json=body)
+        finally:
+            await c.post("/end_weight_update", json={})
+
+    r = run(post)
     assert r.status_code == 400, r.text
     assert reason in r.text
 
