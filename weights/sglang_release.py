@@ -57,3 +57,18 @@ def _layout(server_info: Mapping[str, Any]) -> tuple[int, int, int]:
     if "attn_dp_size" not in server_info and server_info.get("enable_dp_attention"):
         dp = 1  # before 0.5.23: `--dp-size N --enable-dp-attention` is attention DP inside the TP group
     return tp, pp, dp
+
+
+def nccl_mismatch(ours: str | None, server_info: Mapping[str, Any]) -> str | None:
+    """Why an NCCL weight-update group of this process with the engine would fail, or None when the releases
+    agree or one is unknown. The built-in engine reports its own (`nccl_version`); SGLang reports none, so an
+    SGLang engine is taken to run the pinned image's. NCCL builds the communicator lazily and refuses it at the
+    first broadcast with "Mismatched NCCL version" (or hangs): checked before the group is built instead."""
+    theirs = server_info.get("nccl_version", ENGINE_NCCL_VERSION)
+    if not ours or not theirs or str(theirs) == ours:
+        return None
+    where = "reported by the engine" if "nccl_version" in server_info else f"of the engine image {ENGINE_IMAGE}"
+    return (
+        f"NCCL {ours} here, {theirs} {where}: NCCL refuses a communicator whose members run different releases "
+        "(pin the learner's with the Dockerfile's NCCL_VERSION)"
+    )

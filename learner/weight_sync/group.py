@@ -127,6 +127,24 @@ class StageGroup:
 
     # ------------------------------------------------------------------ build / drop
 
+    def _check_nccl_versions(self, engines: Sequence[EngineRef]) -> None:
+        """Fail fast, naming both releases, when an engine's NCCL differs from this process's (weights/sglang_release)."""
+        from weights.group import nccl_version
+        from weights.sglang_release import nccl_mismatch
+
+        ours = nccl_version()
+        culprits: dict[str, str] = {}
+        for e in engines:
+            try:
+                info = self.client.server_info(e.url)
+            except EngineCallError as err:
+                logger.info("NCCL version of %s unknown: %s", e.url, err)
+                continue
+            if problem := nccl_mismatch(ours, info):
+                culprits[e.url] = problem
+        if culprits:
+            raise GroupFailed("; ".join(f"{url}: {why}" for url, why in culprits.items()), culprits)
+
     def build(self, engines: Sequence[EngineRef]) -> None:
         """Drop the current group and build a new one with `engines`.
 
@@ -165,6 +183,7 @@ class StageGroup:
         if self.backend == "nccl":
             for problem in nccl_watchdog_problems():
                 logger.warning("weight sync: %s", problem)
+            self._check_nccl_versions(engines)
         futures = {e.url: self.client.submit(join, e, off) for e, off in zip(engines, offsets, strict=True)}
         from weights.group import init_custom_process_group
 
