@@ -29,6 +29,7 @@ from rollout_server.engine.model_runner import ModelRunner, resolve_device
 from rollout_server.engine.protocol import GenerateReqInput
 from rollout_server.engine.sampling import SamplingParams, make_generator
 from rollout_server.engine.scheduler import PauseMode, Req, Scheduler, Snapshot
+from rollout_server.engine.top_logprobs import TopLogprobs, TopRow
 from rollout_server.engine.weight_updates import WeightUpdates
 
 __all__ = ["ClientDisconnected", "Engine", "EngineOverloaded", "Item", "Submission", "check_text"]
@@ -71,6 +72,7 @@ class Engine:
         self.config = config
         device = resolve_device(config.device)
         self.tokenizer: Any = AutoTokenizer.from_pretrained(config.tokenizer_path or config.model_path)
+        self._token_texts: dict[int, str] = {}  # one token's text in logprob triples (`_token_text`)
         self.runner = ModelRunner(
             config.model_path,
             num_slots=config.max_running_requests,
@@ -157,6 +159,7 @@ class Engine:
                 stream=stream,
                 return_logprob=it.return_logprob,
                 logprob_start_len=it.logprob_start_len,
+                top=TopLogprobs(it.top_logprobs_num) if it.return_logprob and it.top_logprobs_num > 0 else None,
             )
             for i, it in enumerate(items)
         ]
@@ -235,11 +238,27 @@ class Engine:
                 meta["input_token_logprobs"] = self._logprob_triples(
                     snap.input_logprobs, prompt, item.return_text_in_logprobs
                 )
+            if snap.top is not None:  # tokenizer_manager.py `add_logprob_to_meta_info`, its top logprobs part
+                meta["output_top_logprobs"] = self._top_triples(snap.top.output, item.return_text_in_logprobs)
+                if snap.top.input is not None:  # as input_token_logprobs: with logprob_start_len >= 0 only
+                    meta["input_top_logprobs"] = self._top_triples(snap.top.input, item.return_text_in_logprobs)
         return {"text": text, "output_ids": list(ids), "meta_info": meta}
 
     def _logprob_triples(self, values: Sequence[float | None], ids: Sequence[int], with_text: bool) -> list[list[Any]]:
-        texts = [self._decode([t], False) if with_text else None for t in ids]
+        texts = [self._token_text(t) if with_text else None for t in ids]
         return [[v, t, s] for v, t, s in zip(values, ids, texts, strict=True)]
+
+    def _top_triples(self, rows: Sequence[TopRow | None], with_text: bool) -> list[list[list[Any]] | None]:
+        """SGLang's `detokenize_top_logprobs_tokens`: per position its rows' triples, None for a position with none."""
+        return [None if row is None else self._logprob_triples(row[0], row[1], with_text) for row in rows]
+
+    def _token_text(self, token_id: int) -> str:
+        """One token's text as SGLang's logprob triples carry it (`batch_decode([[id]])`: special tokens kept),
+        remembered: a streamed answer with top logprobs asks for the same tokens' texts at every step."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self._decode([token_id], False)
+        return text
 
     async def health_probe(self) -> bool:
         """SGLang's generation health check (`/health_generate`; `/health` too unless

@@ -11,6 +11,7 @@ from typing import Any
 from rollout_server.engine.config import EngineConfig
 from rollout_server.engine.protocol import GenerateReqInput
 from rollout_server.engine.sampling import SamplingParams, UnsupportedField
+from rollout_server.engine.top_logprobs import check_top_logprobs_num
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,8 @@ class Item:
     return_text_in_logprobs: bool
     seed: int | None
     created_s: float
+    top_logprobs_num: int = 0
+    """Top logprobs per position (SGLang's `top_logprobs_num`; returned with `return_logprob` only, as SGLang)."""
 
 
 def check_text(text: str, name: str) -> str:
@@ -56,10 +59,6 @@ def prepare(
     for name in ("input_embeds", "image_data", "video_data", "audio_data", "lora_path", "token_ids_logprob"):
         if getattr(obj, name) is not None:
             raise UnsupportedField(name)
-    if obj.top_logprobs_num not in (None, 0) and not (
-        isinstance(obj.top_logprobs_num, list) and not any(obj.top_logprobs_num)
-    ):
-        raise UnsupportedField("top_logprobs_num")
     if obj.return_hidden_states not in (False, None) and obj.return_hidden_states != []:
         raise UnsupportedField("return_hidden_states")
     if (obj.text is None) == (obj.input_ids is None):
@@ -79,6 +78,9 @@ def prepare(
     raw_params = _per_item(obj.sampling_params, batch, "sampling_params", {})
     logprob = _per_item(obj.return_logprob, batch, "return_logprob", False)
     start_len = _per_item(obj.logprob_start_len, batch, "logprob_start_len", -1)
+    top_nums = [
+        check_top_logprobs_num(k, vocab_size) for k in _per_item(obj.top_logprobs_num, batch, "top_logprobs_num", 0)
+    ]
     if isinstance(obj.rid, list):
         rids = _per_item(obj.rid, batch, "rid", None)
     else:
@@ -128,6 +130,7 @@ def prepare(
                     return_text_in_logprobs=obj.return_text_in_logprobs,
                     seed=seed,
                     created_s=now,
+                    top_logprobs_num=top_nums[i],
                 )
             )
         if params.n > 1:

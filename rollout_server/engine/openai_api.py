@@ -46,6 +46,7 @@ from rollout_server.engine.openai_protocol import (
 )
 from rollout_server.engine.protocol import GenerateReqInput
 from rollout_server.engine.sampling import UnsupportedField
+from rollout_server.engine.top_logprobs import TopLogprobsNumTooLarge
 
 Chunks = Callable[[int, dict[str, Any]], list[dict[str, Any]]]
 
@@ -106,14 +107,20 @@ class _Sent:
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
-    def advance(self, out: dict[str, Any]) -> tuple[str, list[Any]]:
-        """The text not sent yet, and the logprob entries not sent yet (kept until a chunk carries them)."""
+    def advance(self, out: dict[str, Any]) -> tuple[str, list[Any], list[Any]]:
+        """The text not sent yet, and the logprob entries and their top-logprob rows not sent yet (kept until a chunk
+        carries them; SGLang slices both at the tokens sent so far, serving_chat.py `_process_streaming_logprobs`)."""
         text, meta = out["text"], out["meta_info"]
         if meta["finish_reason"] is None:  # a character whose last bytes are still to come: sent once complete
             text = text.rstrip("\ufffd")
         delta, self.text = text[self.text :], max(self.text, len(text))
         self.prompt_tokens, self.completion_tokens = meta["prompt_tokens"], meta["completion_tokens"]
-        return delta, list(meta.get("output_token_logprobs", [])[self.logprobs :])
+        sent = self.logprobs
+        return (
+            delta,
+            list(meta.get("output_token_logprobs", [])[sent:]),
+            list(meta.get("output_top_logprobs", [])[sent:]),
+        )
 
 
 def add_openai_routes(app: FastAPI, engine: Engine) -> None:
@@ -131,6 +138,8 @@ def add_openai_routes(app: FastAPI, engine: Engine) -> None:
             return engine.prepare(obj)[0]
         except UnsupportedField as e:
             raise ValueError(req.refusal(e)) from None
+        except TopLogprobsNumTooLarge as e:
+            raise ValueError(e.named(req.client_name(UnsupportedField(e.key)))) from None
 
     async def answer(
         items: list[Item],
@@ -227,10 +236,10 @@ def add_openai_routes(app: FastAPI, engine: Engine) -> None:
             "model": req.model or engine.served_model_name,
         }
 
-        def logprobs(triples: list[Any], meta: dict[str, Any]) -> dict[str, Any] | None:
+        def logprobs(triples: list[Any], top: list[Any] | None) -> dict[str, Any] | None:
             if req.logprobs is None:
                 return None
-            return completion_logprobs(names, triples, meta.get("output_top_logprobs"))
+            return completion_logprobs(names, triples, top)
 
         def choice(i: int, out: dict[str, Any]) -> dict[str, Any]:
             finish, matched = _finish(out)
@@ -238,7 +247,7 @@ def add_openai_routes(app: FastAPI, engine: Engine) -> None:
             return {
                 "index": i,
                 "text": (echo[i // req.n] if echo else "") + out["text"],
-                "logprobs": logprobs(meta.get("output_token_logprobs", []), meta),
+                "logprobs": logprobs(meta.get("output_token_logprobs", []), meta.get("output_top_logprobs")),
                 "finish_reason": finish,
                 "matched_stop": matched,
             }
@@ -250,7 +259,7 @@ def add_openai_routes(app: FastAPI, engine: Engine) -> None:
 
         def chunks(i: int, out: dict[str, Any]) -> list[dict[str, Any]]:
             s = sent[i]
-            delta, triples = s.advance(out)
+            delta, triples, top = s.advance(out)
             if echo and not s.started:
                 delta = echo[i // req.n] + delta
             s.started = True
@@ -258,7 +267,7 @@ def add_openai_routes(app: FastAPI, engine: Engine) -> None:
             if not (delta or triples or finish):
                 return []
             s.logprobs += len(triples)
-            body = {"index": i, "text": delta, "logprobs": logprobs(triples, out["meta_info"])}
+            body = {"index": i, "text": delta, "logprobs": logprobs(triples, top)}
             body |= {"finish_reason": finish, "matched_stop": matched}
             return [
                 {
@@ -302,11 +311,12 @@ def add_openai_routes(app: FastAPI, engine: Engine) -> None:
 
         def choice(i: int, out: dict[str, Any]) -> dict[str, Any]:
             finish, matched = _finish(out)
-            triples = out["meta_info"].get("output_token_logprobs", [])
+            meta = out["meta_info"]
+            triples, top = meta.get("output_token_logprobs", []), meta.get("output_top_logprobs")
             return {
                 "index": i,
                 "message": {"role": "assistant", "content": out["text"], "reasoning_content": None},
-                "logprobs": chat_logprobs(names, triples) if req.logprobs else None,
+                "logprobs": chat_logprobs(names, triples, top) if req.logprobs else None,
                 "finish_reason": finish,
                 "matched_stop": matched,
             }
@@ -315,15 +325,17 @@ def add_openai_routes(app: FastAPI, engine: Engine) -> None:
             return await answer(items, request, head, choice, req.n)
         include_usage, continuous = usage_options(req)
         sent = [_Sent() for _ in items]
-        finished: dict[int, tuple[str | None, Any, list[Any]]] = {}
+        finished: dict[int, tuple[str | None, Any, list[Any], list[Any]]] = {}
         chunk_head = {**head, "object": "chat.completion.chunk"}
 
-        def chunk(i: int, delta: dict[str, Any], triples: list[Any], finish: Any = None, matched: Any = None) -> Any:
+        def chunk(
+            i: int, delta: dict[str, Any], triples: list[Any], top: list[Any], finish: Any = None, matched: Any = None
+        ) -> Any:
             """serving_chat.py's chunk; logprob entries of steps that added no text ride on the next chunk."""
             s = sent[i]
             s.logprobs += len(triples)
             body = {"index": i, "delta": {"reasoning_content": None, **delta}}
-            body |= {"logprobs": chat_logprobs(names, triples) if req.logprobs and triples else None}
+            body |= {"logprobs": chat_logprobs(names, triples, top) if req.logprobs and triples else None}
             body |= {"finish_reason": finish, "matched_stop": matched}
             extra = (
                 {"usage": usage(s.prompt_tokens, s.completion_tokens)} if continuous and delta.get("content") else {}
@@ -332,19 +344,19 @@ def add_openai_routes(app: FastAPI, engine: Engine) -> None:
 
         def chunks(i: int, out: dict[str, Any]) -> list[dict[str, Any]]:
             s = sent[i]
-            delta, triples = s.advance(out)
-            sends = [] if s.started else [chunk(i, {"role": "assistant", "content": ""}, [])]
+            delta, triples, top = s.advance(out)
+            sends = [] if s.started else [chunk(i, {"role": "assistant", "content": ""}, [], [])]
             s.started = True
             if delta:
-                sends.append(chunk(i, {"content": delta}, triples))
-                triples = []
+                sends.append(chunk(i, {"content": delta}, triples, top))
+                triples, top = [], []
             if out["meta_info"]["finish_reason"] is not None:
-                finished[i] = (*_finish(out), triples)
+                finished[i] = (*_finish(out), triples, top)
             return sends
 
         def tail() -> list[dict[str, Any]]:
             # SGLang sends each choice's finish after the last output (with logprobs no text chunk carried here)
-            done = [chunk(i, {}, triples, finish, matched) for i, (finish, matched, triples) in finished.items()]
+            done = [chunk(i, {}, tr, top, finish, matched) for i, (finish, matched, tr, top) in finished.items()]
             if include_usage:
                 prompt = {i: s.prompt_tokens for i, s in enumerate(sent)}
                 completion = {i: s.completion_tokens for i, s in enumerate(sent)}

@@ -76,13 +76,19 @@ def completion_logprobs(names: TokenText, triples: Sequence[Triple], top: Sequen
     }
 
 
-def chat_logprobs(names: TokenText, triples: Sequence[Triple]) -> dict[str, Any]:
-    """`ChoiceLogprobs` of /v1/chat/completions (serving_chat.py `_build_token_logprobs_from_raw`); no top-k rows:
-    this engine computes none (a request for them is refused)."""
+def chat_logprobs(names: TokenText, triples: Sequence[Triple], top: Sequence[Any] | None) -> dict[str, Any]:
+    """`ChoiceLogprobs` of /v1/chat/completions (serving_chat.py `_build_token_logprobs_from_raw`); `top`: the
+    engine's output_top_logprobs rows aligned with `triples` (each `TopLogprob` with its bytes), none when not asked."""
+    rows = list(top or [])
+
+    def top_of(i: int) -> list[dict[str, Any]]:
+        row = rows[i] if i < len(rows) else None
+        return [{"token": s or "", "bytes": names.bytes_of(t, s), "logprob": v} for v, t, s in row or []]
+
     return {
         "content": [
-            {"token": text or "", "bytes": names.bytes_of(tid, text), "logprob": lp, "top_logprobs": []}
-            for lp, tid, text in triples
+            {"token": text or "", "bytes": names.bytes_of(tid, text), "logprob": lp, "top_logprobs": top_of(i)}
+            for i, (lp, tid, text) in enumerate(triples)
         ]
     }
 

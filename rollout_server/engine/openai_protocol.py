@@ -5,7 +5,7 @@ translate them.
 What SGLang implements and this engine does not is refused with a 400 naming the field, through the one rule of the
 native path (sampling.UnsupportedField): SGLang's sampling fields (frequency_penalty, logit_bias, response_format, ...)
 travel into `sampling_params` exactly as SGLang sends them and are refused there; top logprobs travel as
-`top_logprobs_num` and are refused by items.py; fields SGLang's OpenAI server reads itself (tools, return_token_ids,
+`top_logprobs_num` (bounded by items.py); fields SGLang's OpenAI server reads itself (tools, return_token_ids,
 ...) are refused here against `*_REFUSED`. Fields SGLang accepts and ignores (user, best_of, priority, routing
 hints) are ignored here too, as are fields neither knows.
 """
@@ -20,10 +20,13 @@ from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
 from rollout_server.engine.protocol import GenerateReqInput
 from rollout_server.engine.sampling import UnsupportedField, refuse_unsupported
+from rollout_server.engine.top_logprobs import MAX_TOP_LOGPROBS_NUM
 
 # Documents the neutral value as the only one accepted (the fuzzer's positive cases stay valid requests).
 _NEUTRAL_NULL = WithJsonSchema({"type": "null", "description": "not supported by the built-in engine"})
-_ZERO_OR_NULL = WithJsonSchema({"anyOf": [{"const": 0}, {"type": "null"}], "description": "no top-k logprobs here"})
+_TOP_NUM_OR_NULL = WithJsonSchema(
+    {"anyOf": [{"type": "integer", "minimum": 0, "maximum": MAX_TOP_LOGPROBS_NUM}, {"type": "null"}]}
+)
 
 
 def _neutral(value: Any) -> Any:
@@ -187,8 +190,8 @@ class CompletionRequest(_OpenAIRequest):
     min_p: float = Field(0.0, ge=0, le=1)
     repetition_penalty: Annotated[float, _neutral(1)] = 1.0
     echo: bool = False
-    # top logprobs per token; 0: the sampled token's only (this engine computes no top-k: > 0 is refused)
-    logprobs: Annotated[Annotated[int, Field(ge=0)] | None, _ZERO_OR_NULL] = None
+    # top logprobs per token; 0: the sampled token's only
+    logprobs: Annotated[Annotated[int, Field(ge=0)] | None, _TOP_NUM_OR_NULL] = None
     json_schema: Annotated[str | None, _NEUTRAL_NULL] = None
 
     def to_generate(self, rid: str | list[str]) -> GenerateReqInput:
@@ -232,7 +235,7 @@ class ChatCompletionRequest(_OpenAIRequest):
     min_p: float | None = Field(None, ge=0, le=1)
     repetition_penalty: Annotated[float | None, WithJsonSchema({"anyOf": [{"const": 1}, {"type": "null"}]})] = None
     logprobs: bool = False
-    top_logprobs: Annotated[Annotated[int, Field(ge=0)] | None, _ZERO_OR_NULL] = None
+    top_logprobs: Annotated[Annotated[int, Field(ge=0)] | None, _TOP_NUM_OR_NULL] = None
     tool_choice: Annotated[str | dict[str, Any] | None, WithJsonSchema({"enum": ["none", "auto", None]})] = None
     chat_template_kwargs: dict[str, Any] | None = None
     reasoning_effort: ReasoningEffort | Annotated[float, Field(ge=0.0, le=0.99, allow_inf_nan=False)] | None = None

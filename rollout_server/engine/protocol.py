@@ -15,6 +15,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, WithJsonSchema
 
+from rollout_server.engine.top_logprobs import MAX_TOP_LOGPROBS_NUM
+
+# top logprobs per position: 0 none (SGLang reads <= 0 as none); above the vocabulary refused too (items.py)
+_TOP_NUM = {"type": "integer", "minimum": 0, "maximum": MAX_TOP_LOGPROBS_NUM}
+
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -65,9 +70,10 @@ class GenerateReqInput(_Body):
     ] = None
     return_logprob: bool | list[bool] | None = None
     logprob_start_len: Annotated[int, Field(ge=-1)] | list[Annotated[int, Field(ge=-1)]] | None = None
-    top_logprobs_num: Annotated[int | list[int] | None, WithJsonSchema({"anyOf": [{"const": 0}, {"type": "null"}]})] = (
-        None
-    )
+    top_logprobs_num: Annotated[
+        int | list[int] | None,
+        WithJsonSchema({"anyOf": [_TOP_NUM, {"type": "array", "items": _TOP_NUM}, {"type": "null"}]}),
+    ] = None
     token_ids_logprob: Annotated[list[int] | list[list[int]] | None, _UNSUPPORTED] = None
     return_text_in_logprobs: bool = False
     stream: bool = False

@@ -7,7 +7,8 @@ LOGPROB CONVENTION (the learner computes the same quantity, see learner/):
 where `logits_i` are the model's logits for position i cast to float32, and T is the request's
 temperature, with T = 1 when the request is greedy (temperature < 1e-6). It is taken BEFORE top-k,
 top-p and min-p filtering: the filtered distribution is only used to draw the token. The same
-convention applies to `input_token_logprobs` (prompt positions), with the request's T.
+convention applies to `input_token_logprobs` (prompt positions), with the request's T, and to the top-k rows
+(`output_top_logprobs`, `input_top_logprobs`: the k largest of the same distribution, top_logprobs.py).
 
 This is what recent SGLang returns by default (python/sglang/srt/layers/sampler.py): greedy batches
 return `log_softmax(logits)`; sampling batches divide the logits by the temperature in place,
@@ -32,6 +33,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from rollout_server.engine.top_logprobs import TopLogprobs, TopRow, top_rows
 
 SAMPLING_EPS = 1e-6
 
@@ -198,6 +201,30 @@ def token_logprobs(logits: torch.Tensor, temperatures: torch.Tensor, original: b
     return torch.log_softmax(logits, dim=-1)
 
 
+def prompt_logprobs(
+    logits: torch.Tensor,
+    input_ids: Sequence[int],
+    params: SamplingParams,
+    original: bool,
+    start_len: int,
+    top: TopLogprobs | None,
+) -> list[float | None]:
+    """`input_token_logprobs` values of prompt positions start_len.. (convention above) from the prompt's `logits`
+    (row j predicts token j + 1), and with `top` its `input` rows (SGLang's `input_top_logprobs`); the first prompt
+    token has neither (None, as SGLang's logprob_result_processor.py `_process_input_top_logprobs` starts its rows
+    with [None])."""
+    n = len(input_ids) - 1
+    temps = torch.full((n,), params.effective_temperature, device=logits.device)
+    logprobs = token_logprobs(logits[:n], temps, original)
+    ids = torch.tensor(list(input_ids[1:]), dtype=torch.long, device=logprobs.device)
+    values: list[float | None] = [None, *logprobs.gather(-1, ids.unsqueeze(-1)).squeeze(-1).tolist()]
+    if top is not None:
+        first = max(start_len - 1, 0)
+        rows = top_rows(logprobs[first:], [top.num] * (logprobs.shape[0] - first))
+        top.input = [None, *rows] if start_len == 0 else rows
+    return values[start_len:]
+
+
 def _filter_sorted(probs: torch.Tensor, params: Sequence[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor]:
     """Zero what top-p, top-k and min-p exclude, on probabilities sorted descending; return (probs, ids)."""
     probs_sort, probs_idx = probs.sort(dim=-1, descending=True)
@@ -222,6 +249,19 @@ def sample(
     original_logprob: bool = False,
 ) -> tuple[list[int], list[float]]:
     """Draw one token per row of float32 `logits` [B, V]; return the tokens and their logprobs (convention above)."""
+    tokens, chosen, _ = sample_with_top(logits, params, generators, original_logprob)
+    return tokens, chosen
+
+
+def sample_with_top(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator],
+    original_logprob: bool = False,
+    top_logprobs_nums: Sequence[int] | None = None,
+) -> tuple[list[int], list[float], list[TopRow | None]]:
+    """`sample`, and per row its `top_logprobs_nums[i]` largest logprobs (the same convention) with their ids, None
+    for a row that asked for none (top_logprobs.py; no top-k computed when no row asked)."""
     assert logits.shape[0] == len(params) == len(generators)
     temps = torch.tensor([p.effective_temperature for p in params], dtype=torch.float32, device=logits.device)
     logprobs = token_logprobs(logits, temps, original_logprob)
@@ -242,4 +282,4 @@ def sample(
         tokens[rows] = picked.squeeze(-1)
     token_list: list[int] = tokens.tolist()
     chosen = logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).tolist()
-    return token_list, chosen
+    return token_list, chosen, top_rows(logprobs, top_logprobs_nums or [0] * len(params))

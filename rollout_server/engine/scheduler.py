@@ -30,7 +30,8 @@ from typing import Any, Literal, TypeVar
 import torch
 
 from rollout_server.engine.model_runner import ModelRunner
-from rollout_server.engine.sampling import SamplingParams, sample, token_logprobs
+from rollout_server.engine.sampling import SamplingParams, prompt_logprobs, sample_with_top
+from rollout_server.engine.top_logprobs import TopLogprobs
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -52,6 +53,7 @@ class Snapshot:
     weight_versions: list[dict[str, Any]] | None = None
     """Once finished: {version, start, end} per run of output tokens generated under one version (SGLang's
     `meta_info.weight_versions`); None before (SGLang reports the spans on the final output only)."""
+    top: TopLogprobs | None = None  # with top_logprobs_num > 0 only (top_logprobs.py)
 
 
 @dataclass(eq=False)
@@ -65,6 +67,7 @@ class Req:
     stream: bool = False
     return_logprob: bool = False
     logprob_start_len: int = -1
+    top: TopLogprobs | None = None  # top_logprobs_num > 0 with logprobs asked for: its rows so far
     output_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
     input_logprobs: list[float | None] | None = None
@@ -88,6 +91,7 @@ class Req:
             self.num_retractions,
             weight_version,
             spans,
+            self.top.copy() if self.top is not None else None,
         )
 
 
@@ -347,11 +351,14 @@ class Scheduler:
     def _append_tokens(self, reqs: Sequence[Req], logits: torch.Tensor) -> None:
         if not reqs:
             return
-        tokens, logprobs = sample(logits, [r.params for r in reqs], [r.generator for r in reqs], self.original_logprob)
+        gens, tops = [r.generator for r in reqs], [r.top.num if r.top else 0 for r in reqs]
+        tokens, logprobs, rows = sample_with_top(logits, [r.params for r in reqs], gens, self.original_logprob, tops)
         self.num_generated += len(reqs)
-        for r, tok, lp in zip(reqs, tokens, logprobs, strict=True):
+        for r, tok, lp, row in zip(reqs, tokens, logprobs, rows, strict=True):
             r.output_ids.append(tok)
             r.output_logprobs.append(lp)
+            if r.top is not None:
+                r.top.output.append(row)
             finish = self._check_finished(r)
             if finish is not None:
                 self._finish(r, finish)
@@ -377,12 +384,8 @@ class Scheduler:
         return None
 
     def _set_input_logprobs(self, r: Req, logits: torch.Tensor) -> None:
-        ids = torch.tensor(r.input_ids[1:], dtype=torch.long, device=logits.device)
-        temps = torch.full((len(r.input_ids) - 1,), r.params.effective_temperature, device=logits.device)
-        n = len(r.input_ids) - 1
-        lp = token_logprobs(logits[:n], temps, self.original_logprob).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-        values: list[float | None] = [None, *lp.tolist()]
-        r.input_logprobs = values[r.logprob_start_len :]
+        args = (r.params, self.original_logprob, r.logprob_start_len, r.top)
+        r.input_logprobs = prompt_logprobs(logits, r.input_ids, *args)
 
     def _release(self, r: Req) -> None:
         if r.slot is not None:

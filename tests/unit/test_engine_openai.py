@@ -82,16 +82,69 @@ def test_completions_logprobs_integer_are_the_native_logprobs(url: str) -> None:
     assert _ok(url, "/v1/completions", body)["choices"][0]["logprobs"] is None
 
 
-def test_top_logprobs_are_refused_by_one_rule_on_every_path(url: str) -> None:
-    """Guards against a request for top-k logprobs, which this engine does not compute, being answered without them:
-    the native top_logprobs_num, completions' logprobs > 0 and chat's top_logprobs all get a 400 naming the field the
-    client sent."""
-    native = _refused(url, "/generate", {"input_ids": PROMPT_IDS, "return_logprob": True, "top_logprobs_num": 2})
-    assert native == "top_logprobs_num is not supported by the built-in engine"
-    msg = _refused(url, "/v1/completions", {"prompt": "The river", "max_tokens": 2, "logprobs": 2})
-    assert msg == "logprobs=2 is not supported by the built-in engine"
-    msg = _refused(url, "/v1/chat/completions", {"messages": USER, "logprobs": True, "top_logprobs": 3})
-    assert msg == "top_logprobs=3 is not supported by the built-in engine"
+def test_completions_top_logprobs_are_the_native_rows(url: str) -> None:
+    """Guards against completions' `logprobs` > 0 being refused, dropped or mis-mapped: each position's
+    `top_logprobs` dict (token text -> logprob, as SGLang's `to_openai_style_logprobs`) must hold the native
+    /generate output_top_logprobs of that position, and a stream must carry the same rows, each once."""
+    params = {"max_new_tokens": 5, "temperature": 0, "ignore_eos": True}
+    native = _ok(
+        url,
+        "/generate",
+        {
+            "input_ids": PROMPT_IDS,
+            "sampling_params": params,
+            "return_logprob": True,
+            "top_logprobs_num": 3,
+            "return_text_in_logprobs": True,
+        },
+    )
+    body = {"prompt": PROMPT_IDS, "max_tokens": 5, "temperature": 0, "ignore_eos": True, "logprobs": 3}
+    top = _ok(url, "/v1/completions", body)["choices"][0]["logprobs"]["top_logprobs"]
+    rows = native["meta_info"]["output_top_logprobs"]
+    assert len(top) == len(rows) == 5
+    for got, row in zip(top, rows, strict=True):
+        assert 1 <= len(got) <= 3 and set(got.values()) <= {lp for lp, _, _ in row}
+        assert {text: lp for lp, _, text in row if "\ufffd" not in text}.items() <= got.items()
+    streamed = [c["choices"][0]["logprobs"] for c in _events(url, "/v1/completions", body) if c["choices"]]
+    assert [row for lp in streamed if lp for row in lp["top_logprobs"]] == top
+
+
+def test_chat_top_logprobs_carry_tokens_bytes_and_logprobs(url: str) -> None:
+    """Guards against chat's `top_logprobs` being refused or left empty: every content entry carries top_logprobs
+    TopLogprob entries ({token, bytes, logprob}, sorted, the greedy token first with its own logprob), and the
+    stream carries the same entries as the answer."""
+    body = {"messages": USER, "max_tokens": 4, "temperature": 0, "logprobs": True, "top_logprobs": 2}
+    content = _ok(url, "/v1/chat/completions", body)["choices"][0]["logprobs"]["content"]
+    assert content
+    for entry in content:
+        top = entry["top_logprobs"]
+        assert len(top) == 2 and all(set(t) == {"token", "bytes", "logprob"} for t in top)
+        assert top[0]["logprob"] >= top[1]["logprob"]
+        assert (top[0]["token"], top[0]["bytes"], top[0]["logprob"]) == (
+            entry["token"],
+            entry["bytes"],
+            entry["logprob"],
+        )
+    chunks = _events(url, "/v1/chat/completions", body)
+    streamed = [
+        e
+        for c in chunks
+        if c["choices"] and c["choices"][0]["logprobs"]
+        for e in c["choices"][0]["logprobs"]["content"]
+    ]
+    assert streamed == content
+
+
+def test_top_logprobs_bound_is_named_by_the_field_sent(url: str) -> None:
+    """Guards against a k beyond what the engine serves being answered (a huge reply) or refused naming a field the
+    client never sent: native top_logprobs_num, completions' logprobs and chat's top_logprobs each get a 400 naming
+    their own field."""
+    native = _refused(url, "/generate", {"input_ids": PROMPT_IDS, "return_logprob": True, "top_logprobs_num": 9999})
+    assert native.startswith("top_logprobs_num must be at most ")
+    msg = _refused(url, "/v1/completions", {"prompt": "The river", "max_tokens": 2, "logprobs": 9999})
+    assert msg.startswith("logprobs must be at most ") and msg.endswith("got 9999")
+    msg = _refused(url, "/v1/chat/completions", {"messages": USER, "logprobs": True, "top_logprobs": 9999})
+    assert msg.startswith("top_logprobs must be at most ")
 
 
 # (OpenAI field, value, the native sampling parameter SGLang turns it into, its value there)
