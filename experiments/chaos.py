@@ -40,7 +40,7 @@ from typing import Any
 
 from experiments.chaos_accounting import Sources, account
 from experiments.chaos_config import ChaosConfig, ChaosFailed, Scenario, load_chaos_config
-from experiments.chaos_probe import Probe
+from experiments.chaos_probe import Probe, ProbeHandle
 
 __all__ = ["ChaosConfig", "ChaosFailed", "load_chaos_config", "run_chaos", "run_scenario"]
 
@@ -107,9 +107,11 @@ def run_scenario(cfg: ChaosConfig, name: Scenario) -> dict[str, Any]:
         stack.callback(file_log.close)
         stack.callback(logging.getLogger().removeHandler, file_log)
         launcher = Launcher(up, Dashboard(run, "off"))
+        probes = ProbeHandle(launcher, cfg.target_phase)
+        stack.callback(probes.close)
         injector: sc.Injector
         if name in ("kills", "learner_crash_loop"):
-            injector = sc.Kills(cfg, launcher, crash_loop=name == "learner_crash_loop")
+            injector = sc.Kills(cfg, launcher, probes, crash_loop=name == "learner_crash_loop")
         elif name == "judge_outage":
             injector = sc.JudgeOutage(cfg, launcher, stub)
         elif name == "regex_bomb":
@@ -118,9 +120,10 @@ def run_scenario(cfg: ChaosConfig, name: Scenario) -> dict[str, Any]:
             injector = RegexBomb(cfg, launcher)
         elif name == "reject_task":
             injector = sc.RejectTask(cfg, launcher)
+        elif name == "long_generations":
+            injector = sc.LeaseCheck(cfg, launcher)
         else:
-            injector = sc.LogCheck(cfg, launcher, name)
-        stack.callback(injector.close)
+            injector = sc.OversizedCheck(cfg, launcher)
         launcher.on_tick = injector.tick
         log.warning("chaos: scenario %s in %s", name, run.root)
 
@@ -144,7 +147,7 @@ def run_scenario(cfg: ChaosConfig, name: Scenario) -> dict[str, Any]:
             for s in previous:  # a second signal skips the grace periods instead of interrupting the shutdown
                 signal.signal(s, lambda *_: launcher.sup.hurry())
             try:
-                result = _account(cfg, launcher, up)  # Redis still up
+                result = _account(cfg, launcher, probes.get(), up)  # Redis still up
             except Exception as e:  # noqa: BLE001 - reported as this run's failure, the other scenarios go on
                 failures.append(f"accounting failed: {e!r}")
             try:
@@ -153,7 +156,6 @@ def run_scenario(cfg: ChaosConfig, name: Scenario) -> dict[str, Any]:
             finally:
                 for s, handler in previous.items():
                     signal.signal(s, handler)
-                _close_probe(launcher)
         acc = result.pop("_accounting", None)
         letters = result.pop("_letters", None) or []
         if acc is not None:
@@ -170,27 +172,11 @@ def run_scenario(cfg: ChaosConfig, name: Scenario) -> dict[str, Any]:
         return out
 
 
-def _probe(launcher: Any, cfg: ChaosConfig) -> Probe:
-    """One probe per launcher (its Redis), opened on first use."""
-    probe: Probe | None = getattr(launcher, "_chaos_probe", None)
-    if probe is None:
-        probe = Probe(launcher.redis_url, launcher.cfg.phase_run_id(cfg.target_phase))
-        launcher._chaos_probe = probe
-    return probe
-
-
-def _close_probe(launcher: Any) -> None:
-    probe: Probe | None = getattr(launcher, "_chaos_probe", None)
-    if probe is not None:
-        probe.close()
-
-
-def _account(cfg: ChaosConfig, launcher: Any, up: Any) -> dict[str, Any]:
+def _account(cfg: ChaosConfig, launcher: Any, probe: Probe, up: Any) -> dict[str, Any]:
     """The accounting of the run's target phase from its independent sources, and the end state of the queue."""
     from learner.metrics import read_metrics
 
     phase = cfg.target_phase
-    probe = _probe(launcher, cfg)
     letters = probe.dead_letters()
     metrics_path = launcher.run.phase_dir(phase)
     try:

@@ -13,7 +13,7 @@ from typing import Any
 
 from common.supervisor import Child, HttpReady, ProcessSpec
 from experiments.chaos_config import ChaosConfig, ChaosFailed, Fault
-from experiments.chaos_probe import Probe
+from experiments.chaos_probe import Probe, ProbeHandle
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ class ChaosMonkey:
         self,
         cfg: ChaosConfig,
         launcher: Any,
+        probes: ProbeHandle,
         faults: list[Fault] | None = None,
         warmup_steps: int | None = None,
         steps_between: int | None = None,
@@ -66,7 +67,7 @@ class ChaosMonkey:
         self._steps_between = cfg.steps_between_faults if steps_between is None else steps_between
         self.done: list[FaultRecord] = []
         self.current: FaultRecord | None = None
-        self._probe: Probe | None = None
+        self._probes = probes
         self._steps_at_recovery = 0
         self._baseline: dict[str, Any] = {}
         self._engine_url = ""
@@ -74,14 +75,7 @@ class ChaosMonkey:
 
     @property
     def probe(self) -> Probe:
-        if self._probe is None:
-            self._probe = Probe(self.launcher.redis_url, self.launcher.cfg.phase_run_id(self.phase))
-        return self._probe
-
-    def close(self) -> None:
-        """Close the probe's broker connection, if a tick opened one."""
-        if self._probe is not None:
-            self._probe.close()
+        return self._probes.get()
 
     def _steps(self) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = self.launcher.run.metrics(self.phase)

@@ -98,3 +98,22 @@ class Probe:
 
     def close(self) -> None:
         self._broker.close()
+
+
+class ProbeHandle:
+    """One run's Probe, opened on first use: the injectors exist before the launcher has started Redis."""
+
+    def __init__(self, launcher: Any, phase: str) -> None:
+        self._launcher = launcher
+        self._phase = phase
+        self._probe: Probe | None = None
+
+    def get(self) -> Probe:
+        if self._probe is None:
+            self._probe = Probe(self._launcher.redis_url, self._launcher.cfg.phase_run_id(self._phase))
+        return self._probe
+
+    def close(self) -> None:
+        """Close the probe's broker connection, if it was opened."""
+        if self._probe is not None:
+            self._probe.close()

@@ -38,6 +38,7 @@ from deploy.launcher.config import UpConfig
 from experiments.chaos_accounting import Accounting
 from experiments.chaos_config import ChaosConfig, ChaosFailed, Fault, Scenario
 from experiments.chaos_monkey import ChaosMonkey
+from experiments.chaos_probe import ProbeHandle
 
 # Sizes the scenarios set (measured on the bench's tiny system: configs/bench/chaos.toml, docs/reliability.md).
 CRASH_LOOP_INTERVAL_STEPS = 16  # the checkpoint interval the crash loop's kills stay inside
@@ -113,23 +114,20 @@ class Injector:
         failure as a sentence."""
         return []
 
-    def close(self) -> None:
-        pass
-
 
 class Kills(Injector):
     """kills and learner_crash_loop: the ChaosMonkey's SIGKILL-and-respawn of whole processes."""
 
-    def __init__(self, cfg: ChaosConfig, launcher: Any, crash_loop: bool) -> None:
+    def __init__(self, cfg: ChaosConfig, launcher: Any, probes: ProbeHandle, crash_loop: bool) -> None:
         super().__init__(cfg, launcher)
         self.crash_loop = crash_loop
         if crash_loop:  # the first kill after the first checkpoint, then each once the restart logged a step
             faults: list[Fault] = ["learner"] * cfg.crash_loop_restarts
             self.monkey = ChaosMonkey(
-                cfg, launcher, faults, warmup_steps=CRASH_LOOP_INTERVAL_STEPS + 1, steps_between=0
+                cfg, launcher, probes, faults, warmup_steps=CRASH_LOOP_INTERVAL_STEPS + 1, steps_between=0
             )
         else:
-            self.monkey = ChaosMonkey(cfg, launcher)
+            self.monkey = ChaosMonkey(cfg, launcher, probes)
 
     def tick(self) -> None:
         self.monkey.tick()
@@ -167,9 +165,6 @@ class Kills(Injector):
         elif faults and faults[-1]["fault"] == "engine" and faults[-1].get("caught_up_s") is None:
             out.append("the respawned engine never served the current policy version")
         return out
-
-    def close(self) -> None:
-        self.monkey.close()
 
 
 class JudgeOutage(Injector):
@@ -272,27 +267,36 @@ class RejectTask(Injector):
         return out
 
 
-class LogCheck(Injector):
-    """Scenarios with nothing to inject (their overrides are the fault): what the logs and letters show at the end."""
+class OversizedCheck(Injector):
+    """oversized_output: nothing to inject (its override is the fault); the dead letters must show it."""
 
-    def __init__(self, cfg: ChaosConfig, launcher: Any, name: Scenario) -> None:
+    def __init__(self, cfg: ChaosConfig, launcher: Any) -> None:
         super().__init__(cfg, launcher)
-        self.name = name
         self.found: dict[str, Any] = {}
 
     def report(self) -> dict[str, Any]:
         return self.found
 
     def check(self, acc: Accounting, letters: list[DeadLetter]) -> list[str]:
-        if self.name == "long_generations":
-            return self._check_leases()
         mine = [x for x in letters if x.stream == "rollouts" and "over the limit" in x.reason]
         self.found = {"dead_letters": len(letters), "too_large": len(mine), "example": mine[0].reason if mine else ""}
         if not mine:
             return ["no scored group was too large to publish: the scenario tested nothing"]
         return []
 
-    def _check_leases(self) -> list[str]:
+
+class LeaseCheck(Injector):
+    """long_generations: nothing to inject (its overrides are the fault); the rollout workers' logs must show no
+    task claimed from a live worker and no group generated twice, with groups longer than the lease."""
+
+    def __init__(self, cfg: ChaosConfig, launcher: Any) -> None:
+        super().__init__(cfg, launcher)
+        self.found: dict[str, Any] = {}
+
+    def report(self) -> dict[str, Any]:
+        return self.found
+
+    def check(self, acc: Accounting, letters: list[DeadLetter]) -> list[str]:
         logs = [c.read_log() for c in self.launcher.sup.children if "-rollout-" in c.name]
         claims = sum(len(re.findall(r"claimed \d+ idle entries of tasks", text)) for text in logs)
         twice = sum(text.count("was already published") for text in logs)

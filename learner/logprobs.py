@@ -78,6 +78,27 @@ def _tp() -> tuple[Any, int, int]:
     return group, parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
 
 
+class _Rows:
+    """This TP rank's view of the logits as rows `[tokens, vocab / tp]`, and per chunk of rows what the forward and
+    the backward both recompute: z = logits / T with the vocab's padding at -inf, and where each target sits."""
+
+    def __init__(self, logits: torch.Tensor, target: torch.Tensor, vocab_size: int, rank: int) -> None:
+        self.shard = logits.shape[-1]
+        self.start = rank * self.shard
+        self.flat = logits.reshape(-1, self.shard)
+        self.target = target.reshape(-1)
+        self.real = torch.arange(self.start, self.start + self.shard, device=logits.device) < vocab_size
+
+    def z(self, lo: int, hi: int, temperature: float) -> torch.Tensor:
+        z = self.flat[lo:hi].float() / temperature
+        return z.masked_fill_(~self.real, float("-inf"))
+
+    def local_target(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The targets' columns in this shard, and which targets this shard holds."""
+        local = self.target[lo:hi] - self.start
+        return local, (local >= 0) & (local < self.shard)
+
+
 class _ChunkedLogprobEntropy(torch.autograd.Function):
     """Forward: per chunk of rows, z = logits / T (padding rows of the vocab at -inf), lse = log sum exp z, the
     target's z (from the shard that holds it) and E_p[z], all-reduced over TP. Saves lse and E_p[z] per row.
@@ -89,27 +110,21 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
         ctx: Any, logits: torch.Tensor, target: torch.Tensor, temperature: float, vocab_size: int, chunk: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         group, tp, rank = _tp()
-        shard = logits.shape[-1]
-        start = rank * shard
-        flat = logits.reshape(-1, shard)
-        tgt = target.reshape(-1)
-        real = torch.arange(start, start + shard, device=logits.device) < vocab_size
-        lse = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
+        rows = _Rows(logits, target, vocab_size, rank)
+        lse = torch.empty(rows.flat.shape[0], dtype=torch.float32, device=logits.device)
         logp = torch.empty_like(lse)
         mean_z = torch.empty_like(lse)
-        for lo in range(0, flat.shape[0], chunk):
-            z = flat[lo : lo + chunk].float() / temperature
-            z.masked_fill_(~real, float("-inf"))
+        for lo in range(0, rows.flat.shape[0], chunk):
+            z = rows.z(lo, lo + chunk, temperature)
             m = z.max(dim=-1).values
             if tp > 1:
                 dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
             z.sub_(m[:, None])  # z - m: exp cannot overflow; the max cancels out of every result below
             e = torch.exp(z)
-            local = tgt[lo : lo + chunk] - start
-            mine = (local >= 0) & (local < shard)
-            picked = z.gather(-1, local.clamp(0, shard - 1)[:, None]).squeeze(-1) * mine
+            local, mine = rows.local_target(lo, lo + chunk)
+            picked = z.gather(-1, local.clamp(0, rows.shard - 1)[:, None]).squeeze(-1) * mine
             # sum e, sum e * z (z := 0 on padding: 0 * -inf is NaN), the target's z: one all-reduce for all three
-            sums = torch.stack([e.sum(-1), (e * z.masked_fill(~real, 0.0)).sum(-1), picked])
+            sums = torch.stack([e.sum(-1), (e * z.masked_fill(~rows.real, 0.0)).sum(-1), picked])
             del e, z
             if tp > 1:
                 dist.all_reduce(sums, group=group)
@@ -128,27 +143,21 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
         logits, target, lse, mean_z = ctx.saved_tensors
         temperature, vocab_size, chunk = ctx.args
         _, _, rank = _tp()
-        shard = logits.shape[-1]
-        start = rank * shard
-        flat = logits.reshape(-1, shard)
-        tgt = target.reshape(-1)
+        rows = _Rows(logits, target, vocab_size, rank)
         g_lp = None if g_logp is None else g_logp.reshape(-1).float()
         g_h = None if g_entropy is None else g_entropy.reshape(-1).float()
-        real = torch.arange(start, start + shard, device=logits.device) < vocab_size
-        grad = torch.empty_like(flat)
-        for lo in range(0, flat.shape[0], chunk):
+        grad = torch.empty_like(rows.flat)
+        for lo in range(0, rows.flat.shape[0], chunk):
             hi = lo + chunk
-            z = flat[lo:hi].float() / temperature
-            z.masked_fill_(~real, float("-inf"))
+            z = rows.z(lo, hi, temperature)
             p = torch.exp(z - lse[lo:hi, None])  # 0 on padding
             g = torch.zeros_like(p)
             if g_lp is not None:
                 g -= p * g_lp[lo:hi, None]
-                local = tgt[lo:hi] - start
-                mine = (local >= 0) & (local < shard)
-                rows = torch.arange(local.shape[0], device=logits.device)[mine]
-                g[rows, local[mine]] += g_lp[lo:hi][mine]
+                local, mine = rows.local_target(lo, hi)
+                held = torch.arange(local.shape[0], device=logits.device)[mine]
+                g[held, local[mine]] += g_lp[lo:hi][mine]
             if g_h is not None:
-                g += g_h[lo:hi, None] * p * (mean_z[lo:hi, None] - z.masked_fill(~real, 0.0))
+                g += g_h[lo:hi, None] * p * (mean_z[lo:hi, None] - z.masked_fill(~rows.real, 0.0))
             grad[lo:hi] = (g / temperature).to(grad.dtype)
         return grad.view(logits.shape), None, None, None, None

@@ -78,6 +78,11 @@ class EngineClient:
         except httpx.TransportError as e:
             raise EngineUnreachable(f"{method} {url}: {type(e).__name__}: {e}") from e
 
+    def request_idempotent(self, method: str, url: str, body: dict[str, Any] | None = None) -> httpx.Response:
+        """`request`, retried (bounded, with backoff) when the connection fails; any answer is returned as it is."""
+        return self._retry.call(lambda: self.request(method, url, body), retry_on=(EngineUnreachable,),
+                                what=f"{method} {url}")  # fmt: skip
+
     def call(self, url: str, path: str, body: dict[str, Any] | None = None, timeout_s: float | None = None) -> Any:
         """POST a control call and return its JSON; raise EngineCallError unless it answered 200 with success."""
         r = self.request("POST", url + path, body, timeout_s)
@@ -116,7 +121,7 @@ class EngineClient:
         return False
 
     def server_info(self, url: str) -> dict[str, Any]:
-        r = self._retry.call(lambda: self.request("GET", url + "/get_server_info"), (EngineUnreachable,), f"GET {url}")
+        r = self.request_idempotent("GET", url + "/get_server_info")
         if r.status_code != 200:
             raise EngineCallError(f"GET {url}/get_server_info answered {r.status_code}: {r.text[:300]}")
         info: dict[str, Any] = r.json()
@@ -126,10 +131,10 @@ class EngineClient:
         """The engine's weight version, from /model_info (SGLang 0.5.23 has no /get_weight_version and deprecates
         /get_model_info, asked only of an older build that has no /model_info)."""
         path = "/model_info"
-        r = self._retry.call(lambda: self.request("GET", url + path), (EngineUnreachable,), f"GET {url}{path}")
+        r = self.request_idempotent("GET", url + path)
         if r.status_code == 404:
             path = "/get_model_info"
-            r = self._retry.call(lambda: self.request("GET", url + path), (EngineUnreachable,), f"GET {url}{path}")
+            r = self.request_idempotent("GET", url + path)
         if r.status_code != 200:
             raise EngineCallError(f"GET {url}{path} answered {r.status_code}")
         try:
@@ -151,9 +156,7 @@ class EngineClient:
         """`/flush_cache` answers 400 while requests are running or waiting: retry until it answers 200 or time is up."""
         deadline = time.monotonic() + deadline_s
         while True:
-            r = self._retry.call(
-                lambda: self.request("POST", url + "/flush_cache"), (EngineUnreachable,), f"flush {url}"
-            )
+            r = self.request_idempotent("POST", url + "/flush_cache")
             if r.status_code == 200:
                 return
             if r.status_code != 400 or time.monotonic() + interval_s > deadline:
@@ -166,25 +169,20 @@ class EngineClient:
         """Open SGLang's weight-update session (0.5.23 refuses distributed updates outside one). A session left
         open by a push that died is closed and opened again; an engine without the route (older SGLang) needs
         none."""
-        r = self._post_session(url, "/begin_weight_update", {"selector": "all"})
+        r = self.request_idempotent("POST", url + "/begin_weight_update", {"selector": "all"})
         if r.status_code == 400 and "already open" in r.text:
             logger.warning("%s: a weight-update session was left open (a push died): closing it", url)
             self.end_update(url)
-            r = self._post_session(url, "/begin_weight_update", {"selector": "all"})
+            r = self.request_idempotent("POST", url + "/begin_weight_update", {"selector": "all"})
         if r.status_code != 404:
             _checked(r, url + "/begin_weight_update")
 
     def end_update(self, url: str) -> None:
         """Close the weight-update session; none open (or no such route) is fine."""
-        r = self._post_session(url, "/end_weight_update", {})
+        r = self.request_idempotent("POST", url + "/end_weight_update", {})
         if r.status_code == 404 or (r.status_code == 400 and "no weight-update session is open" in r.text):
             return
         _checked(r, url + "/end_weight_update")
-
-    def _post_session(self, url: str, path: str, body: dict[str, Any]) -> httpx.Response:
-        return self._retry.call(
-            lambda: self.request("POST", url + path, body), retry_on=(EngineUnreachable,), what=f"POST {url}{path}"
-        )
 
     def destroy_group(self, url: str, group_name: str) -> None:
         self.call_idempotent(url, "/destroy_weights_update_group", {"group_name": group_name})
