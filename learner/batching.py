@@ -5,8 +5,10 @@ here (GRPO advantages, data metrics), which it broadcasts to every rank.
 
 The rest is pure and deterministic, so every rank computes the same plan from the same batch:
 `plan_micro_batches` balances sequences over data-parallel ranks (longest first onto the least loaded
-rank) and packs each rank's share into micro-batches whose padded size (count x longest, rounded up to
-`pad_multiple`) stays within `max_tokens_per_micro_batch` (dynamic batch size).
+rank) and packs each rank's share into micro-batches whose tokens, padding included, stay within
+`max_tokens_per_micro_batch` (dynamic batch size). A `Layout` says where the padding goes: packed (the default:
+one row of sequences back to back, THD) or padded (a row per sequence); `MicroBatch.shard_for_cp` cuts out a
+context-parallel rank's share.
 
 Token layout of one sequence of length L with a prompt of P tokens: inputs are tokens[0 : L-1] and
 labels tokens[1 : L]; position i predicts token i+1, so the response tokens are the labels at
@@ -15,8 +17,10 @@ positions P-1 .. L-2, which is where the loss mask, the advantage and the rollou
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,6 +28,7 @@ import numpy.typing as npt
 import torch
 
 from broker.schemas import ScoredGroup
+from learner.context_parallel import shard_positions, zigzag_index
 from learner.loss import grpo_advantages
 from learner.train_config import LossConfig
 
@@ -136,6 +141,34 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+@dataclass(frozen=True)
+class Layout:
+    """How a micro-batch lays its sequences out. Padded: one row per sequence, every row as long as the longest
+    rounded up to `pad_multiple`. Packed: one row, the sequences back to back (THD, `cu_seqlens`), the row
+    rounded up to `pad_multiple`. Under context parallelism every sequence is also a multiple of 2 x cp_size
+    tokens (its zig-zag chunks, learner/context_parallel.py)."""
+
+    pad_multiple: int = 1
+    packing: bool = False
+    cp_size: int = 1
+
+    @property
+    def seq_multiple(self) -> int:
+        return 2 * self.cp_size if self.cp_size > 1 else 1
+
+    def slots(self, lengths: Sequence[int]) -> list[int]:
+        """The tokens each sequence takes in the micro-batch, padding included (sum: the micro-batch's tokens)."""
+        if not lengths:
+            return []
+        if not self.packing:
+            row = _round_up(max(lengths), math.lcm(self.pad_multiple, self.seq_multiple))
+            return [row] * len(lengths)
+        slots = [_round_up(n, self.seq_multiple) for n in lengths]
+        # The last sequence takes the row's padding: its slot stays a multiple of seq_multiple.
+        slots[-1] += _round_up(sum(slots), math.lcm(self.pad_multiple, self.seq_multiple)) - sum(slots)
+        return slots
+
+
 def balance_over_ranks(lengths: Sequence[int], num_ranks: int) -> list[list[int]]:
     """Sample indices per rank: longest first onto the rank with the fewest tokens (ties: fewer samples, lower rank)."""
     if len(lengths) < num_ranks:
@@ -151,18 +184,15 @@ def balance_over_ranks(lengths: Sequence[int], num_ranks: int) -> list[list[int]
 
 
 def pack_micro_batches(
-    indices: Sequence[int], lengths: Sequence[int], max_tokens: int, pad_multiple: int
+    indices: Sequence[int], lengths: Sequence[int], max_tokens: int, layout: Layout
 ) -> list[list[int]]:
-    """First-fit decreasing: a micro-batch's cost is count x (its longest length rounded up to pad_multiple).
-
-    A sequence longer than the budget gets a micro-batch of its own.
-    """
+    """First-fit decreasing by the micro-batch's tokens under `layout` (padding included). A sequence longer than
+    the budget gets a micro-batch of its own."""
     order = sorted(indices, key=lambda i: (-lengths[i], i))
     bins: list[list[int]] = []
     for i in order:
         for b in bins:
-            # sorted descending: the bin's first sequence is its longest
-            if (len(b) + 1) * _round_up(lengths[b[0]], pad_multiple) <= max_tokens:
+            if sum(layout.slots([lengths[j] for j in [*b, i]])) <= max_tokens:
                 b.append(i)
                 break
         else:
@@ -170,16 +200,21 @@ def pack_micro_batches(
     return bins
 
 
-def plan_micro_batches(
-    lengths: Sequence[int], dp_size: int, max_tokens: int, pad_multiple: int
-) -> list[list[list[int]]]:
+def plan_micro_batches(lengths: Sequence[int], dp_size: int, max_tokens: int, layout: Layout) -> list[list[list[int]]]:
     """plan[dp_rank] = that rank's micro-batches, each a list of sample indices."""
-    return [pack_micro_batches(s, lengths, max_tokens, pad_multiple) for s in balance_over_ranks(lengths, dp_size)]
+    return [pack_micro_batches(s, lengths, max_tokens, layout) for s in balance_over_ranks(lengths, dp_size)]
+
+
+def padding_fraction(lengths: Sequence[int], plan: list[list[list[int]]], layout: Layout) -> float:
+    """Padding tokens / all tokens over every rank's micro-batches of a plan (0: no token wasted)."""
+    total = sum(sum(layout.slots([lengths[i] for i in mb])) for rank in plan for mb in rank)
+    return 1.0 - sum(lengths) / total if total else 0.0
 
 
 @dataclass
 class MicroBatch:
-    """Padded tensors of one micro-batch; positions beyond a sequence's end are masked out."""
+    """The tensors of one micro-batch, `[rows, tokens]`: one padded row per sequence, or one packed row whose
+    sequences `cu_seqlens` delimits (padding tokens carry no loss). Under CP: this rank's share of the tokens."""
 
     input_ids_BS: torch.Tensor  # int64
     position_ids_BS: torch.Tensor  # int64
@@ -188,46 +223,62 @@ class MicroBatch:
     advantages_BS: torch.Tensor  # float32
     rollout_logp_BS: torch.Tensor  # float32
     sample_indices: list[int]
+    cu_seqlens: torch.Tensor | None = None  # int32 [n + 1]: packed sequence boundaries (whole sequences, not shares)
     logp_old_BS: torch.Tensor | None = None  # the trainer's logprobs before the update (set on the last stage)
     logp_ref_BS: torch.Tensor | None = None  # the reference model's (only with a KL term)
+
+    _TOKEN_FIELDS = ("input_ids_BS", "position_ids_BS", "labels_BS", "loss_mask_BS", "advantages_BS", "rollout_logp_BS")
 
     @property
     def num_loss_tokens(self) -> int:
         return int(self.loss_mask_BS.sum().item())
 
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor], cu_seqlens: torch.Tensor | None) -> MicroBatch:
+        fields = {name: fn(getattr(self, name)) for name in self._TOKEN_FIELDS}
+        return MicroBatch(**fields, sample_indices=self.sample_indices, cu_seqlens=cu_seqlens)
+
     def to(self, device: torch.device | str) -> MicroBatch:
-        return MicroBatch(
-            self.input_ids_BS.to(device),
-            self.position_ids_BS.to(device),
-            self.labels_BS.to(device),
-            self.loss_mask_BS.to(device),
-            self.advantages_BS.to(device),
-            self.rollout_logp_BS.to(device),
-            self.sample_indices,
-        )
+        return self._map(lambda t: t.to(device), None if self.cu_seqlens is None else self.cu_seqlens.to(device))
+
+    def shard_for_cp(self, cp_size: int, cp_rank: int) -> MicroBatch:
+        """This CP rank's zig-zag share of every sequence (`cu_seqlens` keeps the whole sequences' boundaries, as
+        megatron's THD attention and rotary embedding expect)."""
+        if cp_size == 1:
+            return self
+        if self.cu_seqlens is None:
+            index = zigzag_index(self.input_ids_BS.shape[1], cp_size, cp_rank)
+        else:
+            index = shard_positions(torch.diff(self.cu_seqlens).tolist(), cp_size, cp_rank)
+        return self._map(lambda t: t[:, index.to(t.device)].contiguous(), self.cu_seqlens)
 
 
-def build_micro_batch(samples: Sequence[TrainSample], indices: Sequence[int], pad_multiple: int) -> MicroBatch:
-    seq_len = _round_up(max(samples[i].num_inputs for i in indices), pad_multiple)
-    b = len(indices)
-    input_ids = torch.zeros(b, seq_len, dtype=torch.int64)
-    labels = torch.zeros(b, seq_len, dtype=torch.int64)
-    mask = torch.zeros(b, seq_len, dtype=torch.float32)
-    adv = torch.zeros(b, seq_len, dtype=torch.float32)
-    rollout = torch.zeros(b, seq_len, dtype=torch.float32)
-    for row, i in enumerate(indices):
+def build_micro_batch(samples: Sequence[TrainSample], indices: Sequence[int], lay: Layout) -> MicroBatch:
+    """The micro-batch of `samples[indices]` under layout `lay`."""
+    slots = lay.slots([samples[i].num_inputs for i in indices])
+    rows, width = (1, sum(slots)) if lay.packing else (len(indices), slots[0])
+    input_ids = torch.zeros(rows, width, dtype=torch.int64)
+    positions = torch.zeros(rows, width, dtype=torch.int64)
+    labels = torch.zeros(rows, width, dtype=torch.int64)
+    mask = torch.zeros(rows, width, dtype=torch.float32)
+    adv = torch.zeros(rows, width, dtype=torch.float32)
+    rollout = torch.zeros(rows, width, dtype=torch.float32)
+    start = 0
+    for k, (i, slot) in enumerate(zip(indices, slots, strict=True)):
         s = samples[i]
         assert s.prompt_len >= 1 and len(s.rollout_logp) == s.response_len
+        row, col = (0, start) if lay.packing else (k, 0)
         tokens = torch.from_numpy(s.tokens.astype(np.int64))
         n = s.num_inputs
-        input_ids[row, :n] = tokens[:-1]
-        labels[row, :n] = tokens[1:]
-        start = s.prompt_len - 1
-        mask[row, start:n] = 1.0
-        adv[row, start:n] = s.advantage
-        rollout[row, start:n] = torch.from_numpy(s.rollout_logp)
-    positions = torch.arange(seq_len, dtype=torch.int64).expand(b, seq_len).contiguous()
-    return MicroBatch(input_ids, positions, labels, mask, adv, rollout, list(indices))
+        input_ids[row, col : col + n] = tokens[:-1]
+        labels[row, col : col + n] = tokens[1:]
+        positions[row, col : col + slot] = torch.arange(slot)
+        first = col + s.prompt_len - 1
+        mask[row, first : col + n] = 1.0
+        adv[row, first : col + n] = s.advantage
+        rollout[row, first : col + n] = torch.from_numpy(s.rollout_logp)
+        start += slot
+    cu = torch.tensor([0, *itertools.accumulate(slots)], dtype=torch.int32) if lay.packing else None
+    return MicroBatch(input_ids, positions, labels, mask, adv, rollout, list(indices), cu_seqlens=cu)
 
 
 # ---------------------------------------------------------------- wire format (rank 0 -> all ranks)

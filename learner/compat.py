@@ -50,7 +50,8 @@ class _CpuDeviceMode(TorchFunctionMode):
     Unblocks: `device=torch.cuda.current_device()` allocations (every parallel linear/embedding, the
     attention softmax mask and matmul buffer, the DDP grad/param buffers, p2p receive buffers),
     `torch.tensor(..., device='cuda')` in the optimizers, clip_grads and dist_checkpointing,
-    RoPE's `inv_freq.to(torch.cuda.current_device())`, `.cuda()` in GPTModel's tied-embedding setup,
+    RoPE's `inv_freq.to(torch.cuda.current_device())`, `.cuda()` in GPTModel's tied-embedding setup, the
+    `pin_memory=True` of RoPE's context-parallel slice (dropped: CPU-only torch has no pinned allocator),
     and the `param.type() == 'torch.cuda.FloatTensor'` checks of get_megatron_optimizer, the
     (distributed) optimizers and clip_grads.
     """
@@ -61,6 +62,8 @@ class _CpuDeviceMode(TorchFunctionMode):
         kwargs = kwargs or {}
         if "device" in kwargs and _is_cuda_device(kwargs["device"]):
             kwargs["device"] = "cpu"
+        if kwargs.get("pin_memory"):  # page-locked memory needs CUDA's host allocator; only a copy speed-up
+            kwargs["pin_memory"] = False
         if func is torch.Tensor.cuda:
             return args[0]
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):

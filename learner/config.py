@@ -18,8 +18,9 @@ class LearnerModelConfig(BaseConfig):
     pp_size: int = Field(default=1, ge=1)
     """Pipeline-parallel size: transformer layers are split into this many consecutive stages."""
     cp_size: int = Field(default=1, ge=1)
-    """Context-parallel size: long sequences split over this many ranks (the caller feeds each CP rank its chunks).
-    Needs transformer_impl = "transformer_engine" (GPU only)."""
+    """Context-parallel size: each sequence split over this many ranks in 2 x cp_size zig-zag chunks
+    (learner/context_parallel.py), keys and values exchanged in attention. The local layers need
+    `core_attention = "sdpa"`; with Transformer Engine, TE's own CP attention runs."""
     sequence_parallel: bool = False
     """Megatron sequence parallelism over the TP group (norm/dropout activations split); needs Transformer Engine."""
     transformer_impl: Literal["local", "transformer_engine"] = "local"
@@ -49,11 +50,10 @@ class LearnerModelConfig(BaseConfig):
 
     @model_validator(mode="after")
     def _check_parallelism(self) -> LearnerModelConfig:
-        needs_te = [
-            flag for flag, on in (("cp_size", self.cp_size > 1), ("sequence_parallel", self.sequence_parallel)) if on
-        ]
-        if needs_te and self.transformer_impl != "transformer_engine":
-            raise ValueError(f"--model.{needs_te[0]} needs --model.transformer_impl transformer_engine (GPU only)")
+        if self.sequence_parallel and self.transformer_impl != "transformer_engine":
+            raise ValueError("--model.sequence_parallel needs --model.transformer_impl transformer_engine (GPU only)")
+        if self.cp_size > 1 and self.transformer_impl == "local" and self.core_attention != "sdpa":
+            raise ValueError("--model.cp_size > 1 with local layers needs --model.core_attention sdpa")
         if self.sequence_parallel and self.tp_size == 1:
             raise ValueError("--model.sequence_parallel needs --model.tp_size > 1")
         return self

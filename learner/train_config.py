@@ -45,9 +45,18 @@ class DataConfig(BaseConfig):
 
 class BatchConfig(BaseConfig):
     max_tokens_per_micro_batch: int = Field(8192, ge=1)
-    """Dynamic batch size: a micro-batch holds sequences while (count * padded max length) stays within this."""
+    """Dynamic batch size: a micro-batch holds sequences while its tokens stay within this (packed: the sum of the
+    lengths; padded: count * padded max length). A longer sequence gets a micro-batch of its own."""
+    packing: bool = True
+    """Pack a micro-batch's sequences into one row without padding (THD with cu_seqlens: attention never crosses a
+    sequence boundary); off: one padded row per sequence (BSHD)."""
     pad_multiple: int = Field(8, ge=1)
     """Micro-batch sequence length is padded up to a multiple of this (keeps shapes few; SP needs tp_size | it)."""
+    logprob_impl: Literal["fused_head", "chunked", "megatron"] = "fused_head"
+    """How the last stage turns hidden states into token logprobs and entropy. fused_head: the output layer runs
+    inside the chunked pass, so the `[tokens, vocab / tp]` logits never exist whole; chunked: the model's logits,
+    then the chunked pass (learner/logprobs.py); megatron: the model's logits through megatron's vocab-parallel
+    cross entropy plus a separate entropy pass (the path before chunking; kept as the memory bench's baseline)."""
     logprob_chunk_tokens: int = Field(4096, ge=1)
     """Rows of the logits turned into logprobs and entropy at once (learner/logprobs.py): at most one chunk of
     fp32 `[rows, vocab / tp]` is alive, in the forward and in the backward."""
@@ -204,8 +213,8 @@ class TrainConfig(LearnerConfig):
                 "push attempt keeps the other ranks waiting (2 x --weight_sync.init_timeout_s + 15 + 2 x "
                 "--weight_sync.broadcast_timeout_s + --weight_sync.http_timeout_s + 5)"
             )
-        if self.model.cp_size > 1:
-            raise ValueError("--model.cp_size > 1: the training loop does not split sequences over CP ranks yet")
+        if self.model.cp_size > 1 and self.model.transformer_impl == "local" and self.batch.logprob_impl == "megatron":
+            raise ValueError("--batch.logprob_impl megatron has no context parallelism: use fused_head or chunked")
         if self.model.sequence_parallel and self.batch.pad_multiple % self.model.tp_size:
             raise ValueError(
                 f"--batch.pad_multiple {self.batch.pad_multiple} must be a multiple of --model.tp_size "

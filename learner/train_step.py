@@ -20,13 +20,14 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
 from megatron.core.utils import get_model_config
 
 from learner import compat  # noqa: F401  (before megatron: CPU redirections when CUDA is absent)
-from learner.batching import MicroBatch, TrainBatch, build_micro_batch, plan_micro_batches
-from learner.logprobs import logprobs_and_entropy
+from learner.batching import Layout, MicroBatch, TrainBatch, build_micro_batch, padding_fraction, plan_micro_batches
+from learner.logprobs import logprobs_and_entropy, token_logprobs
 from learner.loss import STAT_KEYS, compute_loss, reduce_stats
 from learner.model.build import build_model
 from learner.model.hf_config import HFArch
@@ -146,18 +147,22 @@ class Learner:
         self.ref_model = ref_model
         # SFT is plain cross-entropy: temperature 1. RL uses the engines' sampling temperature.
         self.temperature = cfg.data.temperature if cfg.loss.mode == "grpo" else 1.0
-        self._is_stat_writer = (
-            parallel_state.is_pipeline_last_stage()
-            and layout.tp_rank == 0
-            and parallel_state.get_context_parallel_rank() == 0
-        )
+        # Every CP rank holds a share of the tokens, hence of the sums: one writer per (DP, CP) rank.
+        self._is_stat_writer = parallel_state.is_pipeline_last_stage() and layout.tp_rank == 0
+        self.mb_layout = Layout(cfg.batch.pad_multiple, cfg.batch.packing, layout.cp_size)
+        self._cp_rank = parallel_state.get_context_parallel_rank()
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         t0 = time.monotonic()
         b = self.cfg.batch
         lengths = [s.num_inputs for s in batch.samples]
-        plan = plan_micro_batches(lengths, self.layout.dp_size, b.max_tokens_per_micro_batch, b.pad_multiple)
-        mbs = [build_micro_batch(batch.samples, idx, b.pad_multiple).to(device()) for idx in plan[self.layout.dp_rank]]
+        plan = plan_micro_batches(lengths, self.layout.dp_size, b.max_tokens_per_micro_batch, self.mb_layout)
+        mbs = [
+            build_micro_batch(batch.samples, idx, self.mb_layout)
+            .shard_for_cp(self.layout.cp_size, self._cp_rank)
+            .to(device())
+            for idx in plan[self.layout.dp_rank]
+        ]
         if self.cfg.loss.mode == "grpo":
             for mb, logp in zip(mbs, self._logprobs(self.model, mbs), strict=True):
                 mb.logp_old_BS = logp
@@ -178,6 +183,7 @@ class Learner:
             "step_s": step_s,
             "tokens_per_s": sum(lengths) / step_s,
             "num_micro_batches": float(len(mbs)),
+            "padding_fraction": padding_fraction(lengths, plan, self.mb_layout),
         }
         return metrics
 
@@ -188,7 +194,13 @@ class Learner:
     ) -> list[dict[str, Any]]:
         def forward_step(data_iterator: Iterator[MicroBatch], model: torch.nn.Module) -> tuple[torch.Tensor, Any]:
             mb = next(data_iterator)
-            return model(mb.input_ids_BS, mb.position_ids_BS, None), partial(loss_fn, mb)
+            packed = None
+            if mb.cu_seqlens is not None:  # THD: megatron's attention and rotary embedding follow cu_seqlens
+                longest = int(torch.diff(mb.cu_seqlens).max())
+                packed = PackedSeqParams(
+                    "thd", mb.cu_seqlens, mb.cu_seqlens, max_seqlen_q=longest, max_seqlen_kv=longest
+                )
+            return model(mb.input_ids_BS, mb.position_ids_BS, None, packed_seq_params=packed), partial(loss_fn, mb)
 
         result: list[dict[str, Any]] = get_forward_backward_func()(
             forward_step_func=forward_step,
@@ -209,21 +221,31 @@ class Learner:
             return [None] * len(mbs)
         return [d["logp"] for d in store]
 
-    def _logprobs_only(self, mb: MicroBatch, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-        logp, _ = logprobs_and_entropy(
-            logits, mb.labels_BS, self.temperature, self.arch.vocab_size, self.cfg.batch.logprob_chunk_tokens
+    def _logprobs_and_entropy(
+        self, mb: MicroBatch, logits: torch.Tensor, entropy_grad: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token logprobs of the labels and entropies, by `batch.logprob_impl` (the entropy's gradient only
+        when `entropy_grad`)."""
+        b = self.cfg.batch
+        if b.logprob_impl == "megatron":
+            logp = token_logprobs(logits, mb.labels_BS, self.temperature, self.arch.vocab_size)
+            with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+                entropy = vocab_parallel_entropy(logits, self.temperature, self.arch.vocab_size)
+            return logp, entropy
+        logp, entropy = logprobs_and_entropy(
+            logits, mb.labels_BS, self.temperature, self.arch.vocab_size, b.logprob_chunk_tokens
         )
+        return logp, entropy if entropy_grad else entropy.detach()
+
+    def _logprobs_only(self, mb: MicroBatch, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        logp, _ = self._logprobs_and_entropy(mb, logits, entropy_grad=False)
         zero = torch.zeros((), device=logits.device)
         return zero, mb.loss_mask_BS.sum().int(), {"logp": logp.detach()}
 
     def _loss(self, mb: MicroBatch, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
         cfg = self.cfg.loss
-        # One chunked pass gives both (learner/logprobs.py); the entropy's gradient only when the loss uses it.
-        logp, entropy = logprobs_and_entropy(
-            logits, mb.labels_BS, self.temperature, self.arch.vocab_size, self.cfg.batch.logprob_chunk_tokens
-        )
-        if cfg.entropy_coef == 0:
-            entropy = entropy.detach()
+        # The entropy's gradient only when the loss uses it.
+        logp, entropy = self._logprobs_and_entropy(mb, logits, entropy_grad=cfg.entropy_coef > 0)
         out = compute_loss(
             cfg,
             logp,

@@ -98,7 +98,7 @@ def _reference_worker(tmp: str, hf: str, dtype: str = "fp32") -> None:
     import numpy as np
     import torch.distributed as dist
 
-    from learner.batching import TrainBatch, TrainSample, build_micro_batch
+    from learner.batching import Layout, TrainBatch, TrainSample, build_micro_batch
     from learner.model.hf_config import load_hf_arch
     from learner.parallel import destroy_parallel, init_parallel
     from learner.train_step import Learner, build_model_and_optimizer, build_reference_model, device
@@ -119,7 +119,7 @@ def _reference_worker(tmp: str, hf: str, dtype: str = "fp32") -> None:
         TrainSample(np.array(prompt + good, dtype=np.int32), len(prompt), rollout, 0.7071),  # reward 1
         TrainSample(np.array(prompt + bad, dtype=np.int32), len(prompt), rollout, -0.7071),  # reward 0
     ]
-    mb = build_micro_batch(samples, [0, 1], pad_multiple=1).to(device())
+    mb = build_micro_batch(samples, [0, 1], Layout(pad_multiple=1)).to(device())
 
     def response_logp() -> list[float]:
         (logp,) = learner._logprobs(model, [mb])

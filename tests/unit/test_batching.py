@@ -11,11 +11,13 @@ from broker.memory import MemoryBroker
 from broker.schemas import DeadLetter, ScoredGroup, pack_logprobs
 from broker.settings import BrokerConfig
 from learner.batching import (
+    Layout,
     TrainSample,
     batch_from_tensors,
     batch_to_tensors,
     build_micro_batch,
     group_to_samples,
+    padding_fraction,
     plan_micro_batches,
 )
 from learner.scored_reader import ScoredReader
@@ -114,7 +116,7 @@ def test_micro_batch_aligns_labels_mask_advantage_and_rollout_logprobs() -> None
     would then train on the last prompt token or skip the first response token)."""
     s = TrainSample(np.array([1, 2, 3, 4, 5], dtype=np.int32), 2, np.array([-1, -2, -3], dtype=np.float32), 0.5)
     short = TrainSample(np.array([7, 8], dtype=np.int32), 1, np.array([-4], dtype=np.float32), -1.0)
-    mb = build_micro_batch([s, short], [0, 1], pad_multiple=8)
+    mb = build_micro_batch([s, short], [0, 1], Layout(pad_multiple=8))
     assert mb.input_ids_BS.shape == (2, 8)
     assert mb.input_ids_BS[0, :4].tolist() == [1, 2, 3, 4]
     assert mb.labels_BS[0, :4].tolist() == [2, 3, 4, 5]
@@ -130,8 +132,8 @@ def test_plan_balances_ranks_respects_the_budget_and_is_deterministic() -> None:
     unbalanced DP ranks, and plans differing between ranks (every rank must compute the same plan)."""
     rng = np.random.default_rng(0)
     lengths = [int(x) for x in rng.integers(5, 200, size=37)] + [1000]  # one longer than the budget
-    plan = plan_micro_batches(lengths, dp_size=2, max_tokens=512, pad_multiple=8)
-    assert plan == plan_micro_batches(lengths, dp_size=2, max_tokens=512, pad_multiple=8)
+    plan = plan_micro_batches(lengths, dp_size=2, max_tokens=512, layout=Layout(pad_multiple=8))
+    assert plan == plan_micro_batches(lengths, dp_size=2, max_tokens=512, layout=Layout(pad_multiple=8))
     flat = sorted(i for rank in plan for mb in rank for i in mb)
     assert flat == list(range(len(lengths)))
     for rank in plan:
@@ -141,7 +143,67 @@ def test_plan_balances_ranks_respects_the_budget_and_is_deterministic() -> None:
     loads = [sum(lengths[i] for mb in rank for i in mb) for rank in plan]
     assert abs(loads[0] - loads[1]) <= max(lengths)
     with pytest.raises(ValueError, match="data-parallel"):
-        plan_micro_batches([5], dp_size=2, max_tokens=64, pad_multiple=1)
+        plan_micro_batches([5], dp_size=2, max_tokens=64, layout=Layout(pad_multiple=1))
+
+
+def test_packed_micro_batch_keeps_each_sequence_and_its_boundaries() -> None:
+    """Guards against packing (THD) misplacing a sequence: labels, loss mask and rollout logprobs must sit where
+    the padded layout puts them, `cu_seqlens` must delimit the sequences (attention would otherwise cross them),
+    positions must restart per sequence, and the row's padding must go to the last sequence's slot."""
+    a = TrainSample(np.array([1, 2, 3, 4, 5], dtype=np.int32), 2, np.array([-1, -2, -3], dtype=np.float32), 0.5)
+    b = TrainSample(np.array([7, 8, 9], dtype=np.int32), 1, np.array([-4, -5], dtype=np.float32), -1.0)
+    padded = build_micro_batch([a, b], [0, 1], Layout(pad_multiple=1))
+    packed = build_micro_batch([a, b], [0, 1], Layout(pad_multiple=8, packing=True))
+    assert packed.input_ids_BS.shape == (1, 8) and packed.cu_seqlens is not None
+    assert packed.cu_seqlens.tolist() == [0, 4, 8]  # b's slot: its 2 inputs and the row's 2 padding tokens
+    for row, start, n in ((0, 0, 4), (1, 4, 2)):
+        for name in ("input_ids_BS", "labels_BS", "loss_mask_BS", "advantages_BS", "rollout_logp_BS"):
+            got = getattr(packed, name)[0, start : start + n].tolist()
+            assert got == getattr(padded, name)[row, :n].tolist(), name
+    assert packed.position_ids_BS[0].tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
+    assert packed.num_loss_tokens == padded.num_loss_tokens == 5
+
+
+def test_cp_shards_are_the_zigzag_chunks_and_cover_every_token_once() -> None:
+    """Guards the context-parallel split: every token must land on exactly one CP rank, each rank holding chunk r
+    and chunk 2cp-1-r of every sequence (megatron's rotary embedding assumes that order), in both layouts, and a
+    sequence must be padded to a multiple of 2 x cp (else the chunks are unequal and ranks disagree on shapes)."""
+    samples = [
+        TrainSample(np.arange(1, 12, dtype=np.int32), 3, np.full(8, -1.0, dtype=np.float32), 1.0),
+        TrainSample(np.arange(20, 26, dtype=np.int32), 2, np.full(4, -1.0, dtype=np.float32), -1.0),
+    ]
+    for packing in (False, True):
+        lay = Layout(pad_multiple=1, packing=packing, cp_size=2)
+        mb = build_micro_batch(samples, [0, 1], lay)
+        shards = [mb.shard_for_cp(2, r) for r in range(2)]
+        for name in ("input_ids_BS", "loss_mask_BS"):
+            whole = getattr(mb, name)
+            assert sum(getattr(sh, name).numel() for sh in shards) == whole.numel()
+            assert sum(float(getattr(sh, name).sum()) for sh in shards) == float(whole.sum())
+        if not packing:  # padded: 10 inputs -> 12 (multiple of 4), chunks of 3: rank 0 holds chunks 0 and 3
+            assert mb.input_ids_BS.shape[1] == 12
+            assert shards[0].input_ids_BS[0].tolist() == [1, 2, 3, 10, 0, 0]
+            assert shards[1].input_ids_BS[0].tolist() == [4, 5, 6, 7, 8, 9]
+        else:  # packed: slots 12 and 8 (5 inputs -> 8); rank 1 holds chunks 1, 2 of each
+            assert mb.cu_seqlens is not None and mb.cu_seqlens.tolist() == [0, 12, 20]
+            assert shards[1].input_ids_BS[0].tolist() == [4, 5, 6, 7, 8, 9, 22, 23, 24, 0]
+            assert shards[0].cu_seqlens is not None and shards[0].cu_seqlens.tolist() == [0, 12, 20]
+
+
+def test_packing_wastes_less_padding_and_plans_within_the_budget() -> None:
+    """Guards the padding-waste metric and the packed plan: packing must pad less than the padded layout on
+    ragged lengths, a packed micro-batch must stay within the token budget, and the metric must see padding
+    (a padded layout over ragged lengths wastes some)."""
+    rng = np.random.default_rng(1)
+    lengths = [int(x) for x in rng.integers(5, 300, size=40)]
+    padded, packed = Layout(pad_multiple=8), Layout(pad_multiple=8, packing=True)
+    plan_padded = plan_micro_batches(lengths, dp_size=2, max_tokens=1024, layout=padded)
+    plan_packed = plan_micro_batches(lengths, dp_size=2, max_tokens=1024, layout=packed)
+    waste_padded = padding_fraction(lengths, plan_padded, padded)
+    waste_packed = padding_fraction(lengths, plan_packed, packed)
+    assert waste_padded > 0.1 and waste_packed < 0.02, (waste_padded, waste_packed)
+    assert all(sum(packed.slots([lengths[i] for i in mb])) <= 1024 for rank in plan_packed for mb in rank)
+    assert sum(len(mb) for rank in plan_packed for mb in rank) == len(lengths)
 
 
 def test_batch_wire_round_trip() -> None:

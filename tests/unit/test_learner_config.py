@@ -41,10 +41,12 @@ def test_model_section_loads_from_toml_and_flags(tmp_path: Path) -> None:
 
 
 def test_gpu_only_parallelism_is_rejected_without_transformer_engine() -> None:
-    """Guards the CP / sequence-parallel options: they need Transformer Engine, and SP needs TP > 1; the
-    error names the flag instead of failing deep inside megatron."""
-    with pytest.raises(ConfigError, match="--model.cp_size needs --model.transformer_impl"):
-        load_config(LearnerConfig, None, ["--model.cp_size", "2"])
+    """Guards the CP / sequence-parallel options: SP needs Transformer Engine and TP > 1, local CP needs the SDPA
+    core attention (megatron's unfused one has no CP); the error names the flag instead of failing deep inside
+    megatron."""
+    with pytest.raises(ConfigError, match="--model.cp_size > 1 with local layers needs --model.core_attention sdpa"):
+        load_config(LearnerConfig, None, ["--model.cp_size", "2", "--model.core_attention", "megatron"])
+    assert load_config(LearnerConfig, None, ["--model.cp_size", "2"]).model.cp_size == 2
     with pytest.raises(ConfigError, match="--model.sequence_parallel needs --model.transformer_impl"):
         load_config(LearnerConfig, None, ["--model.sequence_parallel"])
     with pytest.raises(ConfigError, match="--model.sequence_parallel needs --model.tp_size"):
