@@ -215,10 +215,11 @@ class TrainConfig(LearnerConfig):
             )
         if self.model.cp_size > 1 and self.model.transformer_impl == "local" and self.batch.logprob_impl == "megatron":
             raise ValueError("--batch.logprob_impl megatron has no context parallelism: use fused_head or chunked")
-        if self.model.sequence_parallel and self.batch.pad_multiple % self.model.tp_size:
+        split = self.model.tp_size * self.model.cp_size
+        if self.model.sequence_parallel and self.batch.pad_multiple % split:
             raise ValueError(
-                f"--batch.pad_multiple {self.batch.pad_multiple} must be a multiple of --model.tp_size "
-                f"{self.model.tp_size} with sequence parallelism (sequences are split over TP ranks)"
+                f"--batch.pad_multiple {self.batch.pad_multiple} must be a multiple of --model.tp_size x "
+                f"--model.cp_size = {split} with sequence parallelism (a CP rank's tokens are split over TP ranks)"
             )
         return self
 
