@@ -213,8 +213,6 @@ class TrainConfig(LearnerConfig):
                 "push attempt keeps the other ranks waiting (2 x --weight_sync.init_timeout_s + 15 + 2 x "
                 "--weight_sync.broadcast_timeout_s + --weight_sync.http_timeout_s + 5)"
             )
-        if self.model.cp_size > 1 and self.model.transformer_impl == "local" and self.batch.logprob_impl == "megatron":
-            raise ValueError("--batch.logprob_impl megatron has no context parallelism: use fused_head or chunked")
         split = self.model.tp_size * self.model.cp_size
         if self.model.sequence_parallel and self.batch.pad_multiple % split:
             raise ValueError(

@@ -128,9 +128,12 @@ def test_train_config_defaults_are_the_paper_recipe_and_errors_name_the_flag(tmp
     assert (cfg.data.groups_per_step, cfg.data.num_samples, cfg.data.temperature) == (16, 8, 1.0)
     assert (cfg.loss.eps_clip, cfg.loss.eps_clip_high, cfg.loss.importance_correction) == (0.2, 0.28, "icepop")
     assert (cfg.loss.kl_coef, cfg.loss.entropy_coef, cfg.batch.zero_variance_filter) == (0.0, 0.0, False)
-    cp2 = ["--model.cp_size", "2", "--batch.logprob_impl", "megatron"]
-    with pytest.raises(ConfigError, match="--batch.logprob_impl megatron has no context parallelism"):
-        load_config(TrainConfig, None, ["--model.hf_path", "m", "--data.dataset_path", "d", *cp2])
+    sp = ["--model.tp_size", "2", "--model.cp_size", "2", "--model.sequence_parallel", "--batch.pad_multiple", "2"]
+    sp += ["--model.transformer_impl", "transformer_engine"]
+    with pytest.raises(
+        ConfigError, match="--batch.pad_multiple 2 must be a multiple of --model.tp_size x --model.cp_size"
+    ):
+        load_config(TrainConfig, None, ["--model.hf_path", "m", "--data.dataset_path", "d", *sp])
     # Pushes rarer than the staleness window starve admission (found by bench async's warm start).
     rare = ["--weight_sync.type", "disk", "--weight_sync.export_dir", "e", "--weight_sync.every_k_steps", "3"]
     with pytest.raises(ConfigError, match="--weight_sync.every_k_steps 3 > --data.max_staleness"):
