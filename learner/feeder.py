@@ -16,24 +16,37 @@ ids (`run/e<epoch>/i<index>`), which the broker's dedup skips, so nothing is gen
 order tells which groups were admitted (`AdmissionOrder`), so the record of decided groups stays bounded.
 The dataset is read through `datagen.dataset.parse_row` (the datagen loader's validation) from a
 byte-offset index of the JSONL file, so a 1.2 GB dataset is not held in memory.
+
+Prompt lengths: at start the feeder measures every row's prompt once (`prompt_lengths`: the ids `prompt_ids` sends)
+and logs how many rows leave no room for a response under `--data.max_total_tokens` (those are skipped, every
+epoch); it refuses to start (ConfigError) when no row does. The lengths (one int per row) are kept, so a skipped row
+is never read or tokenized again; a row that fits is tokenized again when it is admitted (ids are not kept).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
 
 from broker.base import Producer
 from broker.schemas import RewardInfo, SamplingParams, Task, pack_ids
+from common.config import ConfigError
+from datagen.progress import Progress
 from datagen.prompts import JsonlDataset, PromptTokenizer, prompt_ids
 from learner.ledger import GroupLedger
 from learner.state import DataCursor, LearnerState
 from learner.train_config import DataConfig
 
 logger = logging.getLogger(__name__)
+
+SCAN_BATCH_CHARS = 4_000_000
+"""Templated prompt text tokenized per call by the start-up scan (a fast tokenizer encodes a batch on all cores)."""
+SCAN_PROGRESS_S = 10.0
+"""The start-up scan shows progress on stderr once it has run this long."""
 
 
 def epoch_order(num_rows: int, seed: int, epoch: int, shuffle: bool) -> npt.NDArray[np.int64]:
@@ -44,6 +57,61 @@ def epoch_order(num_rows: int, seed: int, epoch: int, shuffle: bool) -> npt.NDAr
 
 def group_id(run_id: str, epoch: int, index: int) -> str:
     return f"{run_id}/e{epoch}/i{index}"
+
+
+class _TemplatedText:
+    """Stands in for the tokenizer inside `prompt_ids`: the chat template is the real one, the tokenization is only
+    recorded (text and keyword arguments), so that `prompt_lengths` tokenizes what `prompt_ids` would, in batches."""
+
+    def __init__(self, tokenizer: PromptTokenizer) -> None:
+        self._tokenizer = tokenizer
+        self.text = ""
+        self.kwargs: dict[str, Any] = {}
+
+    def apply_chat_template(self, conversation: Any, **kwargs: Any) -> Any:
+        return self._tokenizer.apply_chat_template(conversation, **kwargs)
+
+    def __call__(self, text: str, **kwargs: Any) -> Any:
+        self.text, self.kwargs = text, kwargs
+        return {"input_ids": []}
+
+
+def prompt_lengths(
+    dataset: JsonlDataset, tokenizer: PromptTokenizer, progress_after_s: float = SCAN_PROGRESS_S
+) -> npt.NDArray[np.int64]:
+    """`len(prompt_ids(tokenizer, dataset[i]))` for every row i: each row's chat template as `prompt_ids` applies it,
+    the texts tokenized many at a time. Progress on stderr when it takes longer than `progress_after_s`."""
+    lengths = np.empty(len(dataset), dtype=np.int64)
+    progress = Progress("feeder: prompt lengths", total=len(dataset), interval_s=progress_after_s)
+    start = time.monotonic()
+    capture = _TemplatedText(tokenizer)
+    texts: list[str] = []
+    kwargs: dict[str, Any] = {}
+    done = 0
+
+    def flush() -> None:
+        nonlocal done
+        ids = cast(Any, tokenizer)(texts, **kwargs)["input_ids"]
+        if len(ids) != len(texts):
+            raise TypeError(f"the tokenizer turned {len(texts)} texts into {len(ids)} id lists")
+        lengths[done : done + len(texts)] = [len(x) for x in ids]
+        done += len(texts)
+        progress.update(len(texts))
+        texts.clear()
+
+    chars = 0
+    for index in range(len(dataset)):
+        prompt_ids(capture, dataset[index])
+        if texts and (capture.kwargs != kwargs or chars + len(capture.text) > SCAN_BATCH_CHARS):
+            flush()
+            chars = 0
+        texts.append(capture.text)
+        kwargs = capture.kwargs
+        chars += len(capture.text)
+    flush()
+    if time.monotonic() - start >= progress_after_s:
+        progress.close()  # progress was shown: end its line
+    return lengths
 
 
 class AdmissionOrder:
@@ -123,6 +191,50 @@ class Feeder:
         self.admission = AdmissionOrder(run_id, len(dataset), cfg.seed, cfg.shuffle)
         self.ledger = ledger if ledger is not None else GroupLedger(state, self.admission)
         self._max_backlog: int | None = None
+        self.prompt_lengths = self._scan()
+
+    def _scan(self) -> npt.NDArray[np.int64]:
+        """Every row's prompt length; one line on how many rows will be skipped for length; ConfigError if all."""
+        start = time.monotonic()
+        lengths = prompt_lengths(self._dataset, self._tokenizer)
+        took = time.monotonic() - start
+        cfg, n, path = self._cfg, len(lengths), self._dataset.path
+        skipped = int(np.count_nonzero(lengths >= cfg.max_total_tokens))  # room = max_total_tokens - length < 1
+        longest, shortest = int(lengths.max()), int(lengths.min())
+        flag = f"--data.max_total_tokens {cfg.max_total_tokens}"
+        tokenizer = getattr(self._tokenizer, "name_or_path", "") or "TOKENIZER_DIR"
+        fit = (
+            f"longtrace data fit {path} FITTED.jsonl --max_tokens M --tokenizer {tokenizer}, with M (the user "
+            f"message's tokens) below {cfg.max_total_tokens} less the response budget (--data.max_new_tokens "
+            f"{cfg.max_new_tokens})"
+        )
+        if skipped == n:
+            raise ConfigError(
+                f"{flag}: none of the {n} rows of {path} leaves room for a response (prompts of {shortest} to "
+                f"{longest} tokens, chat template included): raise it above {shortest}, or trim the rows: {fit}"
+            )
+        if skipped:
+            logger.warning(
+                "prompt lengths: %d of %d rows of %s leave no room for a response under %s and will be skipped "
+                "(longest prompt %d tokens; scanned in %.1f s); trim them to the budget first: %s",
+                skipped,
+                n,
+                path,
+                flag,
+                longest,
+                took,
+                fit,
+            )
+        else:
+            logger.info(
+                "prompt lengths: all %d rows of %s fit under %s (longest prompt %d tokens; scanned in %.1f s)",
+                n,
+                path,
+                flag,
+                longest,
+                took,
+            )
+        return lengths
 
     def set_max_backlog(self, max_backlog: int) -> None:
         """Never publish beyond the tasks stream's backlog limit (publishing would block rank 0)."""
@@ -150,7 +262,9 @@ class Feeder:
         return len(tasks)
 
     def _next_task(self) -> Task:
-        for _ in range(len(self._dataset)):
+        # The start-up scan found a row that fits, so the rest of this epoch and the whole next one hold one (a bound
+        # of one pass would be wrong: the next epoch's shuffle may put that row after the current position).
+        for _ in range(2 * len(self._dataset)):
             c = self.cursor
             if c.position >= len(self._dataset):
                 c.epoch += 1
@@ -161,17 +275,20 @@ class Feeder:
             if task is not None:
                 return task
             c.num_skipped += 1
-        raise ValueError(
-            f"--data.max_total_tokens {self._cfg.max_total_tokens}: {len(self._dataset)} rows in a row left no room "
-            "for a response"
+        raise RuntimeError(
+            f"--data.max_total_tokens {self._cfg.max_total_tokens}: two passes over the {len(self._dataset)} rows "
+            f"of {self._dataset.path} found none that leaves room for a response, though the start-up scan did "
+            "(was the file changed?)"
         )
 
     def _task(self, index: int, epoch: int) -> Task | None:
+        cfg = self._cfg
+        if cfg.max_total_tokens - int(self.prompt_lengths[index]) < 1:
+            return None  # counted in the start-up line; not read or tokenized again
         row = self._dataset[index]
         ids = prompt_ids(self._tokenizer, row)
-        cfg = self._cfg
         room = min(cfg.max_new_tokens, cfg.max_total_tokens - len(ids))
-        if room < 1:
+        if room < 1:  # only if the row changed since the scan
             logger.warning(
                 "skipped row %d: its %d prompt tokens leave no room under --data.max_total_tokens %d",
                 index,

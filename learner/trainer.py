@@ -266,15 +266,19 @@ def _build_rank0_data(
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path)
-        feeder = Feeder(
-            JsonlDataset(cfg.data.dataset_path),
-            tokenizer,
-            broker.producer(TASKS, Task),
-            state,
-            cfg.data,
-            broker.run_id,
-            max_groups=cfg.max_steps * cfg.data.groups_per_step,
-        )
+        try:  # scans every row's prompt length; a ConfigError when none fits --data.max_total_tokens
+            feeder = Feeder(
+                JsonlDataset(cfg.data.dataset_path),
+                tokenizer,
+                broker.producer(TASKS, Task),
+                state,
+                cfg.data,
+                broker.run_id,
+                max_groups=cfg.max_steps * cfg.data.groups_per_step,
+            )
+        except BaseException:
+            broker.close()
+            raise
         feeder.set_max_backlog(cfg.broker.max_backlog)
     else:
         logger.warning("no --data.dataset_path: the learner admits no tasks (something else must publish them)")
