@@ -27,9 +27,10 @@ from megatron.core.utils import get_model_config
 
 from learner import compat  # noqa: F401  (before megatron: CPU redirections when CUDA is absent)
 from learner.batching import Layout, MicroBatch, TrainBatch, build_micro_batch, padding_fraction, plan_micro_batches
-from learner.logprobs import logprobs_and_entropy, token_logprobs
+from learner.logprobs import head_logprobs_and_entropy, logprobs_and_entropy, token_logprobs
 from learner.loss import STAT_KEYS, compute_loss, reduce_stats
 from learner.model.build import build_model
+from learner.model.head import enable_hidden_output, output_weight, returns_hidden
 from learner.model.hf_config import HFArch
 from learner.model.load import load_hf_weights
 from learner.parallel import ParallelLayout
@@ -82,6 +83,7 @@ def build_model_and_optimizer(
     if load_weights:
         load_hf_weights(model, cfg.model.hf_path, arch)
     model.to(device())
+    _set_head(model, cfg)
     config = get_model_config(model)
     # Megatron sums the loss over tokens and divides the gradients by the global token count.
     config.calculate_per_token_loss = True
@@ -117,12 +119,20 @@ def build_model_and_optimizer(
     return ddp, optimizer
 
 
+def _set_head(model: torch.nn.Module, cfg: TrainConfig) -> None:
+    """With `batch.logprob_impl = fused_head` the last stage returns hidden states: the output layer runs inside
+    the chunked logprob pass (learner/model/head.py)."""
+    if cfg.batch.logprob_impl == "fused_head" and parallel_state.is_pipeline_last_stage():
+        enable_hidden_output(model)
+
+
 def build_reference_model(cfg: TrainConfig, arch: HFArch) -> torch.nn.Module:
     """The frozen initial policy for the KL term (only built when kl_coef > 0)."""
     ref = build_model(arch, cfg.model)
     load_hf_weights(ref, cfg.model.hf_path, arch)
     ref.to(device())
     ref.requires_grad_(False)
+    _set_head(ref, cfg)
     get_model_config(ref).variable_seq_lengths = True
     return ref
 
@@ -200,7 +210,8 @@ class Learner:
                 packed = PackedSeqParams(
                     "thd", mb.cu_seqlens, mb.cu_seqlens, max_seqlen_q=longest, max_seqlen_kv=longest
                 )
-            return model(mb.input_ids_BS, mb.position_ids_BS, None, packed_seq_params=packed), partial(loss_fn, mb)
+            output = model(mb.input_ids_BS, mb.position_ids_BS, None, packed_seq_params=packed)
+            return output, partial(loss_fn, model, mb)
 
         result: list[dict[str, Any]] = get_forward_backward_func()(
             forward_step_func=forward_step,
@@ -222,11 +233,18 @@ class Learner:
         return [d["logp"] for d in store]
 
     def _logprobs_and_entropy(
-        self, mb: MicroBatch, logits: torch.Tensor, entropy_grad: bool
+        self, model: torch.nn.Module, mb: MicroBatch, output: torch.Tensor, entropy_grad: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token logprobs of the labels and entropies, by `batch.logprob_impl` (the entropy's gradient only
-        when `entropy_grad`)."""
+        """Per-token logprobs of the labels and entropies from the last stage's `output` (logits, or hidden states
+        under fused_head), by `batch.logprob_impl`; the entropy's gradient only when `entropy_grad`."""
         b = self.cfg.batch
+        if returns_hidden(model):
+            logp, entropy = head_logprobs_and_entropy(
+                output, output_weight(model), mb.labels_BS, self.temperature, self.arch.vocab_size,
+                b.logprob_chunk_tokens,
+            )  # fmt: skip
+            return logp, entropy if entropy_grad else entropy.detach()
+        logits = output
         if b.logprob_impl == "megatron":
             logp = token_logprobs(logits, mb.labels_BS, self.temperature, self.arch.vocab_size)
             with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
@@ -237,15 +255,19 @@ class Learner:
         )
         return logp, entropy if entropy_grad else entropy.detach()
 
-    def _logprobs_only(self, mb: MicroBatch, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-        logp, _ = self._logprobs_and_entropy(mb, logits, entropy_grad=False)
-        zero = torch.zeros((), device=logits.device)
+    def _logprobs_only(
+        self, model: torch.nn.Module, mb: MicroBatch, output: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        logp, _ = self._logprobs_and_entropy(model, mb, output, entropy_grad=False)
+        zero = torch.zeros((), device=output.device)
         return zero, mb.loss_mask_BS.sum().int(), {"logp": logp.detach()}
 
-    def _loss(self, mb: MicroBatch, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    def _loss(
+        self, model: torch.nn.Module, mb: MicroBatch, output: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
         cfg = self.cfg.loss
         # The entropy's gradient only when the loss uses it.
-        logp, entropy = self._logprobs_and_entropy(mb, logits, entropy_grad=cfg.entropy_coef > 0)
+        logp, entropy = self._logprobs_and_entropy(model, mb, output, entropy_grad=cfg.entropy_coef > 0)
         out = compute_loss(
             cfg,
             logp,

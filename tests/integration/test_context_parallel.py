@@ -1,9 +1,9 @@
-"""Context parallelism and sequence packing change the layout, never the maths: under real torchrun gloo ranks the
+"""Context parallelism, sequence packing and the fused output head change the layout, never the maths: under real torchrun gloo ranks the
 training step at CP2, CP2 x TP2 and CP2 x PP2 (packed), and CP2 padded, matches one rank without CP, and packed
 matches padded: per-token logprobs at 1e-4, and after two optimizer steps the loss, grad norm, entropy, icepop
-statistics and every exported weight.
+statistics and every exported weight. The fused head (default) matches megatron's logits path.
 
-Two launches: one rank (the references: padded and packed, no CP), then four ranks running the CP layouts one
+Two launches: one rank (the references: padded with megatron's logits path, and packed with the fused head), then four ranks running the CP layouts one
 after the other on the same batch (CP2 alone leaves DP2, so the DP x CP gradient reduction takes part too).
 """
 
@@ -28,7 +28,7 @@ COMPARED = ("loss", "grad_norm", "logp_old_mean", "entropy", "is_ratio_mean", "i
 LOGP_ATOL = 1e-4
 
 
-def _config(hf: str, tp: int = 1, pp: int = 1, cp: int = 1, packing: bool = True) -> Any:
+def _config(hf: str, tp: int = 1, pp: int = 1, cp: int = 1, packing: bool = True, impl: str = "fused_head") -> Any:
     from learner.train_config import TrainConfig
 
     return TrainConfig.model_validate(
@@ -37,7 +37,7 @@ def _config(hf: str, tp: int = 1, pp: int = 1, cp: int = 1, packing: bool = True
             "data": {"dataset_path": "unused", "temperature": 0.8},
             # adam_eps well above float noise: elements whose gradient is ~0 must not flip sign between layouts
             "optim": {"lr": 1e-3, "clip_grad": 100.0, "adam_eps": 1e-4},
-            "batch": {"max_tokens_per_micro_batch": 64, "pad_multiple": 4, "packing": packing},
+            "batch": {"max_tokens_per_micro_batch": 64, "pad_multiple": 4, "packing": packing, "logprob_impl": impl},
         }
     )
 
@@ -125,8 +125,9 @@ def _reference_worker(tmp: str, hf: str) -> None:
     from learner.parallel import destroy_parallel
 
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
-    for packing in (False, True):
-        _train(_config(hf, packing=packing), Path(tmp), "ref-packed" if packing else "ref-padded")
+    # the path before packing and the fused head (padded rows, full logits, megatron's cross entropy), then today's
+    _train(_config(hf, packing=False, impl="megatron"), Path(tmp), "ref-padded")
+    _train(_config(hf), Path(tmp), "ref-packed")
     destroy_parallel()
 
 
@@ -193,10 +194,11 @@ def test_context_parallel_matches_one_rank(runs: Path, name: str) -> None:
     _assert_same_run(runs, name, "ref-packed")
 
 
-def test_packing_matches_padding(runs: Path) -> None:
+def test_packing_and_fused_head_match_the_padded_megatron_path(runs: Path) -> None:
     """Guards against packed sequences (THD) attending across a sequence boundary, rotary positions running on
-    from the previous sequence instead of restarting, or a packed micro-batch's tokens misaligned with their
-    labels, advantages and rollout logprobs: packed and padded must give the same logprobs and the same step."""
+    from the previous sequence instead of restarting, a packed micro-batch's tokens misaligned with their labels,
+    advantages and rollout logprobs, and the fused head (output layer inside the chunked pass) differing from the
+    model's logits through megatron's cross entropy: the same logprobs and the same two steps as before either."""
     _assert_same_run(runs, "ref-packed", "ref-padded")
     ref = json.loads((runs / "ref-padded.json").read_text())
     packed = json.loads((runs / "ref-packed.json").read_text())
