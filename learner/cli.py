@@ -1,4 +1,5 @@
-"""`longtrace` subcommands of learner (registered by deploy/cli.py): `export-hf` and `bench learner`."""
+"""`longtrace` subcommands of learner (registered by deploy/cli.py): `export-hf`, `bench learner` and
+`bench learner-memory`."""
 
 from __future__ import annotations
 
@@ -42,6 +43,22 @@ def register(commands: SubParsers, benches: SubParsers) -> None:
     b.add_argument("--steps", type=int, default=10, help="timed optimizer steps per side, interleaved (median)")
     b.add_argument("--threads", type=int, default=1, help="torch threads of both sides")
 
+    m = bench(
+        benches,
+        "learner-memory",
+        _bench_learner_memory,
+        overrides=True,
+        help="peak RSS of one learner rank for one train step vs sequence length: baseline vs new path (CPU)",
+        description=(
+            "Each (path, seq_len) runs one Learner.train_step in a fresh process on CPU (Qwen3 vocabulary, small "
+            "hidden size) and reports the step's peak RSS; the paths are TrainConfig overrides (learner/"
+            "bench_memory.py PATHS). Flags: BenchMemoryConfig fields, e.g. --seq_lens 1024,2048,4096 --skip_cp."
+        ),
+        epilog="Overrides: --seq_lens 1024,2048 --cp_seq_len 4096 --max_rss_mb 16000 --hidden_size 256 --num_layers 2 "
+        "--timeout_s 900 --skip_cp --vocab_size 4096 --path_overrides.new.batch.logprob_chunk_mb 128",
+    )
+    add_config(m, "BenchMemoryConfig TOML (optional); --key value flags override it")
+
 
 def _export_hf(args: argparse.Namespace) -> int:
     from common.config import load_config
@@ -81,4 +98,16 @@ def _bench_learner(args: argparse.Namespace) -> int:
     with user_errors():
         result = run_learner_bench(args.batch_size, args.seq_len, args.steps, args.threads)
     print_result(result, args.json)
+    return 0
+
+
+def _bench_learner_memory(args: argparse.Namespace) -> int:
+    import sys
+
+    from common.config import load_config
+    from learner.bench_memory import BenchMemoryConfig, format_table, run_memory_bench
+
+    cfg = load_config(BenchMemoryConfig, args.config, args.overrides)
+    result = run_memory_bench(cfg, progress=sys.stderr)
+    print_result(result, args.json, text=format_table)
     return 0

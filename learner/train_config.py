@@ -57,9 +57,10 @@ class BatchConfig(BaseConfig):
     inside the chunked pass, so the `[tokens, vocab / tp]` logits never exist whole; chunked: the model's logits,
     then the chunked pass (learner/logprobs.py); megatron: the model's logits through megatron's vocab-parallel
     cross entropy plus a separate entropy pass (the path before chunking; kept as the memory bench's baseline)."""
-    logprob_chunk_tokens: int = Field(4096, ge=1)
-    """Rows of the logits turned into logprobs and entropy at once (learner/logprobs.py): at most one chunk of
-    fp32 `[rows, vocab / tp]` is alive, in the forward and in the backward."""
+    logprob_chunk_mb: float = Field(256.0, gt=0)
+    """Size of one fp32 `[rows, vocab / tp]` chunk of the chunked logprob pass (learner/logprobs.py): rows =
+    logprob_chunk_mb / (4 B x padded vocab / tp), at least 1 (256 MB: 441 rows of Qwen3's 151,936 vocabulary at TP1,
+    1765 at TP4). The pass keeps at most two such buffers alive, in the forward and in the backward."""
     zero_variance_filter: bool = False
     """Drop groups whose samples all have the same reward (zero advantage); off in the paper."""
     read_block_s: float = Field(1.0, gt=0)

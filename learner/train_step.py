@@ -31,7 +31,7 @@ from learner.logprobs import head_logprobs_and_entropy, logprobs_and_entropy, to
 from learner.loss import STAT_KEYS, compute_loss, reduce_stats
 from learner.model.build import build_model
 from learner.model.head import enable_hidden_output, output_weight, returns_hidden
-from learner.model.hf_config import HFArch
+from learner.model.hf_config import HFArch, padded_vocab_size
 from learner.model.load import load_hf_weights
 from learner.parallel import ParallelLayout
 from learner.train_config import OptimConfig, TrainConfig
@@ -160,6 +160,10 @@ class Learner:
         # Every CP rank holds a share of the tokens, hence of the sums: one writer per (DP, CP) rank.
         self._is_stat_writer = parallel_state.is_pipeline_last_stage() and layout.tp_rank == 0
         self.mb_layout = Layout(cfg.batch.pad_multiple, cfg.batch.packing, layout.cp_size)
+        shard = (
+            padded_vocab_size(arch.vocab_size, cfg.model.make_vocab_size_divisible_by, layout.tp_size) // layout.tp_size
+        )
+        self.chunk_rows = max(1, int(cfg.batch.logprob_chunk_mb * 2**20) // (4 * shard))
         self._cp_rank = parallel_state.get_context_parallel_rank()
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
@@ -241,7 +245,7 @@ class Learner:
         if returns_hidden(model):
             logp, entropy = head_logprobs_and_entropy(
                 output, output_weight(model), mb.labels_BS, self.temperature, self.arch.vocab_size,
-                b.logprob_chunk_tokens,
+                self.chunk_rows,
             )  # fmt: skip
             return logp, entropy if entropy_grad else entropy.detach()
         logits = output
@@ -251,7 +255,7 @@ class Learner:
                 entropy = vocab_parallel_entropy(logits, self.temperature, self.arch.vocab_size)
             return logp, entropy
         logp, entropy = logprobs_and_entropy(
-            logits, mb.labels_BS, self.temperature, self.arch.vocab_size, b.logprob_chunk_tokens
+            logits, mb.labels_BS, self.temperature, self.arch.vocab_size, self.chunk_rows
         )
         return logp, entropy if entropy_grad else entropy.detach()
 
