@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from tests.helpers.dist import run_torchrun
+from tests.helpers.layout_runs import merged_weights, tiny_hf_model, train_and_record
 
 STEPS = 2
 SCENARIOS = (  # name, tp, pp, cp, packing
@@ -92,29 +93,13 @@ def _token_logprobs(learner: Any, model: Any, batch: Any) -> list[list[float]] |
 
 def _train(cfg: Any, out: Path, name: str) -> None:
     """Per-token logprobs of the batch, then STEPS steps on it; rank 0 writes both, stage leaders the weights."""
-    import torch
-    import torch.distributed as dist
 
-    from learner.model.export import iter_hf_weights
-    from learner.model.hf_config import load_hf_arch
-    from learner.parallel import destroy_parallel, init_parallel
-    from learner.train_step import Learner, build_model_and_optimizer
+    def record_logprobs(learner: Any, model: Any, batch: Any) -> None:
+        logp = _token_logprobs(learner, model, batch)
+        if logp is not None and learner.layout.tp_rank == 0 and learner.layout.dp_rank == 0:
+            (out / f"{name}-logp.json").write_text(json.dumps(logp))
 
-    layout = init_parallel(cfg.model)
-    arch = load_hf_arch(cfg.model.hf_path)
-    model, optimizer = build_model_and_optimizer(cfg, arch, load_weights=True)
-    learner = Learner(cfg, arch, layout, model, optimizer)
-    batch = _batch(arch.vocab_size)
-    logp = _token_logprobs(learner, model, batch)
-    if logp is not None and layout.tp_rank == 0 and layout.dp_rank == 0:
-        (out / f"{name}-logp.json").write_text(json.dumps(logp))
-    metrics = [learner.train_step(batch) for _ in range(STEPS)]
-    weights = {k: v.clone() for k, v in iter_hf_weights(model, arch)}
-    if weights:
-        torch.save(weights, out / f"{name}-rank{dist.get_rank()}.pt")
-    if dist.get_rank() == 0:
-        (out / f"{name}.json").write_text(json.dumps(metrics))
-    destroy_parallel(keep_process_group=True)
+    train_and_record(cfg, out, name, _batch, STEPS, before=record_logprobs)
 
 
 def _reference_worker(tmp: str, hf: str) -> None:
@@ -146,24 +131,12 @@ def _cp_worker(tmp: str, hf: str) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from rollout_server.models import init_tiny_model
-
     tmp = tmp_path_factory.mktemp("context_parallel")
-    # Tied embeddings: at PP2 the first and last stage each hold a copy whose gradients megatron all-reduces.
-    hf = init_tiny_model(tmp / "hf", hidden_size=64, num_layers=2, vocab_size=300, num_heads=4, num_kv_heads=2)
+    hf = tiny_hf_model(tmp)
     kwargs = {"tmp": str(tmp), "hf": str(hf)}
     run_torchrun(1, f"{__name__}:_reference_worker", kwargs, timeout_s=300)
     run_torchrun(4, f"{__name__}:_cp_worker", kwargs, timeout_s=600)
     return tmp
-
-
-def _weights(run_dir: Path, name: str) -> dict[str, Any]:
-    import torch
-
-    merged: dict[str, Any] = {}
-    for part in sorted(run_dir.glob(f"{name}-rank*.pt")):
-        merged |= torch.load(part)
-    return merged
 
 
 def _assert_same_run(runs: Path, name: str, ref_name: str) -> None:
@@ -179,7 +152,7 @@ def _assert_same_run(runs: Path, name: str, ref_name: str) -> None:
     for step in range(STEPS):
         for key in COMPARED:
             assert got_m[step][key] == pytest.approx(ref[step][key], rel=1e-4, abs=1e-6), (name, step, key)
-    ref_w, got_w = _weights(runs, ref_name), _weights(runs, name)
+    ref_w, got_w = merged_weights(runs, ref_name), merged_weights(runs, name)
     assert sorted(got_w) == sorted(ref_w) and ref_w
     for key, value in ref_w.items():
         torch.testing.assert_close(got_w[key], value, rtol=1e-4, atol=2e-6, msg=f"{name}: {key}")

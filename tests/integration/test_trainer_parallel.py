@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from tests.helpers.dist import run_torchrun
+from tests.helpers.layout_runs import merged_weights, tiny_hf_model, train_and_record
 
 STEPS = 2
 SCENARIOS = (  # name, tp, pp, distributed optimizer
@@ -68,26 +69,7 @@ def _batch(vocab: int) -> Any:
 
 def _train(cfg: Any, out: Path, name: str) -> None:
     """STEPS steps on the fixed batch; rank 0 writes the metrics, every stage leader its exported weights."""
-    import torch
-    import torch.distributed as dist
-
-    from learner.model.export import iter_hf_weights
-    from learner.model.hf_config import load_hf_arch
-    from learner.parallel import destroy_parallel, init_parallel
-    from learner.train_step import Learner, build_model_and_optimizer
-
-    layout = init_parallel(cfg.model)
-    arch = load_hf_arch(cfg.model.hf_path)
-    model, optimizer = build_model_and_optimizer(cfg, arch, load_weights=True)
-    learner = Learner(cfg, arch, layout, model, optimizer)
-    batch = _batch(arch.vocab_size)
-    metrics = [learner.train_step(batch) for _ in range(STEPS)]
-    weights = {k: v.clone() for k, v in iter_hf_weights(model, arch)}
-    if weights:
-        torch.save(weights, out / f"{name}-rank{dist.get_rank()}.pt")
-    if dist.get_rank() == 0:
-        (out / f"{name}.json").write_text(json.dumps(metrics))
-    destroy_parallel(keep_process_group=True)
+    train_and_record(cfg, out, name, _batch, STEPS)
 
 
 def _reference_worker(tmp: str, hf: str, dtype: str = "fp32") -> None:
@@ -186,24 +168,12 @@ def _parallel_worker(tmp: str, hf: str) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from rollout_server.models import init_tiny_model
-
     tmp = tmp_path_factory.mktemp("trainer_parallel")
-    # Tied embeddings: at PP2 the first and last stage each hold a copy whose gradients megatron all-reduces.
-    hf = init_tiny_model(tmp / "hf", hidden_size=64, num_layers=2, vocab_size=300, num_heads=4, num_kv_heads=2)
+    hf = tiny_hf_model(tmp)
     kwargs = {"tmp": str(tmp), "hf": str(hf)}
     run_torchrun(1, f"{__name__}:_reference_worker", kwargs, timeout_s=300)
     run_torchrun(2, f"{__name__}:_parallel_worker", kwargs, timeout_s=300)
     return tmp
-
-
-def _weights(run_dir: Path, name: str) -> dict[str, Any]:
-    import torch
-
-    merged: dict[str, Any] = {}
-    for part in sorted(run_dir.glob(f"{name}-rank*.pt")):
-        merged |= torch.load(part)
-    return merged
 
 
 @pytest.mark.parametrize("name", [s[0] for s in SCENARIOS])
@@ -220,7 +190,7 @@ def test_parallel_layouts_match_one_rank(runs: Path, name: str) -> None:
             assert got[step][key] == pytest.approx(ref[step][key], rel=1e-4, abs=1e-6), (name, step, key)
     assert ref[0]["num_micro_batches"] > 1  # the budget really split the batch
     assert 0 < ref[0]["is_modified_fraction"] < 1  # icepop zeroed some tokens, not all
-    ref_w, got_w = _weights(runs, "reference"), _weights(runs, name)
+    ref_w, got_w = merged_weights(runs, "reference"), merged_weights(runs, name)
     assert sorted(got_w) == sorted(ref_w)
     for key, value in ref_w.items():
         torch.testing.assert_close(got_w[key], value, rtol=1e-4, atol=2e-6, msg=f"{name}: {key}")
