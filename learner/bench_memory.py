@@ -25,6 +25,7 @@ from typing import IO, Any
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from common.config import BaseConfig, merge_tables
+from learner.bench_memory_fit import above_floor, fit, line_and_power_fits, measured_points
 from learner.bench_memory_worker import MeasureSpec, ModelSpec, run_worker, worker_argv
 
 PATHS: dict[str, dict[str, Any]] = {
@@ -149,56 +150,14 @@ def mem_available_mb() -> float:
 # ---------------------------------------------------------------- fits
 
 
-def linear_fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
-    """(c0, c1) of y = c0 + c1 x by least squares (at least two distinct x)."""
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    c1 = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
-    return my - c1 * mx, c1
-
-
-def power_fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
-    """(a, k) of y = a x^k by least squares on log-log (positive values)."""
-    log_a, k = linear_fit([math.log(x) for x in xs], [math.log(y) for y in ys])
-    return math.exp(log_a), k
-
-
-def _measured(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [p for p in points if p["peak_mb"] is not None and p["peak_mb"] > 0]
-
-
-def _fits(points: list[dict[str, Any]]) -> tuple[float, float, float, float] | None:
-    """(a, k, c0, c1) of a path's measured peaks (MiB) against seq_len; None below two lengths."""
-    ok = _measured(points)
-    if len(ok) < 2:
-        return None
-    xs, ys = [float(p["seq_len"]) for p in ok], [float(p["peak_mb"]) for p in ok]
-    return (*power_fit(xs, ys), *linear_fit(xs, ys))
-
-
-def fit(points: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The reported fits: peak = a * L^k, and peak = c0 + c1 * L (c1 also as bytes per token)."""
-    fits = _fits(points)
-    if fits is None:
-        return None
-    a, k, c0, c1 = fits
-    return {
-        "measured_lengths": len(_measured(points)),
-        "exponent": round(k, 3),
-        "a": float(f"{a:.4g}"),
-        "c0_mb": round(c0, 1),
-        "c1_mb_per_token": round(c1, 5),
-        "bytes_per_token": round(c1 * 2**20),
-    }
-
-
 def predict_rss_mb(points: list[dict[str, Any]], seq_len: int, nproc: int = 1) -> float | None:
     """The RSS a point at `seq_len` is expected to reach (all `nproc` processes together): the larger of the two
     fits' peaks plus `nproc` times the RSS before the step; None below two measured lengths."""
-    fits = _fits(points)
+    fits = line_and_power_fits(points)
     if fits is None:
         return None
     a, k, c0, c1 = fits
-    base = max(float(r["rss_before_mb"]) for p in _measured(points) for r in p["ranks"])
+    base = max(float(r["rss_before_mb"]) for p in measured_points(points) for r in p["ranks"])
     return nproc * base + max(a * math.pow(seq_len, k), c0 + c1 * seq_len)
 
 
@@ -288,6 +247,9 @@ class Bench:
         }
         if ratio is None:
             out["reason"] = cpn.get("reason") or cp1.get("reason")
+        line = fit(self.points[CP_PATH])
+        if ratio is not None and line is not None:
+            out |= above_floor(cp1["peak_mb"], max(out["cp_peak_mb_per_rank"]), line["c0_mb"])
         return out
 
     def peaks(self, path: str) -> list[float | None]:
@@ -302,13 +264,13 @@ class Bench:
         new_at = [(n, v, b) for n, v, b in zip(lens, new, base, strict=True) if v is not None]
         if new_at:
             longest, peak, measured = new_at[-1]
-            fits = _fits(self.points["baseline"])
+            fits = line_and_power_fits(self.points["baseline"])
             predicted = None if fits is None else fits[2] + fits[3] * longest
             out["ratio_at_max_seq_len"] = longest
             if measured is not None:
                 out["ratio_at_max"], out["ratio_at_max_basis"] = round(peak / measured, 3), "measured"
             elif predicted is not None:
-                n = len(_measured(self.points["baseline"]))
+                n = len(measured_points(self.points["baseline"]))
                 out["ratio_at_max"] = round(peak / predicted, 3)
                 out["ratio_at_max_basis"] = f"baseline extrapolated from its linear fit over {n} measured lengths"
                 out["baseline_extrapolated_mb"] = round(predicted, 1)
@@ -346,6 +308,7 @@ def run_memory_bench(cfg: BenchMemoryConfig, progress: IO[str] | None = None) ->
         "fit": {path: fit(ps) for path, ps in bench.points.items()},
         **bench.ratios(),
         "cp2_over_cp1": None if cp is None else cp["ratio"],
+        "cp2_over_cp1_above_floor": None if cp is None else cp.get("ratio_above_floor"),
         "cp": cp if cp is not None else "skipped (--skip_cp)",
         "paths": {path: {**PATHS[path], **dotted(cfg.path_overrides.get(path, {}))} for path in PATHS},
         "batch": BATCH,

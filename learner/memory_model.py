@@ -4,7 +4,7 @@ Model states follow megatron's accounting: bf16 weights (2 B), fp32 gradient buf
 and fp32 master weights with Adam's two moments (12 B) sharded over DP by the distributed optimizer.
 
 Activations under full recompute (the new path): every layer keeps its input (`[tokens, h]`, split over TP by
-sequence parallelism) and one layer at a time is recomputed and back-propagated, whose working set is
+sequence parallelism; under PP for up to pp micro-batches in flight, 1F1B) and one layer at a time is recomputed and back-propagated, whose working set is
 `WORKING_SET_FACTOR` x the elements of the tensors one layer saves for its backward (`layer_elements`), split over
 TP. The factor is fitted by `longtrace bench learner-memory` on CPU (its new path's bytes per token, whose kept
 inputs and head are subtracted): it is the one measured number in the model. Tokens per rank: a micro-batch holds at
@@ -47,7 +47,8 @@ def layer_elements(d: Dims) -> int:
 
 def activation_bytes_per_token(d: Dims, tp: int, pp: int, sp: bool, dtype_bytes: int, factor: float) -> float:
     """Bytes per token held on one rank of the stage with the most layers, full recompute."""
-    kept = -(-d.layers // pp) * d.hidden * dtype_bytes / (tp if sp else 1)
+    # 1F1B: the first stage holds the kept inputs of up to pp micro-batches in flight
+    kept = pp * -(-d.layers // pp) * d.hidden * dtype_bytes / (tp if sp else 1)
     working = factor * layer_elements(d) * dtype_bytes / tp
     head = 2 * d.hidden * 4  # the last stage's hidden states and their gradient, fp32
     return kept + working + head
