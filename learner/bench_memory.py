@@ -3,7 +3,7 @@
 Each (path, sequence length) runs `Learner.train_step` (learner/train_step.py: megatron-core, the GRPO loss) once
 in a fresh process (learner/bench_memory_worker.py) on CPU, with Qwen3's vocabulary and a small hidden size, and
 reports the step's peak RSS above the RSS right before it. The paths are TrainConfig overrides (PATHS below);
-context parallelism runs CP_PATH under a real `torchrun --nproc_per_node 2` (gloo) and compares per-rank peaks.
+context parallelism runs CP_PATH under a real `torchrun --nproc_per_node 2` (gloo) and compares per-rank peaks with CP1 x DP2 on as many ranks.
 
 Before a launch, the path's fits over the lengths it has measured predict the point's RSS; a prediction above
 `max_rss_mb` is skipped (null, with the reason), as is a worker that fails, times out or is killed by the OOM
@@ -25,7 +25,7 @@ from typing import IO, Any
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from common.config import BaseConfig, merge_tables
-from learner.bench_memory_fit import above_floor, fit, line_and_power_fits, measured_points
+from learner.bench_memory_fit import fit, line_and_power_fits, measured_points
 from learner.bench_memory_worker import MeasureSpec, ModelSpec, run_worker, worker_argv
 
 PATHS: dict[str, dict[str, Any]] = {
@@ -55,6 +55,8 @@ class BenchMemoryConfig(BaseConfig):
     """Length of the CP2-vs-CP1 comparison; 0: the longest of seq_lens."""
     skip_cp: bool = False
     """Do not measure context parallelism."""
+    only_cp: bool = False
+    """Measure context parallelism only (at cp_seq_len, or the longest of seq_lens), no sweep."""
     max_rss_mb: float = Field(0.0, ge=0)
     """Skip a point whose predicted RSS (all its processes) exceeds this; 0: 80 % of MemAvailable at start."""
     timeout_s: float = Field(1800.0, gt=0)
@@ -194,30 +196,32 @@ class Bench:
         if error is not None:
             raise RuntimeError(f"building the bench model failed: {error}")
 
-    def measure(self, path: str, seq_len: int, cp_size: int = 1) -> dict[str, Any]:
-        """One point: skipped (invalid config, the guard), failed, or every rank's numbers and their max peak.
-        Points at CP1 and a length of the sweep join the path's points (its fits); the others `cp_points`."""
-        point: dict[str, Any] = {"path": path, "seq_len": seq_len, "cp_size": cp_size, "peak_mb": None}
+    def measure(self, path: str, seq_len: int, cp_size: int = 1, nproc: int = 1) -> dict[str, Any]:
+        """One point on `nproc` ranks (DP = nproc / cp_size): skipped (invalid config, the guard), failed, or every
+        rank's numbers and their max peak. One-rank points at a length of the sweep join the path's points (its
+        fits); the others `cp_points`."""
+        nproc = max(nproc, cp_size)
+        point: dict[str, Any] = {"path": path, "seq_len": seq_len, "cp_size": cp_size, "nproc": nproc, "peak_mb": None}
         config = train_config(self.cfg, path, self.hf_path, seq_len, cp_size)
-        predicted = predict_rss_mb(self.points[path], seq_len, nproc=cp_size)
+        predicted = predict_rss_mb(self.points[path], seq_len, nproc=nproc)
         point["predicted_rss_mb"] = None if predicted is None else round(predicted)
         reason = _validation_error(config)
         if reason is None and predicted is not None and predicted > self.max_rss_mb:
             reason = f"skipped: predicted peak RSS {predicted:.0f} MiB > --max_rss_mb {self.max_rss_mb:.0f}"
-        log = self.tmp / f"{path}-{seq_len}-cp{cp_size}.log"
+        log = self.tmp / f"{path}-{seq_len}-cp{cp_size}-n{nproc}.log"
         if reason is None:
             out_dir = log.with_suffix("")
             out_dir.mkdir()
-            threads = max(1, self.cfg.threads // cp_size)
+            threads = max(1, self.cfg.threads // nproc)
             spec = MeasureSpec(
                 train_config=config, seq_len=seq_len, out_dir=str(out_dir), threads=threads, seed=self.cfg.seed
             )
             start = time.monotonic()
-            reason = run_worker(worker_argv(cp_size, "measure", spec), log, self.cfg.timeout_s, threads)
+            reason = run_worker(worker_argv(nproc, "measure", spec), log, self.cfg.timeout_s, threads)
             point["worker_s"] = round(time.monotonic() - start, 1)
             ranks = [json.loads(f.read_text()) for f in sorted(out_dir.glob("rank*.json"))]
-            if reason is None and len(ranks) != cp_size:
-                reason = f"{len(ranks)} of {cp_size} ranks wrote a result"
+            if reason is None and len(ranks) != nproc:
+                reason = f"{len(ranks)} of {nproc} ranks wrote a result"
             if reason is None:
                 point["ranks"] = ranks
                 point["peak_mb"] = max(r["peak_mb"] for r in ranks)
@@ -225,31 +229,30 @@ class Bench:
             point["reason"] = reason
             if log.exists():  # the temporary directory goes: keep what the worker said last
                 point["log_tail"] = log.read_text(errors="replace")[-2000:]
-        sweep = cp_size == 1 and seq_len in self.cfg.seq_lens
+        sweep = nproc == 1 and seq_len in self.cfg.seq_lens
         (self.points[path] if sweep else self.cp_points).append(point)
-        self.say(f"{path} seq_len {seq_len} cp {cp_size}: {reason or str(point['peak_mb']) + ' MiB'}")
+        self.say(f"{path} seq_len {seq_len} cp {cp_size} ranks {nproc}: {reason or str(point['peak_mb']) + ' MiB'}")
         return point
 
     def cp(self) -> dict[str, Any]:
-        """CP_PATH at cp_seq_len: the per-rank peak at CP_SIZE (max over ranks) over the peak at CP1."""
+        """CP_PATH at cp_seq_len: the per-rank peak (max over ranks) at CP_SIZE over the one at CP1 x DP CP_SIZE, the
+        same number of ranks, so both hold the same gradient all-reduce buffers (a world of one has none) and each
+        rank of the CP1 run a whole sequence per micro-batch."""
         seq_len = self.cfg.cp_seq_len or self.cfg.seq_lens[-1]
-        cp1 = next((p for p in self.points[CP_PATH] if p["seq_len"] == seq_len), None)
-        cp1 = cp1 or self.measure(CP_PATH, seq_len)
-        cpn = self.measure(CP_PATH, seq_len, CP_SIZE)
+        cp1 = self.measure(CP_PATH, seq_len, 1, nproc=CP_SIZE)
+        cpn = self.measure(CP_PATH, seq_len, CP_SIZE, nproc=CP_SIZE)
         ratio = round(cpn["peak_mb"] / cp1["peak_mb"], 3) if cp1["peak_mb"] and cpn["peak_mb"] else None
         out = {
             "path": CP_PATH,
             "seq_len": seq_len,
             "cp_size": CP_SIZE,
+            "cp1_dp_size": CP_SIZE,
             "cp1_peak_mb": cp1["peak_mb"],
             "cp_peak_mb_per_rank": [r["peak_mb"] for r in cpn.get("ranks", [])],
             "ratio": ratio,
         }
         if ratio is None:
             out["reason"] = cpn.get("reason") or cp1.get("reason")
-        line = fit(self.points[CP_PATH])
-        if ratio is not None and line is not None:
-            out |= above_floor(cp1["peak_mb"], max(out["cp_peak_mb_per_rank"]), line["c0_mb"])
         return out
 
     def peaks(self, path: str) -> list[float | None]:
@@ -289,7 +292,7 @@ def run_memory_bench(cfg: BenchMemoryConfig, progress: IO[str] | None = None) ->
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
         bench = Bench(cfg, Path(tmp), max_rss_mb, progress)
         bench.make_model()
-        for path in PATHS:
+        for path in [] if cfg.only_cp else PATHS:
             for seq_len in cfg.seq_lens:
                 bench.measure(path, seq_len)
         cp = None if cfg.skip_cp else bench.cp()
@@ -308,7 +311,6 @@ def run_memory_bench(cfg: BenchMemoryConfig, progress: IO[str] | None = None) ->
         "fit": {path: fit(ps) for path, ps in bench.points.items()},
         **bench.ratios(),
         "cp2_over_cp1": None if cp is None else cp["ratio"],
-        "cp2_over_cp1_above_floor": None if cp is None else cp.get("ratio_above_floor"),
         "cp": cp if cp is not None else "skipped (--skip_cp)",
         "paths": {path: {**PATHS[path], **dotted(cfg.path_overrides.get(path, {}))} for path in PATHS},
         "batch": BATCH,

@@ -1,5 +1,5 @@
 """The fits of `longtrace bench learner-memory` (learner/bench_memory.py): a power law and a line through a path's
-measured peaks, and CP's ratio above the sequence-independent floor."""
+measured peaks."""
 
 from __future__ import annotations
 
@@ -46,14 +46,4 @@ def fit(points: list[dict[str, Any]]) -> dict[str, Any] | None:
         "c0_mb": round(c0, 1),
         "c1_mb_per_token": round(c1, 5),
         "bytes_per_token": round(c1 * 2**20),
-    }
-
-
-def above_floor(cp1_mb: float, cpn_mb: float, floor_mb: float) -> dict[str, Any]:
-    """CP's ratio on the memory that grows with the sequence: both peaks less the path's floor, the intercept of its
-    linear fit over the CP1 sweep (what a rank holds whatever the length: gradient buffers, the logprob head's
-    chunks and weight-gradient accumulator; no CP split can shrink it)."""
-    return {
-        "floor_mb": round(floor_mb, 1),
-        "ratio_above_floor": round((cpn_mb - floor_mb) / (cp1_mb - floor_mb), 3) if cp1_mb > floor_mb else None,
     }

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-WORKING_SET_FACTOR = 2.0
+WORKING_SET_FACTOR = 1.44
 """One layer's recompute + backward working set / the elements it saves (fitted: docs/results/learner_memory.json)."""
 
 
