@@ -30,7 +30,7 @@ def test_small_vocab_run_measures_two_lengths_and_the_guard_skips_the_third(
     """Guards against a bench whose JSON misses a key, whose peaks are not the step's (zero, negative, shrinking
     with length), or whose memory guard launches a point predicted over --max_rss_mb instead of reporting it."""
     argv = ["bench", "learner-memory", "--json", "--vocab_size", "8192", "--hidden_size", "64", "--num_layers", "1"]
-    argv += ["--seq_lens", "512,2048,8192", "--skip_cp", "--max_rss_mb", "1", "--timeout_s", "120"]
+    argv += ["--seq_lens", "512,2048,8192", "--skip_cp", "--max_rss_mb", "1", "--timeout_s", "600"]
     args = parse(root_parser([learner_cli.register]), argv)
     assert args.func(args) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
