@@ -41,7 +41,7 @@ BATCH = (
     "each sequence is a micro-batch of its own and the peak is that of one seq_len-token sequence"
 )
 MEASURE = (
-    "peak_mb = ru_maxrss after one train_step minus VmRSS right before it (MiB), one fresh process per point; "
+    "peak_mb = VmHWM (ru_maxrss in runs before 2026-12-06) after one train_step minus VmRSS right before it (MiB), one fresh process per point; "
     "the kernel's high-water mark is reset just before the step (/proc/self/clear_refs) so the model build "
     "cannot mask it. A warm-up step on a short batch comes first (Adam's moments and the optimizer's buffers "
     "allocated, as in every step of a run but the first): the measured step is a steady-state one"

@@ -24,7 +24,6 @@ import json
 import math
 import os
 import re
-import resource
 import signal
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from typing import Any
 from pydantic import Field
 
 from common.config import BaseConfig
+from common.net import free_port
 
 PROMPT_FRACTION = 0.5
 """Share of each sequence that is prompt; the rest is response (the tokens the loss sees)."""
@@ -78,8 +78,10 @@ def _status_mb(key: str) -> float:
 
 
 def maxrss_mb() -> float:
-    """getrusage's high-water mark of this process's resident set, MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """The high-water mark of this process's resident set (VmHWM), MiB. Not getrusage's ru_maxrss: that one also
+    keeps the peak folded in by every thread that has exited, which clear_refs cannot reset (a worker whose import
+    or build ended a thread after its peak could then never measure a step below it)."""
+    return _status_mb("VmHWM")
 
 
 def reset_high_water_mark() -> bool:
@@ -197,10 +199,21 @@ def _error_line(output: str) -> str:
     return (errors or lines or ["(no output)"])[-1][-400:]
 
 
+_DIST_VARS = frozenset(
+    {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR", "MASTER_PORT"}
+    | {"TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS"}
+)
+
+
 def run_worker(argv: list[str], log: Path, timeout_s: float, threads: int) -> str | None:
     """Run a worker command to its end, its output into `log`; None on success, else why it failed."""
+    # A caller's distributed variables (a test process that joined a group, a torchrun rank) must not make a
+    # one-process worker join a world that is not there: it gets its own rendezvous on a free port.
+    inherited = {k: v for k, v in os.environ.items() if k not in _DIST_VARS}
     env = {
-        **os.environ,
+        **inherited,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
         "OMP_NUM_THREADS": str(threads),
         "PYTHONWARNINGS": "ignore",  # megatron warns about apex/TE at import
