@@ -26,7 +26,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from common.config import BaseConfig, merge_tables
 from learner.bench_memory_fit import fit, line_and_power_fits, measured_points
-from learner.bench_memory_worker import MeasureSpec, ModelSpec, run_worker, worker_argv
+from learner.bench_memory_worker import MMAP_THRESHOLD_BYTES, MeasureSpec, ModelSpec, run_worker, worker_argv
 
 PATHS: dict[str, dict[str, Any]] = {
     # name: TrainConfig overrides (dotted keys). "baseline" and "new" are the pair the result compares.
@@ -41,6 +41,11 @@ BATCH = (
     "each sequence is a micro-batch of its own and the peak is that of one seq_len-token sequence"
 )
 MEASURE = (
+    "allocated_peak_mb / activation_peak_mb / optimizer_peak_mb: the peak net tensor bytes allocated during the step / "
+    "inside its forward_backward / optimizer_step ranges (torch.profiler with profile_memory, learner/alloc_trace.py: "
+    "the CPU analogue of CUDA's max_memory_allocated, without what the allocator keeps); "
+    "every worker runs with MALLOC_MMAP_THRESHOLD_=65536 (environment.malloc_mmap_threshold), so that freed blocks go "
+    "back to the kernel and RSS follows the tensors; "
     "peak_mb = VmHWM (ru_maxrss in runs before 2026-12-06) after one train_step minus VmRSS right before it (MiB), one fresh process per point; "
     "the kernel's high-water mark is reset just before the step (/proc/self/clear_refs) so the model build "
     "cannot mask it. A warm-up step on a short batch comes first (Adam's moments and the optimizer's buffers "
@@ -235,24 +240,23 @@ class Bench:
         return point
 
     def cp(self) -> dict[str, Any]:
-        """CP_PATH at cp_seq_len: the per-rank peak (max over ranks) at CP_SIZE over the one at CP1 x DP CP_SIZE, the
-        same number of ranks, so both hold the same gradient all-reduce buffers (a world of one has none) and each
-        rank of the CP1 run a whole sequence per micro-batch."""
+        """CP_PATH at cp_seq_len on CP_SIZE ranks against CP1 x DP CP_SIZE, the same number of ranks (both hold the
+        same gradient all-reduce buffers, and each rank of the CP1 run a whole sequence per micro-batch). The ratio
+        is that of the per-rank activation memory: the peak tensor bytes of the forward and backward
+        (`activation_peak_mb`, max over ranks), which CP divides; the whole step's tensor peak (the optimizer's
+        temporaries too, which CP does not touch) and the RSS peak (what glibc keeps too) are given beside it."""
         seq_len = self.cfg.cp_seq_len or self.cfg.seq_lens[-1]
         cp1 = self.measure(CP_PATH, seq_len, 1, nproc=CP_SIZE)
         cpn = self.measure(CP_PATH, seq_len, CP_SIZE, nproc=CP_SIZE)
-        ratio = round(cpn["peak_mb"] / cp1["peak_mb"], 3) if cp1["peak_mb"] and cpn["peak_mb"] else None
-        out = {
-            "path": CP_PATH,
-            "seq_len": seq_len,
-            "cp_size": CP_SIZE,
-            "cp1_dp_size": CP_SIZE,
-            "cp1_peak_mb": cp1["peak_mb"],
-            "cp_peak_mb_per_rank": [r["peak_mb"] for r in cpn.get("ranks", [])],
-            "ratio": ratio,
-        }
-        if ratio is None:
-            out["reason"] = cpn.get("reason") or cp1.get("reason")
+        out: dict[str, Any] = {"path": CP_PATH, "seq_len": seq_len, "cp_size": CP_SIZE, "cp1_dp_size": CP_SIZE}
+        for key in ("activation_peak_mb", "allocated_peak_mb", "peak_mb"):
+            one = max((r[key] for r in cp1.get("ranks", [])), default=None)
+            per_rank = [r[key] for r in cpn.get("ranks", [])]
+            ratio = round(max(per_rank) / one, 3) if one and per_rank and None not in per_rank else None
+            out[key] = {"cp1": one, "cp_per_rank": per_rank, "ratio": ratio}
+        out["ratio"] = out["activation_peak_mb"]["ratio"]
+        if out["ratio"] is None:
+            out["reason"] = cpn.get("reason") or cp1.get("reason") or "no activation peak recorded"
         return out
 
     def peaks(self, path: str) -> list[float | None]:
@@ -329,6 +333,7 @@ def run_memory_bench(cfg: BenchMemoryConfig, progress: IO[str] | None = None) ->
             "params": max((r["params"] for r in ranks), default=None),
             "dtype": "fp32",
             "device": "cpu",
+            "malloc_mmap_threshold": MMAP_THRESHOLD_BYTES,
         },
         "points": points,
         "wall_s": round(time.monotonic() - start, 1),
@@ -354,8 +359,13 @@ def format_table(result: dict[str, Any]) -> str:
     )
     cp = result["cp"]
     if isinstance(cp, dict):
-        how = cp.get("reason") or f"per-rank peaks {cp['cp_peak_mb_per_rank']} MiB vs {cp['cp1_peak_mb']} MiB at CP1"
-        rows.append(f"cp{cp['cp_size']}_over_cp1 (seq_len {cp['seq_len']}): {result['cp2_over_cp1']} ({how})")
+        rows.append(
+            f"cp{cp['cp_size']}_over_cp1 (seq_len {cp['seq_len']}): {result['cp2_over_cp1']} {cp.get('reason', '')}"
+        )
+        for key in ("activation_peak_mb", "allocated_peak_mb", "peak_mb"):
+            if key in cp:
+                m = cp[key]
+                rows.append(f"  {key}: CP1 {m['cp1']}, CP{cp['cp_size']} per rank {m['cp_per_rank']}: {m['ratio']}")
     rows += [f"warning: {w}" for w in result["warnings"]]
     rows.append(f"environment: {json.dumps(result['environment'])}; wall {result['wall_s']} s")
     return "\n".join(rows)

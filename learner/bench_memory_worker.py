@@ -43,6 +43,10 @@ REWARDS = (1.0, 0.0)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WARMUP_TOKENS = 64
 """Length of the warm-up step's sequences (before the measured step)."""
+MMAP_THRESHOLD_BYTES = 65536
+"""glibc's M_MMAP_THRESHOLD in every worker (fixed: RSS then follows the live tensors within a few MiB)."""
+TRACED_RANGES = ("forward_backward", "optimizer_step")
+"""The record_function ranges of Learner.train_step whose tensor peaks a point reports."""
 
 
 class ModelSpec(BaseConfig):
@@ -140,6 +144,7 @@ def measure(spec: MeasureSpec) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(spec.threads)
+    from learner.alloc_trace import trace_allocations
     from learner.model.hf_config import load_hf_arch
     from learner.parallel import destroy_parallel, init_parallel
     from learner.train_config import TrainConfig
@@ -159,7 +164,8 @@ def measure(spec: MeasureSpec) -> dict[str, Any]:
     rss_before, maxrss_before = _status_mb("VmRSS"), maxrss_mb()
     reset = reset_high_water_mark()
     start = time.perf_counter()
-    metrics = learner.train_step(batch)
+    with trace_allocations(TRACED_RANGES) as allocated:
+        metrics = learner.train_step(batch)
     step_s = time.perf_counter() - start
     maxrss_after = maxrss_mb()
     destroy_parallel()
@@ -169,6 +175,10 @@ def measure(spec: MeasureSpec) -> dict[str, Any]:
         "maxrss_before_mb": round(maxrss_before, 1),
         "maxrss_after_mb": round(maxrss_after, 1),
         "peak_mb": round(maxrss_after - rss_before, 1),
+        # Tensor bytes (learner/alloc_trace.py): the step's own, without what the allocator keeps.
+        "allocated_peak_mb": allocated.peak_mb,
+        "activation_peak_mb": allocated.range_peak_mb["forward_backward"],
+        "optimizer_peak_mb": allocated.range_peak_mb["optimizer_step"],
         "high_water_mark_reset": reset,
         # Without the reset, a build that reached higher than the step leaves the step's own peak unknown.
         "build_peak_masks_step": not reset and maxrss_after <= maxrss_before,
@@ -218,6 +228,9 @@ def run_worker(argv: list[str], log: Path, timeout_s: float, threads: int) -> st
         "OMP_NUM_THREADS": str(threads),
         "PYTHONWARNINGS": "ignore",  # megatron warns about apex/TE at import
         "HF_HUB_OFFLINE": "1",
+        # Every block over 64 KiB its own mmap, unmapped when freed: glibc's dynamic threshold (up to 32 MiB) would
+        # keep freed activations in its heap, and the RSS peak would measure the allocator more than the step.
+        "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD_BYTES),
     }
     with log.open("w") as out:
         # Its own session, so that a timeout kills torchrun's ranks with it.

@@ -133,6 +133,22 @@ def _patch_megatron_recompute() -> None:
         cls.backward = staticmethod(backward)
 
 
+def _patch_megatron_collective_backward() -> None:
+    """The backward of megatron's sequence-parallel collectives (the MoE token dispatcher's all-gather and
+    reduce-scatter) allocates its output on "cuda" outside the device mode, like recompute: enter it there."""
+    from megatron.core.tensor_parallel import mappings
+
+    for cls in vars(mappings).values():
+        if isinstance(cls, type) and issubclass(cls, torch.autograd.Function) and cls.__module__ == mappings.__name__:
+            original = cls.backward
+
+            def backward(ctx: Any, *args: Any, _original: Callable[..., Any] = original) -> Any:
+                with _CpuDeviceMode():
+                    return _original(ctx, *args)
+
+            cls.backward = staticmethod(backward)  # type: ignore[method-assign]
+
+
 def activate() -> bool:
     """Install the CPU redirections once if CUDA is absent; return whether they are active."""
     global _ACTIVE
@@ -145,6 +161,7 @@ def activate() -> bool:
     _CpuDeviceMode().__enter__()  # type: ignore[no-untyped-call]  # torch leaves TorchFunctionMode.__enter__ unannotated
     _patch_megatron_rng()
     _patch_megatron_recompute()
+    _patch_megatron_collective_backward()
     _ACTIVE = True
     logger.debug("CUDA absent: megatron-core's CUDA calls redirected to the CPU")
     return True

@@ -21,6 +21,11 @@ class LearnerModelConfig(BaseConfig):
     """Context-parallel size: each sequence split over this many ranks in 2 x cp_size zig-zag chunks
     (learner/context_parallel.py), keys and values exchanged in attention. The local layers need
     `core_attention = "sdpa"`; with Transformer Engine, TE's own CP attention runs."""
+    ep_size: int = Field(default=1, ge=1)
+    """Expert-parallel size (MoE models): each layer's experts split over this many ranks, carved out of the
+    data-parallel (x CP) ranks; must divide num_experts and world size / (tp_size * pp_size)."""
+    moe_aux_loss_coeff: float | None = Field(default=None, ge=0)
+    """MoE load-balancing (switch) loss coefficient per layer; None: the HF config's router_aux_loss_coef. 0: off."""
     sequence_parallel: bool = False
     """Megatron sequence parallelism over the TP group (norm/dropout activations split); needs Transformer Engine."""
     transformer_impl: Literal["local", "transformer_engine"] = "local"

@@ -84,6 +84,7 @@ def head_logprobs_and_entropy(
     temperature: float,
     vocab_size: int,
     chunk_tokens: int = CHUNK_TOKENS,
+    weight_grad_into: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`logprobs_and_entropy(hidden @ weight.T, target, ...)` without ever holding those logits.
 
@@ -95,14 +96,23 @@ def head_logprobs_and_entropy(
     and is cast back, losslessly), then in fp32. Differentiable w.r.t. both: the hidden's gradient is all-reduced over
     TP (each vocab shard contributes a part: megatron's copy_to_tensor_model_parallel_region), the weight's goes back
     through autograd (so megatron DDP's grad hooks see it) and is summed over chunks in fp32.
+
+    `weight_grad_into`: an fp32 tensor of the weight's shape (megatron DDP's `main_grad`) to which the weight's
+    gradient is added chunk by chunk instead, autograd then getting none for it: no whole `[vocab / tp, h]` fp32
+    gradient exists beside the buffer (megatron's gradient-accumulation fusion, on any device). Only where nothing
+    waits for the weight's grad hook (DDP without overlap_grad_reduce).
     """
     _check(temperature, chunk_tokens)
     if hidden.shape[:-1] != target.shape:
         raise ValueError(f"hidden {tuple(hidden.shape)} and target {tuple(target.shape)} do not line up")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"weight {tuple(weight.shape)} is not [vocab / tp, {hidden.shape[-1]}]")
+    if weight_grad_into is not None and (
+        weight_grad_into.shape != weight.shape or weight_grad_into.dtype != torch.float32
+    ):
+        raise ValueError(f"weight_grad_into {tuple(weight_grad_into.shape)} is not fp32 {tuple(weight.shape)}")
     logp, entropy = _HeadLogprobEntropy.apply(  # type: ignore[no-untyped-call]  # torch leaves apply untyped
-        hidden, weight, target, temperature, vocab_size, chunk_tokens
+        hidden, weight, target, temperature, vocab_size, chunk_tokens, weight_grad_into
     )
     return logp, entropy
 
@@ -288,12 +298,14 @@ class _HeadLogprobEntropy(torch.autograd.Function):
         temperature: float,
         vocab_size: int,
         chunk: int,
+        weight_grad_into: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         vocab = _Vocab(weight.shape[0], vocab_size, hidden.device)
         rows = hidden.reshape(-1, hidden.shape[-1])
         lse, logp, mean_z = _forward_rows(_head_z(rows, weight, vocab, temperature), target.reshape(-1), vocab, chunk)
         ctx.save_for_backward(hidden, weight, target, lse, mean_z)
         ctx.args = (temperature, vocab_size, chunk)
+        ctx.weight_grad_into = weight_grad_into
         ctx.set_materialize_grads(False)
         return logp.view(target.shape), (lse - mean_z).view(target.shape)
 
@@ -304,10 +316,12 @@ class _HeadLogprobEntropy(torch.autograd.Function):
         vocab = _Vocab(weight.shape[0], vocab_size, hidden.device)
         rows = hidden.reshape(-1, hidden.shape[-1])
         grad_rows = torch.empty_like(rows) if ctx.needs_input_grad[0] else None
-        # One fp32 [vocab / tp, h] sum: a bf16 running sum would round once per chunk.
-        grad_weight = (
-            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
-        )
+        # One fp32 [vocab / tp, h] sum (a bf16 running sum would round once per chunk): the caller's, or our own.
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = ctx.weight_grad_into
+            if grad_weight is None:
+                grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
 
         def use(lo: int, hi: int, g: torch.Tensor) -> None:
             g = g.to(weight.dtype)  # what megatron's output layer's backward gets (its logits' grad, cast)
@@ -328,4 +342,6 @@ class _HeadLogprobEntropy(torch.autograd.Function):
             if tp > 1:  # every rank's hidden is the same copy feeding its own vocab shard: the gradient is the sum
                 dist.all_reduce(grad_rows, group=group)
             grad_hidden = grad_rows.view(hidden.shape)
-        return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None, None, None
+        if grad_weight is None or ctx.weight_grad_into is not None:
+            return grad_hidden, None, None, None, None, None, None
+        return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None, None

@@ -1,7 +1,9 @@
-"""Megatron's parallel state from torchrun's environment: one process group, then TP/PP/CP/DP groups.
+"""Megatron's parallel state from torchrun's environment: one process group, then TP/PP/CP/DP(/EP) groups.
 
 NCCL when CUDA is present, gloo otherwise; the same code runs both. DP is what is left of the world
-after TP * PP * CP. Every collective of these groups times out after `dist_timeout_s`.
+after TP * PP * CP. Expert parallelism (MoE) splits each layer's experts over EP ranks taken from DP x CP
+(megatron's expert grid: expert-TP = TP, EP, expert-DP = world / (TP * EP * PP)). Every collective of these
+groups times out after `dist_timeout_s`.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ParallelLayout:
-    """This rank's coordinates in the TP x CP x DP x PP grid."""
+    """This rank's coordinates in the TP x CP x DP x PP grid, and in the expert-parallel one (MoE)."""
 
     rank: int
     world_size: int
@@ -34,6 +36,8 @@ class ParallelLayout:
     cp_size: int
     dp_rank: int
     dp_size: int
+    ep_rank: int = 0
+    ep_size: int = 1
 
     @property
     def is_stage_leader(self) -> bool:
@@ -59,6 +63,12 @@ def init_parallel(config: LearnerModelConfig) -> ParallelLayout:
             f"world size {world_size} is not divisible by --model.tp_size * --model.pp_size * --model.cp_size"
             f" = {model_parallel}"
         )
+    expert_parallel = config.tp_size * config.pp_size * config.ep_size
+    if world_size % expert_parallel:
+        raise ValueError(
+            f"world size {world_size} is not divisible by --model.tp_size * --model.pp_size * --model.ep_size"
+            f" = {expert_parallel}"
+        )
     assert not parallel_state.model_parallel_is_initialized(), "call destroy_parallel(keep_process_group=True) first"
     timeout = datetime.timedelta(seconds=config.dist_timeout_s)
     if not dist.is_initialized():
@@ -72,6 +82,7 @@ def init_parallel(config: LearnerModelConfig) -> ParallelLayout:
         tensor_model_parallel_size=config.tp_size,
         pipeline_model_parallel_size=config.pp_size,
         context_parallel_size=config.cp_size,
+        expert_model_parallel_size=config.ep_size,
         distributed_timeout_minutes=max(1, round(config.dist_timeout_s / 60)),
     )
     tensor_parallel.model_parallel_cuda_manual_seed(config.seed)
@@ -93,6 +104,8 @@ def current_layout() -> ParallelLayout:
         cp_size=parallel_state.get_context_parallel_world_size(),
         dp_rank=parallel_state.get_data_parallel_rank(),
         dp_size=parallel_state.get_data_parallel_world_size(),
+        ep_rank=parallel_state.get_expert_model_parallel_rank(),
+        ep_size=parallel_state.get_expert_model_parallel_world_size(),
     )
 
 

@@ -147,7 +147,26 @@ class CheckpointConfig(BaseConfig):
     resume: bool = True
     """Resume from the latest complete checkpoint in `dir` when there is one."""
     keep_last: int = Field(2, ge=1)
-    """Complete checkpoints kept on disk; older ones are deleted after a save."""
+    """Newest complete checkpoints kept on disk; older ones are deleted after a save unless `keep_every_steps` keeps
+    them (`latest` is never deleted)."""
+    keep_every_steps: int = Field(0, ge=0)
+    """Also keep, for good, every checkpoint whose step is a multiple of this (kept versions to export or start a
+    new run from: `longtrace checkpoints list`); 0: off. A multiple of interval_steps (other steps are not saved)."""
+    init_from: str = ""
+    """Start this run from another run's checkpoint: a step_N directory, or a checkpoints directory (its `latest`).
+    Only when this run has no checkpoint of its own to resume from; the run starts at step 0 with its own data
+    cursor, and needs its own --broker.run_id and checkpoint directory (the source is only read)."""
+    init_optimizer: bool = True
+    """With init_from: load the optimizer state (Adam moments) too; off: the weights only, with a fresh optimizer."""
+
+    @model_validator(mode="after")
+    def _check_keep_every(self) -> CheckpointConfig:
+        if self.keep_every_steps and self.keep_every_steps % self.interval_steps:
+            raise ValueError(
+                f"--checkpoint.keep_every_steps {self.keep_every_steps} must be a multiple of "
+                f"--checkpoint.interval_steps {self.interval_steps}: only those steps are saved"
+            )
+        return self
 
 
 class EarlyStopConfig(BaseConfig):

@@ -24,6 +24,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
 from megatron.core.utils import get_model_config
+from torch.profiler import record_function
 
 from learner import compat  # noqa: F401  (before megatron: CPU redirections when CUDA is absent)
 from learner.batching import Layout, MicroBatch, TrainBatch, build_micro_batch, padding_fraction, plan_micro_batches
@@ -33,6 +34,8 @@ from learner.model.build import build_model
 from learner.model.head import enable_hidden_output, output_weight, returns_hidden
 from learner.model.hf_config import HFArch, padded_vocab_size
 from learner.model.load import load_hf_weights
+from learner.model.moe import equal_micro_batch_counts
+from learner.model.moe_layer import RoutingStats
 from learner.parallel import ParallelLayout
 from learner.train_config import OptimConfig, TrainConfig
 
@@ -90,7 +93,7 @@ def build_model_and_optimizer(
     config.variable_seq_lengths = True  # dynamic micro-batches: PP stages exchange shapes
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
+        overlap_grad_reduce=False,  # the fused head adds its weight grad to main_grad itself: no hook fires
         check_for_nan_in_grad=True,  # a NaN gradient stops the run instead of poisoning the weights
         use_distributed_optimizer=cfg.optim.distributed_optimizer,
     )
@@ -165,12 +168,15 @@ class Learner:
         )
         self.chunk_rows = max(1, int(cfg.batch.logprob_chunk_mb * 2**20) // (4 * shard))
         self._cp_rank = parallel_state.get_context_parallel_rank()
+        self._routing = RoutingStats(model) if arch.moe is not None else None
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         t0 = time.monotonic()
         b = self.cfg.batch
         lengths = [s.num_inputs for s in batch.samples]
         plan = plan_micro_batches(lengths, self.layout.dp_size, b.max_tokens_per_micro_batch, self.mb_layout)
+        if self.layout.ep_size > 1:  # MoE layers are collectives over EP ranks: as many micro-batches on each
+            plan = equal_micro_batch_counts(plan, lengths)
         mbs = [
             build_micro_batch(batch.samples, idx, self.mb_layout)
             .shard_for_cp(self.layout.cp_size, self._cp_rank)
@@ -185,8 +191,11 @@ class Learner:
                     mb.logp_ref_BS = logp
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        store = self._run(self.model, mbs, self._loss, forward_only=False)
-        update_ok, grad_norm, _ = self.optimizer.step()
+        # Named ranges for torch.profiler (the memory bench splits its peak by them); free when not profiling.
+        with record_function("forward_backward"):
+            store = self._run(self.model, mbs, self._loss, forward_only=False)
+        with record_function("optimizer_step"):
+            update_ok, grad_norm, _ = self.optimizer.step()
         assert update_ok, "optimizer step skipped (non-finite gradients)"
         sums = self._all_reduce_stats(store)
         step_s = time.monotonic() - t0
@@ -199,6 +208,8 @@ class Learner:
             "num_micro_batches": float(len(mbs)),
             "padding_fraction": padding_fraction(lengths, plan, self.mb_layout),
         }
+        if self._routing is not None:
+            metrics |= self._routing.step_metrics(len(mbs))
         return metrics
 
     # -- megatron plumbing
@@ -243,9 +254,11 @@ class Learner:
         under fused_head), by `batch.logprob_impl`; the entropy's gradient only when `entropy_grad`."""
         b = self.cfg.batch
         if returns_hidden(model):
+            weight = output_weight(model)
+            # Straight into megatron DDP's fp32 grad buffer (no overlap_grad_reduce here, so no hook waits on it).
             logp, entropy = head_logprobs_and_entropy(
-                output, output_weight(model), mb.labels_BS, self.temperature, self.arch.vocab_size,
-                self.chunk_rows,
+                output, weight, mb.labels_BS, self.temperature, self.arch.vocab_size, self.chunk_rows,
+                weight_grad_into=getattr(weight, "main_grad", None),
             )  # fmt: skip
             return logp, entropy if entropy_grad else entropy.detach()
         logits = output

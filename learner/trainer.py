@@ -32,7 +32,8 @@ from broker.schemas import ScoredGroup, Task
 from common.config import dump_config
 from learner import compat  # noqa: F401  (before megatron: CPU redirections when CUDA is absent)
 from learner.batching import TrainBatch, batch_from_tensors, batch_to_tensors
-from learner.checkpoint import Checkpointer, latest_checkpoint, load_checkpoint
+from learner.checkpoint import Checkpointer, init_from_checkpoint, latest_checkpoint, load_checkpoint
+from learner.checkpoint_catalog import init_source, run_record
 from learner.metrics import MetricsLogger, build_metrics_logger
 from learner.model.hf_config import load_hf_arch
 from learner.parallel import ParallelLayout, destroy_parallel, init_parallel
@@ -207,11 +208,15 @@ def build_training(cfg: TrainConfig, layout: ParallelLayout) -> Training:
         logger.warning("training in fp32 on GPU; the recipe trains in bf16 (--model.dtype bf16)")
     arch = load_hf_arch(cfg.model.hf_path)
     resume = latest_checkpoint(cfg.checkpoint_dir) if cfg.checkpoint.resume else None
-    model, optimizer = build_model_and_optimizer(cfg, arch, load_weights=resume is None)
+    init = init_source(cfg, resuming=resume is not None)  # --checkpoint.init_from: only a run's first start
+    model, optimizer = build_model_and_optimizer(cfg, arch, load_weights=resume is None and init is None)
     state = LearnerState()
     if resume is not None:
         state = load_checkpoint(resume, model, optimizer)
         apply_constant_schedule(optimizer, cfg.optim)
+    elif init is not None:
+        init_from_checkpoint(init, model, optimizer, arch, with_optimizer=cfg.checkpoint.init_optimizer)
+        apply_constant_schedule(optimizer, cfg.optim)  # this run's lr and weight decay, not the source run's
     ref_model = build_reference_model(cfg, arch) if cfg.loss.kl_coef > 0 else None
     learner = Learner(cfg, arch, layout, model, optimizer, ref_model)
 
@@ -229,7 +234,14 @@ def build_training(cfg: TrainConfig, layout: ParallelLayout) -> Training:
     closers.append(weight_sync.close)
     data = BatchChannel(group, poll, cfg.batch.read_block_s, cfg.batch.batch_timeout_s)
     checkpointer = Checkpointer(
-        cfg.checkpoint, cfg.checkpoint_dir, cfg.max_steps, model, optimizer, state, on_saved=on_saved
+        cfg.checkpoint,
+        cfg.checkpoint_dir,
+        cfg.max_steps,
+        model,
+        optimizer,
+        state,
+        on_saved=on_saved,
+        record=run_record(cfg, init, resume),
     )
     metrics_logger = build_metrics_logger(cfg.run_dir, is_writer=rank0)
     closers.append(metrics_logger.close)

@@ -8,18 +8,20 @@ flash/memory-efficient kernels on CPU and GPU and handles GQA natively. It plugs
 It also takes what megatron hands a core attention for the two long-context layouts: packed sequences (THD,
 `packed_seq_params.cu_seqlens_q`: one causal attention per sequence, never across a boundary) and context
 parallelism (this rank's zig-zag share of each sequence: keys and values gathered over the CP group,
-learner/context_parallel.py). A CP rank's late chunk attends to keys from position 0 to its own end under a
-causal mask aligned bottom-right, which SDPA's `is_causal` (aligned top-left) cannot say and torch's
-`causal_lower_right` materialises as a dense mask on CPU; so the chunk's queries are preceded by zeros up to
-its offset and the padded rows' outputs dropped: exact, memory O(sequence), at the compute of a full-length
-attention for that chunk. Transformer Engine's ring attention (GPU) has no such waste.
+learner/context_parallel.py). A CP rank's chunk at offset o attends to keys 0 .. o + c under a causal mask aligned
+bottom-right, which SDPA's `is_causal` (aligned top-left) cannot say and torch's `causal_lower_right` materialises
+as a dense mask on CPU. On CPU the chunk runs as two flash attentions merged by log-sum-exp (`_OffsetCausal`: the
+keys before it, all visible, and its own, top-left causal): exact, memory O(chunk). Elsewhere (CUDA without
+Transformer Engine, or dropout) its queries are preceded by zeros up to the offset and the padded rows' outputs
+dropped: exact, but memory and compute of a full-length attention for that chunk. Transformer Engine's ring
+attention (GPU) has no such waste.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -122,6 +124,11 @@ class SDPAttention(MegatronModule):  # type: ignore[misc]  # megatron is untyped
         outs = []
         for chunk, qc in ((rank, q[:, :, :c]), (2 * cp - 1 - rank, q[:, :, c:])):
             offset = chunk * c
+            if q.device.type == "cpu" and not (self.training and self.dropout_p > 0):
+                end = offset + c
+                args = (qc, k[:, :, :end], v[:, :, :end], offset, self.softmax_scale)
+                outs.append(_OffsetCausal.apply(*args))  # type: ignore[no-untyped-call]  # torch leaves apply untyped
+                continue
             if offset:  # bottom-right causal as top-left over [zeros; qc]: row offset + i sees keys <= offset + i
                 qc = torch.cat([qc.new_zeros(qc.shape[0], qc.shape[1], offset, qc.shape[3]), qc], dim=2)
             end = offset + c
@@ -152,3 +159,45 @@ class SDPAttention(MegatronModule):  # type: ignore[misc]  # megatron is untyped
                 enable_gqa=q.shape[1] != k.shape[1],
             )
         return out
+
+
+class _OffsetCausal(torch.autograd.Function):
+    """Causal attention of queries at positions `offset .. offset + c` over keys `0 .. offset + c`, exact and O(c)
+    in memory (CPU, no dropout): the keys before the chunk (all visible) and the chunk's own (top-left causal, as
+    the lengths are equal) are two flash attentions merged by their log-sum-exps. The backward runs each block's
+    flash backward against the merged output and log-sum-exp, whose per-block gradients then add up exactly (the
+    way ring attention splits its backward)."""
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int, scale: float) -> torch.Tensor:
+        out, lse = _flash_cpu(q, k[:, :, offset:], v[:, :, offset:], True, scale)
+        if offset:
+            out_prefix, lse_prefix = _flash_cpu(q, k[:, :, :offset], v[:, :, :offset], False, scale)
+            merged = torch.logaddexp(lse_prefix, lse)
+            out = out_prefix * (lse_prefix - merged).exp().unsqueeze(-1) + out * (lse - merged).exp().unsqueeze(-1)
+            lse = merged
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.offset, ctx.scale = offset, scale
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        q, k, v, out, lse = ctx.saved_tensors
+        offset, scale = ctx.offset, ctx.scale
+        grad = grad.contiguous()
+        backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+        dq, dk, dv = backward(grad, q, k[:, :, offset:], v[:, :, offset:], out, lse, 0.0, True, scale=scale)
+        if offset:
+            dq_prefix, dk_prefix, dv_prefix = backward(
+                grad, q, k[:, :, :offset], v[:, :, :offset], out, lse, 0.0, False, scale=scale
+            )
+            dq, dk, dv = dq + dq_prefix, torch.cat([dk_prefix, dk], 2), torch.cat([dv_prefix, dv], 2)
+        return dq, dk, dv, None, None
+
+
+def _flash_cpu(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch's CPU flash attention with its log-sum-exp `[b, heads, s]` (GQA: fewer key heads are fine)."""
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, is_causal, scale=scale)
+    return out, lse

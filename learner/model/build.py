@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from typing import Any
 
 import torch
 from megatron.core import parallel_state
@@ -20,19 +21,32 @@ from learner import compat  # noqa: F401  (before megatron: CPU redirections whe
 from learner.config import LearnerModelConfig
 from learner.model.attention import SDPAttention
 from learner.model.hf_config import HFArch, padded_vocab_size, transformer_config
+from learner.model.moe_layer import use_learner_moe_layer
+from learner.model.rope import rope_inv_freq
 
 logger = logging.getLogger(__name__)
 
 
 def layer_spec(arch: HFArch, cfg: LearnerModelConfig) -> ModuleSpec:
-    """The transformer layer: megatron-core's own modules ("local", runs anywhere) or Transformer Engine's."""
+    """The transformer layer: megatron-core's own modules ("local", runs anywhere) or Transformer Engine's.
+
+    An MoE model's MLP is megatron's MoE layer with one SequentialMLP expert per expert (no grouped GEMM).
+    """
+    experts = arch.moe.num_experts if arch.moe is not None else None
     if cfg.transformer_impl == "transformer_engine":
         if importlib.util.find_spec("transformer_engine") is None:
             raise ValueError("--model.transformer_impl transformer_engine needs the transformer_engine package (GPU)")
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
-    spec = get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm")
-    if cfg.core_attention == "sdpa":
-        spec.submodules.self_attention.submodules.core_attention = SDPAttention
+        spec = get_gpt_layer_with_transformer_engine_spec(
+            num_experts=experts, moe_grouped_gemm=False, qk_layernorm=arch.qk_norm
+        )
+    else:
+        spec = get_gpt_layer_local_spec(
+            num_experts=experts, moe_grouped_gemm=False, qk_layernorm=arch.qk_norm, normalization="RMSNorm"
+        )
+        if cfg.core_attention == "sdpa":
+            spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    if experts is not None:
+        use_learner_moe_layer(spec)
     return spec
 
 
@@ -58,6 +72,13 @@ def build_model(arch: HFArch, cfg: LearnerModelConfig) -> torch.nn.Module:
         position_embedding_type="rope",
         rotary_base=arch.rope_theta,  # annotated int in megatron, used as a float base
     )
+    if arch.rope_scaling is not None:
+        # megatron's GPT RotaryEmbedding knows plain (and Llama-3) RoPE only, and its YaRN class is meant for MLA
+        # (GPTModel drops its attention factor): keep the module, give it the scaled frequencies. YaRN's attention
+        # factor is in the softmax scale (hf_config.rope_softmax_scale). Every pipeline stage has a rotary_pos_emb.
+        rotary: Any = model.rotary_pos_emb
+        inv_freq = rope_inv_freq(arch.head_dim, arch.rope_theta, arch.rope_scaling)
+        rotary.inv_freq = inv_freq.to(rotary.inv_freq.device)
     if torch.cuda.is_available():
         # Parallel linears allocate on the current device, but norms are created on the CPU; megatron's own
         # get_model moves the module the same way (seen on an H100: a CPU RMSNorm weight in a CUDA forward).

@@ -12,9 +12,13 @@ Megatron layouts (per TP rank r of t; ng query groups = KV heads, hpg = query he
 - embedding / output_layer: vocab rows padded with zeros to `padded_vocab`, split along dim 0.
 - norms: replicated.
 
-Rules are looked up per layer-relative name in `_LAYER_RULES`; a Qwen3-MoE layer adds rules for
-`mlp.router.weight` and `mlp.experts.local_experts.{e}.linear_fc{1,2}.weight` (global expert
-index = expert-parallel rank * local experts + e), reusing `FusedGateUp` and `Split`.
+Rules are looked up per layer-relative name in `_LAYER_RULES`; a Qwen3-MoE layer (`arch.moe`) adds
+`mlp.router.weight` <- `mlp.gate.weight` (replicated) and `mlp.experts.local_experts.{e}.linear_fc{1,2}.weight`
+<- `mlp.experts.{E}.{gate,up,down}_proj.weight` with global expert E = expert_offset + e (expert-parallel
+rank * local experts), reusing `FusedGateUp` and `Split` marked `expert`: their shards follow the expert-TP
+group, not the TP group. HF stores experts one by one (transformers' `save_pretrained` default); the fused
+`mlp.experts.gate_up_proj` / `down_proj` tensors of `save_original_format=False` are read through
+`fused_expert_source`.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ class ParamMap:
     hf_names: tuple[str, ...]
     export: bool = True
     """False for a copy that HF does not store separately (a tied output layer on the last PP stage)."""
+    expert: bool = False
+    """One of this expert-parallel rank's experts: sharded over the expert-TP group, other EP ranks hold the rest."""
 
     @property
     def tp_sharded(self) -> bool:
@@ -171,13 +177,42 @@ _LAYER_RULES: dict[str, Callable[[HFArch, str], ParamMap]] = {
 }
 
 _LAYER_NAME = re.compile(r"decoder\.layers\.(\d+)\.(.+)")
+_LOCAL_EXPERT = re.compile(r"mlp\.experts\.local_experts\.(\d+)\.(linear_fc1|linear_fc2)\.weight")
+_HF_EXPERT = re.compile(r"(.+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight")
 
 
-def param_map(name: str, arch: HFArch, padded_vocab: int, global_layer: Callable[[int], int]) -> ParamMap:
+def _moe_rule(name: str, p: str, expert_offset: int) -> ParamMap | None:
+    """An MoE layer's router or expert weight (layer-relative `name`, HF layer prefix `p`), else None."""
+    if name == "mlp.router.weight":
+        return ParamMap((f"{p}.mlp.gate.weight",))
+    match = _LOCAL_EXPERT.fullmatch(name)
+    if match is None:
+        return None
+    e = f"{p}.mlp.experts.{expert_offset + int(match.group(1))}"
+    if match.group(2) == "linear_fc1":
+        return FusedGateUp((f"{e}.gate_proj.weight", f"{e}.up_proj.weight"), expert=True)
+    return Split((f"{e}.down_proj.weight",), expert=True, dim=1)
+
+
+def fused_expert_source(hf_name: str) -> tuple[str, int, str] | None:
+    """For a per-expert HF name, the fused tensor that may hold it instead, the expert index and the part
+    (gate, up, down): `...mlp.experts.gate_up_proj` [experts, 2 * I, hidden] (gate rows first) or
+    `...mlp.experts.down_proj` [experts, hidden, I]. None for any other name."""
+    match = _HF_EXPERT.fullmatch(hf_name)
+    if match is None:
+        return None
+    prefix, expert, part = match.group(1), int(match.group(2)), match.group(3)
+    return f"{prefix}.{'down_proj' if part == 'down' else 'gate_up_proj'}", expert, part
+
+
+def param_map(
+    name: str, arch: HFArch, padded_vocab: int, global_layer: Callable[[int], int], expert_offset: int = 0
+) -> ParamMap:
     """The mapping of megatron parameter `name` (of an unwrapped GPTModel on this rank).
 
     `global_layer(i)` turns the stage-local layer index of `decoder.layers.i` into the model's layer index
-    (the pipeline offset). Raises ValueError for a parameter this mapping does not know.
+    (the pipeline offset); `expert_offset` is the global index of the rank's first local expert.
+    Raises ValueError for a parameter this mapping does not know.
     """
     if name == "embedding.word_embeddings.weight":
         return VocabSplit(("model.embed_tokens.weight",), vocab=arch.vocab_size, padded_vocab=padded_vocab)
@@ -190,7 +225,11 @@ def param_map(name: str, arch: HFArch, padded_vocab: int, global_layer: Callable
     if name == "decoder.final_layernorm.weight":
         return ParamMap(("model.norm.weight",))
     match = _LAYER_NAME.fullmatch(name)
-    if match and match.group(2) in _LAYER_RULES:
+    if match:
         prefix = f"model.layers.{global_layer(int(match.group(1)))}"
-        return _LAYER_RULES[match.group(2)](arch, prefix)
+        if match.group(2) in _LAYER_RULES:
+            return _LAYER_RULES[match.group(2)](arch, prefix)
+        moe = _moe_rule(match.group(2), prefix, expert_offset) if arch.moe is not None else None
+        if moe is not None:
+            return moe
     raise ValueError(f"no HF mapping for megatron parameter {name!r} ({arch.model_type})")

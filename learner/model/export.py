@@ -1,15 +1,18 @@
 """Megatron -> Hugging Face: full HF tensors gathered from TP shards, per pipeline stage; a loadable HF directory.
 
+The model may come from HF weights or from a training checkpoint (`longtrace export-hf --checkpoint`, learner/cli.py):
+either way it is this process's layout, whatever layout saved the checkpoint.
+
 `iter_hf_weights` is a collective: every rank of the world must exhaust it (TP ranks take part in the
-gathers). Only each pipeline stage's leader (TP, CP and DP rank 0) receives tensors; it yields its
-stage's parameters under HF names with global layer indices. Weight sync (issue 8) broadcasts from there.
+gathers, and expert-parallel ranks in the gathers of their experts). Only each pipeline stage's leader (TP, CP
+and DP rank 0) receives tensors; it yields its stage's parameters, every expert included, under HF names with
+global layer and expert indices. Weight sync (issue 8) broadcasts from there.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,15 +21,13 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from learner import compat  # noqa: F401  (before megatron: CPU redirections when CUDA is absent)
+from learner.checkpoint_catalog import copy_hf_config
 from learner.model.build import unwrap
 from learner.model.hf_config import HFArch, load_hf_arch
 from learner.model.load import INDEX_FILE, stage_param_maps
 from learner.parallel import current_layout
 
 logger = logging.getLogger(__name__)
-
-# Files of an HF directory that are weights; everything else (config, tokenizer, templates) is copied on export.
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
 
 
 @torch.no_grad()
@@ -40,24 +41,36 @@ def iter_hf_weights(model: torch.nn.Module, arch: HFArch) -> Iterator[tuple[str,
     leader = current_layout().is_stage_leader
     tp_group = parallel_state.get_tensor_model_parallel_group()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    etp_group = parallel_state.get_expert_tensor_parallel_group()
+    etp_size = parallel_state.get_expert_tensor_parallel_world_size()
+    ep_group = parallel_state.get_expert_model_parallel_group()
+    ep_size = parallel_state.get_expert_model_parallel_world_size()
+    # The same local expert of every EP rank: its HF names there (EP rank r holds experts r * local + e).
+    ep_maps = [stage_param_maps(gpt, arch, ep_rank=r) for r in range(ep_size)] if arch.moe is not None else []
     for name, param in gpt.named_parameters():
         mapping = maps[name]
         if not mapping.export:
             continue
         local = param.detach().contiguous()
-        if mapping.tp_sharded and tp_size > 1:
-            shards = [torch.empty_like(local) for _ in range(tp_size)]
-            dist.all_gather(shards, local, group=tp_group)
+        group, size = (etp_group, etp_size) if mapping.expert else (tp_group, tp_size)
+        if mapping.tp_sharded and size > 1:
+            shards = [torch.empty_like(local) for _ in range(size)]
+            dist.all_gather(shards, local, group=group)
         else:
             shards = [local]
-        if leader:
-            yield from zip(mapping.hf_names, mapping.to_hf(shards), strict=True)
+        if not (mapping.expert and ep_size > 1):
+            if leader:
+                yield from zip(mapping.hf_names, mapping.to_hf(shards), strict=True)
+            continue
+        for k, tensor in enumerate(mapping.to_hf(shards)):  # one HF tensor at a time, from every EP rank
+            peers = [torch.empty_like(tensor) for _ in range(ep_size)]
+            dist.all_gather(peers, tensor.contiguous(), group=ep_group)
+            if leader:
+                yield from ((ep_maps[r][name].hf_names[k], peer) for r, peer in enumerate(peers))
 
 
 def _copy_non_weight_files(src: Path, out: Path, dtype: torch.dtype) -> None:
-    for path in src.iterdir():
-        if path.is_file() and not path.name.endswith(_WEIGHT_SUFFIXES) and path.name != INDEX_FILE:
-            shutil.copy2(path, out / path.name)
+    copy_hf_config(src, out)
     config_path = out / "config.json"
     config = json.loads(config_path.read_text())
     dtype_name = str(dtype).removeprefix("torch.")

@@ -1,4 +1,4 @@
-"""Hugging Face config -> megatron-core TransformerConfig for the dense Qwen3 and Llama families.
+"""Hugging Face config -> megatron-core TransformerConfig for the Qwen3, Qwen3-MoE and Llama families.
 
 `HFArch` is the architecture read (and validated) from a HF `config.json`; everything downstream
 (model build, weight mapping, export) works from it, never from the raw HF config. Qwen3 is
@@ -7,6 +7,7 @@ Llama plus per-head RMSNorm on q and k (qk-layernorm) and an explicit head_dim.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,12 +16,14 @@ import torch
 import torch.nn.functional as F
 
 from learner.config import LearnerModelConfig
+from learner.model.moe import MoEArch, check_moe_fit, moe_config_kwargs, read_moe_arch
+from learner.model.rope import RopeScaling, read_rope_scaling, rope_attention_factor
 
 if TYPE_CHECKING:
     from megatron.core.transformer.transformer_config import TransformerConfig
     from transformers import PretrainedConfig
 
-SUPPORTED_MODEL_TYPES = ("qwen3", "llama")
+SUPPORTED_MODEL_TYPES = ("qwen3", "qwen3_moe", "llama")
 
 
 @dataclass(frozen=True)
@@ -41,14 +44,31 @@ class HFArch:
     tie_word_embeddings: bool
     qk_norm: bool
     init_std: float
+    rope_scaling: RopeScaling | None = None
+    """Scaled RoPE (YaRN, linear; learner/model/rope.py); None for plain RoPE."""
+    moe: MoEArch | None = None
+    """The routed experts of every layer (Qwen3-MoE; learner/model/moe.py); None for a dense MLP."""
 
 
-def _rope(hf: PretrainedConfig) -> tuple[float, str]:
+def _rope(hf: PretrainedConfig) -> tuple[float, RopeScaling | None]:
     # transformers >= 5 keeps RoPE settings in `rope_parameters`; older configs in rope_theta/rope_scaling.
     params = getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {}
     theta = params.get("rope_theta", getattr(hf, "rope_theta", 10000.0))
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    return float(theta), str(rope_type)
+    try:
+        scaling = read_rope_scaling(params, hf.max_position_embeddings)
+    except ValueError as e:
+        raise ValueError(f"{hf.model_type}: {e}") from None
+    return float(theta), scaling
+
+
+def rope_softmax_scale(arch: HFArch) -> float | None:
+    """The attention softmax scale when YaRN's attention factor m applies, else None (megatron's 1/sqrt(d)).
+
+    The engines scale cos and sin by m, hence every q.k by m^2; megatron applies RoPE without m outside MLA (its
+    YaRN class returns m and GPTModel drops it), so m^2 goes into the softmax scale, as megatron's MLA does.
+    """
+    m = rope_attention_factor(arch.rope_scaling)
+    return None if m == 1.0 else m * m / math.sqrt(arch.head_dim)
 
 
 def read_hf_arch(hf: PretrainedConfig) -> HFArch:
@@ -56,9 +76,7 @@ def read_hf_arch(hf: PretrainedConfig) -> HFArch:
     model_type = hf.model_type
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"model_type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
-    theta, rope_type = _rope(hf)
-    if rope_type != "default":
-        raise ValueError(f"{model_type}: rope_type {rope_type!r} is not supported, only plain RoPE")
+    theta, rope_scaling = _rope(hf)
     if hf.hidden_act != "silu":
         raise ValueError(f"{model_type}: hidden_act {hf.hidden_act!r} is not supported, only silu (SwiGLU)")
     if getattr(hf, "attention_bias", False) or getattr(hf, "mlp_bias", False):
@@ -82,8 +100,10 @@ def read_hf_arch(hf: PretrainedConfig) -> HFArch:
         rope_theta=theta,
         max_position_embeddings=hf.max_position_embeddings,
         tie_word_embeddings=bool(hf.tie_word_embeddings),
-        qk_norm=model_type == "qwen3",
+        qk_norm=model_type in ("qwen3", "qwen3_moe"),
         init_std=getattr(hf, "initializer_range", 0.02),
+        rope_scaling=rope_scaling,
+        moe=read_moe_arch(hf),
     )
 
 
@@ -104,10 +124,11 @@ def check_parallel_fit(arch: HFArch, cfg: LearnerModelConfig) -> None:
     """Raise ValueError (naming the flag) when the model cannot be split as configured."""
     if arch.num_kv_heads % cfg.tp_size:
         raise ValueError(f"--model.tp_size {cfg.tp_size} must divide num_key_value_heads {arch.num_kv_heads}")
-    if arch.ffn_hidden_size % cfg.tp_size:
+    if arch.moe is None and arch.ffn_hidden_size % cfg.tp_size:
         raise ValueError(f"--model.tp_size {cfg.tp_size} must divide intermediate_size {arch.ffn_hidden_size}")
     if arch.num_layers % cfg.pp_size:
         raise ValueError(f"--model.pp_size {cfg.pp_size} must divide num_hidden_layers {arch.num_layers}")
+    check_moe_fit(arch.moe, cfg)
 
 
 def transformer_config(arch: HFArch, cfg: LearnerModelConfig) -> TransformerConfig:
@@ -149,6 +170,7 @@ def transformer_config(arch: HFArch, cfg: LearnerModelConfig) -> TransformerConf
         hidden_dropout=0.0,
         attention_dropout=0.0,
         attention_softmax_in_fp32=True,
+        softmax_scale=rope_softmax_scale(arch),
         init_method_std=arch.init_std,
         tensor_model_parallel_size=cfg.tp_size,
         pipeline_model_parallel_size=cfg.pp_size,
@@ -159,4 +181,5 @@ def transformer_config(arch: HFArch, cfg: LearnerModelConfig) -> TransformerConf
         params_dtype=dtype,
         pipeline_dtype=dtype,
         **recompute,
+        **moe_config_kwargs(arch.moe, cfg),
     )

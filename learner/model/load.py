@@ -3,6 +3,7 @@
 Each parameter is filled from the few HF tensors it is made of, read one parameter at a time from
 memory-mapped safetensors (sharded with `model.safetensors.index.json`, or single files), so a rank
 never holds more than its own shard plus the HF tensors of one parameter (no rank holds the model twice).
+An expert-parallel rank reads only its own experts, one expert's slice at a time even from fused expert tensors.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 import logging
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from megatron.core import parallel_state
@@ -19,7 +20,7 @@ from megatron.core.models.gpt import GPTModel
 
 from learner import compat  # noqa: F401  (before megatron: CPU redirections when CUDA is absent)
 from learner.model.build import unwrap
-from learner.model.convert import ParamMap, param_map
+from learner.model.convert import ParamMap, fused_expert_source, param_map
 from learner.model.hf_config import HFArch
 
 logger = logging.getLogger(__name__)
@@ -31,6 +32,8 @@ class _TensorFile(Protocol):
     """An open safetensors file (safetensors' `safe_open`, whose methods are unannotated)."""
 
     def get_tensor(self, name: str) -> torch.Tensor: ...
+
+    def get_slice(self, name: str) -> Any: ...
 
 
 def weight_files(hf_path: str | Path) -> dict[str, Path]:
@@ -52,13 +55,30 @@ def weight_files(hf_path: str | Path) -> dict[str, Path]:
     return out
 
 
-def stage_param_maps(model: torch.nn.Module, arch: HFArch) -> dict[str, ParamMap]:
-    """Mapping of every parameter of this rank's (unwrapped) GPTModel, with pipeline layer offsets applied."""
+def stage_param_maps(model: torch.nn.Module, arch: HFArch, ep_rank: int | None = None) -> dict[str, ParamMap]:
+    """Mapping of every parameter of this rank's (unwrapped) GPTModel, with pipeline layer offsets applied, and
+    expert offsets of expert-parallel rank `ep_rank` (default: this rank's; export names other ranks' experts)."""
     gpt: GPTModel = unwrap(model)
     padded_vocab = gpt.vocab_size
     # layer_number is megatron's 1-based global index; it carries the PP offset of this stage.
     layer_numbers = [layer.layer_number - 1 for layer in gpt.decoder.layers]
-    return {name: param_map(name, arch, padded_vocab, layer_numbers.__getitem__) for name, _ in gpt.named_parameters()}
+    offset = 0
+    if arch.moe is not None:
+        ep_size = parallel_state.get_expert_model_parallel_world_size()
+        rank = parallel_state.get_expert_model_parallel_rank() if ep_rank is None else ep_rank
+        offset = rank * (arch.moe.num_experts // ep_size)
+    return {
+        name: param_map(name, arch, padded_vocab, layer_numbers.__getitem__, offset)
+        for name, _ in gpt.named_parameters()
+    }
+
+
+def _source(name: str, files: dict[str, Path]) -> str | None:
+    """The checkpoint tensor that holds HF tensor `name`: itself, or its layer's fused expert tensor."""
+    if name in files:
+        return name
+    fused = fused_expert_source(name)
+    return fused[0] if fused is not None and fused[0] in files else None
 
 
 @torch.no_grad()
@@ -69,7 +89,9 @@ def load_hf_weights(model: torch.nn.Module, hf_path: str | Path, arch: HFArch) -
     files = weight_files(hf_path)
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
-    missing = sorted({n for m in maps.values() for n in m.hf_names if n not in files})
+    etp_rank = parallel_state.get_expert_tensor_parallel_rank()
+    etp_size = parallel_state.get_expert_tensor_parallel_world_size()
+    missing = sorted({n for m in maps.values() for n in m.hf_names if _source(n, files) is None})
     if missing:
         raise ValueError(f"{hf_path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
     params = dict(gpt.named_parameters())
@@ -79,13 +101,25 @@ def load_hf_weights(model: torch.nn.Module, hf_path: str | Path, arch: HFArch) -
         def read(name: str) -> torch.Tensor:
             from safetensors import safe_open
 
-            path = files[name]
+            source = _source(name, files)
+            assert source is not None, name
+            path = files[source]
             if path not in handles:
                 handles[path] = stack.enter_context(safe_open(str(path), framework="pt"))
-            return handles[path].get_tensor(name)
+            if source == name:
+                return handles[path].get_tensor(name)
+            fused = fused_expert_source(name)
+            assert fused is not None
+            _, e, part = fused
+            fused_slice = handles[path].get_slice(source)  # reads only the rows indexed
+            rows = fused_slice.get_shape()[1] // 2
+            index = {"gate": slice(None, rows), "up": slice(rows, None), "down": slice(None)}[part]
+            tensor: torch.Tensor = fused_slice[e : e + 1, index]
+            return tensor[0]
 
         for name, mapping in maps.items():
-            local = mapping.to_local([read(n) for n in mapping.hf_names], tp_rank, tp_size)
+            shard = (etp_rank, etp_size) if mapping.expert else (tp_rank, tp_size)
+            local = mapping.to_local([read(n) for n in mapping.hf_names], *shard)
             param = params[name]
             if local.shape != param.shape:
                 raise ValueError(

@@ -1,17 +1,18 @@
 """The batched forward over a KV cache, built from a Hugging Face model's own modules and weights.
 
 Supports the Llama family layout (Llama, Qwen2, Qwen3: embeddings, per layer input norm, q/k/v/o
-projections with optional q_norm/k_norm (Qwen3), RoPE from the model's rotary module, post-attention
-norm and MLP, final norm, lm_head, tied embeddings). One `forward` serves prefill and decode: each
-sequence brings its new tokens and the position they start at, sequences of different lengths are
-padded to the longest and kept apart by the attention mask, and new K/V are written to the
-sequence's cache slot before attention reads the slot back.
+projections with optional q_norm/k_norm (Qwen3), RoPE from the model's rotary module (plain, linear, Llama 3 or
+YaRN with SGLang's attention factor: `yarn_attention_factor`), post-attention norm and MLP, final norm, lm_head,
+tied embeddings). One `forward` serves prefill and decode: each sequence brings its new tokens and the position
+they start at, sequences of different lengths are padded to the longest and kept apart by the attention mask, and
+new K/V are written to the sequence's cache slot before attention reads the slot back.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,12 @@ from rollout_server.engine.kv_cache import KVCache
 log = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "llama", "qwen2")
+# RoPE types whose frequencies transformers fixes at load (dynamic and longrope change with each forward's length,
+# which the KV cache cannot follow) and computes as SGLang does (YaRN's attention factor aside: yarn_attention_factor).
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+# YaRN keys SGLang and transformers read differently: transformers' attention_factor replaces the attention factor
+# (SGLang ignores it), SGLang's extrapolation_factor scales the extrapolated frequencies (transformers ignores it).
+_AMBIGUOUS_YARN_KEYS = ("attention_factor", "extrapolation_factor")
 _SHAPE_KEYS = (
     "model_type",
     "hidden_size",
@@ -125,6 +132,9 @@ class ModelRunner:
         self.layers: list[Any] = list(inner.layers)
         self.norm: nn.Module = inner.norm
         self.rotary: nn.Module = inner.rotary_emb
+        rope = rope_parameters(self.config)
+        if rope.get("rope_type") == "yarn":
+            self.rotary.attention_scaling = yarn_attention_factor(rope)
         self.lm_head: nn.Module = self.model.lm_head
         attn = self.layers[0].self_attn
         self.head_dim: int = attn.head_dim
@@ -336,3 +346,34 @@ def check_supported(hf_config: Any) -> None:
         t != "full_attention" for t in getattr(hf_config, "layer_types", None) or []
     ):
         raise ValueError("sliding-window attention is not supported by the built-in engine")
+    rope = rope_parameters(hf_config)
+    rope_type = rope["rope_type"]
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(
+            f"rope_type {rope_type!r} is not supported by the built-in engine (supported: {SUPPORTED_ROPE_TYPES})"
+        )
+    ambiguous = [key for key in _AMBIGUOUS_YARN_KEYS if rope_type == "yarn" and key in rope]
+    if ambiguous:
+        raise ValueError(f"rope_type 'yarn': {ambiguous} are read differently by SGLang and transformers")
+
+
+def rope_parameters(hf_config: Any) -> dict[str, Any]:
+    """The config's RoPE dict (transformers >= 5: `rope_parameters`, before: `rope_scaling`), rope_type filled in."""
+    params = dict(getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {})
+    params["rope_type"] = params.get("rope_type", params.get("type", "default"))
+    return params
+
+
+def yarn_attention_factor(rope: dict[str, Any]) -> float:
+    """SGLang's YaRN `mscale`, the factor on cos and sin. transformers drops `attn_factor` (DeepSeek-R1-0528-Qwen3-8B
+    sets it to 1 / mscale(4), making the product 1 under SGLang, 1.1386 under transformers) and takes the
+    mscale ratio only when neither mscale is 0; SGLang is the engine the learner must match."""
+    factor = float(rope["factor"])
+
+    def get_mscale(m: float) -> float:
+        return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+    mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
+    if mscale is not None and mscale_all_dim is not None:
+        return get_mscale(float(mscale)) / get_mscale(float(mscale_all_dim)) * float(rope.get("attn_factor", 1.0))
+    return get_mscale(1.0) * float(rope.get("attn_factor", 1.0))

@@ -57,6 +57,25 @@ def test_small_vocab_run_measures_two_lengths_and_the_guard_skips_the_third(
     assert env["vocab_size"] == 8192 and env["torch_threads"] == [2] and env["dtype"] == "fp32"
 
 
+@pytest.mark.slow
+def test_small_cp_run_holds_about_half_the_activations_per_rank(capsys: pytest.CaptureFixture[str]) -> None:
+    """Guards against context parallelism that does not shard the sequence's activations (every rank running
+    the whole of it reads ~1.0; measured 0.52 here, RSS 0.78), a CP result missing a rank or a measure, and a
+    ratio read from a peak that was never recorded."""
+    argv = ["bench", "learner-memory", "--json", "--vocab_size", "8192", "--hidden_size", "64", "--num_layers", "1"]
+    argv += ["--seq_lens", "4096", "--only_cp", "--timeout_s", "600"]
+    args = parse(root_parser([learner_cli.register]), argv)
+    assert args.func(args) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    cp = result["cp"]
+    assert cp["cp_size"] == 2 and cp["cp1_dp_size"] == 2 and cp["seq_len"] == 4096, cp
+    for key in ("activation_peak_mb", "allocated_peak_mb", "peak_mb"):
+        assert cp[key]["cp1"] > 0 and len(cp[key]["cp_per_rank"]) == 2 and min(cp[key]["cp_per_rank"]) > 0, cp
+    assert result["cp2_over_cp1"] == cp["activation_peak_mb"]["ratio"]
+    assert 0.3 < result["cp2_over_cp1"] < 0.7, cp
+
+
 def test_config_reads_comma_lists_and_rejects_unknown_keys() -> None:
     """Guards against `--seq_lens 1024,2048` not parsing (it is not TOML: it arrives as a string), lengths left
     unsorted, and a typo'd flag or path name silently ignored."""

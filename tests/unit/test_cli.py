@@ -29,6 +29,7 @@ NO_CONFIG: dict[tuple[str, ...], str] = {
     ("data", "stats"): "reads one dataset file (and optionally a tokenizer)",
     ("data", "fit"): "one dataset file in, one out, a budget and a tokenizer",
     ("report",): "reads RUN_DIR, which holds the run's resolved config",
+    ("checkpoints", "list"): "reads RUN_DIR's checkpoint directories (each checkpoint records its run)",
     ("bench", "broker"): "a benchmark whose sizes are flags; no config class",
     ("bench", "reward"): "a benchmark whose sizes are flags; no config class",
     ("bench", "engine"): "a benchmark whose sizes are flags; no config class",
@@ -50,6 +51,7 @@ REQUIRED_ARGS: dict[tuple[str, ...], list[str]] = {
     ("data", "build"): ["--questions", "q", "--trajectories", "t", "--docs", "d", "--out", "o"],
     ("data", "synth"): ["--out", "o"],
     ("report",): ["RUN_DIR"],
+    ("checkpoints", "list"): ["RUN_DIR"],
     ("eval", "compare"): ["RUN_A", "RUN_B"],
 }
 """Arguments a command needs before it looks at anything else (dummies: the run stops at the error under test)."""
