@@ -80,14 +80,3 @@ def test_each_model_recipe_has_the_paper_settings() -> None:
         assert rollout.sampling.max_context_len == learner.data.max_total_tokens, model
         assert rollout.sampling.num_samples == learner.data.num_samples, model
         assert learner.broker.run_id == engine.broker.run_id == rollout.broker.run_id, model
-
-
-def test_moe_recipe_says_the_learner_rejects_moe() -> None:
-    """Guards against the 30B MoE recipe looking runnable: until the learner supports MoE and expert parallelism,
-    its config must say so, and the learner's HF import must indeed refuse the MoE architecture."""
-    from learner.model.hf_config import SUPPORTED_MODEL_TYPES
-
-    text = (REPO / "configs/models/qwen3-30b-a3b-thinking-2507/learner.toml").read_text()
-    if "qwen3_moe" in SUPPORTED_MODEL_TYPES:
-        pytest.fail("the learner supports qwen3_moe now: add ep_size/etp_size to the 30B recipe and drop this test")
-    assert "NOT RUNNABLE YET" in text and "EP16" in text and "ETP1" in text
