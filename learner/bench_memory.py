@@ -186,17 +186,8 @@ class Bench:
 
     def make_model(self) -> None:
         c = self.cfg
-        spec = ModelSpec(
-            path=self.hf_path,
-            vocab_size=c.vocab_size,
-            hidden_size=c.hidden_size,
-            num_layers=c.num_layers,
-            num_heads=c.num_heads,
-            num_kv_heads=c.num_kv_heads,
-            head_dim=c.head_dim,
-            intermediate_size=c.intermediate_size,
-            max_position_embeddings=max(40960, c.seq_lens[-1], c.cp_seq_len),
-        )
+        shape = c.model_dump(include=set(ModelSpec.model_fields) - {"path", "max_position_embeddings"})
+        spec = ModelSpec(path=self.hf_path, max_position_embeddings=max(40960, c.seq_lens[-1], c.cp_seq_len), **shape)
         error = run_worker(worker_argv(1, "make-model", spec), self.tmp / "make-model.log", c.timeout_s, c.threads)
         if error is not None:
             raise RuntimeError(f"building the bench model failed: {error}")

@@ -3,9 +3,15 @@
 Supports the Llama family layout (Llama, Qwen2, Qwen3: embeddings, per layer input norm, q/k/v/o
 projections with optional q_norm/k_norm (Qwen3), RoPE from the model's rotary module (plain, linear, Llama 3 or
 YaRN with SGLang's attention factor: `yarn_attention_factor`), post-attention norm and MLP, final norm, lm_head,
-tied embeddings). One `forward` serves prefill and decode: each sequence brings its new tokens and the position
+tied embeddings), and Qwen3-MoE, whose sparse MLP blocks run as transformers' own modules (router and experts
+hold no cache). One `forward` serves prefill and decode: each sequence brings its new tokens and the position
 they start at, sequences of different lengths are padded to the longest and kept apart by the attention mask, and
 new K/V are written to the sequence's cache slot before attention reads the slot back.
+
+Weight updates name tensors as an HF checkpoint does (SGLang's loader, the learner's export): transformers >= 5
+holds a Qwen3-MoE layer's experts as two fused 3-D parameters (`mlp.experts.gate_up_proj` [E, 2I, H], gate rows
+then up rows, and `mlp.experts.down_proj` [E, H, I]); the per-expert names `mlp.experts.{e}.{gate,up,down}_proj
+.weight` are served as views of their slices (`weight_targets`), the fused names as themselves.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -26,7 +33,7 @@ from rollout_server.engine.kv_cache import KVCache
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = ("qwen3", "llama", "qwen2")
+SUPPORTED_MODEL_TYPES = ("qwen3", "llama", "qwen2", "qwen3_moe")
 # RoPE types whose frequencies transformers fixes at load (dynamic and longrope change with each forward's length,
 # which the KV cache cannot follow) and computes as SGLang does (YaRN's attention factor aside: yarn_attention_factor).
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -40,12 +47,17 @@ _SHAPE_KEYS = (
     "num_attention_heads",
     "num_key_value_heads",
     "vocab_size",
+    "num_experts",
+    "num_experts_per_tok",
+    "moe_intermediate_size",
 )
+_EXPERT_NAME = re.compile(r"^(?P<prefix>.+\.mlp\.experts)\.(?P<expert>\d+)\.(?P<proj>gate|up|down)_proj\.weight$")
 
 
 @dataclass(frozen=True)
 class _Layer:
-    """One decoder layer's tensors for the fast path; the fused matrices back the HF parameters (views)."""
+    """One decoder layer's tensors for the fast path; the fused matrices back the HF parameters (views). A sparse
+    MoE layer has `moe` (transformers' block, run as is) instead of the dense MLP tensors."""
 
     ln1: torch.Tensor
     ln1_eps: float
@@ -58,11 +70,12 @@ class _Layer:
     o_bias: torch.Tensor | None
     ln2: torch.Tensor
     ln2_eps: float
-    gate_up: torch.Tensor
+    gate_up: torch.Tensor | None
     gate_up_bias: torch.Tensor | None
-    down: torch.Tensor
+    down: torch.Tensor | None
     down_bias: torch.Tensor | None
-    act: Callable[[torch.Tensor], torch.Tensor]
+    act: Callable[[torch.Tensor], torch.Tensor] | None
+    moe: nn.Module | None = None
 
 
 def _fuse_rows(linears: Sequence[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -148,10 +161,13 @@ class ModelRunner:
             raise ValueError(f"--context_length {self.context_length} exceeds the model's {max_pos} positions")
         with torch.no_grad():
             self.fused = [self._fuse(layer) for layer in self.layers]
+        self.expert_parts: dict[str, list[str]] = _expert_parts(self.parameter_names())
+        """Fused expert parameter name -> the per-expert checkpoint names of its slices (MoE models only)."""
         self.param_specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {
-            name: (tuple(p.shape), p.dtype) for name, p in self.parameter_names().items()
+            name: (tuple(t.shape), t.dtype) for name, t in self.weight_targets().items()
         }
-        """HF parameter name -> (shape, dtype); fixed for the runner's life, so readable from any thread."""
+        """Loadable name (HF parameters, per-expert names included) -> (shape, dtype); fixed for the runner's life,
+        so readable from any thread."""
         self.cache = KVCache(
             len(self.layers), num_slots, self.num_kv_heads, self.context_length, self.head_dim, dtype, self.device
         )
@@ -172,7 +188,8 @@ class ModelRunner:
     def _fuse(layer: Any) -> _Layer:
         attn, mlp = layer.self_attn, layer.mlp
         qkv, qkv_bias = _fuse_rows([attn.q_proj, attn.k_proj, attn.v_proj])
-        gate_up, gate_up_bias = _fuse_rows([mlp.gate_proj, mlp.up_proj])
+        sparse = hasattr(mlp, "experts")  # Qwen3-MoE's sparse block (its mlp_only_layers are dense)
+        gate_up, gate_up_bias = (None, None) if sparse else _fuse_rows([mlp.gate_proj, mlp.up_proj])
         q_norm = getattr(attn, "q_norm", None)
         k_norm = getattr(attn, "k_norm", None)
         return _Layer(
@@ -189,9 +206,10 @@ class ModelRunner:
             ln2_eps=layer.post_attention_layernorm.variance_epsilon,
             gate_up=gate_up,
             gate_up_bias=gate_up_bias,
-            down=mlp.down_proj.weight,
-            down_bias=mlp.down_proj.bias,
-            act=mlp.act_fn,
+            down=None if sparse else mlp.down_proj.weight,
+            down_bias=None if sparse else mlp.down_proj.bias,
+            act=None if sparse else mlp.act_fn,
+            moe=mlp if sparse else None,
         )
 
     @torch.inference_mode()
@@ -263,7 +281,12 @@ class ModelRunner:
             probs = torch.softmax(scores, dim=-1).to(values.dtype)
             out = torch.matmul(probs, values).view(batch, self.num_heads, width, self.head_dim)
             hidden = hidden + linear(out.transpose(1, 2).reshape(batch, width, -1), lw.o, lw.o_bias)
-            gate, up = linear(rms_norm(hidden, lw.ln2, lw.ln2_eps), lw.gate_up, lw.gate_up_bias).chunk(2, dim=-1)
+            x = rms_norm(hidden, lw.ln2, lw.ln2_eps)
+            if lw.moe is not None:  # routed per token: padded tokens change no real token's experts
+                hidden = hidden + lw.moe(x)
+                continue
+            assert lw.gate_up is not None and lw.down is not None and lw.act is not None
+            gate, up = linear(x, lw.gate_up, lw.gate_up_bias).chunk(2, dim=-1)
             hidden = hidden + linear(lw.act(gate) * up, lw.down, lw.down_bias)
         hidden = self.norm(hidden)
         last = hidden[torch.arange(batch, device=dev), lens - 1]
@@ -275,15 +298,46 @@ class ModelRunner:
         """HF parameter names -> parameters, tied names included (lm_head.weight with tied embeddings)."""
         return dict(self.model.named_parameters(remove_duplicate=False))
 
+    def weight_targets(self) -> dict[str, torch.Tensor]:
+        """Every name a weight update may use -> the tensor it writes: the HF parameters (their data), and for a
+        MoE model each expert's checkpoint names -> views of its slices of the fused expert parameters
+        (`gate_proj` the first I rows of `gate_up_proj[e]`, `up_proj` the next I, `down_proj` `down_proj[e]`).
+        The views are contiguous, so a paused engine receives straight into them."""
+        params = self.parameter_names()
+        targets: dict[str, torch.Tensor] = {name: p.data for name, p in params.items()}
+        for fused, parts in self.expert_parts.items():
+            data = params[fused].data
+            for name in parts:
+                m = _EXPERT_NAME.match(name)
+                assert m is not None
+                e, proj = int(m["expert"]), m["proj"]
+                if proj == "down":
+                    targets[name] = data[e]
+                else:
+                    rows = data.shape[1] // 2
+                    targets[name] = data[e, :rows] if proj == "gate" else data[e, rows:]
+        return targets
+
+    def unknown_name(self, name: str) -> str:
+        """Why `name` is not loadable, for an error message."""
+        m = _EXPERT_NAME.match(name)
+        if m is not None:
+            fused = f"{m['prefix']}.{'down_proj' if m['proj'] == 'down' else 'gate_up_proj'}"
+            if fused in self.expert_parts:
+                experts = self.parameter_names()[fused].shape[0]
+                return f"unknown parameter {name!r}: expert {m['expert']} out of range (the model has {experts})"
+            return f"unknown parameter {name!r}: the served model has no experts at {m['prefix']!r}"
+        return f"unknown parameter {name!r}"
+
     @torch.no_grad()
     def load_weights(self, named: Sequence[tuple[str, torch.Tensor]]) -> None:
-        """Copy tensors into the parameters they name; all are checked before any is written."""
-        params = self.parameter_names()
+        """Copy tensors into the parameters (or expert slices) they name; all are checked before any is written."""
+        params = self.weight_targets()
         problems = []
         for name, tensor in named:
             p = params.get(name)
             if p is None:
-                problems.append(f"unknown parameter {name!r}")
+                problems.append(self.unknown_name(name))
             elif tuple(p.shape) != tuple(tensor.shape):
                 problems.append(f"{name}: shape {list(tensor.shape)} != model's {list(p.shape)}")
         if problems:
@@ -323,19 +377,48 @@ class ModelRunner:
                     spec = self.param_specs.get(name)
                     tensor = f.get_tensor(name)
                     if spec is None:
-                        problems.append(f"unknown parameter {name!r}")
+                        problems.append(self.unknown_name(name))
                     elif tuple(tensor.shape) != spec[0]:
                         problems.append(f"{name}: shape {list(tensor.shape)} != model's {list(spec[0])}")
                     else:
                         named.append((name, tensor.to(spec[1])))
         tied = {"lm_head.weight"} if getattr(self.config, "tie_word_embeddings", False) else set()
-        missing = sorted(set(self.param_specs) - {name for name, _ in named} - tied)
+        # Experts may come fused or per expert: a fused tensor covers its per-expert names, all of them cover it.
+        present = {name for name, _ in named}
+        for fused, parts in self.expert_parts.items():
+            if fused in present or all(part in present for part in parts):
+                present |= {fused, *parts}
+        missing = sorted(set(self.param_specs) - present - tied)
         if missing:
             problems.append(f"missing parameters {missing[:5]}")
         if problems:
             more = f" (+{len(problems) - 10} more)" if len(problems) > 10 else ""
             raise ValueError(f"model_path {model_path!r}: " + "; ".join(problems[:10]) + more)
         return named
+
+
+def _expert_parts(params: dict[str, nn.Parameter]) -> dict[str, list[str]]:
+    """Fused expert parameters (`...mlp.experts.gate_up_proj` [E, 2I, H], `...mlp.experts.down_proj` [E, H, I])
+    -> the per-expert checkpoint names of their slices. Any other expert layout is refused: per-expert updates
+    would be written to the wrong slices."""
+    parts: dict[str, list[str]] = {}
+    for name in params:
+        if not name.endswith((".mlp.experts.gate_up_proj", ".mlp.experts.down_proj")):
+            continue
+        prefix, _, last = name.rpartition(".")
+        gate_up = params.get(f"{prefix}.gate_up_proj")
+        down = params.get(f"{prefix}.down_proj")
+        if gate_up is None or down is None or gate_up.dim() != 3 or down.dim() != 3:
+            raise ValueError(f"{prefix}: expected 3-D gate_up_proj and down_proj expert parameters")
+        experts, rows, hidden = gate_up.shape
+        if rows % 2 or tuple(down.shape) != (experts, hidden, rows // 2):
+            raise ValueError(
+                f"{prefix}: unsupported expert layout gate_up_proj {list(gate_up.shape)}, down_proj "
+                f"{list(down.shape)} (expected [E, 2I, H] and [E, H, I])"
+            )
+        projs = ("down",) if last == "down_proj" else ("gate", "up")
+        parts[name] = [f"{prefix}.{e}.{proj}_proj.weight" for e in range(experts) for proj in projs]
+    return parts
 
 
 def check_supported(hf_config: Any) -> None:

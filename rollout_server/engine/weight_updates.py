@@ -186,12 +186,13 @@ class WeightUpdates:
     def _in_place_targets(
         self, group_name: str, names: Sequence[str], dtypes: Sequence[torch.dtype], shapes: Sequence[Sequence[int]]
     ) -> list[torch.Tensor] | None:
-        """The parameters themselves as receive buffers, when generation is paused (no forward reads them) and
-        every name is a contiguous parameter of that dtype and shape on the group's device; else None."""
+        """The parameters themselves (or, for per-expert names, their slices of the fused expert parameters) as
+        receive buffers, when generation is paused (no forward reads them) and every name is a contiguous
+        parameter of that dtype and shape on the group's device; else None."""
         if not self.scheduler.paused:
             return None
         gloo = self.receiver.backends[group_name] == "gloo"
-        params = self.runner.parameter_names()
+        params = self.runner.weight_targets()
         targets = []
         for name, dtype, shape in zip(names, dtypes, shapes, strict=True):
             p = params.get(name)
@@ -203,7 +204,7 @@ class WeightUpdates:
                 or (p.device.type != "cpu" if gloo else p.device != self.runner.device)
             ):
                 return None
-            targets.append(p.data)
+            targets.append(p)
         return targets
 
     async def from_disk(self, obj: UpdateWeightFromDiskReqInput) -> tuple[bool, str, int]:
