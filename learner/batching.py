@@ -41,6 +41,9 @@ class TrainSample:
     prompt_len: int
     rollout_logp: npt.NDArray[np.float32]  # one per response token (engine-side log p)
     advantage: float
+    routed_experts: npt.NDArray[np.int32] | None = None
+    """The engine's experts per input token (routing replay): [num_inputs, moe_layers, topk] (SGLang's
+    `routed_experts`: prompt + output tokens - 1), or None."""
 
     @property
     def num_inputs(self) -> int:
@@ -226,6 +229,8 @@ class MicroBatch:
     cu_seqlens: torch.Tensor | None = None  # int32 [n + 1]: packed sequence boundaries (whole sequences, not shares)
     logp_old_BS: torch.Tensor | None = None  # the trainer's logprobs before the update (set on the last stage)
     logp_ref_BS: torch.Tensor | None = None  # the reference model's (only with a KL term)
+    # int64 [rows, tokens, moe_layers, topk]: the engine's experts per token (-1: none, the learner's router picks)
+    routed_experts_BSLK: torch.Tensor | None = None
 
     _TOKEN_FIELDS = ("input_ids_BS", "position_ids_BS", "labels_BS", "loss_mask_BS", "advantages_BS", "rollout_logp_BS")
 
@@ -235,7 +240,10 @@ class MicroBatch:
 
     def _map(self, fn: Callable[[torch.Tensor], torch.Tensor], cu_seqlens: torch.Tensor | None) -> MicroBatch:
         fields = {name: fn(getattr(self, name)) for name in self._TOKEN_FIELDS}
-        return MicroBatch(**fields, sample_indices=self.sample_indices, cu_seqlens=cu_seqlens)
+        routed = None if self.routed_experts_BSLK is None else fn(self.routed_experts_BSLK)
+        return MicroBatch(
+            **fields, sample_indices=self.sample_indices, cu_seqlens=cu_seqlens, routed_experts_BSLK=routed
+        )
 
     def to(self, device: torch.device | str) -> MicroBatch:
         return self._map(lambda t: t.to(device), None if self.cu_seqlens is None else self.cu_seqlens.to(device))
@@ -262,6 +270,10 @@ def build_micro_batch(samples: Sequence[TrainSample], indices: Sequence[int], la
     mask = torch.zeros(rows, width, dtype=torch.float32)
     adv = torch.zeros(rows, width, dtype=torch.float32)
     rollout = torch.zeros(rows, width, dtype=torch.float32)
+    routed = None
+    given = [r for i in indices if (r := samples[i].routed_experts) is not None]
+    if given:
+        routed = torch.full((rows, width, *given[0].shape[1:]), -1, dtype=torch.int64)
     start = 0
     for k, (i, slot) in enumerate(zip(indices, slots, strict=True)):
         s = samples[i]
@@ -276,9 +288,14 @@ def build_micro_batch(samples: Sequence[TrainSample], indices: Sequence[int], la
         mask[row, first : col + n] = 1.0
         adv[row, first : col + n] = s.advantage
         rollout[row, first : col + n] = torch.from_numpy(s.rollout_logp)
+        if routed is not None and s.routed_experts is not None:
+            assert len(s.routed_experts) == n, f"routing of {len(s.routed_experts)} tokens for {n} inputs"
+            routed[row, col : col + n] = torch.from_numpy(s.routed_experts.astype(np.int64))
         start += slot
     cu = torch.tensor([0, *itertools.accumulate(slots)], dtype=torch.int32) if lay.packing else None
-    return MicroBatch(input_ids, positions, labels, mask, adv, rollout, list(indices), cu_seqlens=cu)
+    return MicroBatch(
+        input_ids, positions, labels, mask, adv, rollout, list(indices), cu_seqlens=cu, routed_experts_BSLK=routed
+    )
 
 
 # ---------------------------------------------------------------- wire format (rank 0 -> all ranks)
@@ -294,6 +311,14 @@ def batch_to_tensors(batch: TrainBatch) -> tuple[dict[str, object], dict[str, to
         "advantages": torch.tensor([x.advantage for x in s], dtype=torch.float64),
         "rollout_logp": torch.from_numpy(np.concatenate([x.rollout_logp for x in s]).astype(np.float32)),
     }
+    routed = [x.routed_experts for x in s if x.routed_experts is not None]
+    if routed:  # samples without routing travel as -1 rows (no replay for their tokens)
+        shape = routed[0].shape[1:]
+        tensors["routed_experts"] = torch.from_numpy(
+            np.concatenate(
+                [x.routed_experts if x.routed_experts is not None else np.full((x.num_inputs, *shape), -1) for x in s]
+            ).astype(np.int32)
+        )
     meta: dict[str, object] = {
         "group_ids": batch.group_ids,
         "metrics": batch.metrics,
@@ -307,10 +332,15 @@ def batch_from_tensors(meta: dict[str, object], tensors: dict[str, torch.Tensor]
     logp = tensors["rollout_logp"].numpy()
     lengths = tensors["lengths"].tolist()
     prompt_lens = tensors["prompt_lens"].tolist()
+    routed = tensors["routed_experts"].numpy() if "routed_experts" in tensors else None
     samples = []
-    t_off = l_off = 0
+    t_off = l_off = r_off = 0
     for n, p, a in zip(lengths, prompt_lens, tensors["advantages"].tolist(), strict=True):
-        samples.append(TrainSample(tokens[t_off : t_off + n].copy(), p, logp[l_off : l_off + n - p].copy(), a))
+        sample = TrainSample(tokens[t_off : t_off + n].copy(), p, logp[l_off : l_off + n - p].copy(), a)
+        if routed is not None:
+            sample.routed_experts = routed[r_off : r_off + n - 1].copy()
+            r_off += n - 1
+        samples.append(sample)
         t_off += n
         l_off += n - p
     group_ids = meta["group_ids"]

@@ -26,6 +26,10 @@ class LearnerModelConfig(BaseConfig):
     data-parallel (x CP) ranks; must divide num_experts and world size / (tp_size * pp_size)."""
     moe_aux_loss_coeff: float | None = Field(default=None, ge=0)
     """MoE load-balancing (switch) loss coefficient per layer; None: the HF config's router_aux_loss_coef. 0: off."""
+    routing_replay: bool = False
+    """Rollout routing replay (R3, MoE models): the routers' top-k choice in the learner's forwards is the experts the
+    engine chose for each token (TrainSample.routed_experts), the weights still the learner's router softmax over
+    them (learner/model/moe_layer.py). Tokens without engine routing are routed by the learner as usual."""
     sequence_parallel: bool = False
     """Megatron sequence parallelism over the TP group (norm/dropout activations split); needs Transformer Engine."""
     transformer_impl: Literal["local", "transformer_engine"] = "local"
@@ -59,6 +63,9 @@ class LearnerModelConfig(BaseConfig):
             raise ValueError("--model.sequence_parallel needs --model.transformer_impl transformer_engine (GPU only)")
         if self.cp_size > 1 and self.transformer_impl == "local" and self.core_attention != "sdpa":
             raise ValueError("--model.cp_size > 1 with local layers needs --model.core_attention sdpa")
+        if self.routing_replay and self.recompute == "full" and self.pp_size > 1:
+            # A recomputed layer reads the routing of the last micro-batch set, which 1F1B has moved past.
+            raise ValueError("--model.routing_replay with --model.recompute full needs --model.pp_size 1")
         if self.sequence_parallel and self.tp_size == 1:
             raise ValueError("--model.sequence_parallel needs --model.tp_size > 1")
         return self

@@ -35,7 +35,7 @@ from learner.model.head import enable_hidden_output, output_weight, returns_hidd
 from learner.model.hf_config import HFArch, padded_vocab_size
 from learner.model.load import load_hf_weights
 from learner.model.moe import equal_micro_batch_counts
-from learner.model.moe_layer import RoutingStats
+from learner.model.moe_layer import RoutingStats, set_replay_routing
 from learner.parallel import ParallelLayout
 from learner.train_config import OptimConfig, TrainConfig
 
@@ -219,6 +219,8 @@ class Learner:
     ) -> list[dict[str, Any]]:
         def forward_step(data_iterator: Iterator[MicroBatch], model: torch.nn.Module) -> tuple[torch.Tensor, Any]:
             mb = next(data_iterator)
+            if replay:  # the engine's experts for this micro-batch's tokens (every pass: old logprobs, loss, ref)
+                set_replay_routing(model, mb.routed_experts_BSLK)
             packed = None
             if mb.cu_seqlens is not None:  # THD: megatron's attention and rotary embedding follow cu_seqlens
                 longest = int(torch.diff(mb.cu_seqlens).max())
@@ -227,6 +229,8 @@ class Learner:
                 )
             output = model(mb.input_ids_BS, mb.position_ids_BS, None, packed_seq_params=packed)
             return output, partial(loss_fn, model, mb)
+
+        replay = self.cfg.model.routing_replay and self.arch.moe is not None
 
         result: list[dict[str, Any]] = get_forward_backward_func()(
             forward_step_func=forward_step,
@@ -237,6 +241,8 @@ class Learner:
             micro_batch_size=max(mb.input_ids_BS.shape[0] for mb in mbs),
             forward_only=forward_only,
         )
+        if replay:  # no stale routing for forwards outside a step
+            set_replay_routing(model, None)
         return result
 
     @torch.no_grad()

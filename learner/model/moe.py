@@ -96,6 +96,8 @@ def moe_config_kwargs(moe: MoEArch | None, cfg: LearnerModelConfig) -> dict[str,
         "moe_token_dispatcher_type": "allgather",
         "moe_grouped_gemm": False,  # SequentialMLP: one MLP per expert, plain torch, names match convert.py
         "expert_model_parallel_size": cfg.ep_size,
+        # Routing replay: each router gets a replay slot (moe_layer.py swaps in its per-token kind).
+        "moe_enable_routing_replay": cfg.routing_replay,
     }
 
 

@@ -4,6 +4,14 @@ uses, and the routing statistics of a training step.
 `LearnerMoELayer` is megatron's MoELayer with two changes: its all-gather token dispatcher accepts token counts
 that differ over the TP x EP group (each data-parallel rank packs its own micro-batches), and its router reads
 `calculate_per_token_loss` at forward time (the trainer turns it on after the model is built).
+
+Rollout routing replay (`--model.routing_replay`, R3): megatron-core 0.16's router already takes a replay object
+(`moe_enable_routing_replay`: a `RouterReplay` whose top-k is called inside `topk_routing_with_score_function`, with
+the scores, softmax or not, gathered at the given indices and the probabilities computed from them as usual, so the
+router keeps its gradients). Its replay is all tokens or none; `TokenRouterReplay` replaces it per router with a
+per-token one (engine ids where given, the router's own top-k elsewhere: padding, samples without routing), and
+`set_replay_routing` hands each MoE layer its column of a micro-batch's `[rows, tokens, layers, topk]` ids before
+the forward (learner/train_step.py).
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from megatron.core.transformer.moe.moe_utils import (
     get_default_pg_collection,
     get_moe_layer_wise_logging_tracker,
 )
+from megatron.core.transformer.moe.router_replay import RouterReplay
 from megatron.core.transformer.moe.token_dispatcher import MoEAllGatherTokenDispatcher
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -69,6 +78,53 @@ class _PaddedAllGatherDispatcher(MoEAllGatherTokenDispatcher):  # type: ignore[m
         return out
 
 
+class TokenRouterReplay(RouterReplay):  # type: ignore[misc]  # megatron is untyped
+    """A router's replay slot: `target_topk_idx` [tokens, topk] expert ids in the router's token order (-1 rows: the
+    router's own choice), or None (no replay). Not registered in megatron's global instance list."""
+
+    def __init__(self) -> None:  # RouterReplay.__init__ would append self to its global list
+        self.target_topk_idx: torch.Tensor | None = None
+        self.recorded_topk_idx = None
+        self.router_replay_action = None
+        self.replay_backward_list: list[torch.Tensor] = []
+
+    def get_replay_topk(
+        self,
+        scores: torch.Tensor,
+        topk: int,
+        num_groups: int | None = None,
+        group_topk: int | None = None,
+        default_compute_topk: Any = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        values, indices = default_compute_topk(scores, topk, num_groups=num_groups, group_topk=group_topk)
+        target = self.target_topk_idx
+        if target is None:
+            return values, indices
+        assert target.shape == indices.shape, f"replayed routing {tuple(target.shape)} for {tuple(indices.shape)}"
+        target = target.to(device=indices.device, dtype=indices.dtype)
+        indices = torch.where((target >= 0).all(dim=1, keepdim=True), target, indices)
+        return scores.gather(1, indices), indices
+
+
+def set_replay_routing(model: torch.nn.Module, routed_BSLK: torch.Tensor | None) -> None:
+    """Give every MoE layer of `model` (this pipeline stage's) its replayed experts for the next forward: the ids of
+    global layer l are `routed_BSLK[:, :, l]` ([rows, tokens, topk], -1 where none); None clears replay."""
+    gpt = unwrap_model(model)
+    config = gpt.config
+    flat = None
+    if routed_BSLK is not None:
+        # The router sees hidden states [tokens, rows, hidden] flattened token-major; sequence parallelism gives
+        # each TP rank a contiguous chunk of the tokens.
+        flat = routed_BSLK.transpose(0, 1).reshape(-1, *routed_BSLK.shape[2:])
+        if config.sequence_parallel:
+            tp = parallel_state.get_tensor_model_parallel_world_size()
+            flat = flat.chunk(tp)[parallel_state.get_tensor_model_parallel_rank()]
+    for layer in gpt.decoder.layers:
+        replay = getattr(getattr(layer.mlp, "router", None), "router_replay", None)
+        if isinstance(replay, TokenRouterReplay):
+            replay.target_topk_idx = None if flat is None else flat[:, layer.layer_number - 1]
+
+
 class LearnerMoELayer(MoELayer):  # type: ignore[misc]  # megatron is untyped
     """megatron's MoELayer with the padded all-gather dispatcher (the only dispatcher moe.py configures)."""
 
@@ -87,6 +143,10 @@ class LearnerMoELayer(MoELayer):  # type: ignore[misc]  # megatron is untyped
             config=self.config,
             pg_collection=pg_collection if pg_collection is not None else get_default_pg_collection(),
         )
+        router: Any = self.router
+        if router.router_replay is not None:  # moe_enable_routing_replay: the per-token kind, off the global list
+            RouterReplay.global_router_replay_instances.remove(router.router_replay)
+            router.router_replay = TokenRouterReplay()
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         # The router copies config.calculate_per_token_loss when built; build_model_and_optimizer sets it later.

@@ -10,6 +10,7 @@ are `Engine.weights` (weight_updates.py).
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import functools
 import logging
@@ -140,7 +141,10 @@ class Engine:
     # ---------------- generation ----------------
     def prepare(self, obj: GenerateReqInput) -> tuple[list[Item], bool]:
         """Validate and expand a /generate body into items (items.py); raise ValueError with SGLang-like messages."""
-        return prepare(obj, self.tokenizer, self.vocab_size, self.context_length, self.config)
+        items, single = prepare(obj, self.tokenizer, self.vocab_size, self.context_length, self.config)
+        if not self.runner.is_moe and any(it.return_routed_experts for it in items):
+            raise ValueError("return_routed_experts needs an MoE model (this one is dense)")
+        return items, single
 
     def submit(self, items: Sequence[Item], stream: bool) -> Submission:
         """Queue `items` on the scheduler, all or none; EngineOverloaded when the waiting queue has no room."""
@@ -160,6 +164,7 @@ class Engine:
                 return_logprob=it.return_logprob,
                 logprob_start_len=it.logprob_start_len,
                 top=TopLogprobs(it.top_logprobs_num) if it.return_logprob and it.top_logprobs_num > 0 else None,
+                return_routed_experts=it.return_routed_experts,
             )
             for i, it in enumerate(items)
         ]
@@ -242,6 +247,8 @@ class Engine:
                 meta["output_top_logprobs"] = self._top_triples(snap.top.output, item.return_text_in_logprobs)
                 if snap.top.input is not None:  # as input_token_logprobs: with logprob_start_len >= 0 only
                     meta["input_top_logprobs"] = self._top_triples(snap.top.input, item.return_text_in_logprobs)
+        if snap.routed_experts is not None:  # SGLang: base64 of the int32 array, the final output only
+            meta["routed_experts"] = base64.b64encode(snap.routed_experts.numpy().tobytes()).decode("ascii")
         return {"text": text, "output_ids": list(ids), "meta_info": meta}
 
     def _logprob_triples(self, values: Sequence[float | None], ids: Sequence[int], with_text: bool) -> list[list[Any]]:

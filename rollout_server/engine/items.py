@@ -29,6 +29,7 @@ class Item:
     created_s: float
     top_logprobs_num: int = 0
     """Top logprobs per position (SGLang's `top_logprobs_num`; returned with `return_logprob` only, as SGLang)."""
+    return_routed_experts: bool = False
 
 
 def check_text(text: str, name: str) -> str:
@@ -78,6 +79,7 @@ def prepare(
     raw_params = _per_item(obj.sampling_params, batch, "sampling_params", {})
     logprob = _per_item(obj.return_logprob, batch, "return_logprob", False)
     start_len = _per_item(obj.logprob_start_len, batch, "logprob_start_len", -1)
+    routed = _per_item(obj.return_routed_experts, batch, "return_routed_experts", False)
     top_nums = [
         check_top_logprobs_num(k, vocab_size) for k in _per_item(obj.top_logprobs_num, batch, "top_logprobs_num", 0)
     ]
@@ -131,6 +133,7 @@ def prepare(
                     seed=seed,
                     created_s=now,
                     top_logprobs_num=top_nums[i],
+                    return_routed_experts=bool(routed[i]),
                 )
             )
         if params.n > 1:

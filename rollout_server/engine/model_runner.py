@@ -12,6 +12,10 @@ Weight updates name tensors as an HF checkpoint does (SGLang's loader, the learn
 holds a Qwen3-MoE layer's experts as two fused 3-D parameters (`mlp.experts.gate_up_proj` [E, 2I, H], gate rows
 then up rows, and `mlp.experts.down_proj` [E, H, I]); the per-expert names `mlp.experts.{e}.{gate,up,down}_proj
 .weight` are served as views of their slices (`weight_targets`), the fused names as themselves.
+
+Routing capture (SGLang's `return_routed_experts`, for rollout routing replay): every forward of an MoE model
+records the top-k expert ids each MoE layer's router chose for each new token (`last_routed_experts`, read by the
+scheduler; a forward hook on transformers' router, whose third output is the ids).
 """
 
 from __future__ import annotations
@@ -161,6 +165,14 @@ class ModelRunner:
             raise ValueError(f"--context_length {self.context_length} exceeds the model's {max_pos} positions")
         with torch.no_grad():
             self.fused = [self._fuse(layer) for layer in self.layers]
+        self._routed: list[torch.Tensor] = []
+        self.last_routed_experts: torch.Tensor | None = None
+        """int32 [B, T, moe_layers, topk]: the experts of the last forward's new tokens (padded ones included); None
+        for a dense model."""
+        for lw in self.fused:
+            if lw.moe is not None:
+                gate: Any = lw.moe.gate
+                gate.register_forward_hook(self._capture_routing)
         self.expert_parts: dict[str, list[str]] = _expert_parts(self.parameter_names())
         """Fused expert parameter name -> the per-expert checkpoint names of its slices (MoE models only)."""
         self.param_specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {
@@ -212,6 +224,13 @@ class ModelRunner:
             moe=mlp if sparse else None,
         )
 
+    @property
+    def is_moe(self) -> bool:
+        return any(lw.moe is not None for lw in self.fused)
+
+    def _capture_routing(self, module: nn.Module, args: Any, output: tuple[torch.Tensor, ...]) -> None:
+        self._routed.append(output[2])  # transformers' router: (logits, weights, indices [tokens, topk])
+
     @torch.inference_mode()
     def forward(
         self,
@@ -226,6 +245,7 @@ class ModelRunner:
         `all_logits_for` the float32 logits of all of its new tokens [len, V] (prompt logprobs).
         """
         dev = self.device
+        self._routed = []
         batch = len(slots)
         lens = torch.tensor([len(t) for t in tokens], device=dev)
         width = int(lens.max())
@@ -288,6 +308,10 @@ class ModelRunner:
             assert lw.gate_up is not None and lw.down is not None and lw.act is not None
             gate, up = linear(x, lw.gate_up, lw.gate_up_bias).chunk(2, dim=-1)
             hidden = hidden + linear(lw.act(gate) * up, lw.down, lw.down_bias)
+        if self._routed:
+            routed = torch.stack(self._routed, dim=1).to(torch.int32)  # [B * T, moe_layers, topk]
+            self.last_routed_experts = routed.view(batch, width, *routed.shape[1:]).cpu()
+            self._routed = []
         hidden = self.norm(hidden)
         last = hidden[torch.arange(batch, device=dev), lens - 1]
         logits = self.lm_head(last).float()

@@ -76,6 +76,9 @@ class GenerateReqInput(_Body):
     ] = None
     token_ids_logprob: Annotated[list[int] | list[list[int]] | None, _UNSUPPORTED] = None
     return_text_in_logprobs: bool = False
+    return_routed_experts: bool | list[bool] = False
+    """MoE models: meta_info.routed_experts of the final output, base64 of int32 [prompt + output tokens - 1,
+    moe_layers, topk] (SGLang 0.5.23; the experts each token was routed to, for rollout routing replay)."""
     stream: bool = False
     rid: str | list[str] | None = None
     input_embeds: Annotated[Any, _UNSUPPORTED] = None

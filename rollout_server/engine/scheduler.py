@@ -54,6 +54,9 @@ class Snapshot:
     """Once finished: {version, start, end} per run of output tokens generated under one version (SGLang's
     `meta_info.weight_versions`); None before (SGLang reports the spans on the final output only)."""
     top: TopLogprobs | None = None  # with top_logprobs_num > 0 only (top_logprobs.py)
+    routed_experts: torch.Tensor | None = None
+    """Once finished, with return_routed_experts: int32 [prompt + output tokens - 1, moe_layers, topk], the experts
+    of every token the model ran on (SGLang's `meta_info.routed_experts`)."""
 
 
 @dataclass(eq=False)
@@ -78,6 +81,9 @@ class Req:
     created_s: float = field(default_factory=time.monotonic)
     version_changes: list[tuple[str, int]] = field(default_factory=list)
     """(old version, output tokens so far) at each weight version change while this request had tokens."""
+    return_routed_experts: bool = False
+    routed: list[torch.Tensor] = field(default_factory=list)
+    """With return_routed_experts: the experts of each forward's new tokens [n, moe_layers, topk] since prefill."""
 
     def snapshot(self, weight_version: str) -> Snapshot:
         spans = None
@@ -92,7 +98,13 @@ class Req:
             weight_version,
             spans,
             self.top.copy() if self.top is not None else None,
+            self._routed_experts() if self.finish is not None and self.return_routed_experts else None,
         )
+
+    def _routed_experts(self) -> torch.Tensor | None:
+        if not self.routed:
+            return None
+        return torch.cat(self.routed)[: len(self.input_ids) + len(self.output_ids) - 1]
 
 
 def weight_version_spans(changes: Sequence[tuple[str, int]], current: str, num_tokens: int) -> list[dict[str, Any]]:
@@ -321,8 +333,11 @@ class Scheduler:
         logits, full = self.runner.forward(
             [r.slot for r in batch if r.slot is not None], tokens, [0] * len(batch), want_prompt
         )
+        routed = self.runner.last_routed_experts
         for b, r in enumerate(batch):
             r.kv_len = len(tokens[b])
+            if r.return_routed_experts and routed is not None:  # a (re-)prefill runs every token again
+                r.routed = [routed[b, : len(tokens[b])]]
         for b in want_prompt:
             self._set_input_logprobs(batch[b], full[b])
         self.num_steps += 1
@@ -342,8 +357,11 @@ class Scheduler:
         slots = [r.slot for r in reqs if r.slot is not None]
         assert len(slots) == len(reqs)
         logits, _ = self.runner.forward(slots, [[r.output_ids[-1]] for r in reqs], [r.kv_len for r in reqs])
-        for r in reqs:
+        routed = self.runner.last_routed_experts
+        for b, r in enumerate(reqs):
             r.kv_len += 1
+            if r.return_routed_experts and routed is not None:
+                r.routed.append(routed[b, :1])
         self.num_steps += 1
         self.max_decode_batch = max(self.max_decode_batch, len(reqs))
         self._append_tokens(reqs, logits)
