@@ -139,6 +139,10 @@ class Sample(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     engine_id: str = ""
     num_resumes: int = 0  # times it was resubmitted after a pause-with-abort
     gen_s: float = 0.0
+    # Routing replay (MoE): the Redis key of the engine's routed experts of this sample, stored beside the entry by
+    # the rollout worker (broker/routing.py: tens of MB at long context, never in the entry); None
+    # without replay, and in entries written before the field.
+    routing_key: str | None = None
 
     def __post_init__(self) -> None:
         sp = self.split

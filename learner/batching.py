@@ -89,22 +89,27 @@ def is_zero_variance(sg: ScoredGroup) -> bool:
     return max(rewards) == min(rewards)
 
 
-def group_to_samples(sg: ScoredGroup, cfg: LossConfig) -> list[TrainSample]:
-    """The group's samples with GRPO advantages (or advantage 1 in SFT mode: every token is a target)."""
+def group_to_samples(
+    sg: ScoredGroup, cfg: LossConfig, routing: Sequence[npt.NDArray[np.int32] | None] | None = None
+) -> list[TrainSample]:
+    """The group's samples with GRPO advantages (or advantage 1 in SFT mode: every token is a target); `routing`:
+    each sample's routed experts [num_inputs, moe layers, topk] (routing replay, read by the scored reader)."""
     prompt = sg.group.task.prompt_ids_np()
     if cfg.mode == "sft":
         adv = [1.0] * len(sg.rewards)
     else:
         rewards_G = torch.tensor([r.reward for r in sg.rewards], dtype=torch.float64)
         adv = grpo_advantages(rewards_G, cfg.normalize_advantage_std, cfg.advantage_eps).tolist()
+    routed = list(routing) if routing is not None else [None] * len(sg.group.samples)
     return [
         TrainSample(
             tokens=np.concatenate([prompt, s.response_ids_np()]).astype(np.int32),
             prompt_len=len(prompt),
             rollout_logp=s.logprobs_np().astype(np.float32),
             advantage=float(a),
+            routed_experts=r,
         )
-        for s, a in zip(sg.group.samples, adv, strict=True)
+        for s, a, r in zip(sg.group.samples, adv, routed, strict=True)
     ]
 
 
@@ -132,8 +137,15 @@ def group_metrics(groups: Sequence[ScoredGroup], staleness: Sequence[int]) -> di
     return out
 
 
-def build_batch(groups: Sequence[ScoredGroup], staleness: Sequence[int], cfg: LossConfig) -> TrainBatch:
-    samples = [s for sg in groups for s in group_to_samples(sg, cfg)]
+def build_batch(
+    groups: Sequence[ScoredGroup],
+    staleness: Sequence[int],
+    cfg: LossConfig,
+    routing: Sequence[Sequence[npt.NDArray[np.int32] | None] | None] | None = None,
+) -> TrainBatch:
+    """`routing`: per group, its samples' routed experts (or None), as `group_to_samples` takes them."""
+    per_group = list(routing) if routing is not None else [None] * len(groups)
+    samples = [s for sg, r in zip(groups, per_group, strict=True) for s in group_to_samples(sg, cfg, r)]
     return TrainBatch(samples, [sg.group_id for sg in groups], group_metrics(groups, staleness))
 
 

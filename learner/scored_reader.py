@@ -14,7 +14,11 @@ import logging
 import time
 from dataclasses import dataclass
 
-from broker.base import Consumer, Entry
+import numpy as np
+import numpy.typing as npt
+
+from broker.base import BrokerError, Consumer, Entry
+from broker.routing import RoutingError, RoutingStore, decode_routing
 from broker.schemas import ScoredGroup
 from learner.batching import TrainBatch, build_batch, invalid_reason, is_zero_variance
 from learner.ledger import GroupLedger
@@ -32,6 +36,7 @@ class _Pooled:
 
     entry_id: str
     scored: ScoredGroup
+    routing: list[npt.NDArray[np.int32]] | None = None  # its samples' routed experts (routing replay)
 
 
 class ScoredReader:
@@ -55,9 +60,19 @@ class ScoredReader:
         batch_cfg: BatchConfig,
         loss_cfg: LossConfig,
         ledger: GroupLedger | None = None,
+        routing: RoutingStore | None = None,
+        routing_shape: tuple[int, int] = (0, 0),
     ) -> None:
         """`ledger`: the record of decided groups the feeder shares (one over `state` alone if None: every id is
-        then kept for two checkpoint intervals)."""
+        then kept for two checkpoint intervals). `routing` (routing replay, --model.routing_replay): where the
+        samples' routed experts are (broker/routing.py), `routing_shape` the model's (moe layers, top-k);
+        every trained sample then carries its routing, and a group whose routing is missing or misshapen is
+        dead-lettered (never trained without replay)."""
+        if routing is not None and min(routing_shape) < 1:
+            raise ValueError(f"routing replay needs the model's (moe layers, top-k), got {routing_shape}")
+        self._routing = routing
+        self._routing_shape = routing_shape
+        self._held_routing: list[str] = []  # routing keys of the held entries: deleted once they are acked
         self._consumer = consumer
         self._state = state
         self._data_cfg = data_cfg
@@ -133,23 +148,64 @@ class ScoredReader:
 
     def _take(self, entry: Entry[ScoredGroup]) -> None:
         sg, st = entry.msg, self._state
+        keys = _routing_keys(sg)
         if self.ledger.is_decided(sg.group_id) or sg.group_id in self._pooled():
             st.num_duplicates += 1  # redelivered after a crash between a checkpoint and its acks, or published twice
             self._held.append(entry.id)
+            if sg.group_id not in self._pooled():  # a pooled twin's keys are its own (one generation, one set)
+                self._held_routing += keys
             return
         reason = invalid_reason(sg)
         if reason is not None:
-            st.count_dead("invalid")
-            self._consumer.dead_letter(entry, reason)  # acks the entry itself
-            self.ledger.decide(sg.group_id, "invalid")
+            self._dead_letter(entry, "invalid", reason, keys)
             return
         if self._lag(sg) > self._data_cfg.max_staleness:
             self._drop_stale(entry.id, sg)
+            self._held_routing += keys
         elif self._batch_cfg.zero_variance_filter and is_zero_variance(sg):
             st.num_dropped_zero_variance += 1
             self._decide(entry.id, sg.group_id, "zero_variance")
-        else:
+            self._held_routing += keys
+        elif self._routing is None:
             self._pool.append(_Pooled(entry.id, sg))
+        else:
+            try:
+                routing = self._read_routing(sg, self._routing)
+            except RoutingError as e:
+                self._dead_letter(entry, "invalid", f"routing replay: {e}", keys)
+                return
+            self._pool.append(_Pooled(entry.id, sg, routing))
+
+    def _dead_letter(self, entry: Entry[ScoredGroup], cause: str, reason: str, routing_keys: list[str]) -> None:
+        self._state.count_dead(cause)
+        self._consumer.dead_letter(entry, reason)  # acks the entry itself
+        self.ledger.decide(entry.msg.group_id, cause)
+        self._delete_routing(routing_keys)
+
+    def _read_routing(self, sg: ScoredGroup, store: RoutingStore) -> list[npt.NDArray[np.int32]]:
+        """The group's routed experts, one MGET; RoutingError when a sample has none or it does not fit its tokens."""
+        samples = sg.group.samples
+        missing = [i for i, s in enumerate(samples) if s.routing_key is None]
+        if missing:
+            raise RoutingError(
+                f"samples {missing[:8]} of group {sg.group_id} carry no routing key (was its rollout worker run "
+                "without --sampling.routing_replay?)"
+            )
+        keys = [s.routing_key for s in samples if s.routing_key is not None]
+        values = store.get(keys)
+        num_prompt = len(sg.group.task.prompt_ids_np())
+        return [
+            decode_routing(v, k, num_prompt + len(s.response_ids_np()) - 1, self._routing_shape)
+            for s, k, v in zip(samples, keys, values, strict=True)
+        ]
+
+    def _delete_routing(self, keys: list[str]) -> None:
+        """Best effort: a key this misses expires by its TTL (--sampling.routing_ttl_s)."""
+        if keys and self._routing is not None:
+            try:
+                self._routing.delete(keys)
+            except BrokerError as e:
+                logger.warning("could not delete %d routing keys (left to their TTL): %s", len(keys), e)
 
     def _lag(self, sg: ScoredGroup) -> int:
         return self._state.policy_version - sg.group.group_version
@@ -175,6 +231,7 @@ class ScoredReader:
         for p in self._pool:
             if self._lag(p.scored) > self._data_cfg.max_staleness:
                 self._drop_stale(p.entry_id, p.scored)
+                self._held_routing += _routing_keys(p.scored)
             else:
                 keep.append(p)
         self._pool = keep
@@ -211,8 +268,10 @@ class ScoredReader:
         take, self._pool = ordered[: self._data_cfg.groups_per_step], ordered[self._data_cfg.groups_per_step :]
         for p in take:
             self._decide(p.entry_id, p.scored.group_id)
+            self._held_routing += _routing_keys(p.scored)
         groups = [p.scored for p in take]
-        batch = build_batch(groups, [self._lag(sg) for sg in groups], self._loss_cfg)
+        routing = [p.routing for p in take] if self._routing is not None else None
+        batch = build_batch(groups, [self._lag(sg) for sg in groups], self._loss_cfg, routing)
         batch.released_group_ids = self.ledger.take_released()
         waited = time.monotonic() - self._due_since if self._due_since is not None else 0.0
         batch.metrics |= {
@@ -243,5 +302,12 @@ class ScoredReader:
         if n:
             self._consumer.ack(self._held)
             self._held = []
+        # Their routing only now: a restart before these acks reads the entries, and so their routing, again.
+        self._delete_routing(self._held_routing)
+        self._held_routing = []
         self.ledger.checkpointed()
         return n
+
+
+def _routing_keys(sg: ScoredGroup) -> list[str]:
+    return [s.routing_key for s in sg.group.samples if s.routing_key is not None]

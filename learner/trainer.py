@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from broker.base import SCORED, TASKS, Broker
+from broker.routing import RoutingStore, routing_store
 from broker.schemas import ScoredGroup, Task
 from common.config import dump_config
 from learner import compat  # noqa: F401  (before megatron: CPU redirections when CUDA is absent)
@@ -296,7 +297,23 @@ def _build_rank0_data(
         logger.warning("no --data.dataset_path: the learner admits no tasks (something else must publish them)")
     consumer = broker.consumer(SCORED, ScoredGroup, group=CONSUMER_GROUP, name=cfg.consumer_name)
     ledger = feeder.ledger if feeder is not None else None
-    reader = ScoredReader(consumer, state, cfg.data, cfg.batch, cfg.loss, ledger=ledger)
+    routing: RoutingStore | None = None
+    routing_shape = (0, 0)
+    if cfg.model.routing_replay:  # the samples' routing, beside their entries (broker/routing.py)
+        from transformers import AutoConfig
+
+        from learner.model.moe import read_moe_arch
+
+        hf = AutoConfig.from_pretrained(cfg.model.hf_path, local_files_only=True)
+        arch = read_moe_arch(hf)
+        if arch is None:
+            broker.close()
+            raise ValueError(f"--model.routing_replay: {cfg.model.hf_path} is not an MoE model")
+        routing = routing_store(broker)
+        routing_shape = (int(hf.num_hidden_layers), arch.topk)  # every layer is MoE (read_moe_arch checks)
+    reader = ScoredReader(
+        consumer, state, cfg.data, cfg.batch, cfg.loss, ledger=ledger, routing=routing, routing_shape=routing_shape
+    )
     upstream = UpstreamReleases(broker, reader, cfg.batch)
 
     def poll(block_s: float) -> TrainBatch | None:

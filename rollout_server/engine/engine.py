@@ -28,8 +28,9 @@ from rollout_server.engine.control import ControlTimeout, control_call
 from rollout_server.engine.items import Item, check_text, prepare
 from rollout_server.engine.model_runner import ModelRunner, resolve_device
 from rollout_server.engine.protocol import GenerateReqInput
+from rollout_server.engine.request_state import Req, Snapshot
 from rollout_server.engine.sampling import SamplingParams, make_generator
-from rollout_server.engine.scheduler import PauseMode, Req, Scheduler, Snapshot
+from rollout_server.engine.scheduler import PauseMode, Scheduler
 from rollout_server.engine.top_logprobs import TopLogprobs, TopRow
 from rollout_server.engine.weight_updates import WeightUpdates
 

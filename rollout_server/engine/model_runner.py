@@ -1,29 +1,20 @@
 """The batched forward over a KV cache, built from a Hugging Face model's own modules and weights.
 
-Supports the Llama family layout (Llama, Qwen2, Qwen3: embeddings, per layer input norm, q/k/v/o
-projections with optional q_norm/k_norm (Qwen3), RoPE from the model's rotary module (plain, linear, Llama 3 or
-YaRN with SGLang's attention factor: `yarn_attention_factor`), post-attention norm and MLP, final norm, lm_head,
-tied embeddings), and Qwen3-MoE, whose sparse MLP blocks run as transformers' own modules (router and experts
-hold no cache). One `forward` serves prefill and decode: each sequence brings its new tokens and the position
+Supports the Llama family layout (Llama, Qwen2, Qwen3 with q/k norms; RoPE from the model's rotary module, YaRN
+with SGLang's attention factor: hf_support.py) and Qwen3-MoE, whose sparse MLP blocks run as transformers' own
+modules (router and experts hold no cache). One `forward` serves prefill and decode: each sequence brings its new tokens and the position
 they start at, sequences of different lengths are padded to the longest and kept apart by the attention mask, and
 new K/V are written to the sequence's cache slot before attention reads the slot back.
 
-Weight updates name tensors as an HF checkpoint does (SGLang's loader, the learner's export): transformers >= 5
-holds a Qwen3-MoE layer's experts as two fused 3-D parameters (`mlp.experts.gate_up_proj` [E, 2I, H], gate rows
-then up rows, and `mlp.experts.down_proj` [E, H, I]); the per-expert names `mlp.experts.{e}.{gate,up,down}_proj
-.weight` are served as views of their slices (`weight_targets`), the fused names as themselves.
-
-Routing capture (SGLang's `return_routed_experts`, for rollout routing replay): every forward of an MoE model
-records the top-k expert ids each MoE layer's router chose for each new token (`last_routed_experts`, read by the
-scheduler; a forward hook on transformers' router, whose third output is the ids).
+Weight updates name tensors as an HF checkpoint does; per-expert names are views of transformers' fused expert
+parameters (`weight_targets`; the naming: hf_support.py). With `return_routed_experts` a hook on each MoE router
+records the top-k expert ids of every new token (`last_routed_experts`, read by the scheduler).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
-import re
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -33,29 +24,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from rollout_server.engine.hf_support import (
+    EXPERT_NAME,
+    SHAPE_KEYS,
+    check_supported,
+    expert_parts,
+    rope_parameters,
+    yarn_attention_factor,
+)
 from rollout_server.engine.kv_cache import KVCache
 
 log = logging.getLogger(__name__)
-
-SUPPORTED_MODEL_TYPES = ("qwen3", "llama", "qwen2", "qwen3_moe")
-# RoPE types whose frequencies transformers fixes at load (dynamic and longrope change with each forward's length,
-# which the KV cache cannot follow) and computes as SGLang does (YaRN's attention factor aside: yarn_attention_factor).
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
-# YaRN keys SGLang and transformers read differently: transformers' attention_factor replaces the attention factor
-# (SGLang ignores it), SGLang's extrapolation_factor scales the extrapolated frequencies (transformers ignores it).
-_AMBIGUOUS_YARN_KEYS = ("attention_factor", "extrapolation_factor")
-_SHAPE_KEYS = (
-    "model_type",
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "vocab_size",
-    "num_experts",
-    "num_experts_per_tok",
-    "moe_intermediate_size",
-)
-_EXPERT_NAME = re.compile(r"^(?P<prefix>.+\.mlp\.experts)\.(?P<expert>\d+)\.(?P<proj>gate|up|down)_proj\.weight$")
 
 
 @dataclass(frozen=True)
@@ -173,7 +152,7 @@ class ModelRunner:
             if lw.moe is not None:
                 gate: Any = lw.moe.gate
                 gate.register_forward_hook(self._capture_routing)
-        self.expert_parts: dict[str, list[str]] = _expert_parts(self.parameter_names())
+        self.expert_parts: dict[str, list[str]] = expert_parts(self.parameter_names())
         """Fused expert parameter name -> the per-expert checkpoint names of its slices (MoE models only)."""
         self.param_specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {
             name: (tuple(t.shape), t.dtype) for name, t in self.weight_targets().items()
@@ -332,7 +311,7 @@ class ModelRunner:
         for fused, parts in self.expert_parts.items():
             data = params[fused].data
             for name in parts:
-                m = _EXPERT_NAME.match(name)
+                m = EXPERT_NAME.match(name)
                 assert m is not None
                 e, proj = int(m["expert"]), m["proj"]
                 if proj == "down":
@@ -344,7 +323,7 @@ class ModelRunner:
 
     def unknown_name(self, name: str) -> str:
         """Why `name` is not loadable, for an error message."""
-        m = _EXPERT_NAME.match(name)
+        m = EXPERT_NAME.match(name)
         if m is not None:
             fused = f"{m['prefix']}.{'down_proj' if m['proj'] == 'down' else 'gate_up_proj'}"
             if fused in self.expert_parts:
@@ -384,7 +363,7 @@ class ModelRunner:
         if not config_file.is_file():
             raise ValueError(f"model_path {model_path!r}: no config.json")
         new_config = json.loads(config_file.read_text())
-        for key in _SHAPE_KEYS:
+        for key in SHAPE_KEYS:
             mine = getattr(self.config, key, None)
             if key in new_config and new_config[key] != mine:
                 raise ValueError(f"model_path {model_path!r}: {key} is {new_config[key]}, the served model has {mine}")
@@ -419,68 +398,3 @@ class ModelRunner:
             more = f" (+{len(problems) - 10} more)" if len(problems) > 10 else ""
             raise ValueError(f"model_path {model_path!r}: " + "; ".join(problems[:10]) + more)
         return named
-
-
-def _expert_parts(params: dict[str, nn.Parameter]) -> dict[str, list[str]]:
-    """Fused expert parameters (`...mlp.experts.gate_up_proj` [E, 2I, H], `...mlp.experts.down_proj` [E, H, I])
-    -> the per-expert checkpoint names of their slices. Any other expert layout is refused: per-expert updates
-    would be written to the wrong slices."""
-    parts: dict[str, list[str]] = {}
-    for name in params:
-        if not name.endswith((".mlp.experts.gate_up_proj", ".mlp.experts.down_proj")):
-            continue
-        prefix, _, last = name.rpartition(".")
-        gate_up = params.get(f"{prefix}.gate_up_proj")
-        down = params.get(f"{prefix}.down_proj")
-        if gate_up is None or down is None or gate_up.dim() != 3 or down.dim() != 3:
-            raise ValueError(f"{prefix}: expected 3-D gate_up_proj and down_proj expert parameters")
-        experts, rows, hidden = gate_up.shape
-        if rows % 2 or tuple(down.shape) != (experts, hidden, rows // 2):
-            raise ValueError(
-                f"{prefix}: unsupported expert layout gate_up_proj {list(gate_up.shape)}, down_proj "
-                f"{list(down.shape)} (expected [E, 2I, H] and [E, H, I])"
-            )
-        projs = ("down",) if last == "down_proj" else ("gate", "up")
-        parts[name] = [f"{prefix}.{e}.{proj}_proj.weight" for e in range(experts) for proj in projs]
-    return parts
-
-
-def check_supported(hf_config: Any) -> None:
-    model_type = getattr(hf_config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"model_type {model_type!r} is not supported by the built-in engine ({SUPPORTED_MODEL_TYPES})")
-    if getattr(hf_config, "use_sliding_window", False) or any(
-        t != "full_attention" for t in getattr(hf_config, "layer_types", None) or []
-    ):
-        raise ValueError("sliding-window attention is not supported by the built-in engine")
-    rope = rope_parameters(hf_config)
-    rope_type = rope["rope_type"]
-    if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ValueError(
-            f"rope_type {rope_type!r} is not supported by the built-in engine (supported: {SUPPORTED_ROPE_TYPES})"
-        )
-    ambiguous = [key for key in _AMBIGUOUS_YARN_KEYS if rope_type == "yarn" and key in rope]
-    if ambiguous:
-        raise ValueError(f"rope_type 'yarn': {ambiguous} are read differently by SGLang and transformers")
-
-
-def rope_parameters(hf_config: Any) -> dict[str, Any]:
-    """The config's RoPE dict (transformers >= 5: `rope_parameters`, before: `rope_scaling`), rope_type filled in."""
-    params = dict(getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {})
-    params["rope_type"] = params.get("rope_type", params.get("type", "default"))
-    return params
-
-
-def yarn_attention_factor(rope: dict[str, Any]) -> float:
-    """SGLang's YaRN `mscale`, the factor on cos and sin. transformers drops `attn_factor` (DeepSeek-R1-0528-Qwen3-8B
-    sets it to 1 / mscale(4), making the product 1 under SGLang, 1.1386 under transformers) and takes the
-    mscale ratio only when neither mscale is 0; SGLang is the engine the learner must match."""
-    factor = float(rope["factor"])
-
-    def get_mscale(m: float) -> float:
-        return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
-
-    mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
-    if mscale is not None and mscale_all_dim is not None:
-        return get_mscale(float(mscale)) / get_mscale(float(mscale_all_dim)) * float(rope.get("attn_factor", 1.0))
-    return get_mscale(1.0) * float(rope.get("attn_factor", 1.0))

@@ -13,6 +13,8 @@ means try another engine; `RequestRejected` (a 4xx) means the request itself is 
 
 from __future__ import annotations
 
+import base64
+import binascii
 import itertools
 import logging
 from dataclasses import dataclass
@@ -63,6 +65,7 @@ class _MetaInfo(msgspec.Struct):
     output_token_logprobs: list[tuple[float | None, int, str | None]] = []
     weight_version: str = SGLANG_DEFAULT
     weight_versions: list[_WeightVersionSpan] | None = None  # absent before SGLang 0.5.23
+    routed_experts: str | None = None  # with return_routed_experts: base64 of int32 [prompt + output - 1, layers, k]
 
 
 class _GenerateResponse(msgspec.Struct):
@@ -94,6 +97,9 @@ class GenerateResult:
     answer's first token, each covering at least one token (none when the answer has no token)."""
     abort_message: str = ""
     abort_status: int | None = None  # set when the engine aborted for a reason of its own (4xx/5xx code)
+    routed_experts: bytes | None = None
+    """With return_routed_experts: the engine's experts of every token it ran on, raw little-endian int32 (SGLang's
+    meta_info.routed_experts, base64-decoded): [prompt + output tokens - 1, moe layers, topk], flattened."""
 
 
 def engine_policy_version(raw: str, initial_policy_version: int) -> int:
@@ -124,6 +130,12 @@ def parse_generate(body: bytes, initial_policy_version: int) -> GenerateResult:
             f"/generate reply: output_ids ({len(resp.output_ids)}) disagree with output_token_logprobs ({len(ids)})"
         )
     policy_version = engine_policy_version(resp.meta_info.weight_version, initial_policy_version)
+    routed: bytes | None = None
+    if resp.meta_info.routed_experts is not None:
+        try:
+            routed = base64.b64decode(resp.meta_info.routed_experts, validate=True)
+        except binascii.Error as e:
+            raise EngineError(f"/generate reply: meta_info.routed_experts is not base64: {e}") from e
     return GenerateResult(
         output_ids=ids,
         logprobs=logprobs,  # type: ignore[arg-type]  # None excluded above
@@ -133,6 +145,7 @@ def parse_generate(body: bytes, initial_policy_version: int) -> GenerateResult:
         segments=_segments(resp.meta_info.weight_versions, len(ids), policy_version, initial_policy_version),
         abort_message=finish.message if finish.type == "abort" else "",
         abort_status=finish.status_code if finish.type == "abort" else None,
+        routed_experts=routed,
     )
 
 
@@ -175,8 +188,17 @@ class EngineClient:
         self._health_timeout = httpx.Timeout(health_timeout_s, connect=min(connect_timeout_s, health_timeout_s))
         self._initial_policy_version = initial_policy_version
 
-    async def generate(self, input_ids: list[int], sampling_params: dict[str, Any], rid: str) -> GenerateResult:
-        payload = {"input_ids": input_ids, "sampling_params": sampling_params, "return_logprob": True, "rid": rid}
+    async def generate(
+        self, input_ids: list[int], sampling_params: dict[str, Any], rid: str, return_routed_experts: bool = False
+    ) -> GenerateResult:
+        payload: dict[str, Any] = {
+            "input_ids": input_ids,
+            "sampling_params": sampling_params,
+            "return_logprob": True,
+            "rid": rid,
+        }
+        if return_routed_experts:
+            payload["return_routed_experts"] = True
         try:
             resp = await self._http.post(
                 f"{self.url}/generate",

@@ -82,6 +82,14 @@ class SamplingConfig(BaseConfig):
     """Token ids that end a sample; unset: the message processor's (Qwen3: 151643, 151645; DeepSeek-R1: 151645)."""
     ignore_eos: bool = False
     """Generate past EOS and stop ids up to max_new_tokens (equal-length samples for benchmarks and tests)."""
+    routing_replay: bool = False
+    """Rollout routing replay (MoE models, the learner's --model.routing_replay): ask the engines for each sample's
+    routed experts (`return_routed_experts`) and store them beside the group in Redis, one key per sample
+    (broker/routing.py); the entry carries only the key."""
+    routing_ttl_s: float = Field(default=86400.0, gt=0)
+    """Lifetime of a stored routing: longer than a group can wait between generation and the learner's ack (scoring,
+    max_staleness steps in the queues, carried steps, then the checkpoint interval before the ack). The learner
+    deletes the keys once it acks the group (after that checkpoint); the TTL only reaps the ones nobody reads."""
 
     @model_validator(mode="after")
     def _check_top_k(self) -> SamplingConfig:

@@ -133,21 +133,33 @@ class SampleGenerator:
 
     async def generate_group(self, task: Task, worker_id: str = "") -> Group:
         """All samples of `task`, concurrently; the group exists only once every sample has ended."""
+        group, _ = await self.generate_group_with_routing(task, worker_id)
+        return group
+
+    async def generate_group_with_routing(self, task: Task, worker_id: str = "") -> tuple[Group, list[bytes | None]]:
+        """`generate_group`, and each sample's routed experts (raw int32, [prompt + response tokens - 1, moe
+        layers, topk] flattened) with `--sampling.routing_replay`, else None each. The samples' `routing_key` is
+        left for the caller, which stores the routing (broker/routing.py)."""
         t0 = time.monotonic()
         plan = plan_group(task, self._cfg, self._processor)
         futures = [
-            asyncio.create_task(self.generate_sample(plan, f"{task.group_id}-{i}")) for i in range(plan.num_samples)
+            asyncio.create_task(self._generate_sample(plan, f"{task.group_id}-{i}")) for i in range(plan.num_samples)
         ]
         try:
-            samples = await asyncio.gather(*futures)
+            results = await asyncio.gather(*futures)
         except BaseException:  # a failed sample (or shutdown) ends its siblings too; then the error propagates
             for f in futures:
                 f.cancel()
             await asyncio.gather(*futures, return_exceptions=True)
             raise
-        return Group(task=task, samples=samples, worker_id=worker_id, rollout_s=time.monotonic() - t0)
+        group = Group(task=task, samples=[s for s, _ in results], worker_id=worker_id, rollout_s=time.monotonic() - t0)
+        return group, [r for _, r in results]
 
     async def generate_sample(self, plan: GroupPlan, rid: str) -> Sample:
+        sample, _ = await self._generate_sample(plan, rid)
+        return sample
+
+    async def _generate_sample(self, plan: GroupPlan, rid: str) -> tuple[Sample, bytes | None]:
         cfg, m = self._cfg, self._metrics
         t0 = time.monotonic()
         progress = _Progress()
@@ -156,6 +168,9 @@ class SampleGenerator:
         engine_id = ""
         stalled_since: float | None = None  # first abort without progress, to bound waiting on a paused engine
         finish: FinishReason
+        replay = cfg.sampling.routing_replay
+        routed: bytes | None = None  # the last answer's: it covers every token (its prompt held those before it)
+        gen_kw = {"return_routed_experts": True} if replay else {}
         while True:
             remaining = plan.max_new_tokens - len(progress.ids)
             if remaining <= 0:
@@ -167,7 +182,9 @@ class SampleGenerator:
             try:
                 async with self._router.lease(exclude) as engine:
                     leased = engine
-                    res = await engine.client.generate(plan.prompt_ids + progress.ids, params, f"{rid}-{num_requests}")
+                    res = await engine.client.generate(
+                        plan.prompt_ids + progress.ids, params, f"{rid}-{num_requests}", **gen_kw
+                    )
             except EngineOverloaded as e:
                 # A full queue is back-pressure, not a failure: wait as asked (bounded by the sample's deadline)
                 # and prefer another engine; the breaker and the attempt count are left alone.
@@ -195,6 +212,7 @@ class SampleGenerator:
             exclude = ()
             engine_id = engine.engine_id
             progress.add(res)
+            routed = res.routed_experts
             if res.finish_reason != "abort":
                 finish = res.finish_reason
                 break
@@ -220,9 +238,11 @@ class SampleGenerator:
         parsed = self._processor.parse(text, finish)
         if parsed.ill_formed:
             log.debug("sample %s ill-formed: %s", rid, "; ".join(parsed.ill_formed_reasons))
+        if replay:
+            _check_routing(routed, len(plan.prompt_ids) + len(progress.ids) - 1, rid, engine_id)
         m.samples.inc()
         m.tokens.inc(len(progress.ids))
-        return Sample(
+        sample = Sample(
             response_ids=pack_ids(progress.ids),
             logprobs=pack_logprobs(progress.logprobs),
             text=text,
@@ -236,6 +256,7 @@ class SampleGenerator:
             num_resumes=num_resumes,
             gen_s=time.monotonic() - t0,
         )
+        return sample, routed
 
     async def _wait_generating(self, engine: Engine) -> bool:
         """Poll the engine's liveness (`EngineClient.health`) until it answers. SGLang and the built-in engine both
@@ -261,3 +282,16 @@ class SampleGenerator:
                 return False
             await asyncio.sleep(self._cfg.resume_poll_s)
         return False
+
+
+def _check_routing(routed: bytes | None, num_inputs: int, rid: str, engine_id: str) -> None:
+    """SampleFailed (the task is retried) when the engine's routing is missing or does not cover the sample's
+    tokens: a sample without it would train without replay, or be dead-lettered by the learner."""
+    if routed is None:
+        raise SampleFailed(f"sample {rid}: engine {engine_id} returned no routed_experts (--sampling.routing_replay)")
+    ids = len(routed) // 4
+    if len(routed) % 4 or num_inputs < 1 or ids == 0 or ids % num_inputs:
+        raise SampleFailed(
+            f"sample {rid}: engine {engine_id} returned {len(routed)} bytes of routed_experts, not int32 x "
+            f"{num_inputs} tokens x layers x topk"
+        )

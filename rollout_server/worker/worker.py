@@ -26,8 +26,20 @@ import signal
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Literal
 
-from broker.base import ROLLOUTS, TASKS, BackpressureTimeout, Broker, Consumer, Entry, EntryTooLarge, Producer
+from broker.base import (
+    ROLLOUTS,
+    TASKS,
+    BackpressureTimeout,
+    Broker,
+    BrokerError,
+    Consumer,
+    Entry,
+    EntryTooLarge,
+    Producer,
+)
+from broker.routing import RoutingStore, routing_store
 from broker.schemas import Group, Task
 from common.retry import RetryPolicy
 from rollout_server.worker.config import RolloutConfig
@@ -57,6 +69,7 @@ class RolloutWorker:
         # How often the loop renews its leases while not reading: the consumer renews every claim_idle_s / 4.
         self._renew_s = min(1.0, cfg.broker.claim_idle_s / 4)
         self._stopping = False
+        self._routing: RoutingStore | None = routing_store(broker) if cfg.sampling.routing_replay else None
 
     async def run(self, stop: asyncio.Event) -> None:
         """Process tasks until `stop` is set, then drain; re-raise if a group handler or the router dies."""
@@ -89,34 +102,61 @@ class RolloutWorker:
         started = time.monotonic()
         try:
             try:
-                group = await self._generate(entry.msg)
+                group, routing = await self._generate(entry.msg)
             except (TaskRejected, SampleRejected, _GaveUp) as e:
                 await self._dead_letter(consumer, entry, str(e))
                 return
+            routing_keys = await self._store_routing(group, routing)
             try:
                 published = await self._publish(producer, group)
             except EntryTooLarge as e:  # retrying cannot shrink it: a crash here would loop on redelivery
+                await self._drop_routing(routing_keys)
                 await self._dead_letter(consumer, entry, f"its group of {len(group.samples)} samples is too large: {e}")
                 return
+            if published != "published":  # a duplicate refers to the first generation's keys; none to any
+                await self._drop_routing(routing_keys)
             if published:
                 await asyncio.to_thread(consumer.ack, [entry.id])
                 log.info("group %s done in %.2fs", entry.msg.group_id, time.monotonic() - started)
         finally:
             m.in_flight_groups.dec()
 
-    async def _generate(self, task: Task) -> Group:
+    async def _store_routing(self, group: Group, routing: list[bytes | None]) -> list[str]:
+        """With routing replay: store each sample's routing under a key of its own and name it in the sample, before
+        the group is published (a reader never finds an entry whose routing is still being written)."""
+        if self._routing is None:
+            return []
+        store = self._routing
+        keys = store.new_keys(group.group_id, len(group.samples))
+        values = {}
+        for sample, key, value in zip(group.samples, keys, routing, strict=True):
+            assert value is not None, "generation checks that every sample has its routing"
+            values[key] = value
+            sample.routing_key = key
+        await asyncio.to_thread(store.put, values, self.cfg.sampling.routing_ttl_s)
+        return keys
+
+    async def _drop_routing(self, keys: list[str]) -> None:
+        """Delete the routing of a generation no entry refers to (best effort: the TTL reaps what this misses)."""
+        if keys and self._routing is not None:
+            try:
+                await asyncio.to_thread(self._routing.delete, keys)
+            except BrokerError as e:
+                log.warning("could not delete %d unpublished routing keys (left to their TTL): %s", len(keys), e)
+
+    async def _generate(self, task: Task) -> tuple[Group, list[bytes | None]]:
         """The task's group, generated again with backoff (`[task_retry]`) while its samples fail; _GaveUp after
         the last attempt. A task left unacked instead stayed held by this live worker (its lease renewed) and was
         never retried nor given up on."""
         attempts = 0
 
-        async def attempt() -> Group:
+        async def attempt() -> tuple[Group, list[bytes | None]]:
             nonlocal attempts
             attempts += 1
             if attempts > 1:
                 self._metrics.retries.labels(reason="task").inc()
             try:
-                return await self._generator.generate_group(task, self.worker_id)
+                return await self._generator.generate_group_with_routing(task, self.worker_id)
             except SampleFailed:
                 self._metrics.failed_groups.inc()
                 raise
@@ -131,23 +171,24 @@ class RolloutWorker:
         self._metrics.dead_letters.inc()
         await asyncio.to_thread(consumer.dead_letter, entry, reason)
 
-    async def _publish(self, producer: Producer[Group], group: Group) -> bool:
-        """Publish once (dedup by group id); wait out backpressure. False if shutdown came first."""
+    async def _publish(self, producer: Producer[Group], group: Group) -> Literal["published", "duplicate", ""]:
+        """Publish once (dedup by group id); wait out backpressure. "" (falsy) if shutdown came first, "duplicate"
+        when the group was published before (a redelivered task)."""
         while True:
             try:
                 [entry_id] = await asyncio.to_thread(producer.publish, [group], _group_key)
             except BackpressureTimeout as e:
                 if self._stopping:
-                    return False
+                    return ""
                 log.warning("rollouts stream full, retrying in %.1fs: %s", self.cfg.publish_retry_s, e)
                 await asyncio.sleep(self.cfg.publish_retry_s)
                 continue
             if entry_id is None:
                 self._metrics.duplicates.inc()
                 log.info("group %s was already published (redelivered task)", group.group_id)
-            else:
-                self._metrics.groups.inc()
-            return True
+                return "duplicate"
+            self._metrics.groups.inc()
+            return "published"
 
     async def _drain(self, consumer: Consumer[Task], running: dict[str, asyncio.Task[None]]) -> None:
         self._stopping = True

@@ -13,7 +13,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from learner.model.hf_config import read_hf_arch, rope_softmax_scale
 from learner.model.rope import RopeScaling, read_rope_scaling, rope_attention_factor, rope_inv_freq
-from rollout_server.engine.model_runner import check_supported, rope_parameters, yarn_attention_factor
+from rollout_server.engine.hf_support import check_supported, rope_parameters, yarn_attention_factor
 
 # DeepSeek-R1-0528-Qwen3-8B's config.json (with max_position_embeddings 131072, rope_theta 1000000).
 R1_8B_ROPE: dict[str, Any] = {

@@ -636,14 +636,24 @@ def test_the_rollout_workers_generate_body_passes_sglangs_own_contract(sgl: Path
 
     async def generate() -> None:
         async with httpx.AsyncClient(transport=httpx.MockTransport(engine)) as http:
-            await EngineClient("http://e:1", http, 10, 10, 10).generate(plan.prompt_ids, params, "g-0")
+            client = EngineClient("http://e:1", http, 10, 10, 10)
+            await client.generate(plan.prompt_ids, params, "g-0")
+            await client.generate(plan.prompt_ids, params, "g-1", return_routed_experts=True)  # routing replay
 
     asyncio.run(generate())
     api = _api_types(sgl)
-    try:
-        api.GenerateRequest.from_json_value(sent[0])
-    except api.JsonContractError as e:
-        pytest.fail(f"SGLang {SGLANG_VERSION} refuses our /generate body {sent[0]}: {e}")
+    assert sent[1]["return_routed_experts"] is True
+    # That decoder lets unknown top-level keys through (and its api_types lack this one): check the routing replay
+    # key by name on the request SGLang's /generate builds, io_struct's GenerateReqInput.
+    io_struct = ast.parse((sgl / "sglang/srt/managers/io_struct.py").read_text())
+    [req] = [n for n in io_struct.body if isinstance(n, ast.ClassDef) and n.name == "GenerateReqInput"]
+    fields = {n.target.id for n in req.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
+    assert "return_routed_experts" in fields, f"SGLang {SGLANG_VERSION}'s GenerateReqInput lacks it"
+    for body in sent:
+        try:
+            api.GenerateRequest.from_json_value(body)
+        except api.JsonContractError as e:
+            pytest.fail(f"SGLang {SGLANG_VERSION} refuses our /generate body {body}: {e}")
     unknown = set(params) - set(api.SamplingParams.__struct_fields__)
     assert not unknown, f"sampling params SGLang {SGLANG_VERSION} does not know: {unknown}"
     with pytest.raises(api.JsonContractError):  # the decoder is not a no-op: a misspelt key is refused
