@@ -6,21 +6,25 @@ and fp32 master weights with Adam's two moments (12 B) sharded over DP by the di
 Activations under full recompute (the new path): every layer keeps its input (`[tokens, h]`, split over TP by
 sequence parallelism; under PP for up to pp micro-batches in flight, 1F1B) and one layer at a time is recomputed and back-propagated, whose working set is
 `WORKING_SET_FACTOR` x the elements of the tensors one layer saves for its backward (`layer_elements`), split over
-TP. The factor is fitted by `longtrace bench learner-memory` on CPU (its new path's bytes per token, whose kept
-inputs and head are subtracted): it is the one measured number in the model. Tokens per rank: a micro-batch holds at
+TP. The factor is fitted by `longtrace bench learner-memory` on CPU (the slope of its new path's activation tensor
+bytes where a recomputed layer, not the fixed logprob chunks, sets the peak; kept inputs and head subtracted): it
+is the one measured number in the model. Tokens per rank: a micro-batch holds at
 least one whole sequence, split over CP.
 
-The logprob head (fused_head): at most two fp32 `[rows, vocab / tp]` chunks (`batch.logprob_chunk_mb` each) and an
-fp32 accumulator of the output weight's gradient `[vocab / tp, h]`; plus the last stage's hidden states and their
-gradient, fp32, per token.
+The vocabulary's share: at most two fp32 `[rows, vocab / tp]` logprob chunks (`batch.logprob_chunk_mb` each; the
+fused head adds the output weight's gradient straight into the fp32 grad buffer, counted in the model states) and
+the embedding's dense gradient `[vocab / tp, h]` in the weights' dtype (its backward's output, before megatron adds
+it to the buffer); plus the last stage's hidden states and their gradient, fp32, per token.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-WORKING_SET_FACTOR = 1.44
-"""One layer's recompute + backward working set / the elements it saves (fitted: docs/results/learner_memory.json)."""
+WORKING_SET_FACTOR = 1.99
+"""One layer's recompute + backward working set / the elements it saves: the new path's activation tensor bytes
+between its two longest lengths in docs/results/learner_memory.json (16K -> 32K: 40.8 KB per token, less the kept
+inputs and the head's hidden states, over `layer_elements` x 4 B)."""
 
 
 @dataclass(frozen=True)
@@ -62,7 +66,7 @@ def per_gpu_gb(
     states = shard * (2 + 4 + 12 / dp)
     tokens = seq_tokens / cp
     activations = tokens * activation_bytes_per_token(d, tp, pp, sp=tp > 1, dtype_bytes=2, factor=factor)
-    head = 2 * chunk_mb * 2**20 + d.vocab / tp * d.hidden * 4
+    head = 2 * chunk_mb * 2**20 + d.vocab / tp * d.hidden * 2  # two fp32 chunks; the bf16 embedding gradient
     gb = 1e9
     return {
         "model_states_gb": round(states / gb, 1),
