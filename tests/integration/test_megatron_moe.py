@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from tests.helpers.dist import init_worker_process_group, run_torchrun
+from tests.helpers.moe_models import per_expert
 
 # (tp, pp, ep); the remaining factor of the 2 ranks is DP
 LAYOUTS = ((1, 1, 1), (1, 1, 2), (2, 1, 1), (1, 2, 1))
@@ -61,23 +62,6 @@ def _tiny_moe_models(root: Path) -> dict[str, Path]:
         paths[name] = root / name
         model.save_pretrained(paths[name], save_original_format=not fused)
     return paths
-
-
-def _per_expert(state: dict[str, Any], tied: bool) -> dict[str, Any]:
-    """A transformers state dict in the per-expert names of an HF checkpoint (what export writes)."""
-    out = {}
-    for name, tensor in state.items():
-        if name.endswith("mlp.experts.gate_up_proj"):
-            prefix = name.removesuffix("gate_up_proj")
-            for e, fused in enumerate(tensor):
-                gate, up = fused.chunk(2, dim=0)
-                out[f"{prefix}{e}.gate_proj.weight"], out[f"{prefix}{e}.up_proj.weight"] = gate, up
-        elif name.endswith("mlp.experts.down_proj"):
-            prefix = name.removesuffix("down_proj")
-            out |= {f"{prefix}{e}.down_proj.weight": t for e, t in enumerate(tensor)}
-        elif not (tied and name == "lm_head.weight"):
-            out[name] = tensor
-    return out
 
 
 def _logprobs_diff(model: Any, ref_model: Any, ids: Any, vocab: int) -> float | None:
@@ -135,7 +119,7 @@ def _parity_worker(tmp: str, layouts: list[list[int]]) -> None:
         ref_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
         arch = load_hf_arch(path)
         assert arch.moe is not None
-        ref_state = _per_expert(ref_model.state_dict(), arch.tie_word_embeddings)
+        ref_state = per_expert(ref_model.state_dict(), arch.tie_word_embeddings)
         for tp, pp, ep in layouts:
             where = f"{family} tp{tp} pp{pp} ep{ep}"
             init_parallel(LearnerModelConfig(hf_path=str(path), tp_size=tp, pp_size=pp, ep_size=ep))
