@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -116,37 +116,37 @@ def _patch_megatron_rng() -> None:
     tp_random._set_cuda_rng_state = set_state
 
 
-def _patch_megatron_recompute() -> None:
-    """Activation recompute re-runs layers inside autograd's backward, where the process-wide device mode is not
-    in force (torch runs backward functions without the forward's function modes): enter it there too."""
-    from megatron.core.tensor_parallel import random as tp_random
-
-    for cls in (tp_random.CheckpointFunction, getattr(tp_random, "CheckpointWithoutOutputFunction", None)):
-        if cls is None:
-            continue
+def _backward_in_device_mode(classes: Iterable[type[torch.autograd.Function]]) -> None:
+    """Run each autograd Function's backward inside the device mode: torch runs backward functions without the
+    forward's function modes, so a backward that allocates on "cuda" would miss the redirection."""
+    for cls in classes:
         original = cls.backward
 
         def backward(ctx: Any, *args: Any, _original: Callable[..., Any] = original) -> Any:
             with _CpuDeviceMode():
                 return _original(ctx, *args)
 
-        cls.backward = staticmethod(backward)
+        cls.backward = staticmethod(backward)  # type: ignore[method-assign]
+
+
+def _patch_megatron_recompute() -> None:
+    """Activation recompute re-runs layers inside autograd's backward: the device mode must be in force there."""
+    from megatron.core.tensor_parallel import random as tp_random
+
+    classes = (tp_random.CheckpointFunction, getattr(tp_random, "CheckpointWithoutOutputFunction", None))
+    _backward_in_device_mode(cls for cls in classes if cls is not None)
 
 
 def _patch_megatron_collective_backward() -> None:
     """The backward of megatron's sequence-parallel collectives (the MoE token dispatcher's all-gather and
-    reduce-scatter) allocates its output on "cuda" outside the device mode, like recompute: enter it there."""
+    reduce-scatter) allocates its output on "cuda", like recompute."""
     from megatron.core.tensor_parallel import mappings
 
-    for cls in vars(mappings).values():
-        if isinstance(cls, type) and issubclass(cls, torch.autograd.Function) and cls.__module__ == mappings.__name__:
-            original = cls.backward
-
-            def backward(ctx: Any, *args: Any, _original: Callable[..., Any] = original) -> Any:
-                with _CpuDeviceMode():
-                    return _original(ctx, *args)
-
-            cls.backward = staticmethod(backward)  # type: ignore[method-assign]
+    _backward_in_device_mode(
+        cls
+        for cls in vars(mappings).values()
+        if isinstance(cls, type) and issubclass(cls, torch.autograd.Function) and cls.__module__ == mappings.__name__
+    )
 
 
 def activate() -> bool:
