@@ -1,8 +1,9 @@
 """Routing replay's transport (R3, MoE models): the engine's routed experts of each sample, stored beside its group.
 
 At 128K tokens x 48 MoE layers x top-8 one sample's routing is tens of MB: far too large for a queue entry. The
-rollout worker stores each sample's routing (raw little-endian int32, [prompt + response tokens - 1, moe layers,
-topk] flattened, as SGLang's `meta_info.routed_experts` decodes) under its own key of the run,
+rollout worker stores each sample's routing ([prompt + response tokens - 1, moe layers, topk] flattened, as SGLang's
+`meta_info.routed_experts` decodes, re-encoded in the narrowest integer type that holds the ids: one byte per id up
+to 256 experts, a quarter of SGLang's int32; `encode_routing`) under its own key of the run,
 `longtrace:{<run_id>}:routing:<group_id>:<nonce>:<sample index>`, with a TTL (`--sampling.routing_ttl_s`), before it
 publishes the group; the group's `Sample.routing_key` names that key. The nonce is per generation of the group: a
 task generated twice (redelivered) never overwrites the routing an already published entry refers to; the
@@ -24,13 +25,17 @@ import time
 import uuid
 import weakref
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from broker.base import Broker
 
-ROUTING_DTYPE = np.dtype("<i4")
+ROUTING_DTYPE = np.dtype("<i4")  # SGLang's meta_info.routed_experts
+# A stored value: one tag byte naming the ids' type, then the ids. The learner holds them as int16 (-1: no replay).
+_STORED_DTYPES: dict[int, np.dtype[Any]] = {1: np.dtype("u1"), 2: np.dtype("<u2"), 4: np.dtype("<i4")}
+LEARNER_DTYPE: np.dtype[np.int16] = np.dtype("<i2")
 
 
 class RoutingError(ValueError):
@@ -138,16 +143,31 @@ def routing_store(broker: Broker) -> RoutingStore:
     return MemoryRoutingStore(broker) if isinstance(broker, MemoryBroker) else RedisRoutingStore(broker)
 
 
-def decode_routing(value: bytes | None, key: str, num_inputs: int, shape: tuple[int, int]) -> npt.NDArray[np.int32]:
-    """A stored routing as [num_inputs, moe layers, topk] (`shape`: the model's moe layers and topk); RoutingError
-    when it is missing or does not have exactly that shape."""
+def encode_routing(raw: bytes) -> bytes:
+    """SGLang's routed experts (little-endian int32 ids) as a stored value: the narrowest type that holds them."""
+    ids = np.frombuffer(raw, dtype=ROUTING_DTYPE)
+    low, high = (int(ids.min()), int(ids.max())) if ids.size else (0, 0)
+    tag = 4 if low < 0 else 1 if high < 2**8 else 2 if high < 2**16 else 4
+    return bytes([tag]) + (raw if tag == 4 else ids.astype(_STORED_DTYPES[tag]).tobytes())
+
+
+def decode_routing(value: bytes | None, key: str, num_inputs: int, shape: tuple[int, int]) -> npt.NDArray[np.int16]:
+    """A stored routing as int16 [num_inputs, moe layers, topk] (`shape`: the model's moe layers and topk);
+    RoutingError when it is missing or does not have exactly that shape."""
     if value is None:
         raise RoutingError(f"routing {key} is missing (expired past --sampling.routing_ttl_s, or deleted)")
+    dtype = _STORED_DTYPES.get(value[0]) if value else None
+    if dtype is None:
+        raise RoutingError(f"routing {key}: not a stored routing (type tag {value[:1]!r})")
     layers, topk = shape
-    want = num_inputs * layers * topk * ROUTING_DTYPE.itemsize
-    if len(value) != want:
+    want = num_inputs * layers * topk * dtype.itemsize
+    if len(value) - 1 != want:
         raise RoutingError(
-            f"routing {key}: {len(value)} bytes do not fit {num_inputs} input tokens x {layers} moe layers x "
-            f"top-{topk} int32 ({want} bytes)"
+            f"routing {key}: {len(value) - 1} bytes do not fit {num_inputs} input tokens x {layers} moe layers x "
+            f"top-{topk} {dtype.name} ({want} bytes)"
         )
-    return np.frombuffer(value, dtype=ROUTING_DTYPE).reshape(num_inputs, layers, topk).astype(np.int32)
+    ids = np.frombuffer(value, dtype=dtype, offset=1)
+    if ids.size and int(ids.max()) > np.iinfo(LEARNER_DTYPE).max:
+        raise RoutingError(f"routing {key}: expert id {int(ids.max())} beyond int16")
+    out: npt.NDArray[np.int16] = ids.reshape(num_inputs, layers, topk).astype(LEARNER_DTYPE)
+    return out

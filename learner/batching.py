@@ -41,9 +41,10 @@ class TrainSample:
     prompt_len: int
     rollout_logp: npt.NDArray[np.float32]  # one per response token (engine-side log p)
     advantage: float
-    routed_experts: npt.NDArray[np.int32] | None = None
-    """The engine's experts per input token (routing replay): [num_inputs, moe_layers, topk] (SGLang's
-    `routed_experts`: prompt + output tokens - 1), or None."""
+    routed_experts: npt.NDArray[np.int16] | None = None
+    """The engine's experts per input token (routing replay): int16 [num_inputs, moe_layers, topk] (SGLang's
+    `routed_experts`: prompt + output tokens - 1), or None. int16 on the host: at 128K tokens x 48 layers x top-8 a
+    sample's routing is 100 MB; a micro-batch widens its own to int64."""
 
     @property
     def num_inputs(self) -> int:
@@ -90,7 +91,7 @@ def is_zero_variance(sg: ScoredGroup) -> bool:
 
 
 def group_to_samples(
-    sg: ScoredGroup, cfg: LossConfig, routing: Sequence[npt.NDArray[np.int32] | None] | None = None
+    sg: ScoredGroup, cfg: LossConfig, routing: Sequence[npt.NDArray[np.int16] | None] | None = None
 ) -> list[TrainSample]:
     """The group's samples with GRPO advantages (or advantage 1 in SFT mode: every token is a target); `routing`:
     each sample's routed experts [num_inputs, moe layers, topk] (routing replay, read by the scored reader)."""
@@ -141,7 +142,7 @@ def build_batch(
     groups: Sequence[ScoredGroup],
     staleness: Sequence[int],
     cfg: LossConfig,
-    routing: Sequence[Sequence[npt.NDArray[np.int32] | None] | None] | None = None,
+    routing: Sequence[Sequence[npt.NDArray[np.int16] | None] | None] | None = None,
 ) -> TrainBatch:
     """`routing`: per group, its samples' routed experts (or None), as `group_to_samples` takes them."""
     per_group = list(routing) if routing is not None else [None] * len(groups)
@@ -329,8 +330,8 @@ def batch_to_tensors(batch: TrainBatch) -> tuple[dict[str, object], dict[str, to
         tensors["routed_experts"] = torch.from_numpy(
             np.concatenate(
                 [x.routed_experts if x.routed_experts is not None else np.full((x.num_inputs, *shape), -1) for x in s]
-            ).astype(np.int32)
-        )
+            ).astype(np.int16)
+        ).view(torch.uint8)  # as bytes: gloo broadcasts no int16
     meta: dict[str, object] = {
         "group_ids": batch.group_ids,
         "metrics": batch.metrics,
@@ -344,7 +345,7 @@ def batch_from_tensors(meta: dict[str, object], tensors: dict[str, torch.Tensor]
     logp = tensors["rollout_logp"].numpy()
     lengths = tensors["lengths"].tolist()
     prompt_lens = tensors["prompt_lens"].tolist()
-    routed = tensors["routed_experts"].numpy() if "routed_experts" in tensors else None
+    routed = tensors["routed_experts"].numpy().view(np.int16) if "routed_experts" in tensors else None
     samples = []
     t_off = l_off = r_off = 0
     for n, p, a in zip(lengths, prompt_lens, tensors["advantages"].tolist(), strict=True):

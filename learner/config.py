@@ -63,9 +63,6 @@ class LearnerModelConfig(BaseConfig):
             raise ValueError("--model.sequence_parallel needs --model.transformer_impl transformer_engine (GPU only)")
         if self.cp_size > 1 and self.transformer_impl == "local" and self.core_attention != "sdpa":
             raise ValueError("--model.cp_size > 1 with local layers needs --model.core_attention sdpa")
-        if self.routing_replay and self.recompute == "full" and self.pp_size > 1:
-            # A recomputed layer reads the routing of the last micro-batch set, which 1F1B has moved past.
-            raise ValueError("--model.routing_replay with --model.recompute full needs --model.pp_size 1")
         if self.sequence_parallel and self.tp_size == 1:
             raise ValueError("--model.sequence_parallel needs --model.tp_size > 1")
         return self

@@ -36,7 +36,7 @@ class _Pooled:
 
     entry_id: str
     scored: ScoredGroup
-    routing: list[npt.NDArray[np.int32]] | None = None  # its samples' routed experts (routing replay)
+    routing: list[npt.NDArray[np.int16]] | None = None  # its samples' routed experts (routing replay)
 
 
 class ScoredReader:
@@ -182,7 +182,7 @@ class ScoredReader:
         self.ledger.decide(entry.msg.group_id, cause)
         self._delete_routing(routing_keys)
 
-    def _read_routing(self, sg: ScoredGroup, store: RoutingStore) -> list[npt.NDArray[np.int32]]:
+    def _read_routing(self, sg: ScoredGroup, store: RoutingStore) -> list[npt.NDArray[np.int16]]:
         """The group's routed experts, one MGET; RoutingError when a sample has none or it does not fit its tokens."""
         samples = sg.group.samples
         missing = [i for i, s in enumerate(samples) if s.routing_key is None]

@@ -220,7 +220,7 @@ class Learner:
         def forward_step(data_iterator: Iterator[MicroBatch], model: torch.nn.Module) -> tuple[torch.Tensor, Any]:
             mb = next(data_iterator)
             if replay:  # the engine's experts for this micro-batch's tokens (every pass: old logprobs, loss, ref)
-                set_replay_routing(model, mb.routed_experts_BSLK)
+                set_replay_routing(model, mb.routed_experts_BSLK, backward=not forward_only)
             packed = None
             if mb.cu_seqlens is not None:  # THD: megatron's attention and rotary embedding follow cu_seqlens
                 longest = int(torch.diff(mb.cu_seqlens).max())

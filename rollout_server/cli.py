@@ -46,7 +46,9 @@ def register(commands: SubParsers, benches: SubParsers) -> None:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--corpus", help="text file to train the byte-level BPE tokenizer on (default: built-in)")
     tiny.add_argument("--word-vocab", help="file of words (whitespace separated): build a word-level tokenizer instead")
-    tiny.add_argument("--arch", choices=("qwen3", "llama"), default="qwen3")
+    tiny.add_argument("--arch", choices=("qwen3", "llama", "qwen3_moe"), default="qwen3")
+    tiny.add_argument("--num-experts", type=int, default=8, help="experts per layer (--arch qwen3_moe)")
+    tiny.add_argument("--experts-per-token", type=int, default=2, help="routed experts per token (--arch qwen3_moe)")
     smol = command(
         model_cmds,
         "import-smollm2",
@@ -105,6 +107,8 @@ def _init_tiny(args: argparse.Namespace) -> int:
         corpus=args.corpus,
         word_vocab=args.word_vocab,
         arch=args.arch,
+        num_experts=args.num_experts,
+        experts_per_token=args.experts_per_token,
     )
     print(out)
     return 0

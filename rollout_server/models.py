@@ -122,16 +122,28 @@ def init_tiny_model(
     intermediate_size: int = 0,
     max_position_embeddings: int = 4096,
     arch: str = "qwen3",
+    num_experts: int = 8,
+    experts_per_token: int = 2,
 ) -> Path:
     """Write a seeded tiny model with its tokenizer to `out_dir` and return the path.
 
     `corpus`: a text file or a list of texts to train the BPE tokenizer on (default: a small built-in
     corpus). `word_vocab`: a file with one word per line (or a list of words) to build a word-level
     tokenizer instead. The model's vocabulary is max(vocab_size, tokenizer size). Heads default to
-    hidden_size // 32 (head_dim 32) with half as many KV heads (GQA).
+    hidden_size // 32 (head_dim 32) with half as many KV heads (GQA). `arch` qwen3_moe: a Qwen3-MoE with
+    `num_experts` experts of width hidden_size // 2, `experts_per_token` routed per token (normalised top-k), a
+    mixture in every layer.
     """
     import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+    from transformers import (
+        GenerationConfig,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+        Qwen3MoeConfig,
+        Qwen3MoeForCausalLM,
+    )
 
     out = Path(out_dir)
     if word_vocab is not None:
@@ -173,8 +185,18 @@ def init_tiny_model(
         model: Any = Qwen3ForCausalLM(Qwen3Config(**common))
     elif arch == "llama":
         model = LlamaForCausalLM(LlamaConfig(**common))
+    elif arch == "qwen3_moe":
+        if not 1 <= experts_per_token <= num_experts:
+            raise ValueError(f"--experts-per-token {experts_per_token}: expected 1..{num_experts} (--num-experts)")
+        moe: dict[str, Any] = dict(
+            num_experts=num_experts,
+            num_experts_per_tok=experts_per_token,
+            moe_intermediate_size=max(1, hidden_size // 2),
+            norm_topk_prob=True,
+        )
+        model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**common, **moe))
     else:
-        raise ValueError(f"--arch {arch!r}: expected qwen3 or llama")
+        raise ValueError(f"--arch {arch!r}: expected qwen3, llama or qwen3_moe")
     gen_config: Any = GenerationConfig
     model.generation_config = gen_config(eos_token_id=[eos_id, pad_id], pad_token_id=pad_id, bos_token_id=pad_id)
     out.mkdir(parents=True, exist_ok=True)

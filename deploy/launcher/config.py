@@ -181,6 +181,12 @@ class UpConfig(BaseConfig):
                     f"--{flag}.learner.data.{key} / --learner.config.data.{key} ({want}) differs from "
                     f"--rollout.config.sampling.{key} ({got}): the engines must sample as the learner assumes"
                 )
+        if train.model.routing_replay != rollout.sampling.routing_replay:
+            raise ValueError(
+                f"--learner.config.model.routing_replay ({train.model.routing_replay}) differs from "
+                f"--rollout.config.sampling.routing_replay ({rollout.sampling.routing_replay}): the learner replays "
+                "the routing that the rollout workers ask the engines for (set both)"
+            )
         if engine.context_length and train.data.max_total_tokens > engine.context_length:
             raise ValueError(
                 f"--learner.config.data.max_total_tokens {train.data.max_total_tokens} exceeds "

@@ -55,6 +55,8 @@ def prepare_tiny_demo(cfg: PrepareSection, data_dir: Path, model_dir: Path) -> N
         seed=cfg.seed,
         word_vocab=splits.vocabulary,
         arch=cfg.arch,
+        num_experts=cfg.num_experts,
+        experts_per_token=cfg.experts_per_token,
     )
     log.info("wrote the tiny model to %s", model_dir)
     (data_dir / DONE_FILE).write_text(json.dumps(cfg.model_dump(mode="json")) + "\n")

@@ -219,8 +219,12 @@ class PrepareSection(BaseConfig):
     """Hidden size of the tiny model."""
     num_layers: int = Field(2, ge=1)
     """Transformer layers of the tiny model."""
-    arch: Literal["qwen3", "llama"] = "qwen3"
-    """Architecture of the tiny model."""
+    arch: Literal["qwen3", "llama", "qwen3_moe"] = "qwen3"
+    """Architecture of the tiny model (qwen3_moe: a mixture of experts in every layer, for MoE runs on CPU)."""
+    num_experts: int = Field(8, ge=2)
+    """Experts per layer (arch qwen3_moe)."""
+    experts_per_token: int = Field(2, ge=1)
+    """Experts each token is routed to (arch qwen3_moe)."""
 
     @model_validator(mode="after")
     def _check_synth(self) -> PrepareSection:

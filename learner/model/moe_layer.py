@@ -11,7 +11,9 @@ the scores, softmax or not, gathered at the given indices and the probabilities 
 router keeps its gradients). Its replay is all tokens or none; `TokenRouterReplay` replaces it per router with a
 per-token one (engine ids where given, the router's own top-k elsewhere: padding, samples without routing), and
 `set_replay_routing` hands each MoE layer its column of a micro-batch's `[rows, tokens, layers, topk]` ids before
-the forward (learner/train_step.py).
+the forward (learner/train_step.py). Under full activation recompute a router's first (no-grad) run queues the
+routing it used and the backward's re-run takes it back in order, megatron's replay_backward_list: with pipeline
+parallelism 1F1B runs later micro-batches' forwards before an earlier one's backward.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.tensor_parallel.random import is_checkpointing
 from megatron.core.transformer.moe import moe_utils
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.moe.moe_utils import (
@@ -86,7 +89,11 @@ class TokenRouterReplay(RouterReplay):  # type: ignore[misc]  # megatron is unty
         self.target_topk_idx: torch.Tensor | None = None
         self.recorded_topk_idx = None
         self.router_replay_action = None
-        self.replay_backward_list: list[torch.Tensor] = []
+        self.replay_backward_list: list[torch.Tensor | None] = []
+        self.queue_for_recompute = False
+        # In the passes that train (gradients on): [tokens routed, tokens replayed, replayed tokens whose engine
+        # experts differ from the router's own top-k as a set]. RoutingStats reads and resets it each step.
+        self.counts = torch.zeros(3, dtype=torch.float64)
 
     def get_replay_topk(
         self,
@@ -98,17 +105,29 @@ class TokenRouterReplay(RouterReplay):  # type: ignore[misc]  # megatron is unty
     ) -> tuple[torch.Tensor, torch.Tensor]:
         values, indices = default_compute_topk(scores, topk, num_groups=num_groups, group_topk=group_topk)
         target = self.target_topk_idx
+        if is_checkpointing():  # full recompute: the backward re-runs this forward after 1F1B moved on
+            if torch.is_grad_enabled():  # the re-run: the routing its first run used, in micro-batch order
+                assert self.replay_backward_list, "a recomputed router found no routing saved by its forward"
+                target = self.replay_backward_list.pop(0)
+            elif self.queue_for_recompute:  # not in forward-only passes: no backward will take it back
+                self.replay_backward_list.append(target)
         if target is None:
             return values, indices
         assert target.shape == indices.shape, f"replayed routing {tuple(target.shape)} for {tuple(indices.shape)}"
         target = target.to(device=indices.device, dtype=indices.dtype)
-        indices = torch.where((target >= 0).all(dim=1, keepdim=True), target, indices)
+        given = (target >= 0).all(dim=1, keepdim=True)
+        if torch.is_grad_enabled():
+            changed = given.squeeze(1) & (target.sort(dim=1).values != indices.sort(dim=1).values).any(dim=1)
+            step = torch.stack([torch.ones_like(changed).sum(), given.sum(), changed.sum()]).double()
+            self.counts = self.counts.to(step.device) + step  # no host sync on GPU
+        indices = torch.where(given, target, indices)
         return scores.gather(1, indices), indices
 
 
-def set_replay_routing(model: torch.nn.Module, routed_BSLK: torch.Tensor | None) -> None:
+def set_replay_routing(model: torch.nn.Module, routed_BSLK: torch.Tensor | None, *, backward: bool = False) -> None:
     """Give every MoE layer of `model` (this pipeline stage's) its replayed experts for the next forward: the ids of
-    global layer l are `routed_BSLK[:, :, l]` ([rows, tokens, topk], -1 where none); None clears replay."""
+    global layer l are `routed_BSLK[:, :, l]` ([rows, tokens, topk], -1 where none); None clears replay.
+    `backward`: a backward pass follows this forward (recomputed layers must find the same routing)."""
     gpt = unwrap_model(model)
     config = gpt.config
     flat = None
@@ -123,6 +142,9 @@ def set_replay_routing(model: torch.nn.Module, routed_BSLK: torch.Tensor | None)
         replay = getattr(getattr(layer.mlp, "router", None), "router_replay", None)
         if isinstance(replay, TokenRouterReplay):
             replay.target_topk_idx = None if flat is None else flat[:, layer.layer_number - 1]
+            replay.queue_for_recompute = backward
+            if routed_BSLK is None:
+                assert not replay.replay_backward_list, "routing saved for a recompute that never ran"
 
 
 class LearnerMoELayer(MoELayer):  # type: ignore[misc]  # megatron is untyped
@@ -177,6 +199,8 @@ class RoutingStats:
         device = next(gpt.parameters()).device
         config = gpt.config
         self._counts = torch.zeros(len(moe_layers), config.num_moe_experts, dtype=torch.float64, device=device)
+        replays = [getattr(layer.router, "router_replay", None) for layer in moe_layers]
+        self._replays = [r for r in replays if isinstance(r, TokenRouterReplay)]
         self._num_layers = config.num_layers
         self._aux_loss = config.moe_aux_loss_coeff > 0
         for i, layer in enumerate(moe_layers):
@@ -193,6 +217,9 @@ class RoutingStats:
         moe_expert_load_max / _min: the largest / smallest share of a layer's routed tokens (token x top-k
         slots) that one expert received, over all MoE layers (1 / num_experts when balanced).
         moe_aux_loss: the switch load-balancing loss (without its coefficient), mean over layers and micro-batches.
+        With routing replay: moe_replayed_fraction, the share of routed tokens whose experts came from the engine
+        (the rest are padding or samples without routing), and moe_replay_changed_fraction, the share of those
+        whose engine experts differ from the learner's own top-k (train/inference routing drift).
         """
         # Each DP x CP rank routes its own tokens (TP ranks route copies, unless sequence-parallel, which leaves
         # the shares unchanged); layers of other pipeline stages come in through the max over PP.
@@ -203,6 +230,16 @@ class RoutingStats:
         dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=parallel_state.get_pipeline_model_parallel_group())
         out = {"moe_expert_load_max": float(extremes[0]), "moe_expert_load_min": float(-extremes[1])}
         self._counts.zero_()
+        if self._replays:
+            replay = torch.stack([r.counts.to(counts.device) for r in self._replays]).sum(dim=0)
+            # Over this stage's layers and the ranks as for the loads (TP copies cancel in the ratios), then stages.
+            group = parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True)
+            dist.all_reduce(replay, group=group)
+            dist.all_reduce(replay, group=parallel_state.get_pipeline_model_parallel_group())
+            out["moe_replayed_fraction"] = float(replay[1] / replay[0].clamp(min=1))
+            out["moe_replay_changed_fraction"] = float(replay[2] / replay[1].clamp(min=1))
+            for r in self._replays:
+                r.counts.zero_()
         if self._aux_loss:
             # Per global layer, summed over this rank's micro-batches (0 for other stages' layers); each TP x CP
             # rank holds a partial sum over its tokens (megatron's own reduction), DP ranks are averaged.

@@ -39,7 +39,7 @@ from broker.base import (
     EntryTooLarge,
     Producer,
 )
-from broker.routing import RoutingStore, routing_store
+from broker.routing import RoutingStore, encode_routing, routing_store
 from broker.schemas import Group, Task
 from common.retry import RetryPolicy
 from rollout_server.worker.config import RolloutConfig
@@ -131,7 +131,7 @@ class RolloutWorker:
         values = {}
         for sample, key, value in zip(group.samples, keys, routing, strict=True):
             assert value is not None, "generation checks that every sample has its routing"
-            values[key] = value
+            values[key] = encode_routing(value)
             sample.routing_key = key
         await asyncio.to_thread(store.put, values, self.cfg.sampling.routing_ttl_s)
         return keys

@@ -95,6 +95,31 @@ def test_up_runs_sft_then_rl_to_the_end(prepared: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_up_trains_a_mixture_of_experts_with_routing_replay(tmp_path: Path) -> None:
+    """Guards routing replay across the real processes (configs/debug/up_moe.toml: a tiny Qwen3-MoE, EP2): a
+    worker that stores a sample's routing under another sample's key or at shifted tokens, a learner that does not
+    find it (dead-lettered groups) or does not replay it, or pushes that do not reach the engine. In step 1 the
+    engine and the learner hold the same weights, so replayed experts must equal the learner's own top-2 (and the
+    logprobs agree); later steps train on rollouts of older weights, whose routing the learner's no longer is."""
+    run_path = tmp_path / "run"
+    argv = [PY, "-m", "deploy.cli", "up", str(ROOT / "configs" / "debug" / "up_moe.toml"), "--no-dashboard"]
+    result = subprocess.run(
+        [*argv, "--run_dir", str(run_path)], capture_output=True, text=True, timeout=280, env=_env()
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run = RunDir.at(run_path)
+    metrics = run.metrics("rl")
+    assert [m["step"] for m in metrics] == [1, 2, 3] and metrics[-1]["policy_version"] == 3
+    assert _last_sample(run, "rl")["engine_versions"] == [3]
+    for m in metrics:
+        assert m["groups_dead_lettered"] == 0, m
+        assert m["moe_replayed_fraction"] == pytest.approx(1 - m["padding_fraction"], rel=1e-6), m
+    first = metrics[0]
+    assert first["moe_replay_changed_fraction"] < 0.01 and first["is_abs_dev_mean"] < 1e-4, first
+    assert max(m["moe_replay_changed_fraction"] for m in metrics[1:]) > 0.05  # replay overrides a drifted router
+
+
+@pytest.mark.slow
 def test_ctrl_c_stops_every_process(prepared: Path, tmp_path: Path) -> None:
     """Guards against orphans after Ctrl-C: the torchrun ranks, engines, workers and the redis-server (a
     grandchild in a session of its own) must all be gone once `longtrace up` returns, with exit code 130."""

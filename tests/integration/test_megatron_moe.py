@@ -202,14 +202,18 @@ def test_qwen3_moe_expert_parallel_with_tp_and_pp_on_four_ranks(tmp_path: Path) 
 STEPS = 2
 COMPARED = ("loss", "grad_norm", "logp_old_mean", "entropy", "num_loss_tokens")
 MOE_METRICS = ("moe_expert_load_max", "moe_expert_load_min")
+REPLAY_METRICS = ("moe_replayed_fraction", "moe_replay_changed_fraction")
 
 
-def _config(hf: str, ep: int, aux: float | None, pp: int = 1) -> Any:
+def _config(hf: str, ep: int, aux: float | None, pp: int = 1, replay: bool = False) -> Any:
     from learner.train_config import TrainConfig
 
+    # With replay, PP2 also recomputes every layer in the backward (the recomputed routers must replay too).
+    recompute = {"recompute": "full", "recompute_method": "uniform", "recompute_num_layers": 1} if pp > 1 else {}
     return TrainConfig.model_validate(
         {
-            "model": {"hf_path": hf, "ep_size": ep, "pp_size": pp, "moe_aux_loss_coeff": aux},
+            "model": {"hf_path": hf, "ep_size": ep, "pp_size": pp, "moe_aux_loss_coeff": aux}
+            | ({"routing_replay": True} | recompute if replay else {}),
             "data": {"dataset_path": "unused", "temperature": 0.8},
             "optim": {"lr": 1e-3, "clip_grad": 100.0, "adam_eps": 1e-4},
             "batch": {"max_tokens_per_micro_batch": 48, "pad_multiple": 4},
@@ -217,8 +221,9 @@ def _config(hf: str, ep: int, aux: float | None, pp: int = 1) -> Any:
     )
 
 
-def _batch(vocab: int, lengths: list[int]) -> Any:
-    """One GRPO group per 4 samples of the given prompt + response lengths, engine logprobs near the model's."""
+def _batch(vocab: int, lengths: list[int], routed: bool = False) -> Any:
+    """One GRPO group per 4 samples of the given prompt + response lengths, engine logprobs near the model's;
+    `routed`: with engine routing (random distinct experts per token and layer, top-2) for routing replay."""
     import numpy as np
     import torch
 
@@ -232,7 +237,11 @@ def _batch(vocab: int, lengths: list[int]) -> Any:
         for i, n in enumerate(lengths[g : g + 4]):
             tokens = rng.integers(0, vocab, size=n).astype(np.int32)
             logp = -np.log(vocab) + rng.uniform(-0.5, 0.5, size=n - 4)
-            samples.append(TrainSample(tokens, 4, logp.astype(np.float32), adv[i]))
+            experts = None
+            if routed:
+                ranks = rng.random((n - 1, 2, NUM_EXPERTS)).argsort(axis=-1)  # [tokens, layers, experts]
+                experts = ranks[..., :2].astype(np.int32)
+            samples.append(TrainSample(tokens, 4, logp.astype(np.float32), adv[i], experts))
     return TrainBatch(samples, [f"g{g}" for g in range(0, len(lengths), 4)], {})
 
 
@@ -270,10 +279,13 @@ def _train_worker(tmp: str, hf: str) -> None:
         ("ep1-uneven", 1, 1, 0.0, UNEQUAL_COUNTS),
         ("ep2-uneven", 2, 1, 0.0, UNEQUAL_COUNTS),
         ("pp2-uneven", 1, 2, 0.0, UNEQUAL_COUNTS),
+        ("ep1-replay", 1, 1, 0.0, UNEQUAL_COUNTS),
+        ("pp2-replay", 1, 2, 0.0, UNEQUAL_COUNTS),
     ):
         before = check_routers if name == "ep2" else None
-        cfg = _config(hf, ep, aux, pp)
-        train_and_record(cfg, Path(tmp), name, lambda v, n=lengths: _batch(v, n), STEPS, before)
+        replay = name.endswith("replay")
+        cfg = _config(hf, ep, aux, pp, replay)
+        train_and_record(cfg, Path(tmp), name, lambda v, n=lengths, r=replay: _batch(v, n, r), STEPS, before)
     Path(tmp, f"routers-rank{dist.get_rank()}.json").write_text(json.dumps(routers_scaled))
     destroy_parallel()
 
@@ -298,14 +310,19 @@ def test_micro_batch_plans_exercise_both_cases() -> None:
     assert len(uneven[0]) != len(uneven[1])
 
 
-@pytest.mark.parametrize(("name", "ref"), [("ep2", "ep1"), ("ep2-uneven", "ep1-uneven"), ("pp2-uneven", "ep1-uneven")])
+@pytest.mark.parametrize(
+    ("name", "ref"),
+    [("ep2", "ep1"), ("ep2-uneven", "ep1-uneven"), ("pp2-uneven", "ep1-uneven"), ("pp2-replay", "ep1-replay")],
+)
 def test_expert_parallel_step_matches_ep1(moe_runs: Path, name: str, ref: str) -> None:
     """Guards expert parallelism in training: EP2 (experts split over the two DP ranks, tokens exchanged by the
     dispatcher) must give EP1's loss, grad norm, routing metrics and updated weights. Catches an expert gradient
     reduced over the wrong group or scaled wrongly, a grad norm missing or double-counting EP shards, a dispatcher
     that drops or duplicates tokens, an export that loses other EP ranks' experts, and (uneven) EP ranks that run
     different numbers of micro-batches (a hang or a collective error). PP2 (one DP rank) checks the routing
-    metrics' reduction over pipeline stages."""
+    metrics' reduction over pipeline stages. PP2 with replay recomputes every layer in the backward after 1F1B ran
+    the next micro-batch's forward: a recomputed router that replays another micro-batch's routing (or its own
+    choice) gives other gradients."""
     import torch
 
     from tests.helpers.layout_runs import merged_weights
@@ -313,6 +330,7 @@ def test_expert_parallel_step_matches_ep1(moe_runs: Path, name: str, ref: str) -
     want = json.loads((moe_runs / f"{ref}.json").read_text())
     got = json.loads((moe_runs / f"{name}.json").read_text())
     keys = COMPARED + MOE_METRICS + (("moe_aux_loss",) if name == "ep2" else ())
+    keys += REPLAY_METRICS if name.endswith("replay") else ()
     for step in range(STEPS):
         for key in keys:
             assert got[step][key] == pytest.approx(want[step][key], rel=1e-5, abs=1e-7), (name, step, key)
@@ -333,3 +351,17 @@ def test_router_scales_aux_loss_per_token(moe_runs: Path) -> None:
     for rank in range(2):
         flags = json.loads((moe_runs / f"routers-rank{rank}.json").read_text())
         assert flags and all(flags), flags
+
+
+def test_replay_changes_training_and_reports_its_share(moe_runs: Path) -> None:
+    """Guards that replay reaches the training passes and that its metrics count: random engine routing must change
+    the loss against the same batch routed by the learner, every real token must be replayed (padding is not), and
+    most replayed tokens must differ from the learner's own top-2 (random experts rarely match)."""
+    plain = json.loads((moe_runs / "ep1-uneven.json").read_text())
+    replay = json.loads((moe_runs / "ep1-replay.json").read_text())
+    assert replay[0]["loss"] != pytest.approx(plain[0]["loss"], rel=1e-3)
+    assert "moe_replayed_fraction" not in plain[0]
+    m = replay[0]
+    assert 0 < m["padding_fraction"] < 0.5  # packed rows padded to a multiple of 4: some tokens are not replayed
+    assert m["moe_replayed_fraction"] == pytest.approx(1 - m["padding_fraction"], rel=1e-6)
+    assert 0.7 < m["moe_replay_changed_fraction"] <= 1

@@ -18,7 +18,7 @@ import redis
 
 from broker.base import DEAD, ROLLOUTS, SCORED, TASKS, Broker
 from broker.factory import connect
-from broker.routing import RoutingStore, routing_store
+from broker.routing import RoutingStore, encode_routing, routing_store
 from broker.schemas import DeadLetter, Group, SampleReward, ScoredGroup, decode, encode, pack_ids
 from broker.settings import BrokerConfig
 from common.config import load_config
@@ -115,7 +115,8 @@ def test_published_routing_reaches_train_samples_bit_exact_and_the_entry_stays_s
     client = redis.Redis.from_url(redis_url, socket_timeout=5)
     for k in keys:
         assert k.startswith(f"longtrace:{{{RUN_ID}}}:routing:g0:") and 0 < client.pttl(k) <= 600_000
-    # The entry grew by the key names only, not by the routing (which is 264 + 408 bytes here, MBs in real runs).
+    assert [client.strlen(k) for k in keys] == [1 + a.size for a in routed]  # ids < 64: one byte each
+    # The entry grew by the key names only, not by the routing (67 + 103 bytes stored here, MBs in real runs).
     [entry] = broker.consumer(ROLLOUTS, Group, "test", "test").read(1, 1.0)
     assert len(encode(entry.msg)) - bare <= sum(len(k) + 2 for k in keys)
     assert len(encode(entry.msg)) < bare + sum(a.nbytes for a in routed)
@@ -154,7 +155,7 @@ def test_a_missing_routing_key_dead_letters_the_group(broker: Broker) -> None:
         for s, k in zip(sg.group.samples, keys, strict=True):
             s.routing_key = k
         if sg is good:  # prompt 2 + response 3 tokens: 4 inputs
-            store.put({k: _routing(4, i).tobytes() for i, k in enumerate(keys)}, 60)
+            store.put({k: encode_routing(_routing(4, i).tobytes()) for i, k in enumerate(keys)}, 60)
     missing = bad.group.samples[0].routing_key
     _published_with(broker, bad)
     _published_with(broker, good)
@@ -175,7 +176,8 @@ def test_misshapen_or_absent_routing_dead_letters_the_group(broker: Broker) -> N
     keys = store.new_keys("short", 2)
     for s, k in zip(short.group.samples, keys, strict=True):
         s.routing_key = k
-    store.put({keys[0]: _routing(4, 0).tobytes(), keys[1]: _routing(4, 1)[:3].tobytes()}, 60)  # one token short
+    short_values = [encode_routing(_routing(4, 0).tobytes()), encode_routing(_routing(4, 1)[:3].tobytes())]
+    store.put(dict(zip(keys, short_values, strict=True)), 60)  # the second one token short
     plain = make_scored("plain", 0, [0.0, 1.0], run_id=RUN_ID)  # no routing keys at all
     _published_with(broker, short)
     _published_with(broker, plain)
@@ -256,7 +258,8 @@ def test_worker_stores_the_engines_routing_of_each_sample(redis_url: str, broker
         assert s.response_len == 6 and s.routed_experts is not None and raw is not None
         assert s.routed_experts.shape == (len(s.tokens) - 1, 2, TOP_K)
         assert ((s.routed_experts >= 0) & (s.routed_experts < NUM_EXPERTS)).all()
-        assert s.routed_experts.tobytes() == raw
+        assert len(raw) == 1 + s.routed_experts.size  # one byte per expert id (8 experts), not SGLang's four
+        np.testing.assert_array_equal(s.routed_experts.ravel(), np.frombuffer(raw, dtype=np.uint8, offset=1))
 
 
 def test_the_in_process_broker_keeps_routing_for_every_broker_over_its_store() -> None:

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_demo_and_debug_configs_are_shipped() -> None:
     """Guards against `make demo` or the CI end-to-end test naming a config that is not in the repository."""
     shipped = {p.relative_to(ROOT).as_posix() for p in config_files()}
-    assert {"configs/demo.toml", "configs/debug/up.toml"} <= shipped
+    assert {"configs/demo.toml", "configs/debug/up.toml", "configs/debug/up_moe.toml"} <= shipped
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -64,13 +64,15 @@ def test_up_config_accepts_a_minimal_file(tmp_path: Path) -> None:
         (["--phases.Bad.kind", "rl", "--phases.Bad.steps", "1"], "--phases.Bad: name a phase"),
         (["--prepare.synth.hops", "0"], "--prepare.synth.hops"),
         (["--reward.serve", "false"], "evaluation scores through the reward API"),
+        (["--learner.config.model.routing_replay", "true"], "--rollout.config.sampling.routing_replay (False)"),
     ],
 )
 def test_up_config_rejects_cross_service_mistakes(tmp_path: Path, overrides: list[str], message: str) -> None:
     """Guards against a composite config that would start and then hang or train wrongly: a value the launcher
     owns set in a section, engines sampling at another temperature than the learner assumes, a scored stream
     too small for what the learner holds unacked, a layout that does not fit the ranks, an evaluation of stale
-    weights; and against errors that do not name the flag."""
+    weights, a learner that replays routing the workers never ask for (every group dead-lettered); and against
+    errors that do not name the flag."""
     with pytest.raises(ConfigError) as e:
         load_config(UpConfig, _write(tmp_path, BASE), overrides)
     assert message in str(e.value)
