@@ -5,7 +5,9 @@ Reads only the run directory (deploy/launcher/rundir.py names its files and the 
 - throughput.png: steps per minute and samples per second (over the last 10 steps), train tokens per second;
 - staleness.png: mean lag of the trained groups and the groups dropped as stale;
 - queues.png: depth of the tasks / rollouts / scored / dead streams over time;
-- report.md: per-phase summary, held-out accuracy before and after each phase, the plots.
+- report.md: per-phase summary, held-out accuracy before and after each phase beside context-heuristic baselines
+  (deploy/launcher/baselines.py), the plots;
+- summary.json: the held-out accuracies, the baselines, the phase summaries and the judge, for scripts.
 Steps are numbered run-wide (phases one after another); phase boundaries are drawn as vertical lines.
 
 `longtrace report OUT` of a directory that is not one run but a harness's output (DIRECTORY_REPORTS: a `longtrace
@@ -15,12 +17,15 @@ ablate` directory holds ablation.json) hands it to that harness's report writer.
 from __future__ import annotations
 
 import importlib
+import json
 import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from datagen.synth.heuristics import RANDOMIZED
 from deploy.launcher import rundir as rd
+from deploy.launcher.baselines import NUM_SEEDS, run_baselines
 from deploy.launcher.dashboard import fmt_duration, rates
 from deploy.launcher.rundir import RunDir
 
@@ -87,11 +92,27 @@ def _phase_lines(ax: Any, metrics: list[dict[str, Any]]) -> None:
             ax.text(x, 1.0, f" {m['phase']}", transform=ax.get_xaxis_transform(), va="top", fontsize=8, color="grey")
 
 
+def rl_segments(metrics: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """The steps of each RL phase, one list per phase: SFT steps have no reward, accuracy or rubric hits, and
+    two RL phases around an SFT phase are not joined by a line."""
+    segments: list[list[dict[str, Any]]] = []
+    for m in metrics:
+        if m.get("phase_kind") != "rl":
+            continue
+        if segments and segments[-1][-1]["phase"] == m["phase"]:
+            segments[-1].append(m)
+        else:
+            segments.append([m])
+    return segments
+
+
 def _plot_reward(plt: Any, run: RunDir, metrics: list[dict[str, Any]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    x = [m["global_step"] for m in metrics]
-    for key, label in ((rd.REWARD, "reward"), (rd.ACCURACY, "accuracy (outcome)"), (rd.RUBRIC_HITS, "rubric hit rate")):
-        ax.plot(x, [_num(m.get(key)) for m in metrics], label=label, lw=1.2)
+    curves = ((rd.REWARD, "reward"), (rd.ACCURACY, "accuracy (outcome)"), (rd.RUBRIC_HITS, "rubric hit rate"))
+    for (key, label), color in zip(curves, ("tab:blue", "tab:orange", "tab:green"), strict=True):
+        for i, segment in enumerate(rl_segments(metrics)):
+            x = [m["global_step"] for m in segment]
+            ax.plot(x, [_num(m.get(key)) for m in segment], label=label if i == 0 else None, lw=1.2, color=color)
     evals = run.evals()
     if evals:
         ax.scatter(
@@ -113,7 +134,7 @@ def _plot_reward(plt: Any, run: RunDir, metrics: list[dict[str, Any]], path: Pat
     _phase_lines(ax, metrics)
     ax.set_xlabel("step")
     ax.set_ylim(-0.02, 1.05)
-    ax.set_title("reward, accuracy and rubric hits (training groups) per step")
+    ax.set_title("reward, accuracy and rubric hits (training groups of RL phases) per step")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -210,12 +231,103 @@ def write_report(run_dir: str | Path) -> Path:
     _plot_throughput(plt, metrics, out / "throughput.png")
     _plot_staleness(plt, metrics, out / "staleness.png")
     _plot_queues(plt, run, out / "queues.png")
+    summary = report_summary(run)
+    (out / "summary.json").write_text(json.dumps(_finite(summary), indent=2) + "\n")
     path = out / "report.md"
-    path.write_text(render_markdown(run))
+    path.write_text(render_markdown(run, summary))
     return path
 
 
-def render_markdown(run: RunDir) -> str:
+def _finite(x: Any) -> Any:
+    """`x` with NaN (a figure the run did not produce) as None, so summary.json is strict JSON."""
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_finite(v) for v in x]
+    return None if isinstance(x, float) and math.isnan(x) else x
+
+
+def heldout_accuracies(run: RunDir) -> dict[str, float | None]:
+    """`before`: the first phase's "before" eval; `after_sft` / `after_rl`: the "after" eval of the last SFT / RL
+    phase that has one (the latest line when a phase has several); None where absent."""
+    evals = run.evals()
+    kinds = {e["phase"]: e.get("kind") for e in run.phase_events()}
+    names = run.phase_names()
+
+    def acc(phases: list[str], when: str) -> float | None:
+        for phase in reversed(phases):
+            found = [e for e in evals if e["phase"] == phase and e["when"] == when]
+            if found:
+                return float(found[-1]["accuracy"])
+        return None
+
+    return {
+        "before": acc(names[:1], "before"),
+        "after_sft": acc([p for p in names if kinds.get(p) == "sft"], "after"),
+        "after_rl": acc([p for p in names if kinds.get(p) == "rl"], "after"),
+    }
+
+
+def report_summary(run: RunDir) -> dict[str, Any]:
+    """The content of summary.json: held-out accuracies, baselines (every heuristic, `untrained`, `sft_only`),
+    the mean distinct cities per context, the gains, the phase summaries and the judge."""
+    heldout = heldout_accuracies(run)
+    b = run_baselines(run)
+    heuristics = {k: v for k, v in b["baselines"].items() if k != "oracle"}
+    best = max(heuristics, key=lambda k: heuristics[k], default=None)
+    rl, sft = heldout["after_rl"], heldout["after_sft"]
+    return {
+        "heldout": heldout,
+        "baselines": {**b["baselines"], "untrained": heldout["before"], "sft_only": sft},
+        "baselines_skipped": b["skipped"],
+        "baseline_questions": b["num_questions"],
+        "distinct_cities_mean": b["distinct_cities_mean"],
+        "best_heuristic": best,
+        "rl_minus_sft": rl - sft if rl is not None and sft is not None else None,
+        "rl_minus_best_heuristic": rl - heuristics[best] if rl is not None and best is not None else None,
+        "phases": phase_summaries(run),
+        "judge": b["judge"],
+    }
+
+
+def _baseline_lines(summary: dict[str, Any]) -> list[str]:
+    heldout, base = summary["heldout"], summary["baselines"]
+
+    def cell(x: float | None) -> str:
+        return "-" if x is None else fmt(x)
+
+    lines = ["", "## Held-out accuracy and baselines", "", "| | held-out accuracy |", "|---|---|"]
+    lines += [f"| untrained | {cell(heldout['before'])} |", f"| SFT only | {cell(heldout['after_sft'])} |"]
+    lines += [f"| RL | {cell(heldout['after_rl'])} |"]
+    lines += [f"| {k} | {cell(v)} |" for k, v in base.items() if k not in ("untrained", "sft_only", "oracle")]
+    if "oracle" in base:
+        lines.append(f"| oracle (follows the chain) | {cell(base['oracle'])} |")
+    lines.append("")
+    if summary["baselines_skipped"]:
+        lines.append(f"Context heuristics skipped: {summary['baselines_skipped']}.")
+    else:
+        lines.append(
+            f"Heuristics on the first {summary['baseline_questions']} held-out questions, graded by the run's judge; "
+            f"{fmt(summary['distinct_cities_mean'], 1)} distinct cities per context on average; the randomized ones "
+            f"({', '.join(sorted(RANDOMIZED))}) are means over {NUM_SEEDS} seeds."
+        )
+    rl, sft = heldout["after_rl"], heldout["after_sft"]
+    if summary["rl_minus_sft"] is not None:
+        lines += [
+            "",
+            f"Held-out accuracy after RL ({rl:.3f}) minus after SFT ({sft:.3f}): **{summary['rl_minus_sft']:+.3f}**",
+        ]
+    if summary["rl_minus_best_heuristic"] is not None:
+        best = summary["best_heuristic"]
+        lines += [
+            "",
+            f"Held-out accuracy after RL ({rl:.3f}) minus the best context heuristic ({best}, {base[best]:.3f}): "
+            f"**{summary['rl_minus_best_heuristic']:+.3f}**",
+        ]
+    return lines
+
+
+def render_markdown(run: RunDir, summary: dict[str, Any] | None = None) -> str:
     lines = [f"# Run report: {run.root}", "", "## Phases", ""]
     lines += [
         "| phase | kind | status | steps | wall | steps/min | samples/s | reward (first→last 10) | "
@@ -242,22 +354,12 @@ def render_markdown(run: RunDir) -> str:
                 f"| {e['phase']} | {e['when']} | {e['step']} | {e['accuracy']:.3f} | {e['rubric_hit_rate']:.3f} | "
                 f"{e['well_formed_rate']:.3f} | {e['num_questions']} |"
             )
-        after = {e["phase"]: e for e in evals if e["when"] == "after"}
-        kinds = {e["phase"]: e.get("kind") for e in run.phase_events()}
-        sft = [after[p] for p in after if kinds.get(p) == "sft"]
-        rl = [after[p] for p in after if kinds.get(p) == "rl"]
-        if sft and rl:
-            gain = rl[-1]["accuracy"] - sft[-1]["accuracy"]
-            lines += [
-                "",
-                f"Held-out accuracy after RL ({rl[-1]['accuracy']:.3f}) minus after SFT ({sft[-1]['accuracy']:.3f}): "
-                f"**{gain:+.3f}**",
-            ]
         examples = evals[-1].get("examples", [])
         if examples:
             lines += ["", f"Responses of the last evaluation ({evals[-1]['phase']}, {evals[-1]['when']}):", ""]
             for ex in examples:
                 lines.append(f"- label `{ex['label']}`, accuracy {ex['accuracy']:.0f}: `{ex['response']!r}`")
+    lines += _baseline_lines(summary if summary is not None else report_summary(run))
     lines += ["", "## Plots", ""]
     for name, title in (
         ("reward", "Reward, accuracy, rubric hits"),

@@ -5,13 +5,13 @@ ablate` and by `longtrace report OUT` (deploy/report.py hands a directory holdin
   shaded, each seed a thin line);
 - hacking.png: final hacking, listing, ill-formed and unfinished rates per variant (bars: mean, whiskers: min/max
   over seeds);
-- ablation.md: the per-variant table, the direction checks next to the paper's numbers, the plots.
+- ablation.md: the per-variant table, every seed's figures (plateau seeds flagged) and hacking indicators, the
+  paired differences over seeds, whether each of the paper's claims replicates, the plots.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -103,8 +103,96 @@ def ablation_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _ci(xs: list[float]) -> str:
+    return f"[{fmt(xs[0])}, {fmt(xs[1])}]"
+
+
+def per_seed_tables(summary: dict[str, Any]) -> list[str]:
+    """Every seed's final held-out accuracy per variant (gain over its SFT start in brackets, plateau flagged),
+    then its hacking indicators per variant."""
+    table, names = summary.get("per_seed", {}), list(summary["variants"])
+    if not table:
+        return []
+    lines = [
+        "## Every seed",
+        "",
+        f"Final held-out accuracy (gain over the seed's SFT start). A plateau seed: no variant gains more than "
+        f"{summary['plateau_margin']} over SFT; it stays in every statistic.",
+        "",
+        "| seed | SFT | " + " | ".join(names) + " | plateau |",
+        "|---|---|" + "---|" * len(names) + "---|",
+    ]
+    for seed, row in table.items():
+        cells = [f"{fmt(row['variants'][n]['accuracy'])} ({fmt(row['variants'][n]['gain_over_sft'])})" for n in names]
+        flag = "**plateau**" if row["plateau"] else "no"
+        lines.append(f"| {seed} | {fmt(row['sft_accuracy'])} | " + " | ".join(cells) + f" | {flag} |")
+    lines += [
+        "",
+        "Hacking indicators per seed (final step): lists entities / ill-formed / unfinished / hacking.",
+        "",
+        "| seed | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    for seed, row in table.items():
+        keys = ("listing_rate", "ill_formed_rate", "unfinished_rate", "hacking_rate")
+        cells = [" / ".join(fmt(row["variants"][n][k]) for k in keys) for n in names]
+        lines.append(f"| {seed} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def paired_table(summary: dict[str, Any]) -> list[str]:
+    """Per pair and metric: the mean of the per-seed differences, their std, the t and bootstrap intervals."""
+    paired = summary.get("paired", {})
+    if not paired:
+        return []
+    lines = [
+        "## Paired differences over seeds",
+        "",
+        "Variant minus reference on the same seed; intervals over seeds (t, and a bootstrap resampling seeds, "
+        "10,000 draws); P(>0): the fraction of bootstrap draws above 0.",
+        "",
+        "| pair | metric | per seed | mean | std | t 95% | bootstrap 95% | P(>0) | seeds |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for pair, entry in paired.items():
+        for key, d in entry["metrics"].items():
+            per_seed = ", ".join(f"{s}: {fmt(x)}" for s, x in d["per_seed"].items())
+            lines.append(
+                f"| {pair} | {key} | {per_seed} | {fmt(d['mean'])} | {fmt(d['std'])} | {_ci(d['t_ci95'])} | "
+                f"{_ci(d['bootstrap_ci95'])} | {fmt(d['bootstrap_frac_positive'], 2)} | {d['n_seeds']} |"
+            )
+    return [*lines, ""]
+
+
+def replicates_section(summary: dict[str, Any]) -> list[str]:
+    """The paper's claims whose variants were run, each with its verdict and the paired difference behind it."""
+    claims = summary.get("replicates", {})
+    lines = [
+        "## Replicates?",
+        "",
+        "A claim replicates when the t and the bootstrap 95% intervals of its per-seed paired difference both "
+        "exclude 0 in the claimed direction, contradicts when both exclude 0 the other way, and is inconclusive "
+        "otherwise (always with one seed). Claims whose variants were not run are left out.",
+        "",
+    ]
+    if not claims:
+        lines.append("- no claim of the paper had its variants run")
+    for c in claims.values():
+        lines.append(f"- {c['claim']}: **{c['verdict']}**")
+        for d in c["comparisons"]:
+            sign = "> 0" if d["direction"] > 0 else "< 0"
+            lines.append(
+                f"  - {d['pair']} {d['metric']} (claimed {sign}): mean {fmt(d['mean'])}, t 95% {_ci(d['t_ci95'])}, "
+                f"bootstrap 95% {_ci(d['bootstrap_ci95'])}, P(>0) {fmt(d['bootstrap_frac_positive'], 2)}, "
+                f"{d['n_seeds']} seeds: {d['verdict']}"
+            )
+    plateau = summary.get("plateau_seeds", [])
+    if plateau:
+        lines.append(f"- plateau seeds (kept in the statistics): {plateau}")
+    return [*lines, ""]
+
+
 def render_ablation_markdown(summary: dict[str, Any], out_dir: Path) -> str:
-    checks, paper = summary["checks"], summary["paper"]
     lines = [
         f"# Reward ablation: {out_dir}",
         "",
@@ -114,24 +202,9 @@ def render_ablation_markdown(summary: dict[str, Any], out_dir: Path) -> str:
         "",
         ablation_table(summary),
         "",
-        "## Directions of the paper",
-        "",
-        f"- positive-only >= outcome-only in final held-out accuracy: **{checks.get('positive_only_ge_outcome_only')}** "
-        f"(here {fmt(checks.get('positive_only_minus_outcome_only', math.nan))}, "
-        f"z {fmt(checks.get('positive_only_minus_outcome_only_z', math.nan))}; paper {paper['positive_only']} vs "
-        f"{paper['outcome_only']})",
-        f"- rubric on every sample hacks more than positive-only: "
-        f"**{checks.get('both_hacks_more_than_positive_only')}** "
-        f"(hacking-rate difference {fmt(checks.get('both_minus_positive_only_hacking', math.nan))}, "
-        f"z {fmt(checks.get('both_minus_positive_only_hacking_z', math.nan))}; paper: "
-        f"{paper['both']} vs {paper['positive_only']}, the policy learns to list entities)",
-        f"- rubric on every sample vs positive-only: accuracy "
-        f"{fmt(checks.get('both_minus_positive_only_accuracy', math.nan))} "
-        f"(z {fmt(checks.get('both_minus_positive_only_accuracy_z', math.nan))}), wrong answers naming the whole "
-        f"chain {fmt(checks.get('both_minus_positive_only_rubric_without_outcome', math.nan))} "
-        f"(z {fmt(checks.get('both_minus_positive_only_rubric_without_outcome_z', math.nan))})",
-        "- |z| < 2: within the sampling noise of the held-out evaluation alone (seed-to-seed spread comes on top).",
-        "",
+        *replicates_section(summary),
+        *per_seed_tables(summary),
+        *paired_table(summary),
         "## Plots",
         "",
         "![held-out accuracy per variant](variants.png)",

@@ -1,11 +1,19 @@
 """The ablation's summary (OUT/ablation.json): per-variant figures with their spread over seeds, the accuracy
-curves, and the paper's directions checked with the z of each difference. Pure functions of the per-run results
-that experiments/ablate.py collects.
+curves, every seed's own figures (a seed that never left the plateau flagged, not dropped), and the paper's claims
+judged on per-seed paired differences (issue 23). Pure functions of the per-run results that experiments/ablate.py
+collects.
+
+The unit of replication is the seed: each seed trains every variant from its own SFT start, so a difference between
+two variants is measured once per seed (variant minus reference on the same seed), and its uncertainty is the
+spread of those per-seed differences (a t interval over seeds and a bootstrap that resamples seeds). The held-out
+samples of one seed are not independent replicates of the training run: pooling them over seeds (a two-proportion
+z) ignores seed-to-seed variance and is no longer computed.
 """
 
 from __future__ import annotations
 
 import math
+import random
 import statistics
 from typing import TYPE_CHECKING, Any
 
@@ -79,7 +87,7 @@ def summarize(
         for key in FINAL_KEYS:
             entry[key] = spread({s: per_seed[s][last[s]][key] for s in cfg.seeds})
         entry["final_accuracy"] = entry["accuracy"]
-        # Held-out samples behind each final rate, over all seeds: the scale of its sampling noise (checks' z).
+        # Held-out samples behind the final rates, over all seeds (the evaluation's size, not a replicate count).
         entry["num_samples"] = int(sum(per_seed[s][last[s]].get("num_samples", 0) for s in cfg.seeds))
         # Mean accuracy over the RL curve (steps > 0): separates "learns faster" from "ends higher".
         entry["accuracy_curve_mean"] = spread(
@@ -94,6 +102,8 @@ def summarize(
         entry["train_last10"] = {str(s): runs[(s, v.name)]["train"] for s in cfg.seeds}
         entry["wall_s"] = {str(s): round(runs[(s, v.name)]["wall_s"], 1) for s in cfg.seeds}
         variants[v.name] = entry
+    table = per_seed_table({s: sft[s]["indicators"]["accuracy"] for s in cfg.seeds}, variants)
+    paired = paired_comparisons(variants)
     return {
         "bench": "ablation",
         "seeds": cfg.seeds,
@@ -108,6 +118,11 @@ def summarize(
             for s in cfg.seeds
         },
         "variants": variants,
+        "plateau_margin": PLATEAU_MARGIN,
+        "per_seed": table,
+        "plateau_seeds": [int(s) for s, row in table.items() if row["plateau"]],
+        "paired": paired,
+        "replicates": replicates(paired),
         "checks": direction_checks(variants),
         "paper": PAPER,
         "ratio": _ratio(variants),
@@ -122,29 +137,194 @@ def _ratio(variants: dict[str, Any]) -> float:
     return a / b if b > 0 else math.nan
 
 
-def difference_z(a: dict[str, Any], b: dict[str, Any], key: str) -> float:
-    """z of the difference of two variants' pooled final rates `key` (two-proportion test over all seeds' held-out
-    samples): |z| < 2 means the difference is within the sampling noise of the evaluation alone (seed-to-seed
-    variation of training comes on top of it)."""
-    n1, n2 = a.get("num_samples", 0), b.get("num_samples", 0)
-    if not n1 or not n2:
+# -- every seed on its own
+
+
+PLATEAU_MARGIN = 0.02
+"""A seed is on the plateau when no variant's final held-out accuracy beats its SFT start by more than this."""
+PER_SEED_KEYS = ("accuracy", "gain_over_sft", "listing_rate", "ill_formed_rate", "unfinished_rate", "hacking_rate")
+
+
+def per_seed_table(sft_accuracy: dict[int, float], variants: dict[str, Any]) -> dict[str, Any]:
+    """{seed: {sft_accuracy, plateau, variants: {name: final figures}}}. A plateau seed stays in every statistic;
+    the flag only says that RL never moved it (so it pulls every variant's mean towards the SFT start)."""
+    out: dict[str, Any] = {}
+    for seed, acc in sft_accuracy.items():
+        s = str(seed)
+        rows = {name: {k: v[k]["per_seed"][s] for k in PER_SEED_KEYS} for name, v in variants.items()}
+        plateau = all(not row["gain_over_sft"] > PLATEAU_MARGIN for row in rows.values())
+        out[s] = {"sft_accuracy": acc, "plateau": plateau, "variants": rows}
+    return out
+
+
+# -- paired differences over seeds
+
+
+PAIRED_KEYS = ("accuracy", "hacking_rate", "listing_rate", "rubric_without_outcome_rate", "ill_formed_rate")
+BOOTSTRAP_DRAWS = 10_000
+BOOTSTRAP_SEED = 23
+# Two-sided 95% t quantiles (0.975) for 1..30 degrees of freedom (scipy is not a dependency).
+T_975: tuple[float, ...] = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179)
+T_975 += (2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052)
+T_975 += (2.048, 2.045, 2.042)
+
+
+def t_975(df: int) -> float:
+    """The 0.975 quantile of Student's t with `df` degrees of freedom (above 30: Cornish-Fisher from 1.96)."""
+    if df < 1:
         return math.nan
-    p1, p2 = a[key]["mean"], b[key]["mean"]
-    pooled = (p1 * n1 + p2 * n2) / (n1 + n2)
-    se = math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
-    return (p1 - p2) / se if se > 0 else 0.0
+    if df <= len(T_975):
+        return T_975[df - 1]
+    z = 1.959964
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def _quantile(sorted_xs: list[float], q: float) -> float:
+    pos = q * (len(sorted_xs) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(sorted_xs) - 1)
+    return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (pos - lo)
+
+
+def paired_difference(a: dict[str, float], b: dict[str, float]) -> dict[str, Any]:
+    """a minus b per seed (seeds both have, NaNs left out), with the mean, the standard deviation over seeds, a
+    t-based 95% interval over seeds and a bootstrap over seeds (seeds resampled with replacement, fixed RNG): its
+    95% percentile interval and the fraction of draws whose mean difference is > 0. With one seed there is no
+    seed-to-seed variance to judge: std and both intervals are NaN."""
+    diffs = {s: a[s] - b[s] for s in a if s in b and not math.isnan(a[s] - b[s])}
+    xs = list(diffs.values())
+    n = len(xs)
+    out: dict[str, Any] = {"n_seeds": n, "per_seed": diffs, "mean": mean(xs)}
+    if n < 2:
+        nan = math.nan
+        return out | {"std": nan, "t_ci95": [nan, nan], "bootstrap_ci95": [nan, nan], "bootstrap_frac_positive": nan}
+    sd = statistics.stdev(xs)
+    half = t_975(n - 1) * sd / math.sqrt(n)
+    rng = random.Random(BOOTSTRAP_SEED)
+    draws = sorted(sum(rng.choices(xs, k=n)) / n for _ in range(BOOTSTRAP_DRAWS))
+    return out | {
+        "std": sd,
+        "t_ci95": [out["mean"] - half, out["mean"] + half],
+        "bootstrap_ci95": [_quantile(draws, 0.025), _quantile(draws, 0.975)],
+        "bootstrap_frac_positive": sum(d > 0 for d in draws) / BOOTSTRAP_DRAWS,
+    }
+
+
+REFERENCES = {"positive_only": "outcome_only", "outcome_only": None}
+"""Each variant's reference: positive_only against outcome_only, every other variant (both, the eta sweep, any
+other rule) against positive_only, the paper's rule."""
+
+
+def paired_comparisons(variants: dict[str, Any]) -> dict[str, Any]:
+    """{"<variant>_minus_<reference>": {variant, reference, eta, combination (variant's, reference's), metrics: {key:
+    paired_difference}}} for every variant whose reference was run."""
+    out: dict[str, Any] = {}
+    for name in variants:
+        ref = REFERENCES.get(name, "positive_only")
+        if ref is None or ref == name or ref not in variants:
+            continue
+        metrics = {
+            k: paired_difference(variants[name][k]["per_seed"], variants[ref][k]["per_seed"])
+            for k in PAIRED_KEYS
+            if k in variants[name] and k in variants[ref]
+        }
+        out[f"{name}_minus_{ref}"] = {
+            "variant": name,
+            "reference": ref,
+            "eta": [variants[name]["eta"], variants[ref]["eta"]],
+            "combination": [variants[name]["combination"], variants[ref]["combination"]],
+            "metrics": metrics,
+        }
+    return out
+
+
+def verdict(stats: dict[str, Any], direction: int) -> str:
+    """A claim's verdict on one paired difference: "replicates" when both 95% intervals over seeds (t and
+    bootstrap) exclude 0 in the claimed direction (`direction` +1: the difference is claimed > 0, -1: < 0),
+    "contradicts" when both exclude it the other way, "inconclusive" otherwise and with fewer than 2 seeds. Both,
+    because the bootstrap percentile interval never leaves the range of the seeds' values and is too narrow at 5
+    seeds, while the t interval assumes normal per-seed differences."""
+    (t_lo, t_hi), (b_lo, b_hi) = stats["t_ci95"], stats["bootstrap_ci95"]
+    if stats["n_seeds"] < 2 or any(math.isnan(x) for x in (t_lo, t_hi, b_lo, b_hi)):
+        return "inconclusive"
+    lo, hi = min(t_lo, b_lo) * direction, max(t_hi, b_hi) * direction
+    lo, hi = min(lo, hi), max(lo, hi)
+    if lo > 0:
+        return "replicates"
+    if hi < 0:
+        return "contradicts"
+    return "inconclusive"
+
+
+CLAIMS = {
+    # id: (the paper's claim, pair, metric, the sign of the pair's difference the claim asserts)
+    "rubric_beats_outcome_only": (
+        "positive-only rubric (η 0.3) > outcome-only in held-out accuracy (paper 59.0 vs 53.7)",
+        *("positive_only_minus_outcome_only", "accuracy", 1),
+    ),
+    "positive_only_beats_both": (
+        "positive-only rubric > rubric paid on every sample in held-out accuracy (paper 59.0 vs 57.1)",
+        *("both_minus_positive_only", "accuracy", -1),
+    ),
+    "both_hacks_more": (
+        "rubric paid on every sample hacks (wrong answers listing entities) more than positive-only",
+        *("both_minus_positive_only", "hacking_rate", 1),
+    ),
+}
+ETA_CLAIM = (
+    "η = 0.3 (positive_only) has the best held-out accuracy among the etas run (paper 0.1: 58.3, 0.3: 59.0, 0.5: 57.1)"
+)
+
+
+def _comparison(paired: dict[str, Any], pair: str, metric: str, direction: int) -> dict[str, Any]:
+    stats = paired[pair]["metrics"][metric]
+    keep = ("n_seeds", "mean", "std", "t_ci95", "bootstrap_ci95", "bootstrap_frac_positive")
+    return (
+        {"pair": pair, "metric": metric, "direction": direction}
+        | {k: stats[k] for k in keep}
+        | {"verdict": verdict(stats, direction)}
+    )
+
+
+def _other_eta(entry: dict[str, Any]) -> bool:
+    """A positive-only variant at an η > 0 other than its reference's 0.3 (the paper's η sweep)."""
+    (eta, ref_eta), combinations = entry["eta"], entry["combination"]
+    return combinations == ["positive_only"] * 2 and ref_eta == 0.3 and eta not in (0.0, 0.3)
+
+
+def replicates(paired: dict[str, Any]) -> dict[str, Any]:
+    """The paper's claims whose variants were run: {id: {claim, verdict, comparisons}}. η = 0.3 best among the
+    etas run: positive_only (η 0.3) against every other positive-only η > 0; it replicates when every comparison
+    does, contradicts when any does."""
+    out: dict[str, Any] = {}
+    for cid, (claim, pair, metric, direction) in CLAIMS.items():
+        if pair in paired and metric in paired[pair]["metrics"]:
+            c = _comparison(paired, pair, metric, direction)
+            out[cid] = {"claim": claim, "verdict": c["verdict"], "comparisons": [c]}
+    etas = [p for p, e in paired.items() if _other_eta(e)]
+    if etas:
+        comps = [_comparison(paired, p, "accuracy", -1) for p in etas]
+        verdicts = {c["verdict"] for c in comps}
+        v = (
+            "contradicts"
+            if "contradicts" in verdicts
+            else "inconclusive"
+            if verdicts - {"replicates"}
+            else "replicates"
+        )
+        out["eta_03_best"] = {"claim": ETA_CLAIM, "verdict": v, "comparisons": comps}
+    return out
 
 
 def direction_checks(variants: dict[str, Any]) -> dict[str, Any]:
-    """The paper's directions on this task (None when a variant is missing): positive-only >= outcome-only in
-    final held-out accuracy, and rubric-on-every-sample hacks more than positive-only. Each difference comes with
-    its z (`difference_z`): a direction that holds at |z| < 2 is not evidence either way."""
+    """The paper's directions on this task by the means over seeds (None when a variant is missing): positive-only
+    >= outcome-only in final held-out accuracy, and rubric-on-every-sample hacks more than positive-only. A mean's
+    direction is not evidence on its own: `replicates` judges each claim on the per-seed paired differences."""
     out: dict[str, Any] = {}
 
     def compare(name: str, a: str, b: str, key: str) -> None:
-        """`name`: variant a's mean final `key` minus variant b's; `name_z`: its z."""
+        """`name`: variant a's mean final `key` minus variant b's."""
         out[name] = variants[a][key]["mean"] - variants[b][key]["mean"]
-        out[f"{name}_z"] = difference_z(variants[a], variants[b], key)
 
     if "positive_only" in variants and "outcome_only" in variants:
         p, o = variants["positive_only"]["accuracy"], variants["outcome_only"]["accuracy"]

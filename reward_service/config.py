@@ -11,7 +11,7 @@ import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from broker.settings import BrokerConfig
 from common.config import BaseConfig, ConfigError
@@ -30,6 +30,17 @@ class RuleJudgeConfig(BaseConfig):
     answer; f1: token F1 between answer and label reaches `f1_threshold`."""
     f1_threshold: Annotated[float, Field(gt=0, le=1)] = 0.8
     """Token-F1 at or above which the answer counts as correct (mode f1)."""
+    answer_marker: str | None = None
+    """A word after which the final answer stands (e.g. "answer"): only the tokens after its last occurrence are
+    compared with the label, and a response without it is wrong. With mode exact, a list of candidates after
+    the marker is wrong, and the reasoning before it (rubric entities) is not judged."""
+
+    @field_validator("answer_marker")
+    @classmethod
+    def _one_word(cls, v: str | None) -> str | None:
+        if v is not None and len(v.split()) != 1:
+            raise ValueError(f"--judge.answer_marker {v!r}: one word")
+        return v
 
 
 class JudgeRetryConfig(RetryConfig):

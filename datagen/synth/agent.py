@@ -4,7 +4,8 @@ For each hop of a question's plan it searches (BM25, top-k), falls back to searc
 alone when the first query missed the hop's document, and gives up (no answer step: an unfinished
 trajectory) when that misses too. Before opening the right result it sometimes opens wrong ones, drawn
 from the three best-ranked wrong results (near-namesakes and neighbours: the confusable documents that
-become Tier-1). It cites exactly the documents of the hops, and answers wrongly with `error_prob`.
+become Tier-1), and each of the hop's detours (documents of the branches not taken, where the world names them)
+with the same probability. It cites exactly the documents of the hops, and answers wrongly with `error_prob`.
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ class ScriptedAgent:
                 steps.append(SearchStep(query=hop.fallback_query, results=results))
                 if hop.doc_id not in results:
                     return Trajectory(question_id=q.id, steps=steps)
+            for detour in rng.sample(hop.detours, len(hop.detours)):  # the branches it looked at and left
+                if detour not in gold and rng.random() < self.wrong_open_prob:
+                    steps.append(OpenStep(doc_id=detour))
             wrong = [d for d in results if d not in gold]
             for _ in range(MAX_WRONG_OPENS_PER_HOP):
                 if not wrong or rng.random() >= self.wrong_open_prob:

@@ -1,7 +1,8 @@
 """The demo's data: tiny-world train and held-out rows, SFT demonstrations and the vocabulary.
 
-Train and held-out questions come from different worlds (different RNG streams), so held-out facts were
-never seen in training and a model can only answer them by reading the context.
+Train, validation and held-out questions come from different worlds (different RNG streams), so their facts
+were never seen in training and a model can only answer them by reading the context; settings are chosen on the
+validation split and reported on the held-out one.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from datagen.synth.tiny import sft_example, tiny_vocabulary
 class DemoSplits:
     train: list[Row]
     heldout: list[Row]
+    validation: list[Row]
+    """Questions from other unseen worlds than the held-out ones: settings are chosen on these."""
     sft: list[dict[str, Any]]
     """One demonstration per train row (see datagen/synth/tiny.py: prompt, reasoning, content, response)."""
     vocabulary: list[str]
@@ -27,14 +30,22 @@ class DemoSplits:
     heldout_result: SynthResult
 
 
-def demo_splits(seed: int = 0, num_train: int = 1024, num_heldout: int = 256, **knobs: Any) -> DemoSplits:
+def demo_splits(
+    seed: int = 0, num_train: int = 1024, num_heldout: int = 256, num_validation: int = 0, **knobs: Any
+) -> DemoSplits:
     """Tiny-style splits; `knobs` are SynthConfig fields (hops=2, context_tokens=60, num_entities=64, ...)."""
     train = synthesize(SynthConfig(style="tiny", seed=seed, num_questions=num_train, **knobs), split="train")
     heldout = synthesize(SynthConfig(style="tiny", seed=seed, num_questions=num_heldout, **knobs), split="heldout")
+    validation = (
+        synthesize(SynthConfig(style="tiny", seed=seed, num_questions=num_validation, **knobs), split="validation")
+        if num_validation
+        else None
+    )
     cfg = train.config
     return DemoSplits(
         train=train.rows,
         heldout=heldout.rows,
+        validation=validation.rows if validation else [],
         sft=[sft_example(q, r) for q, r in zip(train.row_questions, train.rows, strict=True)],
         vocabulary=tiny_vocabulary(cfg.num_entities, cfg.num_cities),
         train_result=train,

@@ -26,6 +26,7 @@ from datagen.docstore import Doc
 from datagen.synth.types import Hop, SynthQuestion
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+ANSWER_MARKER = "answer"  # the demo judge's answer_marker: the final answer follows it
 # relation -> (fact template, question phrase, search keyword)
 TINY_RELATIONS: dict[str, tuple[str, str, str]] = {
     "founder": ("{s} was founded by {o} .", "the founder of {x}", "founded"),
@@ -57,7 +58,7 @@ def city_name(j: int) -> str:
 def tiny_vocabulary(num_entities: int = 64, num_cities: int = 32) -> list[str]:
     """Every whitespace-separated word a tiny world of this size can put in a prompt, label or SFT response."""
     assert 0 < num_entities <= 100 and 0 < num_cities <= 100, "tiny names have two digits"
-    words: set[str] = {THINK_OPEN, THINK_CLOSE}
+    words: set[str] = {THINK_OPEN, THINK_CLOSE, ANSWER_MARKER}
     for template, phrase, _ in (*TINY_RELATIONS.values(), *TINY_ATTRIBUTES.values()):
         words.update(w for w in f"{template} {phrase}".split() if w not in ("{s}", "{o}", "{x}"))
     return sorted(words) + [entity_name(i) for i in range(num_entities)] + [city_name(j) for j in range(num_cities)]
@@ -116,13 +117,15 @@ class TinyWorld:
             last = path[-1]
             answer = city_name(self.attributes[last][attribute])
             wrong = {city_name(c) for i in path for c in self.attributes[i].values()} - {answer}
+            keys = [*relations, attribute]
             plan = [
                 Hop(
                     query=f"{entity_name(i)} {(TINY_RELATIONS.get(s) or TINY_ATTRIBUTES[s])[2]}",
                     fallback_query=entity_name(i),
                     doc_id=self.fact_doc[(i, s)],
+                    detours=self._detours(path, keys, k, rng),
                 )
-                for i, s in zip(path, [*relations, attribute], strict=True)
+                for k, (i, s) in enumerate(zip(path, keys, strict=True))
             ]
             return SynthQuestion(
                 id=qid,
@@ -137,11 +140,36 @@ class TinyWorld:
             )
         return None
 
+    def _detours(self, path: list[int], keys: list[str], k: int, rng: random.Random) -> tuple[str, ...]:
+        """The facts that make hop k's shortcuts wrong. For a relation hop from entity i: i's other relations, and
+        for every relation one entity related to i the other way round ("E50 was founded by E17" beside "the
+        founder of E17"), each of these wrong branches with its next fact (its city, for the last relation hop);
+        at the start, the start entity's own city of the asked attribute. Every entity in the context then has one
+        city and several entities are one fact away from the start: no position, frequency or one-hop shortcut
+        points at the answer, only the asked chain does."""
+        i, key = path[k], keys[k]
+        docs: list[str] = []
+        if key in TINY_RELATIONS:
+            branches = [self.relations[i][r] for r in sorted(TINY_RELATIONS) if r != key]
+            docs += [self.fact_doc[(i, r)] for r in sorted(TINY_RELATIONS) if r != key]
+            for r in sorted(TINY_RELATIONS):
+                reverse = [z for z in range(self.num_entities) if self.relations[z][r] == i and z not in path]
+                if reverse:
+                    z = rng.choice(reverse)
+                    docs.append(self.fact_doc[(z, r)])
+                    branches.append(z)
+            docs += [self.fact_doc[(w, keys[k + 1])] for w in branches if w not in path]
+        if k == 0 and len(keys) > 1:
+            docs.append(self.fact_doc[(i, keys[-1])])
+        return tuple(dict.fromkeys(docs))
+
 
 def tiny_response(q: SynthQuestion) -> tuple[str, str]:
-    """(reasoning, content) of the demonstration: the chain, then the chain and the answer."""
+    """(reasoning, content) of the demonstration: the chain down to the answer ("E17 E42 C07"), then the chain again
+    and the final answer after the ANSWER_MARKER (the demo's judge reads only what follows it; the rubric reward
+    scans the whole content). Each step of the reasoning is one lookup keyed by the token before it."""
     chain = " ".join(q.path)
-    return chain, f"{chain} {q.answer}"
+    return f"{chain} {q.answer}", f"{chain} {ANSWER_MARKER} {q.answer}"
 
 
 def sft_example(q: SynthQuestion, row: Row) -> dict[str, Any]:

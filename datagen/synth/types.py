@@ -20,6 +20,9 @@ class Hop:
     """The second query, when the first did not retrieve `doc_id`."""
     doc_id: str
     """The gold document stating the fact of this hop."""
+    detours: tuple[str, ...] = ()
+    """Documents of the branches not taken here that an exploring agent opens (the world's hard distractors:
+    the same entity's other facts, the next fact of an entity on a wrong branch)."""
 
 
 @dataclass(frozen=True)

@@ -268,4 +268,4 @@ class UpConfig(BaseConfig):
         return str(self.data_dir / ("sft.jsonl" if phase.kind == "sft" else "train.jsonl"))
 
     def eval_dataset_path(self) -> str:
-        return self.eval.dataset_path or str(self.data_dir / "heldout.jsonl")
+        return self.eval.dataset_path or str(self.data_dir / f"{self.eval.split}.jsonl")

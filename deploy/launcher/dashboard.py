@@ -161,6 +161,12 @@ class Dashboard:
         done = self.steps[-1][rd.STEP] if self.steps else 0
         return float((self.phase.steps - done) * r["s_per_step"])
 
+    def _rewards(self, m: dict[str, Any]) -> str:
+        """Reward, accuracy and rubric hits of an RL step; nothing for SFT (demonstrations carry a placeholder 1)."""
+        if self.phase is None or self.phase.kind != "rl":
+            return ""
+        return f"reward {_fmt(m.get(rd.REWARD))} acc {_fmt(m.get(rd.ACCURACY))} rubric {_fmt(m.get(rd.RUBRIC_HITS))} "
+
     def step_line(self, m: dict[str, Any]) -> str:
         assert self.phase is not None
         upto = [s for s in self.steps if s[rd.STEP] <= m[rd.STEP]]
@@ -169,8 +175,7 @@ class Dashboard:
         queues = " ".join(f"{k} {q.get(k, '-')}" for k in rd.STREAMS)
         return (
             f"[{self.phase.name}] step {m[rd.STEP]}/{self.phase.steps} v{_fmt(m.get(rd.POLICY_VERSION), 0)} "
-            f"loss {_fmt(m.get(rd.LOSS))} reward {_fmt(m.get(rd.REWARD))} acc {_fmt(m.get(rd.ACCURACY))} "
-            f"rubric {_fmt(m.get(rd.RUBRIC_HITS))} stale {_fmt(rd.mean_staleness(m), 2)} "
+            f"loss {_fmt(m.get(rd.LOSS))} {self._rewards(m)}stale {_fmt(rd.mean_staleness(m), 2)} "
             f"dropped {_fmt(m.get(rd.GROUPS_DROPPED_STALE), 0)} | {queues} | "
             f"{_fmt(r['steps_per_min'], 1)} steps/min {_fmt(r['samples_per_s'], 1)} samples/s | "
             f"ETA {fmt_duration(self.eta_s())}"
@@ -191,8 +196,7 @@ class Dashboard:
                 f"[{'#' * filled}{'.' * (width - filled)}] step {done}/{p.steps}  ETA {fmt_duration(self.eta_s())}",
                 f"policy version  learner {_fmt(last.get(rd.POLICY_VERSION), 0)}  key {q.get('policy_version', '-')}  "
                 f"engines {q.get('engine_versions', '-')}",
-                f"reward {_fmt(last.get(rd.REWARD))}  accuracy {_fmt(last.get(rd.ACCURACY))}  "
-                f"rubric hits {_fmt(last.get(rd.RUBRIC_HITS))}  loss {_fmt(last.get(rd.LOSS))}",
+                f"{self._rewards(last)}loss {_fmt(last.get(rd.LOSS))}",
                 "queues  " + "  ".join(f"{k} {q.get(k, '-')}" for k in rd.STREAMS),
                 f"staleness {_fmt(rd.mean_staleness(last), 2)}  dropped stale {_fmt(last.get(rd.GROUPS_DROPPED_STALE), 0)}"
                 f"  admitted {_fmt(last.get(rd.GROUPS_ADMITTED), 0)}  trained {_fmt(last.get(rd.GROUPS_TRAINED), 0)}",

@@ -1,7 +1,7 @@
 """Set-up of `longtrace up` before any service starts: the tiny demo world and a tiny model built for it.
 
-Writes DATA_DIR/{train,heldout}.jsonl (LongTraceRL rows; held-out questions come from worlds never seen in
-training), DATA_DIR/sft.jsonl (one demonstration per training question), DATA_DIR/vocab.txt, and a seeded tiny
+Writes DATA_DIR/{train,validation,heldout}.jsonl (LongTraceRL rows; validation and held-out questions come from
+worlds never seen in training, and from different ones), DATA_DIR/sft.jsonl (one demonstration per training question), DATA_DIR/vocab.txt, and a seeded tiny
 model with a word-level tokenizer over that vocabulary in MODEL_DIR. Runs as a child job of the launcher (it
 imports torch and transformers); skipped when a previous run left a complete result (DATA_DIR/prepared.json
 with the same settings, and MODEL_DIR/config.json).
@@ -42,8 +42,15 @@ def prepare_tiny_demo(cfg: PrepareSection, data_dir: Path, model_dir: Path) -> N
         log.info("data and model already prepared in %s and %s", data_dir, model_dir)
         return
     data_dir.mkdir(parents=True, exist_ok=True)
-    splits = demo_splits(seed=cfg.seed, num_train=cfg.num_train, num_heldout=cfg.num_heldout, **cfg.synth)
+    splits = demo_splits(
+        seed=cfg.seed,
+        num_train=cfg.num_train,
+        num_heldout=cfg.num_heldout,
+        num_validation=cfg.num_validation,
+        **cfg.synth,
+    )
     write_rows(data_dir / "train.jsonl", splits.train)
+    write_rows(data_dir / "validation.jsonl", splits.validation)
     write_rows(data_dir / "heldout.jsonl", splits.heldout)
     write_jsonl(data_dir / "sft.jsonl", splits.sft)
     (data_dir / "vocab.txt").write_text("\n".join(splits.vocabulary) + "\n")

@@ -205,13 +205,16 @@ class PrepareSection(BaseConfig):
     """Set-up before any service starts: the tiny demo world (datagen) and a tiny model with its word vocabulary."""
 
     kind: Literal["tiny_demo"] = "tiny_demo"
-    """What to prepare: `tiny_demo` writes RUN_DIR/data/{train,heldout,sft}.jsonl, vocab.txt and RUN_DIR/model."""
+    """What to prepare: `tiny_demo` writes RUN_DIR/data/{train,validation,heldout,sft}.jsonl, vocab.txt and
+    RUN_DIR/model."""
     seed: int = 0
     """Seed of the worlds, questions and model initialisation."""
     num_train: int = Field(1024, ge=1)
     """Training questions (and SFT demonstrations, one per question)."""
     num_heldout: int = Field(256, ge=1)
     """Held-out questions from worlds never seen in training (evaluation)."""
+    num_validation: int = Field(256, ge=1)
+    """Validation questions, from unseen worlds other than the held-out ones (to tune on: `--eval.split`)."""
     synth: dict[str, Any] = {}
     """Other SynthConfig fields of the tiny world (hops, context_tokens, num_entities, num_cities, ...); a table of
     keyword arguments (datagen.synth.demo.demo_splits), checked as a SynthConfig of style tiny at load time."""
@@ -321,7 +324,10 @@ class PhaseConfig(BaseConfig):
 
 class EvalSection(BaseConfig):
     dataset_path: str = ""
-    """Held-out LongTraceRL JSONL; empty: the prepared heldout.jsonl."""
+    """Held-out LongTraceRL JSONL; empty: the prepared file of `split`."""
+    split: Literal["heldout", "validation"] = "heldout"
+    """The prepared split evaluated when `dataset_path` is empty: `validation` to choose settings, `heldout` (other
+    unseen worlds) to report them."""
     max_questions: int = Field(256, ge=1)
     """Questions evaluated (the first ones of the file)."""
     temperature: float = Field(0.0, ge=0)

@@ -1,4 +1,6 @@
 """Rule-based outcome judge for offline runs: normalised exact match, containment or token-F1 against the label.
+With `answer_marker`, only the words after the marker's last occurrence (a whitespace-separated word, any case)
+are the answer.
 
 Answer normalisation (SQuAD-style, with the rubric's tokeniser): accents folded (NFKD, combining marks
 dropped), lower-cased, tokens = runs of [a-z0-9_] and single CJK characters, articles a/an/the removed.
@@ -45,6 +47,13 @@ def token_f1(pred: list[str], gold: list[str]) -> float:
 
 def rule_match(config: RuleJudgeConfig, label: str, response: str) -> bool:
     """The rule verdict; pure, so the benchmark's baseline server computes exactly the same outcome."""
+    if config.answer_marker:
+        words = response.split()
+        marker = config.answer_marker.lower()
+        last = max((i for i, w in enumerate(words) if w.lower() == marker), default=None)
+        if last is None:
+            return False  # no final answer given
+        response = " ".join(words[last + 1 :])
     gold = answer_tokens(label)
     if not gold:
         return response.strip().lower() == label.strip().lower()

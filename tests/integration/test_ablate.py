@@ -17,7 +17,6 @@ import pytest
 from common.config import ConfigError, load_config
 from experiments.ablate import AblateConfig, Plan, Variant, check_reward_only
 from experiments.ablate_samples import SAMPLE_FIELDS, HackingConfig, indicators, read_samples, write_samples
-from experiments.ablate_summary import difference_z
 
 ROOT = Path(__file__).resolve().parents[2]
 DEBUG = ROOT / "configs" / "debug" / "ablate.toml"
@@ -84,6 +83,12 @@ def test_debug_ablation_runs_variants_from_one_sft_export_and_reports(
         assert len([p for p in (seed / v / "phases" / "rl" / "exports").glob("v*") if p.is_dir()]) == 1
     assert summary["checks"]["positive_only_ge_outcome_only"] is None  # no outcome-only variant in the debug config
     assert isinstance(summary["checks"]["both_hacks_more_than_positive_only"], bool)
+    # Every seed reported; with one seed no claim can be judged (no seed-to-seed variance), and none is claimed for
+    # variants that did not run.
+    assert set(summary["per_seed"]["0"]["variants"]) == {"positive_only", "both"}
+    assert isinstance(summary["per_seed"]["0"]["plateau"], bool)
+    assert set(summary["replicates"]) == {"positive_only_beats_both", "both_hacks_more"}
+    assert {c["verdict"] for c in summary["replicates"].values()} == {"inconclusive"}
 
     # The report, also through `longtrace report OUT`.
     assert json.loads((out / "ablation.json").read_text())["variants"].keys() == summary["variants"].keys()
@@ -93,6 +98,7 @@ def test_debug_ablation_runs_variants_from_one_sft_export_and_reports(
 
     md = write_report(out).read_text()
     assert "| positive_only |" in md and "| both |" in md and "![held-out accuracy per variant](variants.png)" in md
+    assert "## Replicates?" in md and "## Every seed" in md
     assert (out / "report" / "variants.png").stat().st_size > 10_000 and (out / "report" / "hacking.png").is_file()
 
     # Re-summarising the finished runs (--reuse_finished_runs) starts nothing and keeps every curve point, although
@@ -159,17 +165,3 @@ def test_hacking_indicator_counts_wrong_entity_lists_not_the_demonstrated_answer
     path.write_text('{"id": 0, "response": "x"}\n')
     with pytest.raises(ValueError, match=r"samples\.jsonl:1: .*answer"):
         read_samples(path)
-
-
-def test_difference_z_separates_noise_from_a_real_difference() -> None:
-    """Guards against direction checks that call a one-sample difference a finding: the z of a difference must be
-    small for 1 of 768 samples and large for a 10-point gap over the same samples."""
-
-    def v(rate: float, n: int = 768) -> dict[str, Any]:
-        return {"num_samples": n, "hacking_rate": {"mean": rate}}
-
-    assert abs(difference_z(v(1 / 768), v(0.0), "hacking_rate")) < 2
-    assert difference_z(v(0.64), v(0.53), "hacking_rate") > 4
-    assert difference_z(v(0.53), v(0.64), "hacking_rate") < -4
-    assert difference_z(v(0.0), v(0.0), "hacking_rate") == 0.0
-    assert difference_z(v(0.5, 0), v(0.1), "hacking_rate") != difference_z(v(0.5, 0), v(0.1), "hacking_rate")  # nan

@@ -124,7 +124,8 @@ def test_bm25_ranks_rare_terms_and_own_documents_first() -> None:
 
 
 def test_demo_splits_are_deterministic_and_disjoint() -> None:
-    """Guards against held-out rows drawn from the training worlds, SFT targets that do not restate the
+    """Guards against held-out (or validation) rows drawn from the training worlds, validation rows from the held-out
+    worlds (settings tuned on what is reported), SFT targets that do not restate the
     chain in the content (the rubric scans only the content), and seed-dependent nondeterminism."""
     a = demo_splits(seed=0, num_train=32, num_heldout=16)
     b = demo_splits(seed=0, num_train=32, num_heldout=16)
@@ -135,11 +136,15 @@ def test_demo_splits_are_deterministic_and_disjoint() -> None:
     train_facts = {line for r in a.train for line in r.prompt.splitlines()[:-1]}
     heldout_facts = {line for r in a.heldout for line in r.prompt.splitlines()[:-1]}
     assert len(train_facts & heldout_facts) < 0.2 * len(heldout_facts)  # fresh worlds, only chance overlaps
+    v = demo_splits(seed=0, num_train=32, num_heldout=16, num_validation=16)
+    assert [r.prompt for r in v.heldout] == [r.prompt for r in a.heldout] and a.validation == []
+    validation_facts = {line for r in v.validation for line in r.prompt.splitlines()[:-1]}
+    assert len(validation_facts & heldout_facts) < 0.2 * len(heldout_facts)  # tuned on other worlds than reported
     vocab = set(a.vocabulary)
     for ex, row in zip(a.sft, a.train, strict=True):
         assert ex["prompt"] == row.prompt and set(ex["response"].split()) <= vocab
         reasoning, content = ex["response"].split("</think>")
-        assert reasoning.startswith("<think>") and content.split()[-1] == row.label
+        assert reasoning.startswith("<think>") and content.split()[-2:] == ["answer", row.label]
         assert all(norm(str(e)) in norm(content) for e in row.rubrics)
 
 

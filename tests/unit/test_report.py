@@ -132,6 +132,12 @@ def test_dashboard_prints_one_line_per_step(run_dir: RunDir) -> None:
     assert "reward 0.500 acc 0.500 rubric 0.500 stale 1.00" in last
     assert "10.0 steps/min 2.7 samples/s" in last
     assert last.endswith("ETA 1m00s")  # 10 steps left at 6 s each
+    sft = io.StringIO()
+    dash = Dashboard(run_dir, "lines", sft)
+    dash.start_phase(PhaseView("rl", "sft", 1, 2, 30), sampler=None)  # the same steps shown as an SFT phase
+    dash.update()
+    line = [ln for ln in sft.getvalue().splitlines() if ln.startswith("[rl]")][-1]
+    assert "reward" not in line and " acc " not in line and "loss 0.050 stale" in line, line  # SFT has no reward
 
 
 def test_dashboard_panel_shows_phase_progress_and_evaluations(run_dir: RunDir) -> None:

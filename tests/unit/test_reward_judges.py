@@ -49,6 +49,28 @@ def test_rule_modes() -> None:
     assert not rule_match(contains, "!!!", "!!")
 
 
+@pytest.mark.parametrize(
+    ("response", "verdict"),
+    [
+        ("E17 E42 answer C07", True),  # the chain, then the final answer
+        ("E17 E42 Answer c07", True),  # any case
+        ("E17 E42 C07", False),  # no final answer given
+        ("E17 E42 answer C07 C03", False),  # a list of candidates
+        ("answer C03 answer C07", True),  # the last final answer counts
+        ("answer C07 answer C03", False),
+        ("E17 answer", False),  # an empty final answer
+        ("C07 answered C07", False),  # the marker is a whole word
+    ],
+)
+def test_answer_marker_judges_only_the_final_answer(response: str, verdict: bool) -> None:
+    """Guards the demo's strict grading: without a marker the rule judge cannot tell the answer from the chain the
+    response restates, so F1 accepted lists of cities (a hedger listing every city in the context passed)."""
+    cfg = RuleJudgeConfig(mode="exact", answer_marker="answer")
+    assert rule_match(cfg, "C07", response) is verdict
+    with pytest.raises(ValueError, match="one word"):
+        RuleJudgeConfig(answer_marker="final answer")
+
+
 def test_parse_verdict_reference_regexes() -> None:
     """Guards against verdict parsing drifting from the reference: both fields required, markdown bold and
     any case accepted; a garbled reply is None (re-asked), never False."""
