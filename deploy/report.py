@@ -287,6 +287,7 @@ def report_summary(run: RunDir) -> dict[str, Any]:
         "rl_minus_best_heuristic": rl - heuristics[best] if rl is not None and best is not None else None,
         "phases": phase_summaries(run),
         "judge": b["judge"],
+        "eval_split": b["eval_split"],
     }
 
 
@@ -296,7 +297,8 @@ def _baseline_lines(summary: dict[str, Any]) -> list[str]:
     def cell(x: float | None) -> str:
         return "-" if x is None else fmt(x)
 
-    lines = ["", "## Held-out accuracy and baselines", "", "| | held-out accuracy |", "|---|---|"]
+    split = summary.get("eval_split") or "heldout"
+    lines = ["", "## Held-out accuracy and baselines", "", f"| | accuracy ({split} split) |", "|---|---|"]
     lines += [f"| untrained | {cell(heldout['before'])} |", f"| SFT only | {cell(heldout['after_sft'])} |"]
     lines += [f"| RL | {cell(heldout['after_rl'])} |"]
     lines += [f"| {k} | {cell(v)} |" for k, v in base.items() if k not in ("untrained", "sft_only", "oracle")]

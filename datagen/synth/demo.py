@@ -7,6 +7,7 @@ validation split and reported on the held-out one.
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +24,8 @@ class DemoSplits:
     validation: list[Row]
     """Questions from other unseen worlds than the held-out ones: settings are chosen on these."""
     sft: list[dict[str, Any]]
-    """One demonstration per train row (see datagen/synth/tiny.py: prompt, reasoning, content, response)."""
+    """One demonstration per train row (see datagen/synth/tiny.py: prompt, reasoning, content, response), and the
+    one-hop ones of `num_sft_last_hop`, shuffled together."""
     vocabulary: list[str]
     """Every word of every prompt, label and response (datagen.synth.tiny.tiny_vocabulary)."""
     train_result: SynthResult
@@ -31,9 +33,18 @@ class DemoSplits:
 
 
 def demo_splits(
-    seed: int = 0, num_train: int = 1024, num_heldout: int = 256, num_validation: int = 0, **knobs: Any
+    seed: int = 0,
+    num_train: int = 1024,
+    num_heldout: int = 256,
+    num_validation: int = 0,
+    num_sft_last_hop: int = 0,
+    **knobs: Any,
 ) -> DemoSplits:
-    """Tiny-style splits; `knobs` are SynthConfig fields (hops=2, context_tokens=60, num_entities=64, ...)."""
+    """Tiny-style splits; `knobs` are SynthConfig fields (hops=2, context_tokens=60, num_entities=64, ...).
+
+    `num_sft_last_hop`: that many one-hop demonstrations ("home of E42 ?", from worlds of their own) shuffled into
+    the SFT set beside the training questions' k-hop ones: they teach the chain's last lookup, an entity's city
+    among the context's cities, on its own, which a tiny model otherwise learns late (docs/demo_tuning.md)."""
     train = synthesize(SynthConfig(style="tiny", seed=seed, num_questions=num_train, **knobs), split="train")
     heldout = synthesize(SynthConfig(style="tiny", seed=seed, num_questions=num_heldout, **knobs), split="heldout")
     validation = (
@@ -42,11 +53,19 @@ def demo_splits(
         else None
     )
     cfg = train.config
+    sft = [sft_example(q, r) for q, r in zip(train.row_questions, train.rows, strict=True)]
+    if num_sft_last_hop:
+        one = synthesize(
+            SynthConfig(style="tiny", seed=seed, num_questions=num_sft_last_hop, **(knobs | {"hops": 1})),
+            split="sft-last-hop",
+        )
+        sft += [sft_example(q, r) for q, r in zip(one.row_questions, one.rows, strict=True)]
+        random.Random(f"{seed}:sft-mix").shuffle(sft)
     return DemoSplits(
         train=train.rows,
         heldout=heldout.rows,
         validation=validation.rows if validation else [],
-        sft=[sft_example(q, r) for q, r in zip(train.row_questions, train.rows, strict=True)],
+        sft=sft,
         vocabulary=tiny_vocabulary(cfg.num_entities, cfg.num_cities),
         train_result=train,
         heldout_result=heldout,

@@ -1,8 +1,8 @@
 """Context heuristics for tiny-world prompts: the shortcuts a skeptic tries before believing a model reasons.
 
 A tiny-world prompt (datagen/synth/tiny.py) is facts, one per line, each made from a TINY_RELATIONS or
-TINY_ATTRIBUTES template ("E17 was founded by E42 .", "E42 lives in C07 ."), and the question on its last line
-built from the question phrases ("where was the boss of the founder of E17 born ?"). `parse_prompt` reads it
+TINY_ATTRIBUTES template ("E17 founder E42 .", "E42 home C07 ."), and the question on its last line
+built from the question phrases ("birthplace of boss of founder of E17 ?"). `parse_prompt` reads it
 back: facts as (subject, relation-or-attribute key, object), the question as (start entity, relations in order
 from the start entity, attribute). The patterns are built from the templates themselves, so the parser follows
 them if they change; a line that matches no template (a header, an instruction) is skipped.

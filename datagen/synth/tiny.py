@@ -2,18 +2,25 @@
 
 Entities are named E00..E99 and cities C00..C99 (fixed width: the rubric test is a substring test without
 word boundaries, and "e1" would be found inside "e17"). Every entity has a founder and a boss (other
-entities) and lives in one city and was born in another, so chains are functional and the answer unique:
+entities), a home city and a birthplace (another city), so chains are functional and the answer unique. Facts
+are terse, four words each (a tiny model reads 10 of them in 44 tokens):
 
-    E17 was founded by E42 .        E42 lives in C07 .        E42 was born in C03 .      E17 reports to E05 .
+    E17 founder E42 .        E42 home C07 .        E42 birthplace C03 .      E17 boss E05 .
 
-A k-hop question names v0 and follows k-1 relations to ask a city of v_{k-1}:
-"where does the founder of E17 live ?" (2 hops, rubrics E17 and E42, answer C07). Each fact is one document;
-the context is facts, one per line, then the question on the last line (no instruction, no tags), so every
-word of a prompt is in `tiny_vocabulary()`, from which the demo builds its word-level tokenizer.
+A k-hop question names v0 and follows k-1 relations to ask a city of v_{k-1}: "home of founder of E17 ?" (2 hops,
+rubrics E17 and E42, answer C07). Each fact is one document; the context is facts, one per line, then the
+question on the last line (no instruction, no tags), so every word of a prompt is in `tiny_vocabulary()`, from
+which the demo builds its word-level tokenizer.
 
-SFT demonstrations (`sft_example`): reasoning = the path entities, content = the path entities then the
-answer ("<think> E17 E42 </think> E17 E42 C07"). The rubric reward scans only the content after </think>
-(METHOD.md §2), so the content restates the chain before giving the answer.
+Contexts are built against shortcuts (issue 23; `_detours`): beside the gold facts they hold the branches a
+shortcut would take (the start entity's other relation, entities related to it the other way round, each with
+its city, and the start entity's own city), so the answer is neither the first, last, most frequent or nearest
+city nor a city of just any entity linked to the start (datagen/synth/heuristics.py scores these shortcuts).
+
+SFT demonstrations (`sft_example`): reasoning = the path entities and the answer, content = the path entities,
+then the ANSWER_MARKER and the answer ("<think> E17 E42 C07 </think> E17 E42 answer C07"). The rubric reward
+scans only the content after </think> (METHOD.md §2), so the content restates the chain; the demo's judge reads
+only the word after the marker.
 """
 
 from __future__ import annotations
@@ -29,13 +36,13 @@ THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ANSWER_MARKER = "answer"  # the demo judge's answer_marker: the final answer follows it
 # relation -> (fact template, question phrase, search keyword)
 TINY_RELATIONS: dict[str, tuple[str, str, str]] = {
-    "founder": ("{s} was founded by {o} .", "the founder of {x}", "founded"),
-    "boss": ("{s} reports to {o} .", "the boss of {x}", "reports"),
+    "founder": ("{s} founder {o} .", "founder of {x}", "founder"),
+    "boss": ("{s} boss {o} .", "boss of {x}", "boss"),
 }
 # attribute -> (fact template, question, search keyword); the values are cities
 TINY_ATTRIBUTES: dict[str, tuple[str, str, str]] = {
-    "home": ("{s} lives in {o} .", "where does {x} live ?", "lives"),
-    "birthplace": ("{s} was born in {o} .", "where was {x} born ?", "born"),
+    "home": ("{s} home {o} .", "home of {x} ?", "home"),
+    "birthplace": ("{s} birthplace {o} .", "birthplace of {x} ?", "birthplace"),
 }
 TINY_FORMAT: dict[str, str] = {
     "instruction": "",

@@ -61,13 +61,15 @@ def distinct_cities_mean(rows: list[Row]) -> float:
 
 def run_baselines(run: RunDir) -> dict[str, Any]:
     """The baselines of a run directory: {`baselines`: name -> accuracy ({} when skipped), `distinct_cities_mean`,
-    `judge` (the judge config dict, or None), `num_questions`, `skipped` (why there are none, or None)}."""
+    `judge` (the judge config dict, or None), `num_questions`, `skipped` (why there are none, or None), `eval_split`
+    (the split evaluated: heldout, validation, or the --eval.dataset_path given)}."""
     out: dict[str, Any] = {
         "baselines": {},
         "distinct_cities_mean": None,
         "judge": None,
         "num_questions": 0,
         "skipped": None,
+        "eval_split": None,
     }
     if not run.config.is_file():
         return out | {"skipped": f"no {run.config.name} in the run directory"}
@@ -82,7 +84,8 @@ def run_baselines(run: RunDir) -> dict[str, Any]:
     out["judge"] = judge.model_dump(mode="json")
     if not isinstance(judge, RuleJudgeConfig):
         return out | {"skipped": f"the judge is {judge.kind!r}, not a rule judge: baselines are not graded"}
-    path = Path(cfg.eval.dataset_path) if cfg.eval.dataset_path else run.root / "data" / "heldout.jsonl"
+    path = Path(cfg.eval.dataset_path) if cfg.eval.dataset_path else run.root / "data" / f"{cfg.eval.split}.jsonl"
+    out["eval_split"] = cfg.eval.dataset_path or cfg.eval.split
     if not path.is_file():
         return out | {"skipped": f"no held-out file {path}"}
     rows: list[Row] = []

@@ -1,8 +1,9 @@
 """Set-up of `longtrace up` before any service starts: the tiny demo world and a tiny model built for it.
 
 Writes DATA_DIR/{train,validation,heldout}.jsonl (LongTraceRL rows; validation and held-out questions come from
-worlds never seen in training, and from different ones), DATA_DIR/sft.jsonl (one demonstration per training question), DATA_DIR/vocab.txt, and a seeded tiny
-model with a word-level tokenizer over that vocabulary in MODEL_DIR. Runs as a child job of the launcher (it
+worlds never seen in training, and from different ones), DATA_DIR/sft.jsonl (one demonstration per training
+question, plus `num_sft_last_hop` one-hop ones), DATA_DIR/vocab.txt, and a seeded tiny model with a word-level
+tokenizer over that vocabulary in MODEL_DIR. Runs as a child job of the launcher (it
 imports torch and transformers); skipped when a previous run left a complete result (DATA_DIR/prepared.json
 with the same settings, and MODEL_DIR/config.json).
 
@@ -47,6 +48,7 @@ def prepare_tiny_demo(cfg: PrepareSection, data_dir: Path, model_dir: Path) -> N
         num_train=cfg.num_train,
         num_heldout=cfg.num_heldout,
         num_validation=cfg.num_validation,
+        num_sft_last_hop=cfg.num_sft_last_hop,
         **cfg.synth,
     )
     write_rows(data_dir / "train.jsonl", splits.train)

@@ -215,6 +215,8 @@ class PrepareSection(BaseConfig):
     """Held-out questions from worlds never seen in training (evaluation)."""
     num_validation: int = Field(256, ge=1)
     """Validation questions, from unseen worlds other than the held-out ones (to tune on: `--eval.split`)."""
+    num_sft_last_hop: int = Field(0, ge=0)
+    """One-hop demonstrations added to sft.jsonl (an entity's city, the chain's last lookup on its own)."""
     synth: dict[str, Any] = {}
     """Other SynthConfig fields of the tiny world (hops, context_tokens, num_entities, num_cities, ...); a table of
     keyword arguments (datagen.synth.demo.demo_splits), checked as a SynthConfig of style tiny at load time."""

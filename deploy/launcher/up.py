@@ -296,11 +296,14 @@ class Launcher:
         )
         name = f"{phase}-eval-{when}"
         path = self._config_file(name, ecfg)
-        self.dashboard.note(f"evaluating {phase} ({when}) on the held-out questions")
+        split = (
+            "the questions of --eval.dataset_path" if self.cfg.eval.dataset_path else f"the {self.cfg.eval.split} split"
+        )
+        self.dashboard.note(f"evaluating {phase} ({when}) on {split}")
         self._wait(self.sup.start(specs.evaluation(name, path)))
         result = self.run.evals()[-1]
         self.dashboard.note(
-            f"held-out {phase}/{when}: accuracy {result['accuracy']:.3f} rubric hits "
+            f"{self.cfg.eval.split if not self.cfg.eval.dataset_path else 'eval'} {phase}/{when}: accuracy {result['accuracy']:.3f} rubric hits "
             f"{result['rubric_hit_rate']:.3f} well-formed {result['well_formed_rate']:.3f}"
         )
 

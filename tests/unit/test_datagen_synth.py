@@ -160,4 +160,19 @@ def test_tiny_knobs_take_effect(knob: dict[str, float]) -> None:
     elif "tier1_ratio" in knob:
         assert d["context_docs"]["tier1"] < base["context_docs"]["tier1"]
     else:
-        assert d["context_tokens"]["mean"] > base["context_tokens"]["mean"] + 20
+        assert d["context_tokens"]["mean"] > base["context_tokens"]["mean"] + 10
+
+
+def test_last_hop_demonstrations_join_the_sft_set_only() -> None:
+    """Guards the SFT mix of the demo: one-hop demonstrations must be added to (and shuffled into) the SFT set
+    only, never into the RL training rows or the evaluation splits, and must answer their own question."""
+    plain = demo_splits(seed=0, num_train=32, num_heldout=8)
+    mixed = demo_splits(seed=0, num_train=32, num_heldout=8, num_sft_last_hop=16)
+    assert [r.prompt for r in mixed.train] == [r.prompt for r in plain.train]
+    assert [r.prompt for r in mixed.heldout] == [r.prompt for r in plain.heldout]
+    assert len(mixed.sft) == 48 and mixed.sft != plain.sft + mixed.sft[32:]  # shuffled in, not appended
+    one_hop = [ex for ex in mixed.sft if len(ex["rubrics"]) == 1]
+    assert len(one_hop) == 16
+    for ex in one_hop:
+        assert ex["prompt"].splitlines()[-1].count(" of ") == 1  # "home of E42 ?"
+        assert ex["content"].split()[-2:] == ["answer", ex["label"]]

@@ -29,17 +29,17 @@ from reward_service.judges.rule import rule_match
 # the chain founder(E10) = E11, boss(E11) = E12, home(E12) = C07 is the label.
 PROMPT = "\n".join(
     [
-        "E20 lives in C01 .",
-        "E20 reports to E21 .",
-        "E10 was founded by E11 .",
-        "E30 lives in C05 .",
-        "E11 reports to E12 .",
-        "E11 was born in C06 .",
-        "E12 lives in C07 .",
-        "E40 lives in C09 .",
-        "E41 lives in C09 .",
-        "E42 was born in C08 .",
-        "where does the boss of the founder of E10 live ?",
+        "E20 home C01 .",
+        "E20 boss E21 .",
+        "E10 founder E11 .",
+        "E30 home C05 .",
+        "E11 boss E12 .",
+        "E11 birthplace C06 .",
+        "E12 home C07 .",
+        "E40 home C09 .",
+        "E41 home C09 .",
+        "E42 birthplace C08 .",
+        "home of boss of founder of E10 ?",
     ]
 )
 LABEL = "C07"
@@ -60,21 +60,21 @@ def test_parser_reads_facts_and_the_nested_question() -> None:
     assert p.facts[6] == Fact(subject="E12", key="home", object="C07", line=6)
     assert p.question == Question(start="E10", chain=("founder", "boss"), attribute="home")
     assert p.distinct_cities() == ["C01", "C05", "C06", "C07", "C08", "C09"]
-    assert parse_question("where was the founder of the boss of the founder of E17 born ?") == Question(
+    assert parse_question("birthplace of founder of boss of founder of E17 ?") == Question(
         "E17", ("founder", "boss", "founder"), "birthplace"
     )
-    assert parse_question("where does E05 live ?") == Question("E05", (), "home")
-    assert parse_question("E17 lives in C07 .") is None
-    assert parse_question("where does the mayor of E17 live ?") is None  # not a known phrase: no entity left
+    assert parse_question("home of E05 ?") == Question("E05", (), "home")
+    assert parse_question("E17 home C07 .") is None
+    assert parse_question("home of mayor of E17 ?") is None  # not a known phrase: no entity left
 
 
 def test_parser_skips_lines_that_are_no_facts() -> None:
     """Guards against a header, an instruction or a blank line (a redesigned context) breaking the parser or
     being taken for a fact, and against a trailing newline hiding the question."""
-    p = parse_prompt("Facts:\n\nE01 lives in C02 .\nsomething else\nwhere does E01 live ?\n")
+    p = parse_prompt("Facts:\n\nE01 home C02 .\nsomething else\nhome of E01 ?\n")
     assert [(f.subject, f.key, f.object, f.line) for f in p.facts] == [("E01", "home", "C02", 2)]
     assert p.question == Question("E01", (), "home")
-    assert oracle("Facts:\nE01 lives in C02 .\nwhere does E01 live ?\n", random.Random(0)) == "C02"
+    assert oracle("Facts:\nE01 home C02 .\nhome of E01 ?\n", random.Random(0)) == "C02"
 
 
 def test_each_heuristic_gives_its_known_answer() -> None:
@@ -100,29 +100,27 @@ def test_random_city_draws_every_context_city_reproducibly() -> None:
 def test_ties_are_broken_at_random() -> None:
     """Guards against ties broken by position (which turns a tie-breaking baseline into first_city in disguise):
     both tied cities must come out over seeds."""
-    tied = "E01 lives in C01 .\nE02 lives in C02 .\nE03 reports to E01 .\nwhere does E03 live ?"
+    tied = "E01 home C01 .\nE02 home C02 .\nE03 boss E01 .\nhome of E03 ?"
     assert _answers("most_frequent_city", tied) == {"C01", "C02"}
     # E03's first line is 2: C01 (line 0) and C04 (line 4) are both 2 lines away
-    near = "E01 lives in C01 .\nE09 reports to E08 .\nE03 reports to E01 .\nE08 reports to E07 .\nE05 lives in C04 .\n"
-    assert _answers("nearest_city", near + "where does E03 live ?") == {"C01", "C04"}
+    near = "E01 home C01 .\nE09 boss E08 .\nE03 boss E01 .\nE08 boss E07 .\nE05 home C04 .\n"
+    assert _answers("nearest_city", near + "home of E03 ?") == {"C01", "C04"}
     # linked: E03 is related to E01 (its boss) and E06 (whose founder it is), both directions count
-    linked = (
-        "E03 reports to E01 .\nE06 was founded by E03 .\nE01 lives in C01 .\nE06 was born in C06 .\nE03 lives in C03 ."
-    )
-    assert _answers("linked_city", linked + "\nwhere does E03 live ?") == {"C01", "C06"}
+    linked = "E03 boss E01 .\nE06 founder E03 .\nE01 home C01 .\nE06 birthplace C06 .\nE03 home C03 ."
+    assert _answers("linked_city", linked + "\nhome of E03 ?") == {"C01", "C06"}
 
 
 def test_heuristics_answer_none_without_what_they_need() -> None:
     """Guards against a heuristic that crashes, or invents an answer, on a context without cities, without the
     question's entity, or with a missing link in the chain (the oracle must not guess)."""
-    no_city = "E01 reports to E02 .\nwhere does E01 live ?"
+    no_city = "E01 boss E02 .\nhome of E01 ?"
     rng = random.Random(0)
     for heuristic in (random_city, first_city, last_city, most_frequent_city, nearest_city, linked_city, oracle):
         assert heuristic(no_city, rng) is None, heuristic.__name__
-    absent = "E01 lives in C01 .\nwhere does the boss of E09 live ?"
+    absent = "E01 home C01 .\nhome of boss of E09 ?"
     assert nearest_city(absent, rng) is None and linked_city(absent, rng) is None and oracle(absent, rng) is None
-    assert oracle(PROMPT.replace("E11 reports to E12 .", "E11 reports to E13 ."), rng) is None  # E13 has no home
-    assert oracle("E01 lives in C01 .", rng) is None  # no question line
+    assert oracle(PROMPT.replace("E11 boss E12 .", "E11 boss E13 ."), rng) is None  # E13 has no home
+    assert oracle("E01 home C01 .", rng) is None  # no question line
 
 
 def test_oracle_answers_every_demo_question_under_the_exact_judge() -> None:
