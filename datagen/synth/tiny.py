@@ -149,11 +149,11 @@ class TinyWorld:
 
     def _detours(self, path: list[int], keys: list[str], k: int, rng: random.Random) -> tuple[str, ...]:
         """The facts that make hop k's shortcuts wrong. For a relation hop from entity i: i's other relations, and
-        for every relation one entity related to i the other way round ("E50 was founded by E17" beside "the
-        founder of E17"), each of these wrong branches with its next fact (its city, for the last relation hop);
-        at the start, the start entity's own city of the asked attribute. Every entity in the context then has one
-        city and several entities are one fact away from the start: no position, frequency or one-hop shortcut
-        points at the answer, only the asked chain does."""
+        for every relation one entity related to i the other way round ("E50 founder E17" beside "founder of
+        E17"), each of these wrong branches with its next fact (its city, for the last relation hop); at the
+        start, the start entity's own city of the asked attribute. Several entities one fact away from the start
+        then have a city each (search fill may add an entity's other city): no position, frequency or one-hop
+        shortcut points at the answer, only the asked chain does."""
         i, key = path[k], keys[k]
         docs: list[str] = []
         if key in TINY_RELATIONS:
