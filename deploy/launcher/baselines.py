@@ -84,7 +84,8 @@ def run_baselines(run: RunDir) -> dict[str, Any]:
     out["judge"] = judge.model_dump(mode="json")
     if not isinstance(judge, RuleJudgeConfig):
         return out | {"skipped": f"the judge is {judge.kind!r}, not a rule judge: baselines are not graded"}
-    path = Path(cfg.eval.dataset_path) if cfg.eval.dataset_path else run.root / "data" / f"{cfg.eval.split}.jsonl"
+    # The file the run's evaluation read, with its data directory where the run directory is now.
+    path = Path(cfg.model_copy(update={"run_dir": str(run.root)}).eval_dataset_path())
     out["eval_split"] = cfg.eval.dataset_path or cfg.eval.split
     if not path.is_file():
         return out | {"skipped": f"no held-out file {path}"}
