@@ -86,7 +86,7 @@ class AblateConfig(BaseConfig):
     """UpConfig keys merged over `up_config` for every run (e.g. `--up.phases.rl.steps 60`)."""
     out_dir: str = "runs/ablate"
     """Where the runs (seed-<s>/sft, seed-<s>/<variant>), ablation.json and report/ go."""
-    seeds: list[int] = Field([0, 1, 2], min_length=1)
+    seeds: list[int] = Field([0, 1, 2, 3, 4], min_length=1)
     """Seeds: each sets prepare.seed (world, data, model init) and the learner's data.seed."""
     variants: list[Variant] = Field(default_factory=lambda: list(DEFAULT_VARIANTS), min_length=1)
     """Reward variants (`[[variants]]` tables)."""

@@ -4,9 +4,9 @@ longtrace ablate CONFIG [--section.key value ...]         runs, writes OUT/ablat
 longtrace ablate --config CONFIG [--section.key value ...]  the same
 longtrace bench ablation [--config CONFIG] [--json] [--section.key value ...]   the same; prints one JSON object
 
-CONFIG is an AblateConfig TOML (configs/ablate.toml; configs/debug/ablate.toml is CI-sized). A direction of the paper
-that does not hold on this task is a result, not an error: the JSON's `checks` say which, next to the curves (exit 0);
-a run that fails exits 1.
+CONFIG is an AblateConfig TOML (configs/ablate.toml; configs/debug/ablate.toml is CI-sized). A claim of the paper
+that does not hold on this task is a result, not an error: the JSON's `replicates` verdicts (printed one per claim)
+say which, next to the curves (exit 0); a run that fails exits 1.
 """
 
 from __future__ import annotations
@@ -76,7 +76,8 @@ def _ablate(args: argparse.Namespace) -> int:
     from experiments.ablate_report import ablation_table
 
     print(ablation_table(summary))
-    print(f"\nchecks: {summary['checks']}")
+    for cid, r in summary["replicates"].items():
+        print(f"{cid}: {r['verdict']} ({r['claim']})")
     print(f"report: {summary['report']}")
     return 0
 
