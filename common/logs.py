@@ -1,4 +1,7 @@
-"""Logging, configured once per entrypoint: plain text on a terminal, JSON lines for services."""
+"""Logging, configured once per entrypoint: plain text on a terminal, JSON lines for services.
+
+Every line is stamped in ISO 8601, UTC, to the millisecond (`2026-12-06T08:50:01.123Z`), so the logs of several
+nodes sort and line up as they are; JSON lines keep the numeric `ts` (Unix seconds) beside it as `time`."""
 
 from __future__ import annotations
 
@@ -11,10 +14,24 @@ import time
 _WARNED: set[str] = set()
 
 
+def iso_utc(unix_s: float) -> str:
+    """`unix_s` as ISO 8601 in UTC to the millisecond, e.g. 2026-12-06T08:50:01.123Z (rounded as the JSON `ts`)."""
+    seconds, ms = divmod(round(unix_s * 1000), 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{ms:03d}Z"
+
+
+class IsoFormatter(logging.Formatter):
+    """A logging.Formatter whose %(asctime)s is `iso_utc` (for any handler: a run's file log, a harness's)."""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802 (logging's name)
+        return iso_utc(record.created)
+
+
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out = {
             "ts": round(record.created, 3),
+            "time": iso_utc(record.created),
             "level": record.levelname,
             "logger": record.name,
             "msg": record.getMessage(),
@@ -33,9 +50,7 @@ def setup_logging(level: str | None = None, json_lines: bool | None = None, pref
     if json_lines:
         handler.setFormatter(_JsonFormatter())
     else:
-        fmt = logging.Formatter(f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s", "%H:%M:%S")
-        fmt.converter = time.gmtime
-        handler.setFormatter(fmt)
+        handler.setFormatter(IsoFormatter(f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

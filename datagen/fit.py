@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from datagen.dataset import DatasetError, DatasetWriter, Message, Row, iter_json_lines, parse_row
 from datagen.text import norm
 from datagen.tokens import TokenCounter
@@ -156,7 +158,7 @@ def fit_file(src: str | Path, dst: str | Path, max_tokens: int, counter: TokenCo
     """Fit every row of `src` into `dst` (written only if complete); rows that cannot fit are left out, named."""
     summary = FitSummary()
     with DatasetWriter(dst) as out:
-        for line, obj in iter_json_lines(src):
+        for line, obj in tqdm(iter_json_lines(src), desc="fit", unit="row", disable=None, leave=False):  # TTY only
             summary.rows_in += 1
             try:
                 row = parse_row(obj)

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from tqdm import tqdm
+
 from broker.schemas import RewardInfo, Sample, Task, pack_ids
 from eval.config import EvalConfig
 from eval.run import EvalError, Inputs, SampleRecord
@@ -60,6 +62,8 @@ class Pipeline:
         self._tok_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eval-tokenize")
         self._done = self._correct = self._samples = 0
         self._next_log = time.monotonic() + _PROGRESS_EVERY_S
+        # a bar on a terminal only (disable=None: off when stderr is not a TTY), beside the periodic log line
+        self._bar = tqdm(total=len(self.ids), desc="eval", unit="question", disable=None, leave=False)
 
     async def run(self) -> list[SampleRecord]:
         from reward_service.scoring import gather_or_cancel
@@ -71,6 +75,7 @@ class Pipeline:
             raise EvalError(str(e)) from e
         finally:
             self._tok_pool.shutdown(wait=False, cancel_futures=True)
+            self._bar.close()
         return [r for records in per_question for r in records]
 
     async def _question(self, index: int) -> list[SampleRecord]:
@@ -171,6 +176,7 @@ class Pipeline:
 
     def _progress(self, records: list[SampleRecord]) -> None:
         self._done += 1
+        self._bar.update()
         self._samples += len(records)
         self._correct += sum(r.outcome >= 0.5 for r in records)
         now = time.monotonic()

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import Field, model_validator
+from tqdm import tqdm
 
 from common.config import BaseConfig, ConfigError, load_config, merge_tables
 from experiments.ablate_runs import (
@@ -267,6 +268,8 @@ def run_ablation(cfg: AblateConfig) -> dict[str, Any]:
     pool = ThreadPoolExecutor(max_workers=cfg.max_parallel)
     futures: list[Future[None]] = []
     failed = threading.Event()  # after a failure, queued runs return at once
+    runs_total = len(cfg.seeds) * (1 + len(plan.variants))
+    bar = tqdm(total=runs_total, desc="ablation runs", unit="run", disable=None)  # disable=None: a TTY only
 
     def submit(fn: Callable[..., None], *args: Any) -> None:
         def job() -> None:
@@ -274,6 +277,7 @@ def run_ablation(cfg: AblateConfig) -> dict[str, Any]:
                 return
             try:
                 fn(*args)
+                bar.update()
             except BaseException:
                 failed.set()
                 raise
@@ -329,6 +333,7 @@ def run_ablation(cfg: AblateConfig) -> dict[str, Any]:
             done += len(pending)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+        bar.close()
     # The configs the runs really used (RUN_DIR/config.json), diffed per seed.
     used_diff = {}
     for seed in cfg.seeds:

@@ -38,6 +38,7 @@ import time
 from types import FrameType
 from typing import Any
 
+from common.logs import IsoFormatter
 from experiments.chaos_accounting import Sources, account
 from experiments.chaos_config import ChaosConfig, ChaosFailed, Scenario, load_chaos_config
 from experiments.chaos_probe import Probe, ProbeHandle
@@ -102,7 +103,7 @@ def run_scenario(cfg: ChaosConfig, name: Scenario) -> dict[str, Any]:
         run = RunDir.at(up.run_dir)
         run.logs.mkdir(parents=True, exist_ok=True)
         file_log = logging.FileHandler(run.logs / "launcher.log")
-        file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        file_log.setFormatter(IsoFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))  # UTC ISO 8601
         logging.getLogger().addHandler(file_log)
         stack.callback(file_log.close)
         stack.callback(logging.getLogger().removeHandler, file_log)

@@ -150,7 +150,7 @@ def _export_hf(args: argparse.Namespace) -> int:
                 load_model_weights(checkpoint, model)
             else:
                 load_hf_weights(model, hf_dir, arch)
-            export_hf(model, out, hf_dir, max_shard_mb=args.max_shard_mb)
+            export_hf(model, out, hf_dir, max_shard_mb=args.max_shard_mb, progress=True)
     finally:
         destroy_parallel()
     return 0

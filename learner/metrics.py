@@ -7,6 +7,9 @@ training loop never asks which rank it is on. Each line is flushed when written,
 the learner: it is the independent record of what was trained (a chaos bench counts duplicates from it). A resumed
 run appends after the lines of the run it resumes, so a step lost with a killed learner and trained again appears
 twice: its last line is the one of the lineage that went on.
+
+`learner/tracking.py` builds the trainer's logger (`build_metrics_logger`): this file's line first, then the
+experiment trackers of `--tracking.backends` (TensorBoard, W&B) with the same step.
 """
 
 from __future__ import annotations
@@ -90,10 +93,6 @@ class NullMetricsLogger:
 
     def close(self) -> None:
         pass
-
-
-def build_metrics_logger(run_dir: str | Path, is_writer: bool) -> MetricsLogger:
-    return JsonlMetricsLogger(run_dir) if is_writer else NullMetricsLogger()
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:

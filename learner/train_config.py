@@ -1,5 +1,5 @@
 """`TrainConfig`: everything `longtrace learner` reads (the model section, the broker, data and admission,
-batching, loss, optimizer, checkpoints). Defaults are the paper's recipe (METHOD.md §3-4).
+batching, loss, optimizer, checkpoints, experiment tracking). Defaults are the paper's recipe (METHOD.md §3-4).
 
 Loaded with `load_config(TrainConfig, path, overrides)`; this module imports nothing heavy.
 """
@@ -182,6 +182,39 @@ class EarlyStopConfig(BaseConfig):
     """Never stop before this step."""
 
 
+class TrackingConfig(BaseConfig):
+    """Where rank 0 sends each step's metrics besides metrics.jsonl (learner/tracking.py): TensorBoard event files,
+    a W&B run. Trackers get the numeric metrics on the same `step` axis as metrics.jsonl; the group-id lists and
+    non-finite values stay out of them."""
+
+    backends: list[Literal["jsonl", "tensorboard", "wandb"]] = ["jsonl"]
+    """Metric sinks. jsonl (<run_dir>/metrics.jsonl) is required: it is the independent record the launcher, the
+    report and the benches read. tensorboard needs the `tensorboard` package (a main dependency), wandb the
+    `tracking` extra (pip install -e '.[tracking]')."""
+    tensorboard_dir: str = ""
+    """TensorBoard log directory (event files, flushed every step); empty = <run_dir>/tensorboard."""
+    wandb_project: str = "longtrace"
+    """W&B project of the run."""
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    """wandb.init mode: offline writes the run under wandb_dir for a later `wandb sync`; online streams it to the
+    W&B server (needs WANDB_API_KEY in the environment); disabled makes every W&B call a no-op."""
+    wandb_dir: str = ""
+    """Directory W&B writes its `wandb/` folder under; empty = run_dir."""
+    run_name: str = ""
+    """Name of the W&B run; empty: W&B picks one (`longtrace up` sets <run_id>-<phase>)."""
+
+    @model_validator(mode="after")
+    def _check_backends(self) -> TrackingConfig:
+        if "jsonl" not in self.backends:
+            raise ValueError(
+                f'--tracking.backends {self.backends} must include "jsonl": metrics.jsonl is the independent record '
+                "of each step that the launcher, the report and the benches read (add trackers beside it)"
+            )
+        if len(set(self.backends)) != len(self.backends):
+            raise ValueError(f"--tracking.backends {self.backends} names a backend twice")
+        return self
+
+
 class TrainConfig(LearnerConfig):
     """`longtrace learner`: LearnerConfig's `model` section plus the training loop's sections."""
 
@@ -203,8 +236,10 @@ class TrainConfig(LearnerConfig):
     weight_sync: WeightSyncConfig = Field(default_factory=NoSyncConfig)
     """How weights reach the engines after a step (`type`: none | distributed | disk). With `none` the policy
     version key is still set to the step count, so admission control and staleness work without engines."""
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    """Experiment trackers beside metrics.jsonl (TensorBoard, W&B); rank 0 writes them."""
     run_dir: str = "runs/learner"
-    """Run directory: resolved config, metrics.jsonl, checkpoints."""
+    """Run directory: resolved config, metrics.jsonl, checkpoints, tensorboard/ (with that tracker)."""
     max_steps: int = Field(200, ge=1)
     """Optimizer steps to train (the step counter survives resume)."""
     consumer_name: str = "learner"

@@ -4,7 +4,8 @@
     metrics = learner.train_step(batch)     old logprobs, then megatron forward-backward and one optimizer step
     weight_sync.maybe_push(model)           weights to the engines as version `state.step` (learner/weight_sync);
                                             on success it advances `state.policy_version` and the broker's key
-    metrics_logger.log(step, metrics)       <run_dir>/metrics.jsonl on rank 0 (before the checkpoint: see train_loop)
+    metrics_logger.log(step, metrics)       <run_dir>/metrics.jsonl on rank 0 (before the checkpoint: see train_loop),
+                                            then the trackers of --tracking.backends (learner/tracking.py)
     checkpointer.maybe_save(step)           dist checkpoint + learner state, then rank 0 acks the used entries
 
 One step's maths on this rank is learner/train_step.py. Rank 0 owns all broker I/O; the other ranks wait in
@@ -35,11 +36,12 @@ from learner import compat  # noqa: F401  (before megatron: CPU redirections whe
 from learner.batching import TrainBatch, batch_from_tensors, batch_to_tensors
 from learner.checkpoint import Checkpointer, init_from_checkpoint, latest_checkpoint, load_checkpoint
 from learner.checkpoint_catalog import init_source, run_record
-from learner.metrics import MetricsLogger, build_metrics_logger
+from learner.metrics import MetricsLogger
 from learner.model.hf_config import load_hf_arch
 from learner.parallel import ParallelLayout, destroy_parallel, init_parallel
 from learner.scored_reader import CONSUMER_GROUP, ScoredReader
 from learner.state import LearnerState
+from learner.tracking import build_metrics_logger, check_installed
 from learner.train_config import EarlyStopConfig, TrainConfig
 from learner.train_step import (
     Learner,
@@ -244,7 +246,7 @@ def build_training(cfg: TrainConfig, layout: ParallelLayout) -> Training:
         on_saved=on_saved,
         record=run_record(cfg, init, resume),
     )
-    metrics_logger = build_metrics_logger(cfg.run_dir, is_writer=rank0)
+    metrics_logger = build_metrics_logger(cfg.run_dir, is_writer=rank0, tracking=cfg.tracking, resume_step=state.step)
     closers.append(metrics_logger.close)
     return Training(
         state=state,
@@ -333,6 +335,7 @@ def run(cfg: TrainConfig) -> None:
         if layout.rank == 0:
             Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
             dump_config(cfg, Path(cfg.run_dir) / "config.json")
+            check_installed(cfg.tracking)  # a missing tracker package fails now, not after the model is built
         training = build_training(cfg, layout)
         logger.info("training from step %d to %d", training.state.step, cfg.max_steps)
         train_loop(training)

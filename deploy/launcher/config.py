@@ -25,6 +25,7 @@ from typing import Any
 from pydantic import Field, model_validator
 
 from common.config import BaseConfig, get_path, has_path, merge_tables
+from deploy.launcher.rundir import RunDir
 from deploy.launcher.sections import (
     LAUNCHER_KEYS,
     DashboardSection,
@@ -38,11 +39,14 @@ from deploy.launcher.sections import (
     RolloutSection,
     build_config,
 )
+from learner.tracking import TENSORBOARD_SUBDIR
 from learner.train_config import TrainConfig
 from reward_service.config import RewardConfig
 from rollout_server.engine.config import EngineConfig
 from rollout_server.worker.config import RolloutConfig
 
+LAUNCHER_TRACKING_BACKENDS = ["jsonl", "tensorboard"]
+"""The learners' `tracking.backends` unless a section sets them: TensorBoard event files in each phase's run dir."""
 PLACEHOLDER_REDIS_URL = "redis://127.0.0.1:6379/0"
 """Stands in for the Redis URL when child configs are checked before Redis runs."""
 
@@ -250,8 +254,22 @@ class UpConfig(BaseConfig):
         }
         if get_path(merged, "weight_sync.type", "none") != "none":
             launcher = merge_tables(launcher, _nest("weight_sync.export_dir", f"{phase_dir}/exports"))
+        # Defaults of the launcher's learners, under what the sections set: TensorBoard on (<phase_dir>/tensorboard).
+        tracking = {"backends": list(LAUNCHER_TRACKING_BACKENDS), "run_name": self.phase_run_id(name)}
+        merged = merge_tables({"tracking": tracking}, merged)
         flag = "learner.config" if not phase.learner else f"phases.{name}.learner"
         return build_config(TrainConfig, merge_tables(merged, launcher), flag)
+
+    def tensorboard_dirs(self) -> dict[str, Path]:
+        """Phase -> the TensorBoard log directory of its learner, for the phases whose learner writes one."""
+        run = RunDir.at(self.run_dir)
+        out = {}
+        for name, phase in self.phases.items():
+            merged = merge_tables(self.learner.given(), phase.learner)
+            if "tensorboard" in get_path(merged, "tracking.backends", LAUNCHER_TRACKING_BACKENDS):
+                given = get_path(merged, "tracking.tensorboard_dir", "")
+                out[name] = Path(given) if given else run.phase_dir(name) / TENSORBOARD_SUBDIR
+        return out
 
     # -- paths
 

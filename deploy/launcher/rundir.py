@@ -4,7 +4,8 @@
     RUN_DIR/logs/<process>.log       stdout+stderr of every child (redis, reward-api, <phase>-engine-0, ...)
     RUN_DIR/configs/<process>.toml   the resolved config each child was started with
     RUN_DIR/data/, RUN_DIR/model/    what [prepare] wrote
-    RUN_DIR/phases/<phase>/          the learner's run_dir: metrics.jsonl, config.json, checkpoints/, exports/
+    RUN_DIR/phases/<phase>/          the learner's run_dir: metrics.jsonl, config.json, checkpoints/, exports/,
+                                     tensorboard/ (the event files of TensorBoard, on by default)
     RUN_DIR/phases.jsonl             one line per phase start and end (steps, status, times)
     RUN_DIR/system.jsonl             samples of queue depths, policy version and engines (launcher, every refresh)
     RUN_DIR/eval.jsonl               held-out evaluations (deploy/launcher/evaluate.py)

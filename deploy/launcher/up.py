@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -30,6 +31,7 @@ from typing import Any
 
 from broker.settings import BrokerConfig
 from common.config import BaseConfig, ConfigError, dump_config
+from common.logs import IsoFormatter
 from common.supervisor import Child, ChildFailed, ProcessSpec, Supervisor
 from deploy.launcher import specs
 from deploy.launcher.config import UpConfig
@@ -341,7 +343,7 @@ def run_up(cfg: UpConfig, dashboard_mode: str | None = None, out: Any = None) ->
     run.logs.mkdir(exist_ok=True)
     dump_config(cfg, run.config)
     file_log = logging.FileHandler(run.logs / "launcher.log")
-    file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    file_log.setFormatter(IsoFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))  # UTC ISO 8601
     logging.getLogger().addHandler(file_log)
     dashboard = Dashboard(run, resolve_mode(dashboard_mode or cfg.dashboard.mode, out), out)
     launcher = Launcher(cfg, dashboard)
@@ -379,5 +381,14 @@ def run_up(cfg: UpConfig, dashboard_mode: str | None = None, out: Any = None) ->
 
         path = write_report(run.root)
         dashboard.note(f"report: {path}")
-    print(f"longtrace up: run directory {run.root} (logs in {run.logs})", file=out, flush=True)
+    print(f"longtrace up: run directory {run.root} (logs in {run.logs}){_tensorboard_note(cfg)}", file=out, flush=True)
     return code
+
+
+def _tensorboard_note(cfg: UpConfig) -> str:
+    """Where the learners' TensorBoard event files are (those written), and the command that shows them."""
+    dirs = [d for d in dict.fromkeys(cfg.tensorboard_dirs().values()) if d.is_dir()]
+    if not dirs:
+        return ""
+    where = ", ".join(str(d) for d in dirs)
+    return f"; TensorBoard event files in {where}: tensorboard --logdir {os.path.commonpath(dirs)}"

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from tqdm import tqdm
 
 from learner import compat  # noqa: F401  (before megatron: CPU redirections when CUDA is absent)
 from learner.checkpoint_catalog import copy_hf_config
@@ -80,11 +81,18 @@ def _copy_non_weight_files(src: Path, out: Path, dtype: torch.dtype) -> None:
     config_path.write_text(json.dumps(config, indent=2) + "\n")
 
 
-def export_hf(model: torch.nn.Module, out_dir: str | Path, hf_config_dir: str | Path, max_shard_mb: int = 2048) -> None:
+def export_hf(
+    model: torch.nn.Module,
+    out_dir: str | Path,
+    hf_config_dir: str | Path,
+    max_shard_mb: int = 2048,
+    progress: bool = False,
+) -> None:
     """Write a loadable HF directory: safetensors shards + index, and config/tokenizer files from `hf_config_dir`.
 
     A collective over the whole world. Each stage leader writes its own files (no rank gathers the
     whole model); global rank 0 writes the index and copies the non-weight files (config dtype updated).
+    `progress`: a bar of global rank 0's tensors when its stderr is a terminal (`longtrace export-hf`).
     """
     from safetensors.torch import save_file
 
@@ -105,7 +113,8 @@ def export_hf(model: torch.nn.Module, out_dir: str | Path, hf_config_dir: str | 
             weight_map.update(dict.fromkeys(pending, file))
             pending, pending_bytes = {}, 0
 
-    for name, tensor in iter_hf_weights(model, arch):
+    shown = None if progress and dist.get_rank() == 0 else True  # None: only on a TTY
+    for name, tensor in tqdm(iter_hf_weights(model, arch), desc="export", unit="tensor", disable=shown, leave=False):
         pending[name] = tensor
         pending_bytes += tensor.numel() * tensor.element_size()
         total_bytes += tensor.numel() * tensor.element_size()

@@ -61,11 +61,13 @@ def _last_sample(run: RunDir, phase: str) -> dict[str, Any]:
 def test_up_runs_sft_then_rl_to_the_end(prepared: Path, tmp_path: Path) -> None:
     """Guards against the system not working as a whole: a phase that does not train its steps, versions that
     do not reach the engines, groups admitted but neither trained nor counted as dropped, entries left in the
-    streams, a process that does not exit 0 on the ordered shutdown, missing logs, evaluations or report."""
+    streams, a process that does not exit 0 on the ordered shutdown, missing logs, evaluations, TensorBoard event
+    files (or an end-of-run line that does not say where they are) or report."""
     run_path = _run_dir(prepared, tmp_path)
     result = subprocess.run(_up_argv(run_path), capture_output=True, text=True, timeout=280, env=_env())
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "[rl] step 3/3 v3" in result.stdout  # the non-TTY dashboard prints one line per step
+    assert f"TensorBoard event files in {run_path / 'phases' / 'sft' / 'tensorboard'}" in result.stdout  # end line
 
     run = RunDir.at(run_path)
     processes = json.loads(run.processes_file.read_text())
@@ -83,6 +85,7 @@ def test_up_runs_sft_then_rl_to_the_end(prepared: Path, tmp_path: Path) -> None:
         last = _last_sample(run, phase)
         assert last["policy_version"] == steps and last["engine_versions"] == [steps]  # the engines got them
         assert (last["tasks"], last["rollouts"], last["scored"], last["dead"]) == (0, 0, 0, 0)  # nothing pending
+        assert list((run.phase_dir(phase) / "tensorboard").glob("events.out.tfevents.*")), phase  # on by default
 
     rl = run.metrics("rl")[-1]
     accounted = rl["groups_trained"] + rl["groups_dropped_stale"] + rl["groups_dead_lettered"]
