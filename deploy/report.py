@@ -5,9 +5,11 @@ Reads only the run directory (deploy/launcher/rundir.py names its files and the 
 - throughput.png: steps per minute and samples per second (over the last 10 steps), train tokens per second;
 - staleness.png: mean lag of the trained groups and the groups dropped as stale;
 - queues.png: depth of the tasks / rollouts / scored / dead streams over time;
+- heldout_during.png: held-out accuracy during RL phases (`[eval] every_steps`; deploy/report_evals.py);
 - report.md: per-phase summary, held-out accuracy before and after each phase beside context-heuristic baselines
   (deploy/launcher/baselines.py), the plots;
-- summary.json: the held-out accuracies, the baselines, the phase summaries and the judge, for scripts.
+- summary.json: the held-out accuracies (`heldout.during_rl`: the in-training evals' [{step, accuracy}]), the
+  baselines, the phase summaries and the judge, for scripts.
 Steps are numbered run-wide (phases one after another); phase boundaries are drawn as vertical lines.
 
 `longtrace report OUT` of a directory that is not one run but a harness's output (DIRECTORY_REPORTS: a `longtrace
@@ -28,6 +30,8 @@ from deploy.launcher import rundir as rd
 from deploy.launcher.baselines import NUM_SEEDS, run_baselines
 from deploy.launcher.dashboard import fmt_duration, rates
 from deploy.launcher.rundir import RunDir
+from deploy.report_evals import PLOT as DURING_PLOT
+from deploy.report_evals import during_rl, live_eval_lines, plot_live_evals
 
 DIRECTORY_REPORTS: dict[str, str] = {"ablation.json": "experiments.ablate_report:write_ablation_report"}
 """Marker file -> `module:function(dir) -> Path` writing the report of such a directory. Named, not imported:
@@ -231,6 +235,7 @@ def write_report(run_dir: str | Path) -> Path:
     _plot_throughput(plt, metrics, out / "throughput.png")
     _plot_staleness(plt, metrics, out / "staleness.png")
     _plot_queues(plt, run, out / "queues.png")
+    plot_live_evals(plt, run, out / DURING_PLOT)
     summary = report_summary(run)
     (out / "summary.json").write_text(json.dumps(_finite(summary), indent=2) + "\n")
     path = out / "report.md"
@@ -271,7 +276,7 @@ def heldout_accuracies(run: RunDir) -> dict[str, float | None]:
 def report_summary(run: RunDir) -> dict[str, Any]:
     """The content of summary.json: held-out accuracies, baselines (every heuristic, `untrained`, `sft_only`),
     the mean distinct cities per context, the gains, the phase summaries and the judge."""
-    heldout = heldout_accuracies(run)
+    heldout: dict[str, Any] = {**heldout_accuracies(run), "during_rl": during_rl(run)}
     b = run_baselines(run)
     heuristics = {k: v for k, v in b["baselines"].items() if k != "oracle"}
     best = max(heuristics, key=lambda k: heuristics[k], default=None)
@@ -361,8 +366,11 @@ def render_markdown(run: RunDir, summary: dict[str, Any] | None = None) -> str:
             lines += ["", f"Responses of the last evaluation ({evals[-1]['phase']}, {evals[-1]['when']}):", ""]
             for ex in examples:
                 lines.append(f"- label `{ex['label']}`, accuracy {ex['accuracy']:.0f}: `{ex['response']!r}`")
+    lines += live_eval_lines(run)
     lines += _baseline_lines(summary if summary is not None else report_summary(run))
     lines += ["", "## Plots", ""]
+    if (run.report_dir / DURING_PLOT).is_file():
+        lines.append(f"![Held-out accuracy during training]({DURING_PLOT})")
     for name, title in (
         ("reward", "Reward, accuracy, rubric hits"),
         ("throughput", "Throughput"),

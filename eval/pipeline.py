@@ -146,6 +146,7 @@ class Pipeline:
                     weight_version=s.oldest_policy_version,
                     engine=s.engine_id,
                     gen_s=round(s.gen_s, 3),
+                    weight_version_newest=max((seg.policy_version for seg in s.weight_segments), default=None),
                 )
             )
         return records

@@ -74,6 +74,9 @@ class SampleRecord:
     gen_s: float
     error: str = ""
     """Why the sample was not generated (prompt_too_long), else empty."""
+    weight_version_newest: int | None = None
+    """The newest policy version among its tokens (a weight push during the sample's generation makes it differ
+    from `weight_version`); None: nothing generated."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

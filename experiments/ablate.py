@@ -228,7 +228,8 @@ class Plan:
         d.pop("prepare")
         d["model_path"] = sft_export
         d["phases"] = {self.cfg.rl_phase: rl}
-        d["eval"] = merge_tables(d.get("eval", {}), {"dataset_path": str(data / "heldout.jsonl")})
+        # every_steps 0: the ablation measures its curve on the kept exports after the run, not on live engines
+        d["eval"] = merge_tables(d.get("eval", {}), {"dataset_path": str(data / "heldout.jsonl"), "every_steps": 0})
         d["reward"] = merge_tables(
             d.get("reward", {}), {"config": {"eta": variant.eta, "combination": variant.combination}}
         )

@@ -215,6 +215,15 @@ class TrackingConfig(BaseConfig):
         return self
 
 
+class PrometheusConfig(BaseConfig):
+    """Rank 0's Prometheus endpoint: each step's metrics as `longtrace_learner_*` (learner/prom.py)."""
+
+    port: int = Field(0, ge=0, le=65535)
+    """Port of GET /metrics; 0: off (docker compose serves it on 9500)."""
+    host: str = "127.0.0.1"
+    """Address it binds to (loopback unless the scraper runs elsewhere)."""
+
+
 class TrainConfig(LearnerConfig):
     """`longtrace learner`: LearnerConfig's `model` section plus the training loop's sections."""
 
@@ -238,6 +247,8 @@ class TrainConfig(LearnerConfig):
     version key is still set to the step count, so admission control and staleness work without engines."""
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     """Experiment trackers beside metrics.jsonl (TensorBoard, W&B); rank 0 writes them."""
+    prometheus: PrometheusConfig = Field(default_factory=PrometheusConfig)
+    """Rank 0's Prometheus /metrics endpoint (off unless `port` is set)."""
     run_dir: str = "runs/learner"
     """Run directory: resolved config, metrics.jsonl, checkpoints, tensorboard/ (with that tracker)."""
     max_steps: int = Field(200, ge=1)

@@ -39,6 +39,7 @@ from learner.checkpoint_catalog import init_source, run_record
 from learner.metrics import MetricsLogger
 from learner.model.hf_config import load_hf_arch
 from learner.parallel import ParallelLayout, destroy_parallel, init_parallel
+from learner.prom import with_prometheus
 from learner.scored_reader import CONSUMER_GROUP, ScoredReader
 from learner.state import LearnerState
 from learner.tracking import build_metrics_logger, check_installed
@@ -247,6 +248,7 @@ def build_training(cfg: TrainConfig, layout: ParallelLayout) -> Training:
         record=run_record(cfg, init, resume),
     )
     metrics_logger = build_metrics_logger(cfg.run_dir, is_writer=rank0, tracking=cfg.tracking, resume_step=state.step)
+    metrics_logger = with_prometheus(metrics_logger, cfg.prometheus.host, cfg.prometheus.port, is_writer=rank0)
     closers.append(metrics_logger.close)
     return Training(
         state=state,

@@ -86,7 +86,7 @@ class UpConfig(BaseConfig):
     """Phases by name, run one after another in file order (`[phases.sft]` then `[phases.rl]`); a table keyed
     by name rather than an array, so `--phases.rl.steps 300` overrides one of them."""
     eval: EvalSection = Field(default_factory=EvalSection)
-    """Held-out evaluation between phases."""
+    """Held-out evaluation between phases (and during RL phases: `every_steps`)."""
     dashboard: DashboardSection = Field(default_factory=DashboardSection)
     """The live terminal dashboard."""
     startup_timeout_s: float = Field(300.0, gt=0)
@@ -110,7 +110,9 @@ class UpConfig(BaseConfig):
         for name, phase in self.phases.items():
             if not phase.dataset_path and self.prepare is None:
                 raise ValueError(f"--phases.{name}.dataset_path is required unless a [prepare] section writes the data")
-        wants_eval = any(p.eval_before or p.eval_after for p in self.phases.values())
+        wants_eval = any(p.eval_before or p.eval_after for p in self.phases.values()) or bool(
+            self.eval.every_steps and any(p.kind == "rl" for p in self.phases.values())
+        )
         if wants_eval and not self.eval.dataset_path and self.prepare is None:
             raise ValueError("--eval.dataset_path is required for evaluation unless [prepare] writes heldout.jsonl")
         if wants_eval and not self.reward.serve:
@@ -177,6 +179,11 @@ class UpConfig(BaseConfig):
             )
         if phase.kind != "rl":
             return
+        if self.eval.every_steps and train.weight_sync.type == "none":
+            raise ValueError(
+                f"--eval.every_steps: without weight sync the engines of phase {name} never hold the trained "
+                "weights; set a weight_sync type or --eval.every_steps 0"
+            )
         # The trainer recomputes log-probs at its own temperature; engines must sample at the same one.
         for key in ("temperature", "top_p"):
             want, got = getattr(train.data, key), getattr(rollout.sampling, key)

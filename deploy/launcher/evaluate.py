@@ -5,8 +5,8 @@ the prompts are tokenized exactly as the RL feeder does (learner.feeder.prompt_i
 generated and parsed as the rollout worker does, and well-formed answers are scored by the reward
 service's `/v1/score` (the judge and rubric of training). An ill-formed, truncated or unfinished answer
 counts as wrong. One JSON line per evaluation is appended to the output file: accuracy (outcome mean),
-rubric hit rate (raw rubric reward mean), well-formed rate, mean response tokens, engine weight versions
-and the first few responses.
+rubric hit rate (raw rubric reward mean), well-formed rate, mean response tokens, engine weight versions,
+the oldest and newest policy version of the samples' tokens and the first few responses.
 
 Before generating it checks that every engine serves `expect_version` (the learner's last pushed version),
 so an evaluation never silently measures stale weights.
@@ -82,12 +82,22 @@ def eval_config(cfg: EvalJobConfig) -> EvalConfig:
     )
 
 
-def run(cfg: EvalJobConfig) -> dict[str, Any]:
+def sample_versions(samples: list[Any]) -> dict[str, int | None]:
+    """The oldest and newest policy version the engines reported for the samples' tokens (None: none generated):
+    an eval on engines that take weight pushes meanwhile may span several."""
+    oldest = [s.weight_version for s in samples if s.weight_version is not None]
+    newest = [s.weight_version_newest for s in samples if s.weight_version_newest is not None]
+    return {"policy_version_min": min(oldest, default=None), "policy_version_max": max(newest, default=None)}
+
+
+def run(cfg: EvalJobConfig, inputs: Any = None) -> dict[str, Any]:
+    """Evaluate, append the result line to `cfg.out_path` and return it; `inputs`: eval.run.prepare's (the
+    dataset and tokenizer, loaded once by a process that evaluates several times), else loaded here."""
     from eval.aggregate import summarize
     from eval.run import run_eval
 
     t0 = time.monotonic()
-    done = run_eval(eval_config(cfg), cfg.engine_urls, cfg.reward_url)
+    done = run_eval(eval_config(cfg), cfg.engine_urls, cfg.reward_url, inputs)
     metrics = summarize(s.to_dict() for s in done.samples)
     result = {
         "phase": cfg.phase,
@@ -101,6 +111,7 @@ def run(cfg: EvalJobConfig) -> dict[str, Any]:
         "response_len_mean": metrics["mean_response_tokens"],
         "temperature": cfg.temperature,
         "weight_versions": [e.policy_version for e in done.engines],
+        **sample_versions(done.samples),
         "eval_s": round(time.monotonic() - t0, 2),
         "examples": [
             {"question": s.question, "label": s.label, "response": s.response, "accuracy": s.outcome}

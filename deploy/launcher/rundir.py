@@ -6,6 +6,8 @@
     RUN_DIR/data/, RUN_DIR/model/    what [prepare] wrote
     RUN_DIR/phases/<phase>/          the learner's run_dir: metrics.jsonl, config.json, checkpoints/, exports/,
                                      tensorboard/ (the event files of TensorBoard, on by default)
+    RUN_DIR/phases/<phase>/evals.jsonl  in-training held-out evaluations (`[eval] every_steps`, live_eval.py); the
+                                     eval worker's requests and full results in evals/
     RUN_DIR/phases.jsonl             one line per phase start and end (steps, status, times)
     RUN_DIR/system.jsonl             samples of queue depths, policy version and engines (launcher, every refresh)
     RUN_DIR/eval.jsonl               held-out evaluations (deploy/launcher/evaluate.py)
@@ -113,6 +115,9 @@ class RunDir:
     def metrics_file(self, phase: str) -> Path:
         return self.phase_dir(phase) / METRICS_FILE
 
+    def live_evals_file(self, phase: str) -> Path:
+        return self.phase_dir(phase) / "evals.jsonl"
+
     # -- readers
 
     def phase_names(self) -> list[str]:
@@ -147,3 +152,7 @@ class RunDir:
 
     def evals(self) -> list[dict[str, Any]]:
         return read_jsonl(self.eval_file)
+
+    def live_evals(self, phase: str) -> list[dict[str, Any]]:
+        """The in-training evaluations of `phase` (ok and failed), in the order they ended."""
+        return read_jsonl(self.live_evals_file(phase))

@@ -342,6 +342,16 @@ class EvalSection(BaseConfig):
     """Requests in flight per engine (one prompt per request)."""
     timeout_s: float = Field(600.0, gt=0)
     """Timeout of one /generate or /v1/score request."""
+    every_steps: int = Field(0, ge=0)
+    """RL phases: also evaluate every this many learner steps while the phase trains (0: off), on the serving
+    engines concurrently with rollouts (deploy/launcher/live_eval.py): the weights may advance during an eval, so
+    each one records the policy versions of its samples (RUN_DIR/phases/<phase>/evals.jsonl). None at the phase's
+    last step (its `eval_after` is that one); one at a time (a due eval while one runs is skipped and logged)."""
+    during_max_questions: int = Field(64, ge=1)
+    """Questions of an in-training eval (the first ones of the file; `max_questions` is for the evals between
+    phases)."""
+    during_timeout_s: float = Field(120.0, gt=0)
+    """An in-training eval still running this long after its start is stopped and recorded as failed."""
 
 
 class DashboardSection(BaseConfig):

@@ -108,3 +108,9 @@ def learner(name: str, config_path: str, nproc_per_node: int, master_port: int, 
 
 def evaluation(name: str, config_path: str) -> ProcessSpec:
     return ProcessSpec(name, [PY, "-m", "deploy.launcher.evaluate", "--config", config_path], CHILD_ENV, job=True)
+
+
+def eval_worker(name: str, config_path: str, requests_dir: str) -> ProcessSpec:
+    """The in-training eval worker of a phase (deploy/launcher/live_eval.py): one eval per request file."""
+    argv = [PY, "-m", "deploy.launcher.live_eval", "--config", config_path, "--requests", requests_dir]
+    return ProcessSpec(name, argv, {**CHILD_ENV, "OMP_NUM_THREADS": "1"}, stop_timeout_s=5.0)

@@ -6,6 +6,7 @@
         rl: reward workers, rollout workers          sft: the demonstration source (sft_source.py)
         eval before (optional, job)
         learner: torchrun --nproc_per_node N -m learner.train_cli (job; the feeder runs on rank 0)
+            rl with [eval] every_steps: in-training evals on the serving engines meanwhile (live_eval.py)
         eval after (job), then the phase's processes are stopped in reverse order
     report (RUN_DIR/report)
 
@@ -36,6 +37,7 @@ from common.supervisor import Child, ChildFailed, ProcessSpec, Supervisor
 from deploy.launcher import specs
 from deploy.launcher.config import UpConfig
 from deploy.launcher.dashboard import Dashboard, PhaseView, SystemSampler, resolve_mode
+from deploy.launcher.live_eval import LiveEval, eval_job, start_live_eval
 from deploy.launcher.rundir import POLICY_VERSION, STEP, RunDir
 from deploy.launcher.sections import PhaseConfig
 from deploy.launcher.specs import CHILD_ENV, threads_env
@@ -89,18 +91,22 @@ class Launcher:
         with self.run.phases_file.open("a", encoding="utf-8") as f:
             f.write(json.dumps({"time_s": round(time.time(), 3), **event}) + "\n")
 
-    def _wait(self, child: Child, timeout_s: float = 0.0) -> None:
-        """Wait for a job, refreshing the dashboard; fail the run past `timeout_s` (0: no limit)."""
+    def _wait(self, child: Child, timeout_s: float = 0.0, live: LiveEval | None = None) -> None:
+        """Wait for a job, refreshing the dashboard (and running `live`'s evals); fail the run past `timeout_s`."""
         start = time.monotonic()
 
         def tick() -> None:
             self.dashboard.update()
+            if live is not None:
+                live.tick()
             if self.on_tick is not None:
                 self.on_tick()
             if timeout_s and time.monotonic() - start > timeout_s:
                 raise ChildFailed(child.name, f"ran longer than {timeout_s:.0f}s", child.log_path, child.log_tail())
 
         self.sup.wait(child, tick=tick, tick_s=self.cfg.dashboard.refresh_s)
+        if live is not None:
+            live.finish()
 
     # -- run-wide services
 
@@ -216,7 +222,7 @@ class Launcher:
         if phase.eval_before:
             self.evaluate(name, "before", engine_urls, model, expect_version=0)
         learner = self._start_learner(name, train, start)
-        self._wait(learner, cfg.phase_timeout_s)
+        self._wait(learner, cfg.phase_timeout_s, start_live_eval(self, name, phase, engine_urls, model))
         self.dashboard.update()
         steps = self.run.metrics(name)
         # A learner may end before phase.steps only by its early_stop rule, which marks its last step.
@@ -279,23 +285,9 @@ class Launcher:
         return start(specs.learner(f"{name}-learner", path, self.cfg.learner.nproc_per_node, free_port(), env))
 
     def evaluate(self, phase: str, when: str, engine_urls: list[str], model: str, expect_version: int) -> None:
-        from deploy.launcher.evaluate import EvalJobConfig
-
-        e = self.cfg.eval
-        rollout = self.cfg.rollout_config(self.child_redis_url, phase, 0)
-        ecfg = EvalJobConfig(
-            **e.model_dump(exclude={"dataset_path"}),
-            engine_urls=engine_urls,
-            reward_url=self.reward_url,
-            dataset_path=self.cfg.eval_dataset_path(),
-            tokenizer_path=model,
-            out_path=str(self.run.eval_file),
-            phase=phase,
-            when=when,
-            step=self.global_step,
-            expect_version=expect_version,
-            processor=rollout.processor,
-        )
+        out_path = str(self.run.eval_file)
+        ecfg = eval_job(self, phase, when, engine_urls, model, out_path=out_path, step=self.global_step,
+                        expect_version=expect_version)  # fmt: skip
         name = f"{phase}-eval-{when}"
         path = self._config_file(name, ecfg)
         split = (

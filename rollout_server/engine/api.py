@@ -28,6 +28,7 @@ from rollout_server.engine.engine import ClientDisconnected, Engine, EngineOverl
 from rollout_server.engine.guard import Guard, SafeJSONResponse, error_response
 from rollout_server.engine.info import model_info as engine_model_info
 from rollout_server.engine.info import server_info as engine_server_info
+from rollout_server.engine.metrics import install as install_metrics
 from rollout_server.engine.protocol import (
     AbortReq,
     BeginWeightUpdateReqInput,
@@ -233,6 +234,7 @@ def build_app(engine: Engine) -> FastAPI:
         return _result(ok, message, num_paused_requests=num_paused)
 
     add_openai_routes(app, engine)
+    install_metrics(app, engine)  # GET /metrics (SGLang's names), before the guard: it stays outermost
     cfg = engine.config
     app.add_middleware(
         Guard,

@@ -166,8 +166,14 @@ class RolloutConfig(BaseConfig):
     """On SIGTERM, how long in-flight groups may finish; the rest stay unacked and are reclaimed by others."""
     publish_retry_s: float = Field(default=5.0, gt=0)
     """Wait between publish attempts while the rollouts stream stays full (backpressure)."""
-    metrics_port: int = Field(default=0, ge=0, le=65535)
-    """Port of the Prometheus /metrics endpoint; 0 disables it."""
+    metrics: bool = True
+    """Serve the Prometheus /metrics endpoint (`longtrace_rollout_*`; rollout_server/worker/metrics.py)."""
+    metrics_port: int = Field(default=9400, ge=0, le=65535)
+    """First port tried for /metrics: the worker binds the first free one of `metrics_port .. metrics_port +
+    metrics_port_span - 1` (several workers on one host: 9400, 9401, ...), else one the OS picks, and logs it;
+    0: always one the OS picks."""
+    metrics_port_span: int = Field(default=16, ge=1)
+    """How many ports from `metrics_port` are tried (the scrape config lists the same range)."""
     metrics_host: str = "127.0.0.1"
     """Address the /metrics endpoint binds to (loopback unless told otherwise, like every service)."""
     initial_policy_version: int = Field(default=0, ge=0)

@@ -1,13 +1,16 @@
-"""Worker metrics on a Prometheus `/metrics` endpoint: throughput, in-flight work, retries, per-engine load.
+"""Worker metrics on a Prometheus `/metrics` endpoint (on by default): throughput, in-flight work, retries,
+per-engine load, all named `longtrace_rollout_*` (the dashboard: deploy/grafana/longtrace.json).
 
 Counters give totals (Prometheus derives rates); `*_per_s` gauges give the rate over the last `window_s`
 for a quick look without a Prometheus server. Each worker has its own registry, so several workers (or
-tests) in one process do not collide.
+tests) in one process do not collide; several worker processes on one host do not collide on the port either:
+`serve` takes the first free port of `port .. port + span - 1` (then any free one) and logs which.
 """
 
 from __future__ import annotations
 
 import collections
+import errno
 import logging
 import threading
 import time
@@ -67,13 +70,17 @@ class _EngineCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         loads = self._snapshot()
         outstanding = GaugeMetricFamily(
-            "rollout_engine_outstanding", "Requests in flight per engine", labels=["engine"]
+            "longtrace_rollout_engine_outstanding", "Requests in flight per engine", labels=["engine"]
         )
         in_rotation = GaugeMetricFamily(
-            "rollout_engine_in_rotation", "1 if the engine takes requests", labels=["engine"]
+            "longtrace_rollout_engine_in_rotation", "1 if the engine takes requests", labels=["engine"]
         )
-        requests = GaugeMetricFamily("rollout_engine_requests", "Requests sent to the engine", labels=["engine"])
-        failures = GaugeMetricFamily("rollout_engine_failures", "Failed requests and probes", labels=["engine"])
+        requests = GaugeMetricFamily(
+            "longtrace_rollout_engine_requests", "Requests sent to the engine", labels=["engine"]
+        )
+        failures = GaugeMetricFamily(
+            "longtrace_rollout_engine_failures", "Failed requests and probes", labels=["engine"]
+        )
         for e in loads:
             outstanding.add_metric([e.engine_id], e.outstanding)
             in_rotation.add_metric([e.engine_id], 1.0 if e.in_rotation else 0.0)
@@ -87,39 +94,59 @@ class RolloutMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         sample_rate, token_rate = _Rate(window_s), _Rate(window_s)
-        self.samples = _RatedCounter(Counter("rollout_samples", "Samples generated", registry=r), sample_rate)
-        self.tokens = _RatedCounter(Counter("rollout_tokens", "Response tokens generated", registry=r), token_rate)
-        self.groups = Counter("rollout_groups", "Groups published", registry=r)
-        self.duplicates = Counter("rollout_duplicate_groups", "Groups already published (redelivered)", registry=r)
-        self.dead_letters = Counter("rollout_dead_letters", "Tasks given up on", registry=r)
+        self.samples = _RatedCounter(Counter("longtrace_rollout_samples", "Samples generated", registry=r), sample_rate)
+        self.tokens = _RatedCounter(
+            Counter("longtrace_rollout_tokens", "Response tokens generated", registry=r), token_rate
+        )
+        self.groups = Counter("longtrace_rollout_groups", "Groups published", registry=r)
+        self.duplicates = Counter(
+            "longtrace_rollout_duplicate_groups", "Groups already published (redelivered)", registry=r
+        )
+        self.dead_letters = Counter("longtrace_rollout_dead_letters", "Tasks given up on", registry=r)
         self.failed_groups = Counter(
-            "rollout_failed_groups", "Group generations whose samples failed (retried, then dead-lettered)", registry=r
+            "longtrace_rollout_failed_groups",
+            "Group generations whose samples failed (retried, then dead-lettered)",
+            registry=r,
         )
         self.retries = Counter(
-            "rollout_retries",
+            "longtrace_rollout_retries",
             "Resubmitted requests (engine_error, overloaded, resume) and regenerated tasks (task)",
             ["reason"],
             registry=r,
         )
-        self.in_flight_groups = Gauge("rollout_in_flight_groups", "Groups being generated", registry=r)
-        Gauge("rollout_samples_per_s", f"Samples per second over {window_s:g}s", registry=r).set_function(
+        self.in_flight_groups = Gauge("longtrace_rollout_in_flight_groups", "Groups being generated", registry=r)
+        Gauge("longtrace_rollout_samples_per_s", f"Samples per second over {window_s:g}s", registry=r).set_function(
             sample_rate.per_s
         )
-        Gauge("rollout_tokens_per_s", f"Tokens per second over {window_s:g}s", registry=r).set_function(
+        Gauge("longtrace_rollout_tokens_per_s", f"Tokens per second over {window_s:g}s", registry=r).set_function(
             token_rate.per_s
         )
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
+        self.port = 0
+        """The port /metrics is served on (0: not served)."""
 
     def watch_engines(self, snapshot: Callable[[], list[EngineLoad]]) -> None:
         self.registry.register(_EngineCollector(snapshot))
 
-    def serve(self, host: str, port: int) -> None:
-        """Serve /metrics on a daemon thread; port 0 means no endpoint."""
-        if port == 0:
-            return
-        self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
-        log.info("metrics on http://%s:%d/metrics", host, port)
+    def serve(self, host: str, port: int, span: int = 1) -> int:
+        """Serve /metrics on a daemon thread, on the first free port of `port .. port + span - 1`, else on a free
+        port the OS picks (as with `port` 0), and log it. Returns the port bound."""
+        candidates = [port + i for i in range(span) if port and port + i <= 65535] + [0]
+        for candidate in candidates:
+            try:
+                self._server, self._thread = start_http_server(candidate, addr=host, registry=self.registry)
+            except OSError as e:
+                if e.errno != errno.EADDRINUSE:
+                    raise
+                continue
+            break
+        assert self._server is not None  # port 0 never collides
+        self.port = int(self._server.server_port)
+        if port and self.port not in candidates:
+            log.warning("metrics ports %d..%d are taken; using %d", port, port + span - 1, self.port)
+        log.info("metrics on http://%s:%d/metrics", host, self.port)
+        return self.port
 
     def close(self) -> None:
         if self._server is not None:

@@ -237,7 +237,8 @@ async def run_worker(
     metrics = RolloutMetrics()
     router = build_router(cfg, broker)
     metrics.watch_engines(router.snapshot)
-    metrics.serve(cfg.metrics_host, cfg.metrics_port)
+    if cfg.metrics:
+        metrics.serve(cfg.metrics_host, cfg.metrics_port, cfg.metrics_port_span)
     try:
         await router.start()
         await RolloutWorker(cfg, broker, router, metrics).run(stop)

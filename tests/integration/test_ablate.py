@@ -61,7 +61,7 @@ def test_debug_ablation_runs_variants_from_one_sft_export_and_reports(
         assert cfg["phases"]["rl"]["dataset_path"] == str(seed / "sft" / "data" / "train.jsonl")
     learners = [json.loads((seed / v / "phases" / "rl" / "config.json").read_text()) for v in used]
     for a in learners:
-        a.pop("run_dir"), a.pop("broker"), a["weight_sync"].pop("export_dir")
+        a.pop("run_dir"), a.pop("broker"), a["weight_sync"].pop("export_dir"), a["tracking"].pop("run_name")
     assert learners[0] == learners[1]
     # The rule reached the reward worker of each run.
     for v in used:

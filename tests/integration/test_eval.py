@@ -253,10 +253,12 @@ def test_launcher_eval_job_keeps_its_result_line(world: World) -> None:
     assert lines[0] == {"earlier": 1} and lines[1] == result
     assert set(result) == {
         "phase", "when", "step", "time_s", "num_questions", "accuracy", "rubric_hit_rate", "well_formed_rate",
-        "response_len_mean", "temperature", "weight_versions", "eval_s", "examples",
+        "response_len_mean", "temperature", "weight_versions", "policy_version_min", "policy_version_max", "eval_s",
+        "examples",
     }  # fmt: skip
     assert (result["phase"], result["when"], result["step"], result["num_questions"]) == ("rl", "after", 3, 4)
     assert result["weight_versions"] == [0]  # "default": the start-up weights, policy version 0 (weights/version.py)
+    assert (result["policy_version_min"], result["policy_version_max"]) == (0, 0)  # the versions of the samples' tokens
     # Greedy: every answer is "alpha </think> paris" (the paris / rome tie goes to the lower id): right for
     # questions 0 and 3, whose label and rubric are paris.
     assert (result["accuracy"], result["rubric_hit_rate"], result["well_formed_rate"]) == (0.5, 0.5, 1.0)

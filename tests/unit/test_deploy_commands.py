@@ -102,6 +102,14 @@ def _handler_config(args: Any, extra: list[str]) -> tuple[type[BaseConfig], list
         return RewardConfig, extra + flags
     if handler == "broker.cli._run_redis":
         return None
+    if handler == "eval.cli._eval":  # `eval` parses its own words (argv) with its run parser
+        from common.cli import parse
+        from eval.cli import _run_parser
+        from eval.config import EvalConfig
+
+        sub = parse(_run_parser(), args.argv)
+        args.config = sub.config
+        return EvalConfig, sub.overrides
     raise AssertionError(f"no config known for handler {handler}: teach test_deploy_commands about it")
 
 
@@ -141,8 +149,13 @@ def check_command(argv: list[str]) -> Any:
 
 
 def compose_commands() -> dict[str, list[str]]:
+    """The LongTrace services' command lines (not Redis, nor the third-party images of the `monitoring` profile)."""
     services = load_compose()["services"]
-    return {name: [str(a) for a in s["command"]] for name, s in services.items() if name != "redis"}
+    return {
+        name: [str(a) for a in s["command"]]
+        for name, s in services.items()
+        if name != "redis" and "monitoring" not in s.get("profiles", [])
+    }
 
 
 @pytest.mark.parametrize("service", sorted(compose_commands()))

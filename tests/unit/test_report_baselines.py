@@ -75,7 +75,7 @@ def test_summary_json_holds_heldout_accuracies_baselines_and_judge(run_dir: RunD
     (or with them graded by another judge, on other questions, or with before/after evals mixed up)."""
     md = write_report(run_dir.root).read_text()
     summary = json.loads((run_dir.report_dir / "summary.json").read_text())
-    assert summary["heldout"] == {"before": 0.03125, "after_sft": 0.25, "after_rl": 0.875}
+    assert summary["heldout"] == {"before": 0.03125, "after_sft": 0.25, "after_rl": 0.875, "during_rl": []}
     base = summary["baselines"]
     assert set(base) == set(HEURISTICS) | {"untrained", "sft_only"}
     assert base["untrained"] == 0.03125 and base["sft_only"] == 0.25

@@ -119,7 +119,7 @@ async def _run_worker_once(broker: MemoryBroker, cfg: RolloutConfig, metrics: Ro
     stop = asyncio.Event()
     worker = asyncio.create_task(RolloutWorker(cfg, broker, router, metrics, "w").run(stop))
     deadline = asyncio.get_running_loop().time() + 10
-    while _count(metrics, "rollout_dead_letters_total") < 1:  # every task that is not published ends there
+    while _count(metrics, "longtrace_rollout_dead_letters_total") < 1:  # every task that is not published ends there
         assert asyncio.get_running_loop().time() < deadline and not worker.done()
         await asyncio.sleep(0.02)
     stop.set()
@@ -160,11 +160,14 @@ def test_engines_failing_retry_the_task_then_dead_letter_it() -> None:
     broker.producer(TASKS, Task).publish([_task(4, num_samples=2)])
     metrics = RolloutMetrics()
     asyncio.run(_run_worker_once(broker, cfg, metrics))
-    assert _count(metrics, "rollout_failed_groups_total") == 2 and _count(metrics, "rollout_groups_total") == 0
+    assert (
+        _count(metrics, "longtrace_rollout_failed_groups_total") == 2
+        and _count(metrics, "longtrace_rollout_groups_total") == 0
+    )
     assert broker.producer(TASKS, Task).backlog() == 0
     [entry] = broker.consumer(DEAD, DeadLetter, "inspect", "i").read(10, 0.1)
     assert "samples failed in 2 attempts (--task_retry.max_attempts)" in entry.msg.reason, entry.msg.reason
-    assert (metrics.registry.get_sample_value("rollout_retries_total", {"reason": "engine_error"}) or 0) >= 4
+    assert (metrics.registry.get_sample_value("longtrace_rollout_retries_total", {"reason": "engine_error"}) or 0) >= 4
 
 
 def test_an_engine_reporting_a_bad_weight_version_fails_the_sample_not_the_worker() -> None:
@@ -194,10 +197,13 @@ def test_an_engine_reporting_a_bad_weight_version_fails_the_sample_not_the_worke
         broker.producer(TASKS, Task).publish([_task(4, num_samples=2)])
         metrics = RolloutMetrics()
         asyncio.run(_run_worker_once(broker, cfg, metrics))
-    assert _count(metrics, "rollout_failed_groups_total") == 1 and _count(metrics, "rollout_groups_total") == 0
+    assert (
+        _count(metrics, "longtrace_rollout_failed_groups_total") == 1
+        and _count(metrics, "longtrace_rollout_groups_total") == 0
+    )
     [entry] = broker.consumer(DEAD, DeadLetter, "inspect", "i").read(10, 0.1)
     assert "'²' is not a policy version" in entry.msg.reason, entry.msg.reason
-    assert (metrics.registry.get_sample_value("rollout_retries_total", {"reason": "engine_error"}) or 0) >= 2
+    assert (metrics.registry.get_sample_value("longtrace_rollout_retries_total", {"reason": "engine_error"}) or 0) >= 2
 
 
 def test_default_weight_version_key_still_loads_as_initial_policy_version(caplog: pytest.LogCaptureFixture) -> None:
