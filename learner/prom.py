@@ -1,7 +1,7 @@
 """The learner's Prometheus endpoint (rank 0, `[prometheus] port`; 0: off): each step's metrics, `longtrace_learner_*`.
 
-Fed by the metrics logger's own call (`with_prometheus` wraps the logger `train_loop` logs to), so Prometheus sees
-exactly the numbers metrics.jsonl records. Levels are gauges (step, policy version, staleness, losses, throughput,
+A tracker of the step logger (`serve_exporter`, passed to learner/tracking.py's `build_metrics_logger`), fed by
+the same call that writes metrics.jsonl, after it: Prometheus sees exactly the numbers metrics.jsonl records. Levels are gauges (step, policy version, staleness, losses, throughput,
 weight-sync timings, groups in flight); true counts are counters, whose rates are left to PromQL: samples, loss
 tokens and groups trained, weight pushes (by outcome), bytes pushed, and the run totals of admitted, dropped and
 dead-lettered groups (a run total restored by a resume enters the counter once at the first step: a restart is a
@@ -14,13 +14,11 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
-
-from learner.metrics import MetricsLogger
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +72,7 @@ def _finite(value: Any) -> float | None:
 
 
 class LearnerExporter:
-    """One registry of the learner's step metrics; `observe` a step, `serve` it over HTTP."""
+    """One registry of the learner's step metrics; `log` a step (the Tracker protocol), `serve` it over HTTP."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -99,7 +97,7 @@ class LearnerExporter:
         self._server: WSGIServer | None = None
         self.port = 0
 
-    def observe(self, step: int, metrics: Mapping[str, Any]) -> None:
+    def log(self, step: int, metrics: Mapping[str, Any]) -> None:
         with self._lock:
             self.step.set(step)
             lags: dict[int, float] = {}
@@ -152,39 +150,11 @@ class LearnerExporter:
             self._server = None
 
 
-class PrometheusLogger:
-    """The step logger with the exporter beside it: the wrapped logger first (metrics.jsonl is the record), then
-    the exporter, whose failure is logged and never stops training."""
-
-    def __init__(self, inner: MetricsLogger, exporter: LearnerExporter) -> None:
-        self._inner = inner
-        self.exporter = exporter
-
-    def log(
-        self,
-        step: int,
-        metrics: dict[str, float],
-        trained_group_ids: Sequence[str] = (),
-        released_group_ids: Mapping[str, Sequence[str]] | None = None,
-    ) -> None:
-        self._inner.log(step, metrics, trained_group_ids, released_group_ids)
-        try:
-            self.exporter.observe(step, metrics)
-        except Exception:
-            logger.warning("prometheus export of step %d failed", step, exc_info=True)
-
-    def close(self) -> None:
-        try:
-            self.exporter.close()
-        finally:
-            self._inner.close()
-
-
-def with_prometheus(inner: MetricsLogger, host: str, port: int, is_writer: bool) -> MetricsLogger:
-    """`inner` as is when the endpoint is off (`port` 0) or on ranks other than 0; else wrapped with the exporter,
-    served on `host:port`."""
+def serve_exporter(host: str, port: int, is_writer: bool) -> LearnerExporter | None:
+    """Rank 0's exporter served on `host:port`, a tracker for `build_metrics_logger` (learner/tracking.py); None
+    when the endpoint is off (`port` 0) or on other ranks (every rank binding the port would crash all but one)."""
     if not is_writer or port == 0:
-        return inner
+        return None
     exporter = LearnerExporter()
     exporter.serve(host, port)
-    return PrometheusLogger(inner, exporter)
+    return exporter

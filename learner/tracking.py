@@ -181,12 +181,18 @@ def _close_quietly(name: str, tracker: Tracker) -> None:
 
 
 def build_metrics_logger(
-    run_dir: str | Path, is_writer: bool, tracking: TrackingConfig | None = None, resume_step: int = 0
+    run_dir: str | Path,
+    is_writer: bool,
+    tracking: TrackingConfig | None = None,
+    resume_step: int = 0,
+    extra_trackers: Mapping[str, Tracker] | None = None,
 ) -> MetricsLogger:
-    """Rank 0 (`is_writer`): metrics.jsonl in `run_dir`, then the trackers of `tracking` (none by default);
-    `resume_step` is the step of the checkpoint the run resumed from (0: a fresh run). Other ranks: a no-op."""
+    """Rank 0 (`is_writer`): metrics.jsonl in `run_dir`, then the trackers of `tracking` (none by default) and
+    `extra_trackers` (the Prometheus exporter, learner/prom.py); `resume_step` is the step of the checkpoint the run
+    resumed from (0: a fresh run). Other ranks: a no-op."""
     if not is_writer:
         return NullMetricsLogger()
     trackers = build_trackers(tracking or TrackingConfig(), run_dir, resume_step)  # before the file is opened
+    trackers.update(extra_trackers or {})
     jsonl = JsonlMetricsLogger(run_dir)
     return TrackedMetricsLogger(jsonl, trackers) if trackers else jsonl

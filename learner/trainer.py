@@ -39,7 +39,7 @@ from learner.checkpoint_catalog import init_source, run_record
 from learner.metrics import MetricsLogger
 from learner.model.hf_config import load_hf_arch
 from learner.parallel import ParallelLayout, destroy_parallel, init_parallel
-from learner.prom import with_prometheus
+from learner.prom import serve_exporter
 from learner.scored_reader import CONSUMER_GROUP, ScoredReader
 from learner.state import LearnerState
 from learner.tracking import build_metrics_logger, check_installed
@@ -247,8 +247,14 @@ def build_training(cfg: TrainConfig, layout: ParallelLayout) -> Training:
         on_saved=on_saved,
         record=run_record(cfg, init, resume),
     )
-    metrics_logger = build_metrics_logger(cfg.run_dir, is_writer=rank0, tracking=cfg.tracking, resume_step=state.step)
-    metrics_logger = with_prometheus(metrics_logger, cfg.prometheus.host, cfg.prometheus.port, is_writer=rank0)
+    exporter = serve_exporter(cfg.prometheus.host, cfg.prometheus.port, is_writer=rank0)
+    metrics_logger = build_metrics_logger(
+        cfg.run_dir,
+        is_writer=rank0,
+        tracking=cfg.tracking,
+        resume_step=state.step,
+        extra_trackers={"prometheus": exporter} if exporter else None,
+    )
     closers.append(metrics_logger.close)
     return Training(
         state=state,

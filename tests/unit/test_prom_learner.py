@@ -13,8 +13,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from common.net import free_port
-from learner.metrics import METRICS_FILE, JsonlMetricsLogger, NullMetricsLogger
-from learner.prom import LearnerExporter, PrometheusLogger, with_prometheus
+from learner.metrics import METRICS_FILE
+from learner.prom import LearnerExporter, serve_exporter
+from learner.tracking import build_metrics_logger
 
 STEP_1 = {
     "loss": 0.5,
@@ -76,7 +77,7 @@ def test_two_steps_are_served_as_gauges_and_monotonic_counters(exporter: Learner
     push time) that sums up across steps, a count (samples, tokens, groups, pushes) that is reset to the step's value
     instead of growing, a run total (groups_trained) added whole at every step (it would double-count), or a counter
     that goes down (Prometheus would read a restart and rate() would jump)."""
-    exporter.observe(1, STEP_1)
+    exporter.log(1, STEP_1)
     first = scrape(exporter.port)
     assert value(first, "longtrace_learner_step") == 1
     assert value(first, "longtrace_learner_loss") == 0.5
@@ -87,7 +88,7 @@ def test_two_steps_are_served_as_gauges_and_monotonic_counters(exporter: Learner
     assert value(first, "longtrace_learner_weight_pushes_total", outcome="ok") == 1
     assert value(first, "longtrace_learner_metric", name="custom/x") == 3
 
-    exporter.observe(2, STEP_2)
+    exporter.log(2, STEP_2)
     second = scrape(exporter.port)
     assert value(second, "longtrace_learner_step") == 2
     assert value(second, "longtrace_learner_loss") == 0.25
@@ -108,7 +109,7 @@ def test_two_steps_are_served_as_gauges_and_monotonic_counters(exporter: Learner
     assert len(counters) >= 6
     assert all(second[key] >= first[key] for key in counters), "a counter went down"
 
-    exporter.observe(3, STEP_2 | {"groups_trained": 3.0})  # a run total that reads lower never lowers the counter
+    exporter.log(3, STEP_2 | {"groups_trained": 3.0})  # a run total that reads lower never lowers the counter
     assert value(scrape(exporter.port), "longtrace_learner_groups_trained_total") == 4
 
 
@@ -116,8 +117,9 @@ def test_the_logger_hook_writes_metrics_jsonl_and_serves_the_same_step(tmp_path:
     """Guards against the exporter replacing or starving the record: metrics.jsonl must get the step first, the
     endpoint the same numbers, and closing must stop the endpoint (no port left bound after the run)."""
     port = free_port()
-    logger = with_prometheus(JsonlMetricsLogger(tmp_path), "127.0.0.1", port, is_writer=True)
-    assert isinstance(logger, PrometheusLogger)
+    exporter = serve_exporter("127.0.0.1", port, is_writer=True)
+    assert exporter is not None
+    logger = build_metrics_logger(tmp_path, is_writer=True, extra_trackers={"prometheus": exporter})
     logger.log(7, dict(STEP_1), trained_group_ids=["g1", "g2"])
     [line] = (tmp_path / METRICS_FILE).read_text().splitlines()
     assert json.loads(line)["step"] == 7 and json.loads(line)["loss"] == 0.5
@@ -129,12 +131,12 @@ def test_the_logger_hook_writes_metrics_jsonl_and_serves_the_same_step(tmp_path:
 
 def test_off_by_default_and_on_rank_0_only(tmp_path: Path) -> None:
     """Guards against every torchrun rank binding the same port (all but one would crash at start) and against an
-    endpoint nobody asked for: port 0 and ranks other than 0 get the plain logger back."""
+    endpoint nobody asked for: port 0 and ranks other than 0 get no exporter and bind nothing."""
     from learner.train_config import PrometheusConfig
 
     assert PrometheusConfig().port == 0
-    inner = NullMetricsLogger()
-    assert with_prometheus(inner, "127.0.0.1", free_port(), is_writer=False) is inner
-    jsonl = JsonlMetricsLogger(tmp_path)
-    assert with_prometheus(jsonl, "127.0.0.1", 0, is_writer=True) is jsonl
-    jsonl.close()
+    port = free_port()
+    assert serve_exporter("127.0.0.1", port, is_writer=False) is None
+    with pytest.raises(httpx.ConnectError):
+        scrape(port)  # nothing bound on a rank other than 0
+    assert serve_exporter("127.0.0.1", 0, is_writer=True) is None
