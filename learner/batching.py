@@ -114,6 +114,13 @@ def group_to_samples(
     ]
 
 
+REWARD_METRICS = frozenset(
+    {"reward_mean", "outcome_mean", "accuracy", "rubric_mean", "raw_rubric_mean", "zeroed_fraction"}
+    | {"zero_variance_group_fraction"}
+)
+"""The keys of `group_metrics` that come from the rewards (meaningless for SFT demonstrations)."""
+
+
 def group_metrics(groups: Sequence[ScoredGroup], staleness: Sequence[int]) -> dict[str, float]:
     """Reward, outcome (accuracy), rubric and length statistics of one step's groups, and the staleness histogram."""
     rewards = [r for sg in groups for r in sg.rewards]

@@ -27,7 +27,15 @@ from megatron.core.utils import get_model_config
 from torch.profiler import record_function
 
 from learner import compat  # noqa: F401  (before megatron: CPU redirections when CUDA is absent)
-from learner.batching import Layout, MicroBatch, TrainBatch, build_micro_batch, padding_fraction, plan_micro_batches
+from learner.batching import (
+    REWARD_METRICS,
+    Layout,
+    MicroBatch,
+    TrainBatch,
+    build_micro_batch,
+    padding_fraction,
+    plan_micro_batches,
+)
 from learner.logprobs import head_logprobs_and_entropy, logprobs_and_entropy, token_logprobs
 from learner.loss import STAT_KEYS, compute_loss, reduce_stats
 from learner.model.build import build_model
@@ -200,6 +208,8 @@ class Learner:
         sums = self._all_reduce_stats(store)
         step_s = time.monotonic() - t0
         metrics = reduce_stats(sums) | batch.metrics
+        if self.cfg.loss.mode == "sft":  # a demonstration's reward is a placeholder 1: no reward figures to report
+            metrics = {k: v for k, v in metrics.items() if k not in REWARD_METRICS}
         metrics |= {
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "lr": float(self.optimizer.param_groups[0]["lr"]),

@@ -222,6 +222,8 @@ def test_kl_to_the_initial_model_and_sft_mode_train(runs: Path) -> None:
     sft = [m["loss"] for m in modes["sft"]]
     assert sft[0] > sft[1] > sft[2] > 0
     assert "pg_loss" not in modes["sft"][0] and "clip_fraction" not in modes["sft"][0]
+    # A demonstration's reward is a placeholder: SFT steps report no reward figures (a constant 1 in TensorBoard)
+    assert not {"accuracy", "reward_mean"} & set(modes["sft"][0])
 
 
 def test_waiting_ranks_fail_fast_when_rank_0_gives_up(runs: Path) -> None:
