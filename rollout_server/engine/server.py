@@ -69,6 +69,8 @@ def serve(config: EngineConfig) -> None:
 
             heartbeat = Heartbeat(broker.engines, info, config.heartbeat_interval_s, config.heartbeat_ttl_s)
             heartbeat.start()
+        # The whole config at debug level: it names where the token comes from (api_key_env/_file), never the token.
+        log.debug("engine config: %s", config.model_dump_json())
         log.info("engine serving %s on http://%s:%d", config.model_path, config.host, port)
         # uvicorn re-raises the signal it shut down on; a handler (instead of the default, which kills the
         # process) lets SIGTERM end in the cleanup below: deregister, close the broker, stop the scheduler.

@@ -166,7 +166,8 @@ def test_serve_binds_loopback_and_never_logs_the_token(model_dir: Path, tmp_path
         assert [a.status_code for a in answers] == [401, 401, 200, 200]
         assert all(TOKEN not in a.text for a in answers)
     text = log.read_text()
-    assert "control auth on" in text and "DEBUG" in text  # the logs were captured, at debug level
+    # the logs were captured, at debug level (the config line names the token's variable, never its value)
+    assert "control auth on" in text and "DEBUG" in text and "LONGTRACE_ENGINE_API_KEY" in text
 
 
 def test_serve_on_a_network_address_without_a_token_is_refused_unless_allowed(model_dir: Path, tmp_path: Path) -> None:
