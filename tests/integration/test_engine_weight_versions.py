@@ -135,8 +135,10 @@ def test_an_answer_paused_across_updates_reports_each_spans_version(
     a, b = _hf_logprobs(models["a"], ids), _hf_logprobs(models["b"], ids)
     if mode == "retract":  # the KV is recomputed under the new weights: every token is its span's model's
         assert got == pytest.approx(a[:n1] + b[n1:n2] + a[n2:], abs=ATOL)
-    else:  # in_place keeps the old KV: the first span is model a's, the token after it already is not
-        assert got[:n1] == pytest.approx(a[:n1], abs=ATOL) and abs(got[n1] - a[n1]) > 100 * ATOL
+    else:  # in_place keeps the old KV: the first span is model a's, the span after it already is not
+        assert got[:n1] == pytest.approx(a[:n1], abs=ATOL)
+        # One token under model b can land within 1e-3 of a's logprob by chance (seen in CI); the whole span cannot.
+        assert max(abs(got[i] - a[i]) for i in range(n1, n2)) > 100 * ATOL
     res = parse_generate(reply.content, initial_policy_version=0)
     assert res.segments == (WeightSegment(0, 0), WeightSegment(n1, 1), WeightSegment(n2, 3))
     assert res.policy_version == 3 and res.output_ids == ids
