@@ -16,9 +16,10 @@ import math
 import threading
 from collections.abc import Mapping
 from typing import Any
-from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from common.metrics_http import MetricsHTTP
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ class LearnerExporter:
         self.other = Gauge(f"{NS}_metric", "Any other number of the step's metrics, by its key", ["name"], registry=r)
         self._seen_totals: dict[str, float] = {}
         self._lock = threading.Lock()
-        self._server: WSGIServer | None = None
+        self._http = MetricsHTTP(r)
         self.port = 0
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
@@ -138,16 +139,12 @@ class LearnerExporter:
 
     def serve(self, host: str, port: int) -> int:
         """Serve /metrics on a daemon thread (port 0: a free port the OS picks); returns the port bound."""
-        self._server, _ = start_http_server(port, addr=host, registry=self.registry)
-        self.port = int(self._server.server_port)
+        self.port = self._http.start(host, port)
         logger.info("learner metrics on http://%s:%d/metrics", host, self.port)
         return self.port
 
     def close(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+        self._http.close()
 
 
 def serve_exporter(host: str, port: int, is_writer: bool) -> LearnerExporter | None:

@@ -10,17 +10,16 @@ tests) in one process do not collide; several worker processes on one host do no
 from __future__ import annotations
 
 import collections
-import errno
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from common.metrics_http import MetricsHTTP
 from rollout_server.worker.router import EngineLoad
 
 log = logging.getLogger(__name__)
@@ -121,8 +120,7 @@ class RolloutMetrics:
         Gauge("longtrace_rollout_tokens_per_s", f"Tokens per second over {window_s:g}s", registry=r).set_function(
             token_rate.per_s
         )
-        self._server: WSGIServer | None = None
-        self._thread: threading.Thread | None = None
+        self._http = MetricsHTTP(r)
         self.port = 0
         """The port /metrics is served on (0: not served)."""
 
@@ -132,24 +130,11 @@ class RolloutMetrics:
     def serve(self, host: str, port: int, span: int = 1) -> int:
         """Serve /metrics on a daemon thread, on the first free port of `port .. port + span - 1`, else on a free
         port the OS picks (as with `port` 0), and log it. Returns the port bound."""
-        candidates = [port + i for i in range(span) if port and port + i <= 65535] + [0]
-        for candidate in candidates:
-            try:
-                self._server, self._thread = start_http_server(candidate, addr=host, registry=self.registry)
-            except OSError as e:
-                if e.errno != errno.EADDRINUSE:
-                    raise
-                continue
-            break
-        assert self._server is not None  # port 0 never collides
-        self.port = int(self._server.server_port)
-        if port and self.port not in candidates:
+        self.port = self._http.start(host, port, span)
+        if port and not port <= self.port < port + span:
             log.warning("metrics ports %d..%d are taken; using %d", port, port + span - 1, self.port)
         log.info("metrics on http://%s:%d/metrics", host, self.port)
         return self.port
 
     def close(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+        self._http.close()
