@@ -13,7 +13,7 @@ scenario's groups are accounted for the same way afterwards (experiments/chaos_a
                         the rollout groups they come from, which it reads): those go to `dead` with their size
                         (cause `judge`: the reward worker gave them up), the worker goes on
     reject_task         a task the engines reject (HTTP 400: a prompt token outside the vocabulary) published under
-                        the group ids of every 5th dataset row before the feeder reaches them (its own publish of
+                        the group ids of every other one of the next rows the feeder will publish (its own publish of
                         those ids is then refused by the dedup key, as a republish after a crash would be): the
                         rollout worker dead-letters each (cause `rollout`), the learner releases the admission slot
                         of each it admits, the run finishes
@@ -47,7 +47,10 @@ LONG_RESPONSE_TOKENS = 128  # long_generations: tokens per sample (the base conf
 # judge_outage: the judge is asked only for a sample with an answer after </think>, which the random base model
 # never writes: a short SFT warm start teaches it the format first (its loss plateau, where the format is learned).
 JUDGE_SFT_STEPS = 60
-REJECT_EVERY = 5  # reject_task: the dataset rows whose tasks are poisoned (index % REJECT_EVERY == 0)
+# reject_task: of the next REJECT_NEXT rows the feeder will publish (in its epoch order), every other is poisoned.
+# The next ones, not every n-th row of the dataset: those the run never reaches would test nothing (a CI run of
+# 12 steps admitted none of every 5th row once).
+REJECT_NEXT = 8
 # oversized_output: the reward worker's broker.max_entry_mb. Scored groups are 2.55-2.67 KB (median 2.65 KB), the
 # rollout groups it reads 1.9-2.1 KB: about half the scored groups are too large to publish.
 OVERSIZED_ENTRY_MB = 0.00253
@@ -208,8 +211,8 @@ class JudgeOutage(Injector):
 
 
 class RejectTask(Injector):
-    """Once `warmup_steps` steps are logged, publishes poisoned copies of the feeder's tasks for every
-    REJECT_EVERY-th dataset row it has not published yet."""
+    """Once `warmup_steps` steps are logged, publishes poisoned copies of the feeder's tasks for every other one of
+    the REJECT_NEXT rows that come next in the feeder's epoch order and that it has not published yet."""
 
     def __init__(self, cfg: ChaosConfig, launcher: Any) -> None:
         super().__init__(cfg, launcher)
@@ -225,7 +228,9 @@ class RejectTask(Injector):
         from broker.base import TASKS
         from broker.factory import connect
         from broker.schemas import Task, pack_ids
+        from deploy.launcher.config import PLACEHOLDER_REDIS_URL
         from experiments.side_reads import side_reads_config
+        from learner.feeder import epoch_order
 
         run_id = self.launcher.cfg.phase_run_id(self.phase)
         broker = connect(side_reads_config(self.launcher.redis_url, run_id, connect_timeout_s=2.0))
@@ -234,12 +239,16 @@ class RejectTask(Injector):
             if not entries:
                 return  # no task in the stream right now: try at the next tick
             task = entries[0].msg
+            prefix = task.group_id.rsplit("/i", 1)[0]  # the run id and the epoch the feeder is in
+            epoch = int(prefix.rsplit("/e", 1)[1])
+            data = self.launcher.cfg.train_config(PLACEHOLDER_REDIS_URL, self.phase, "m", "d.jsonl", "p").data
+            order = epoch_order(self.launcher.cfg.prepare.num_train, data.seed, epoch, data.shuffle)
+            published = broker.view(TASKS).dedup_keys()
+            upcoming = [int(i) for i in order if f"{prefix}/i{i}" not in published][:REJECT_NEXT]
             bad = pack_ids([10**6] * 8)  # far outside any vocabulary: the engine answers 400
-            rows = self.launcher.cfg.prepare.num_train  # the prepared dataset's rows
-            prefix = task.group_id.rsplit("/i", 1)[0]
             msgs = [
                 msgspec.structs.replace(task, group_id=f"{prefix}/i{i}", dataset_index=i, prompt_ids=bad)
-                for i in range(0, rows, REJECT_EVERY)
+                for i in upcoming[1::2]  # not the very next: the feeder may be publishing it now
             ]
             ids = broker.producer(TASKS, Task).publish(msgs, dedup_key=lambda t: t.group_id)
             self.poisoned = [m.group_id for m, i in zip(msgs, ids, strict=True) if i is not None]
