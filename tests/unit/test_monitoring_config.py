@@ -21,7 +21,7 @@ PROMETHEUS_YML = COMPOSE.parent / "prometheus.yml"
 GRAFANA = REPO / "deploy" / "grafana"
 # Compose services Prometheus does not scrape, and why.
 NOT_SCRAPED = {
-    "redis": "no /metrics (a redis_exporter would be a separate service)",
+    "redis": "no /metrics of its own: scraped through redis-exporter (profile monitoring)",
     "reward-worker": "no HTTP endpoint: the stream worker's counters stay in its process",
     "grafana": "the dashboard itself",
     "eval": "a one-shot job (profile eval): its results are files under /runs, not a live endpoint",
@@ -183,6 +183,10 @@ def test_prometheus_scrapes_every_compose_service_where_it_serves() -> None:
         range(rollout.metrics_port, rollout.metrics_port + len(ports["rollout"]))
     )
     assert int(services["rollout"]["deploy"]["replicas"]) <= len(ports["rollout"]) <= rollout.metrics_port_span
+    exporter = services["redis-exporter"]["environment"]
+    assert ports["redis-exporter"] == [int(exporter["REDIS_EXPORTER_WEB_LISTEN_ADDRESS"].rsplit(":", 1)[1])]
+    redis_port = read_env_file(ENV_EXAMPLE)["REDIS_PORT"]
+    assert exporter["REDIS_ADDR"] == f"redis://127.0.0.1:{redis_port}", "the exporter must read the compose Redis"
     listen = flag(services["prometheus"]["command"], "--web.listen-address")
     assert ports["prometheus"] == [int(listen.rsplit(":", 1)[1])]
     every = [p for ps in ports.values() for p in ps]
@@ -193,7 +197,7 @@ def test_monitoring_is_an_optional_profile_with_the_dashboard_provisioned() -> N
     """Guards against monitoring that starts with every `docker compose up` (it must be opt-in), and against a
     Grafana that starts without the dashboard or without a datasource pointing at the Prometheus service."""
     services = load_compose()["services"]
-    for name in ("prometheus", "grafana"):
+    for name in ("prometheus", "grafana", "redis-exporter"):
         assert services[name]["profiles"] == ["monitoring"], name
         assert services[name]["network_mode"] == "host", name
     assert any(
