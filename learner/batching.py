@@ -117,8 +117,10 @@ def group_to_samples(
 REWARD_METRICS = frozenset(
     {"reward_mean", "outcome_mean", "accuracy", "rubric_mean", "raw_rubric_mean", "zeroed_fraction"}
     | {"zero_variance_group_fraction"}
+    | {"rollout/group_s_mean", "rollout/group_s_max", "rollout/resumes_per_sample", "reward/score_s_mean"}
 )
-"""The keys of `group_metrics` that come from the rewards (meaningless for SFT demonstrations)."""
+"""The keys of `group_metrics` that come from the rollout workers and the rewards (meaningless for SFT
+demonstrations, which neither generated nor scored)."""
 
 
 def group_metrics(groups: Sequence[ScoredGroup], staleness: Sequence[int]) -> dict[str, float]:
@@ -140,6 +142,13 @@ def group_metrics(groups: Sequence[ScoredGroup], staleness: Sequence[int]) -> di
         "num_samples": float(len(samples)),
     }
     out["accuracy"] = out["outcome_mean"]
+    # What the rollout workers and reward workers measured for these groups: the trackers (TensorBoard, W&B) show
+    # them on the learner's step axis beside the losses, without scraping the services.
+    rollout_s = np.array([sg.group.rollout_s for sg in groups], dtype=np.float64)
+    out["rollout/group_s_mean"] = float(rollout_s.mean())
+    out["rollout/group_s_max"] = float(rollout_s.max())
+    out["rollout/resumes_per_sample"] = float(np.mean([s.num_resumes for s in samples]))
+    out["reward/score_s_mean"] = float(np.mean([sg.score_s for sg in groups]))
     for lag, n in sorted(Counter(staleness).items()):
         out[f"staleness/{lag}"] = float(n)
     return out

@@ -107,6 +107,7 @@ class WandbTracker:
             raise _missing("wandb") from e
         directory = Path(cfg.wandb_dir or run_dir)
         directory.mkdir(parents=True, exist_ok=True)
+        self._teardown = wandb.teardown
         self._run = wandb.init(
             project=cfg.wandb_project,
             mode=cfg.wandb_mode,
@@ -118,7 +119,10 @@ class WandbTracker:
         self._run.log(scalars(metrics), step=step)
 
     def close(self) -> None:
+        # finish() alone returned before W&B's service process had written the history (seen on a loaded machine:
+        # an offline run file without a step); teardown waits for the service to flush and exit.
         self._run.finish()
+        self._teardown()
 
 
 def build_trackers(cfg: TrackingConfig, run_dir: str | Path, resume_step: int = 0) -> dict[str, Tracker]:

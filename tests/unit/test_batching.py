@@ -221,3 +221,22 @@ def test_batch_wire_round_trip() -> None:
             torch.from_numpy(x.rollout_logp), torch.from_numpy(y.rollout_logp)
         )
     assert batch.metrics["accuracy"] == pytest.approx(0.5)
+
+
+def test_step_metrics_carry_the_rollout_and_reward_timings_of_their_groups() -> None:
+    """Guards against the trackers missing the rollout and reward side of a step (issue 24: rollout and reward
+    metrics land in the learner's run): the timings the workers stamped on each group must reach the step's metrics,
+    and SFT steps, whose demonstrations were never generated or scored, must drop them with the rewards."""
+    import msgspec
+
+    from learner.batching import REWARD_METRICS, group_metrics
+
+    a, b = _scored("a", 0, [1.0, 0.0]), _scored("b", 0, [0.0, 1.0])
+    a = msgspec.structs.replace(a, score_s=0.5, group=msgspec.structs.replace(a.group, rollout_s=2.0))
+    b = msgspec.structs.replace(b, score_s=1.5, group=msgspec.structs.replace(b.group, rollout_s=4.0))
+    resumed = msgspec.structs.replace(b.group.samples[0], num_resumes=2)
+    b = msgspec.structs.replace(b, group=msgspec.structs.replace(b.group, samples=[resumed, b.group.samples[1]]))
+    m = group_metrics([a, b], [0, 1])
+    assert (m["rollout/group_s_mean"], m["rollout/group_s_max"], m["reward/score_s_mean"]) == (3.0, 4.0, 1.0)
+    assert m["rollout/resumes_per_sample"] == 0.5
+    assert {"rollout/group_s_mean", "rollout/resumes_per_sample", "reward/score_s_mean"} <= REWARD_METRICS
