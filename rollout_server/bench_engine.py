@@ -1,8 +1,16 @@
-"""`longtrace bench engine`: generated tokens/s of the built-in engine at concurrency 16 over HTTP, against
-one-at-a-time transformers `model.generate` on the same model and prompts, in the same run.
+"""`longtrace bench engine`: generated tokens/s of the built-in engine over HTTP against transformers' own batched
+`model.generate` on the same model, prompts and batch size, in the same run.
 
-Both sides sample at T=1 with every token forced to be generated (ignore_eos / min_new_tokens), so
-they produce the same number of tokens per prompt. Prompts are random token ids of 64-256 tokens.
+The baseline is the strongest simple one: `generate` on `concurrency` prompts at once, left-padded with an
+attention mask (static batching), not one prompt at a time. Workloads, each timed on both sides:
+- `mixed` (the headline `ratio`): each prompt asks for its own number of tokens, uniform in
+  [new_tokens/8, new_tokens], as a rollout's responses differ in length. A static batch runs until its longest
+  request is done; the baseline is credited only with the tokens each prompt asked for (what it generates past
+  them is waste a user of `generate` pays for). The engine admits a new request as soon as one finishes.
+- `uniform`: every prompt asks for `new_tokens` (`ratio_uniform`): static batching's best case, the raw speed of
+  the two forward paths.
+`ratio_one_at_a_time` keeps the old, weaker comparison (unbatched `generate`) for reference. Both sides sample at
+T=1 with every asked token generated (ignore_eos / min_new_tokens). Prompts are random ids of 64-256 tokens.
 """
 
 from __future__ import annotations
@@ -17,46 +25,75 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+_SAMPLING = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, pad_token_id=0)
+
 
 def _prompts(num: int, vocab: int, seed: int) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(vocab) for _ in range(rng.randint(64, 256))] for _ in range(num)]
 
 
-def _baseline(model_dir: str, prompts: list[list[int]], new_tokens: int) -> float:
-    """Tokens/s of HF generate, one prompt at a time (after a warm-up call)."""
+def _budgets(num: int, new_tokens: int, seed: int) -> list[int]:
+    rng = random.Random(seed + 1)
+    return [rng.randint(max(1, new_tokens // 8), new_tokens) for _ in range(num)]
+
+
+def _load_hf(model_dir: str) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
-    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.eval()
-    kwargs = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, pad_token_id=0)
+    return model
+
+
+def _hf_batched(model: Any, prompts: list[list[int]], budgets: list[int], batch_size: int) -> tuple[int, int, float]:
+    """(asked tokens, generated tokens, seconds) of `generate` over left-padded batches of `batch_size`."""
+    import torch
+
+    asked = generated = 0
+    start = time.perf_counter()
     with torch.inference_mode():
-        model.generate(torch.tensor([prompts[0][:16]]), max_new_tokens=4, min_new_tokens=4, **kwargs)
-        start = time.perf_counter()
-        total = 0
+        for i in range(0, len(prompts), batch_size):
+            batch, want = prompts[i : i + batch_size], budgets[i : i + batch_size]
+            width = max(len(p) for p in batch)
+            ids = torch.tensor([[0] * (width - len(p)) + p for p in batch])
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+            steps = max(want)  # a static batch runs until its longest request is done
+            out = model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=steps, min_new_tokens=steps, **_SAMPLING
+            )
+            generated += (out.shape[1] - width) * len(batch)
+            asked += sum(want)
+    return asked, generated, time.perf_counter() - start
+
+
+def _hf_one_at_a_time(model: Any, prompts: list[list[int]], new_tokens: int) -> float:
+    import torch
+
+    start, total = time.perf_counter(), 0
+    with torch.inference_mode():
         for p in prompts:
-            out = model.generate(torch.tensor([p]), max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
+            out = model.generate(torch.tensor([p]), max_new_tokens=new_tokens, min_new_tokens=new_tokens, **_SAMPLING)
             total += out.shape[1] - len(p)
-        return total / (time.perf_counter() - start)
+    return total / (time.perf_counter() - start)
 
 
-async def _drive(url: str, prompts: list[list[int]], new_tokens: int, concurrency: int) -> tuple[int, float]:
+async def _drive(url: str, prompts: list[list[int]], budgets: list[int], concurrency: int) -> tuple[int, float]:
     import httpx
 
     sem = asyncio.Semaphore(concurrency)
-    params = {"max_new_tokens": new_tokens, "temperature": 1.0, "ignore_eos": True}
     async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(600.0)) as client:
 
-        async def one(p: list[int]) -> int:
+        async def one(p: list[int], n: int) -> int:
+            params = {"max_new_tokens": n, "temperature": 1.0, "ignore_eos": True}
             async with sem:
                 r = await client.post("/generate", json={"input_ids": p, "sampling_params": params})
                 r.raise_for_status()
                 return int(r.json()["meta_info"]["completion_tokens"])
 
-        await one(prompts[0][:16])  # warm-up
         start = time.perf_counter()
-        counts = await asyncio.gather(*(one(p) for p in prompts))
+        counts = await asyncio.gather(*(one(p, n) for p, n in zip(prompts, budgets, strict=True)))
         return sum(counts), time.perf_counter() - start
 
 
@@ -82,13 +119,21 @@ def run_bench(
     # Half the cores by default: the engine's HTTP loop and the load generator share this process.
     threads = threads or max(1, (os.cpu_count() or 2) // 2)
     torch.set_num_threads(threads)
+    prompts = _prompts(num_prompts, vocab_size, seed)
+    workloads = {"mixed": _budgets(num_prompts, new_tokens, seed), "uniform": [new_tokens] * num_prompts}
+    hf: dict[str, tuple[int, int, float]] = {}
+    engine_rates: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="longtrace-bench-engine-") as tmp:
         model_dir = str(
             init_tiny_model(tmp, hidden_size=hidden_size, num_layers=num_layers, vocab_size=vocab_size, seed=seed)
         )
-        prompts = _prompts(num_prompts, vocab_size, seed)
-        baseline = _baseline(model_dir, prompts[:baseline_prompts], new_tokens)
-        log.info("baseline (HF generate, one at a time): %.1f tok/s", baseline)
+        model = _load_hf(model_dir)
+        _hf_batched(model, prompts[:2], [4, 4], 2)  # warm-up
+        for name, budgets in workloads.items():
+            hf[name] = _hf_batched(model, prompts, budgets, concurrency)
+            log.info("HF generate, batches of %d, %s: %.1f asked tok/s", concurrency, name, hf[name][0] / hf[name][2])
+        one_at_a_time = _hf_one_at_a_time(model, prompts[:baseline_prompts], new_tokens)
+        del model
         config = EngineConfig(
             model_path=model_dir, max_running_requests=concurrency, context_length=512, num_threads=threads
         )
@@ -96,20 +141,35 @@ def run_bench(
         engine.start()
         try:
             with BackgroundServer(build_app(engine)) as server:
-                tokens, elapsed = asyncio.run(_drive(server.url, prompts, new_tokens, concurrency))
+                asyncio.run(_drive(server.url, prompts[:2], [4, 4], concurrency))  # warm-up
+                for name, budgets in workloads.items():
+                    tokens, elapsed = asyncio.run(_drive(server.url, prompts, budgets, concurrency))
+                    if tokens != sum(budgets):
+                        raise RuntimeError(f"the engine generated {tokens} tokens, {sum(budgets)} were asked")
+                    engine_rates[name] = tokens / elapsed
+                    log.info("engine at concurrency %d, %s: %.1f tok/s", concurrency, name, engine_rates[name])
         finally:
             engine.shutdown()
-    rate = tokens / elapsed
-    log.info("engine at concurrency %d: %.1f tok/s", concurrency, rate)
+    baseline = {name: asked / s for name, (asked, _, s) in hf.items()}
+    asked, generated, _ = hf["mixed"]
     return {
         "bench": "engine",
-        "tokens_per_s": round(rate, 1),
-        "baseline_tokens_per_s": round(baseline, 1),
-        "ratio": round(rate / baseline, 2),
+        "tokens_per_s": round(engine_rates["mixed"], 1),
+        "baseline_tokens_per_s": round(baseline["mixed"], 1),
+        "ratio": round(engine_rates["mixed"] / baseline["mixed"], 2),
+        "goal": 1.5,
+        "uniform_tokens_per_s": round(engine_rates["uniform"], 1),
+        "uniform_baseline_tokens_per_s": round(baseline["uniform"], 1),
+        "ratio_uniform": round(engine_rates["uniform"] / baseline["uniform"], 2),
+        "baseline_wasted_fraction": round(1 - asked / generated, 3),
+        "one_at_a_time_tokens_per_s": round(one_at_a_time, 1),
+        "ratio_one_at_a_time": round(engine_rates["uniform"] / one_at_a_time, 2),
+        "baseline": f"transformers generate, batches of {concurrency}, left-padded; tokens counted as asked",
         "concurrency": concurrency,
         "num_prompts": num_prompts,
         "baseline_prompts": baseline_prompts,
         "new_tokens": new_tokens,
+        "mixed_new_tokens": [max(1, new_tokens // 8), new_tokens],
         "model": {"arch": "qwen3", "hidden_size": hidden_size, "num_layers": num_layers, "vocab_size": vocab_size},
         "threads": threads,
     }
