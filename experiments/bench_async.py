@@ -12,7 +12,8 @@ and `dataset_path` skip it.
 This module runs both against one judge stub and writes the result (what --json prints). The config and each
 run's UpConfig are in experiments/bench_async_plan.py; experiments/bench_async_measure.py says how each stage's
 busy time per learner step is measured; experiments/bench_async_summary.py combines the two runs:
-ideal_speedup = sum of the sync run's busy medians / their largest: the speedup of a perfect pipeline.
+ideal_speedup = the sync step / the async run's busiest resource per step (judge, CPU, learner): a bound on the
+speedup; ratio = speedup / ideal_speedup.
 """
 
 from __future__ import annotations
@@ -27,15 +28,16 @@ from pathlib import Path
 from typing import Any
 
 from common.config import ConfigError
-from experiments.bench_async_measure import ScoredObserver, summarize_run
+from experiments.bench_async_measure import CpuSampler, ScoredObserver, summarize_run
 from experiments.bench_async_plan import DEFAULT_CONFIG, ROOT, BenchAsyncConfig, BenchError, RunPlan
 from experiments.bench_async_summary import combine, rounded
 
 __all__ = ["DEFAULT_CONFIG", "BenchAsyncConfig", "BenchError", "run_bench"]
 
 
-def _run_up(up_cfg: Any, path: Path, log_path: Path, timeout_s: float) -> None:
-    """`longtrace up` on the written config, as a child in this process group (Ctrl-C reaches it too)."""
+def _run_up(up_cfg: Any, path: Path, log_path: Path, timeout_s: float) -> list[tuple[float, float]]:
+    """`longtrace up` on the written config, as a child in this process group (Ctrl-C reaches it too); returns the
+    CPU samples of its process tree."""
     from deploy.launcher.tomlfile import write_config
 
     write_config(up_cfg, path)
@@ -43,6 +45,7 @@ def _run_up(up_cfg: Any, path: Path, log_path: Path, timeout_s: float) -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
     with log_path.open("w") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        cpu = CpuSampler(proc.pid).start()
         try:
             code = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -58,9 +61,12 @@ def _run_up(up_cfg: Any, path: Path, log_path: Path, timeout_s: float) -> None:
         except BaseException:
             proc.wait(timeout=120)  # Ctrl-C reached the launcher as well: let it shut down in order
             raise
+        finally:
+            cpu.stop()
     if code != 0:
         tail = "\n".join(log_path.read_text().splitlines()[-25:])
         raise BenchError(f"longtrace up exited with {code} (log: {log_path}):\n{tail}")
+    return cpu.samples
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -94,16 +100,18 @@ def run_bench(cfg: BenchAsyncConfig, progress: Any = None) -> dict[str, Any]:
             observer = ScoredObserver(f"redis://127.0.0.1:{port}/0", run_id, cfg.poll_s).start()
             note(f"{mode} run (max_staleness {0 if mode == 'sync' else cfg.async_max_staleness}) in {root / mode}")
             try:
-                _run_up(up_cfg, root / f"{mode}.toml", root / f"{mode}.log", cfg.run_timeout_s)
+                cpu = _run_up(up_cfg, root / f"{mode}.toml", root / f"{mode}.log", cfg.run_timeout_s)
             finally:
                 observer.stop()
             metrics = RunDir.at(root / mode).metrics("rl")
             calls = [(c.start_s, c.end_s) for c in stub.snapshot()]
             _write_jsonl(root / f"{mode}-scored.jsonl", [dataclasses.asdict(r) for r in observer.records])
-            summaries[mode] = summarize_run(metrics, observer.records, calls, cfg.warmup_steps, cfg.judge.concurrency)
+            summaries[mode] = summarize_run(
+                metrics, observer.records, calls, cfg.warmup_steps, cfg.judge.concurrency, cpu
+            )
             summaries[mode]["run_dir"] = str(root / mode)
             note(f"{mode}: {summaries[mode]['steps_per_min']:.2f} steps/min")
-    result = combine(summaries["sync"], summaries["async"])
+    result = combine(summaries["sync"], summaries["async"], len(os.sched_getaffinity(0)))
     up = plan.up_config("sync", 0, cfg.model_path)
     train = up.train_config("redis://127.0.0.1:1/0", "rl", "model", "data.jsonl", "phase")
     result |= {

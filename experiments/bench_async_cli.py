@@ -2,8 +2,9 @@
 
 longtrace bench async [--config configs/bench/async.toml] [--json] [--section.key value ...]
 
-Prints one JSON object (--json) or a short table: sync_steps_per_min, async_steps_per_min, speedup, ideal_speedup,
-efficiency and per-stage busy seconds per step of both runs (experiments/bench_async_measure.py says how each is
+Prints one JSON object (--json) or a short table: sync_steps_per_min, async_steps_per_min, speedup, ideal_speedup
+(a bound: experiments/bench_async_summary.py), ratio = speedup / ideal_speedup, and per-stage busy seconds per step
+of both runs (experiments/bench_async_measure.py says how each is
 measured).
 """
 

@@ -8,7 +8,10 @@ Per-stage busy time is measured per learner step, on the step's window (t[i-1], 
   as it is published: its concurrency exceeds the groups in flight);
 - scoring: the union of the groups' scoring intervals [XADD time - score_s, XADD time];
 - training: the learner's `step_s` (old logprobs, forward-backward, optimizer step);
-- weight sync: the learner's `weight_sync/total_s` (export, pause, broadcast, resume).
+- weight sync: the learner's `weight_sync/total_s` (export, pause, broadcast, resume);
+- CPU: the CPU seconds of the run's whole process tree (`longtrace up` and every descendant: engines, learner
+  ranks, workers, Redis) in the window, from CpuSampler's samples. A process that exits between two samples takes
+  its last interval with it, so this can only undercount: a bound built on it stays a bound.
 The steps measured are warmup_steps + 1 .. steps - 1 (the last one also writes the run's only checkpoint);
 every figure is a median over them. steps/min = 60 / median step interval.
 """
@@ -16,10 +19,14 @@ every figure is a median over them. steps/min = 60 / median step interval.
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from experiments.bench_async_plan import BenchError
 from experiments.side_reads import side_reads_config
@@ -111,6 +118,60 @@ class ScoredObserver:
             broker.close()
 
 
+@dataclass
+class CpuSampler:
+    """A thread that samples the CPU seconds (user + system) of process `pid` and all its descendants every `poll_s`,
+    as (time.time(), cpu_s) pairs."""
+
+    pid: int
+    poll_s: float = 0.5
+    samples: list[tuple[float, float]] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+    _seen: dict[int, float] = field(default_factory=dict)  # per process: its CPU seconds at its last sample
+
+    def start(self) -> CpuSampler:
+        self._thread = threading.Thread(target=self._run, name=f"cpu-{self.pid}", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        import psutil
+
+        try:
+            root = psutil.Process(self.pid)
+        except psutil.NoSuchProcess:
+            return
+        while True:
+            try:
+                procs = [root, *root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                procs = []
+            for p in procs:
+                try:
+                    t = p.cpu_times()
+                    self._seen[p.pid] = max(self._seen.get(p.pid, 0.0), t.user + t.system)
+                except psutil.Error:
+                    continue  # exited since the listing: its CPU up to its last sample stays counted
+            # Totals over every process ever seen (exited ones keep their last value), so the series never drops.
+            self.samples.append((time.time(), sum(self._seen.values())))
+            if self._stop.wait(self.poll_s):
+                return
+
+
+def cpu_in(samples: list[tuple[float, float]], lo: float, hi: float) -> float:
+    """CPU seconds used in [lo, hi], interpolated between the samples (nan without samples around the window)."""
+    if len(samples) < 2 or samples[0][0] > lo or samples[-1][0] < hi:
+        return math.nan
+    ts, cpu = [t for t, _ in samples], [c for _, c in samples]
+    return float(np.interp(hi, ts, cpu) - np.interp(lo, ts, cpu))
+
+
 def union_length(intervals: list[tuple[float, float]], lo: float, hi: float) -> float:
     """Length of the union of `intervals` clipped to [lo, hi]."""
     clipped = sorted((max(a, lo), min(b, hi)) for a, b in intervals if b > lo and a < hi)
@@ -139,6 +200,7 @@ def summarize_run(
     judge_calls: list[tuple[float, float]],
     warmup_steps: int,
     judge_concurrency: int,
+    cpu_samples: list[tuple[float, float]] | None = None,
 ) -> dict[str, Any]:
     """Medians over the measured steps of one run (see the module docstring)."""
     rows = sorted(metrics, key=lambda m: m["step"])
@@ -148,7 +210,7 @@ def summarize_run(
     t = [float(m["time_s"]) for m in rows]
     gen = [r.generation for r in records]
     score = [r.scoring for r in records]
-    per_step: dict[str, list[float]] = {s: [] for s in (*STAGES, "judge", "judge_work")}
+    per_step: dict[str, list[float]] = {s: [] for s in (*STAGES, "judge", "judge_work", "cpu", "learner")}
     dts, calls = [], []
     for i in range(warmup_steps, len(rows) - 1):  # index i is step i + 1; the last step (checkpoint) left out
         lo, hi = t[i - 1], t[i]
@@ -161,6 +223,8 @@ def summarize_run(
         held = sum(max(0.0, min(b, hi) - max(a, lo)) for a, b in judge_calls)
         per_step["judge_work"].append(held / judge_concurrency)
         calls.append(sum(lo < end <= hi for _, end in judge_calls))
+        per_step["cpu"].append(cpu_in(cpu_samples or [], lo, hi))
+        per_step["learner"].append(per_step["training"][-1] + per_step["weight_sync"][-1])
     busy = {s: statistics.median(v) for s, v in per_step.items() if s in STAGES}
     step_s = statistics.median(dts)
     last = rows[-1]
@@ -173,6 +237,9 @@ def summarize_run(
         # slot-seconds / concurrency: the judge's time per step if its slots were always full
         "judge_work_s_per_step": statistics.median(per_step["judge_work"]),
         "judge_calls_per_step": statistics.median(calls),
+        "cpu_s_per_step": statistics.median(per_step["cpu"]),
+        # the learner trains, then pushes: one after the other, whatever overlaps around it
+        "learner_s_per_step": statistics.median(per_step["learner"]),
         "judge_calls": sum(calls),
         "measured_steps": len(dts),
         "groups_dropped_stale": int(last.get("groups_dropped_stale") or 0),

@@ -92,8 +92,9 @@ def test_cli_registers_bench_async() -> None:
 @pytest.mark.slow
 def test_tiny_bench_reports_consistent_numbers(tmp_path: Path) -> None:
     """Guards against a bench whose numbers cannot be trusted: a missing field, a stage measured as 0 (the observer
-    saw no groups, or metrics were misread), an ideal speedup below 1, a speedup that is not the ratio of the
-    rates, a sync run that trains on stale data, or an async run beyond its staleness bound."""
+    saw no groups, or metrics were misread), no CPU measured (the sampler saw no process), an ideal that is not the
+    sync step over the largest resource bound, a speedup that is not the ratio of the rates, a sync run that trains
+    on stale data, or an async run beyond its staleness bound."""
     cfg = load_config(
         BenchAsyncConfig,
         DEFAULT_CONFIG,
@@ -108,11 +109,17 @@ def test_tiny_bench_reports_consistent_numbers(tmp_path: Path) -> None:
         ],
     )  # fmt: skip
     result: dict[str, Any] = run_bench(cfg)
-    for key in ("sync_steps_per_min", "async_steps_per_min", "speedup", "ideal_speedup", "efficiency", "config"):
+    for key in ("sync_steps_per_min", "async_steps_per_min", "speedup", "ideal_speedup", "ratio", "config"):
         assert key in result, key
-    assert result["ideal_speedup"] >= 1.0
     assert result["speedup"] == pytest.approx(result["async_steps_per_min"] / result["sync_steps_per_min"], rel=0.01)
-    assert result["efficiency"] == pytest.approx(result["speedup"] / result["ideal_speedup"], rel=0.01)
+    assert result["ratio"] == pytest.approx(result["speedup"] / result["ideal_speedup"], rel=0.01)
+    bounds = result["bounds_s"]
+    assert set(bounds) == {"judge", "cpu", "learner"} and all(v > 0 for v in bounds.values()), bounds
+    assert result["bound_step_s"] == max(bounds.values()) and result["bound_by"] in bounds
+    sync_step = 60 / result["sync_steps_per_min"]
+    assert result["ideal_speedup"] == pytest.approx(sync_step / result["bound_step_s"], rel=0.02)
+    # the CPU bound is the tree's CPU seconds per step over the cores: at most the step times the cores
+    assert 0 < result["async"]["cpu_s_per_step"] <= 1.1 * result["cores"] * 60 / result["async_steps_per_min"]
     for mode in ("sync", "async"):
         run = result[mode]
         assert set(run["busy_s_per_step"]) == set(STAGES)
