@@ -74,6 +74,8 @@ def run_chaos(cfg: ChaosConfig) -> dict[str, Any]:
         "finished": all(r.get("finished", False) for r in runs.values()),
         "failed": {name: r["failures"] for name, r in runs.items() if r["failures"]},
         "appendfsync": cfg.appendfsync,
+        "ratio": None,
+        "no_ratio": "a reliability bench: pass means every scenario recovered with groups_lost = groups_duplicated = 0",
         "seconds": round(time.monotonic() - t0, 1),
         "runs": runs,
     }

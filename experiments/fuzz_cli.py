@@ -63,6 +63,8 @@ def _bench(args: argparse.Namespace) -> int:
     out["failures"] = out["failures"][:10]
     out["per_service"] = {name: r.as_dict() for name, r in per.items()}
     out["max_examples"] = args.max_examples
+    out["ratio"] = None  # a correctness bench: what it counts are failures (5xx, 4xx without a reason), not speed
+    out["no_ratio"] = "a correctness bench: pass means zero status_5xx, status_4xx_without_reason, transport_errors"
     print_result(out, args.json, text=lambda r: json.dumps(r, indent=2))
     return 0 if total.ok else 1
 
