@@ -218,17 +218,27 @@ def balance_over_ranks(lengths: Sequence[int], num_ranks: int) -> list[list[int]
 def pack_micro_batches(
     indices: Sequence[int], lengths: Sequence[int], max_tokens: int, layout: Layout
 ) -> list[list[int]]:
-    """First-fit decreasing by the micro-batch's tokens under `layout` (padding included). A sequence longer than
-    the budget gets a micro-batch of its own."""
+    """First-fit decreasing by the micro-batch's tokens under `layout` (padding included, as `Layout.slots` counts
+    them). A sequence longer than the budget gets a micro-batch of its own. Each fit test is O(1): a bin keeps the
+    sum of its sequences' slots, and its first sequence is its longest (decreasing order)."""
     order = sorted(indices, key=lambda i: (-lengths[i], i))
+    row_multiple = math.lcm(layout.pad_multiple, layout.seq_multiple)
     bins: list[list[int]] = []
+    seq_sums: list[int] = []
     for i in order:
-        for b in bins:
-            if sum(layout.slots([lengths[j] for j in [*b, i]])) <= max_tokens:
-                b.append(i)
+        seq = _round_up(lengths[i], layout.seq_multiple)
+        for b, members in enumerate(bins):
+            if layout.packing:
+                tokens = _round_up(seq_sums[b] + seq, row_multiple)
+            else:
+                tokens = _round_up(lengths[members[0]], row_multiple) * (len(members) + 1)
+            if tokens <= max_tokens:
+                members.append(i)
+                seq_sums[b] += seq
                 break
         else:
             bins.append([i])
+            seq_sums.append(seq)
     return bins
 
 

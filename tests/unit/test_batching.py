@@ -240,3 +240,32 @@ def test_step_metrics_carry_the_rollout_and_reward_timings_of_their_groups() -> 
     assert (m["rollout/group_s_mean"], m["rollout/group_s_max"], m["reward/score_s_mean"]) == (3.0, 4.0, 1.0)
     assert m["rollout/resumes_per_sample"] == 0.5
     assert {"rollout/group_s_mean", "rollout/resumes_per_sample", "reward/score_s_mean"} <= REWARD_METRICS
+
+
+def test_packing_matches_first_fit_decreasing_over_the_layouts_own_token_count() -> None:
+    """Guards against the O(1) fit test of pack_micro_batches drifting from `Layout.slots` (the tokens a micro-batch
+    really takes): it must pack exactly as first-fit decreasing over `sum(layout.slots(...))` does, for padded and
+    packed rows, with and without context parallelism, and never exceed the budget with two or more sequences."""
+    import random
+
+    from learner.batching import Layout, pack_micro_batches
+
+    def reference(indices: list[int], lengths: list[int], max_tokens: int, layout: Layout) -> list[list[int]]:
+        bins: list[list[int]] = []
+        for i in sorted(indices, key=lambda i: (-lengths[i], i)):
+            for b in bins:
+                if sum(layout.slots([lengths[j] for j in [*b, i]])) <= max_tokens:
+                    b.append(i)
+                    break
+            else:
+                bins.append([i])
+        return bins
+
+    rng = random.Random(0)
+    for trial in range(300):
+        layout = Layout(pad_multiple=rng.choice([1, 8, 64]), packing=rng.random() < 0.5, cp_size=rng.choice([1, 2, 4]))
+        lengths = [rng.randint(1, 700) for _ in range(rng.randint(1, 40))]
+        budget = rng.choice([256, 1024, 4096])
+        got = pack_micro_batches(list(range(len(lengths))), lengths, budget, layout)
+        assert got == reference(list(range(len(lengths))), lengths, budget, layout), (trial, layout)
+        assert all(len(mb) == 1 or sum(layout.slots([lengths[i] for i in mb])) <= budget for mb in got)
