@@ -21,8 +21,10 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from types import FrameType
 from typing import Literal
 
@@ -50,8 +52,8 @@ class LaunchConfig(BaseConfig):
     model_path: str = ""
     """HF model directory (or hub id for SGLang)."""
     host: str = "127.0.0.1"
-    """Address the engine binds to. Any but a loopback address needs a token (`api_key_env` / `api_key_file`;
-    SGLang: `--admin-api-key` in `extra_args`) or `allow_unauthenticated`, or the launch is refused."""
+    """Address the engine binds to. Any but a loopback address needs a token (`api_key_env`, both backends;
+    `api_key_file`, the built-in one) or `allow_unauthenticated`, or the launch is refused."""
     port: int = Field(default=30000, ge=0, le=65535)
     """Engine HTTP port; 0 picks a free one."""
     tp_size: int = Field(default=1, ge=1)
@@ -87,8 +89,9 @@ class LaunchConfig(BaseConfig):
     """The learner's HF export directory (weight_sync `export_dir`). When set, the engine loads the newest export
     before it is registered, so an engine that joins between updates never serves stale weights."""
     api_key_env: str = "LONGTRACE_ENGINE_API_KEY"
-    """Env var holding the engines' control token: the built-in engine's (passed on as its `--api_key_env`), and
-    the one the heartbeat sends to read `/model_info`. SGLang takes its token as `--admin-api-key` in `extra_args`."""
+    """Env var holding the engines' control token: the built-in engine's (passed on as its `--api_key_env`),
+    SGLang's `--admin-api-key` (handed over in a private `--config` YAML file, never on the command line, where
+    every user of the machine reads it with `ps`), and the one the heartbeat sends to read `/model_info`."""
     api_key_file: str = ""
     """File holding the built-in engine's token instead (its `--api_key_file`)."""
     allow_unauthenticated: bool = False
@@ -109,8 +112,15 @@ class LaunchConfig(BaseConfig):
     def has_token(self) -> bool:
         """Whether the engine will require a token on its control endpoints."""
         if self.backend == "sglang":
-            return any(a.split("=", 1)[0] in ("--api-key", "--admin-api-key") for a in self.extra_args)
-        return bool(self.api_key_file) or bool(self.api_key_env and os.environ.get(self.api_key_env))
+            return self.token_in_args() or bool(self.env_token())
+        return bool(self.api_key_file) or bool(self.env_token())
+
+    def env_token(self) -> str:
+        return os.environ.get(self.api_key_env, "") if self.api_key_env else ""
+
+    def token_in_args(self) -> bool:
+        """SGLang's token given on its command line in `extra_args` (works, but `ps` shows it)."""
+        return any(a.split("=", 1)[0] in ("--api-key", "--admin-api-key") for a in self.extra_args)
 
     def policy_version(self) -> int:
         """The policy version `weight_version` names (weights/version.py); checked at load, so an engine never starts
@@ -121,10 +131,29 @@ class LaunchConfig(BaseConfig):
             raise ValueError(f"--weight_version: {e}") from None
 
 
-def engine_command(cfg: LaunchConfig, port: int) -> list[str]:
-    """The engine's command line for `cfg`, serving on `port`."""
+@contextlib.contextmanager
+def sglang_secrets(cfg: LaunchConfig) -> Iterator[str]:
+    """SGLang's `--config` file holding the token of `api_key_env` as `admin-api-key`, private to this user (0600 in a
+    0700 directory) and removed when the launch ends; "" when there is none to give (the built-in engine reads the
+    variable itself; a token already in `extra_args` wins). SGLang reads the file once, at start-up."""
+    token = cfg.env_token()
+    if cfg.backend != "sglang" or not token or cfg.token_in_args():
+        yield ""
+        return
+    with tempfile.TemporaryDirectory(prefix="longtrace-sglang-") as tmp:
+        path = os.path.join(tmp, "secrets.yaml")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"admin-api-key: {json.dumps(token)}\n")  # a JSON string is a YAML double-quoted scalar
+        yield path
+
+
+def engine_command(cfg: LaunchConfig, port: int, secrets_file: str = "") -> list[str]:
+    """The engine's command line for `cfg`, serving on `port` (SGLang: reading `secrets_file` with --config)."""
     if cfg.backend == "sglang":
         cmd = [cfg.sglang_python, "-m", "sglang.launch_server", "--model-path", cfg.model_path]
+        if secrets_file:
+            cmd += ["--config", secrets_file]
         cmd += ["--host", cfg.host, "--port", str(port), "--tp-size", str(cfg.tp_size)]
         cmd += ["--mem-fraction-static", str(cfg.mem_fraction_static)]
         if cfg.context_length:
@@ -243,13 +272,23 @@ def launch(cfg: LaunchConfig) -> int:
         cfg.has_token(),
         cfg.allow_unauthenticated,
         f"the {cfg.backend} engine",
-        "--admin-api-key KEY in --extra_args"
+        f"in the env var {cfg.api_key_env} (--api_key_env)"
         if cfg.backend == "sglang"
         else f"in the env var {cfg.api_key_env} (--api_key_env) or a file named by --api_key_file",
         risk=UNAUTHENTICATED_RISK,
     )
+    if cfg.backend == "sglang" and cfg.token_in_args():
+        log.warning(
+            "the engine's token is on SGLang's command line (--extra_args), where `ps` shows it to every user of "
+            "this machine: set it in the env var %s instead (handed to SGLang in a private --config file)",
+            cfg.api_key_env,
+        )
     port = cfg.port or free_port(cfg.host if cfg.host not in ("0.0.0.0", "::") else "127.0.0.1")
-    cmd = engine_command(cfg, port)
+    with sglang_secrets(cfg) as secrets_file:
+        return _run(cfg, port, engine_command(cfg, port, secrets_file))
+
+
+def _run(cfg: LaunchConfig, port: int, cmd: list[str]) -> int:
     if cfg.dry_run:
         print(shlex.join(cmd))
         return 0
@@ -258,7 +297,7 @@ def launch(cfg: LaunchConfig) -> int:
     url = advertised_url(cfg, port)
     engine_id = cfg.engine_id or f"{cfg.backend}@{url.split('://', 1)[-1]}"
     local_url = f"http://{'127.0.0.1' if cfg.host in ('0.0.0.0', '::') else cfg.host}:{port}"
-    token = os.environ.get(cfg.api_key_env, "") if cfg.api_key_env else ""
+    token = cfg.env_token()
     http = httpx.Client(
         timeout=cfg.health_timeout_s, trust_env=False, headers={"Authorization": f"Bearer {token}"} if token else {}
     )

@@ -8,9 +8,9 @@
 #   CUDA_VISIBLE_DEVICES=0,1,2,3 ENGINE_PORT=30000 deploy/torchrun/engine.sh --tp_size 4
 #   CUDA_VISIBLE_DEVICES=4,5,6,7 ENGINE_PORT=30001 deploy/torchrun/engine.sh --tp_size 4
 #
-# The engine binds ENGINE_HOST (0.0.0.0), so its control endpoints need a token: LONGTRACE_ENGINE_API_KEY for the
-# built-in engine, --extra_args '["--admin-api-key", "..."]' for SGLang, or ENGINE_ALLOW_UNAUTHENTICATED=1 on a
-# network you trust; with none of them the launch is refused, naming them.
+# The engine binds ENGINE_HOST (0.0.0.0), so its control endpoints need a token: LONGTRACE_ENGINE_API_KEY (the
+# built-in engine reads it; SGLang gets it as --admin-api-key in a private --config file, never on its command line),
+# or ENGINE_ALLOW_UNAUTHENTICATED=1 on a network you trust; with neither the launch is refused, naming them.
 # Extra arguments are LaunchConfig overrides (--tp_size 4, --extra_args '["--log-level","debug"]', ...).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"

@@ -59,7 +59,8 @@ def test_builtin_dry_run_runs_engine_serve_and_bad_flags_are_named() -> None:
 def test_exposed_launch_without_a_token_is_refused_unless_allowed(monkeypatch: pytest.MonkeyPatch) -> None:
     """Guards against `engine launch --host 0.0.0.0` putting an engine's control endpoints (pause, weight updates)
     on the network with no token: refused, naming --allow_unauthenticated, unless a token is set (the built-in
-    engine's env var, SGLang's --admin-api-key) or the flag is given, which reaches `engine serve`."""
+    engine's env var, SGLang's too, handed over in a --config file and never in argv, or SGLang's --admin-api-key
+    in extra_args, with a warning) or the flag is given, which reaches `engine serve`."""
     monkeypatch.delenv("LONGTRACE_ENGINE_API_KEY", raising=False)
     for backend in ("builtin", "sglang"):
         out = _launch("--backend", backend, "--model_path", "/m", "--host", "0.0.0.0", "--dry_run")
@@ -74,8 +75,12 @@ def test_exposed_launch_without_a_token_is_refused_unless_allowed(monkeypatch: p
     allowed = _launch("--model_path", "/m", "--host", "0.0.0.0", "--allow_unauthenticated", "--dry_run")
     assert allowed.returncode == 0, allowed.stderr
     assert "--allow_unauthenticated" in shlex.split(allowed.stdout.strip())  # engine serve would refuse without it
+    assert "ps" in sglang_key.stderr  # a token on SGLang's command line is visible: the launcher says so
     monkeypatch.setenv("LONGTRACE_ENGINE_API_KEY", "s3cret")
     assert _launch("--model_path", "/m", "--host", "0.0.0.0", "--dry_run").returncode == 0
+    sglang_env = _launch("--backend", "sglang", "--model_path", "/m", "--host", "0.0.0.0", "--dry_run")
+    assert sglang_env.returncode == 0, sglang_env.stderr  # the env var is SGLang's token too
+    assert "--config" in shlex.split(sglang_env.stdout) and "s3cret" not in sglang_env.stdout
 
 
 def test_late_engine_loads_the_newest_export_and_the_registry_follows_pushes(redis_url: str, tmp_path: Path) -> None:

@@ -756,6 +756,10 @@ for argv in argvs:
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
+            if "--config" in argv:  # as prepare_server_args does: the YAML file's keys merged into the argv
+                from sglang.srt.utils.server_args_config_parser import ConfigArgumentMerger
+
+                argv = ConfigArgumentMerger(parser).merge_config_with_args(argv)
             results.append({"values": vars(parser.parse_args(argv))})
     except SystemExit:
         results.append({"error": err.getvalue()})
@@ -819,6 +823,34 @@ def test_sglangs_own_parser_accepts_the_engine_command_line(sgl: Path) -> None:
         assert {k: got.get(k) for k in expected} == expected, f"{name}: SGLang reads {got}"
     every = results[len(configs) - 1]["values"]
     assert (every["pp_size"], every["dp_size"], every["dtype"]) == (2, 2, "bfloat16")
+
+
+def test_the_engine_token_reaches_sglang_through_a_private_config_file_not_argv(
+    sgl: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Guards against the control token of `engine launch --backend sglang` on SGLang's command line (`ps` shows
+    every process's argv to every user), and against a --config file SGLang would not read as --admin-api-key:
+    the file is parsed by SGLang's own merger, is private (0600) and is gone when the launch ends."""
+    import stat
+
+    from rollout_server.launch import LaunchConfig, engine_command, sglang_secrets
+
+    token = 'tok"en\\with: yaml-ish #chars'
+    monkeypatch.setenv("LONGTRACE_ENGINE_API_KEY", token)
+    cfg = LaunchConfig(backend="sglang", model_path="/models/qwen3", host="0.0.0.0", port=30001)
+    assert cfg.has_token()
+    with sglang_secrets(cfg) as path:
+        cmd = engine_command(cfg, cfg.port, path)
+        assert path and not any(token in a for a in cmd), cmd
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        [result] = sglang_parse(sgl, [cmd[3:]])
+    assert not Path(path).exists()
+    assert "values" in result, result
+    assert result["values"]["admin_api_key"] == token and result["values"]["port"] == 30001
+    # A token already given in extra_args is left alone (no second source SGLang would have to choose between).
+    given = LaunchConfig(backend="sglang", model_path="/m", extra_args=["--admin-api-key", "k"])
+    with sglang_secrets(given) as none:
+        assert none == ""
 
 
 # ---------------------------------------------------------------------------------------------- the pin
