@@ -1,16 +1,22 @@
-"""`longtrace bench rollout`: what the rollout path costs on top of the engines.
+"""`longtrace bench rollout`: what the rollout path costs on top of the engines, and what prefix sharing saves.
 
-Same run, same prompts, same sampling and the same number of requests in flight: (a) straight to 2 built-in
-engines from an asyncio client, (b) through Redis -> rollout worker -> router -> engines -> Redis. The passes
-alternate `repeats` times (in alternating order) after a warm-up. Every sample is exactly max_new_tokens
-long (ignore_eos), so both paths do the same work. Prints samples_per_s (b), direct_samples_per_s (a) and
-their ratio (target >= 0.9).
+Same run, same prompts, same sampling and the same number of requests in flight, over three passes: (a) through
+Redis -> rollout worker -> router -> 2 built-in engines -> Redis, (b) the same through 2 engines started with
+`--enable_prefix_sharing false` (each sample prefills its group's prompt again, as before prefix sharing), (c)
+straight to (a)'s engines from an asyncio client. The passes rotate `repeats` times after a warm-up. Every sample is
+exactly max_new_tokens long (ignore_eos), so all paths do the same work.
+
+Prints samples_per_s (a), samples_per_s_no_sharing (b), their ratio, and prefill_ratio / prefill_ratio_no_sharing:
+the prompt tokens the engines prefilled per group, as they report them per request (prompt_tokens - cached_tokens
+of every answer, summed by the worker's `longtrace_rollout_prompt_tokens_total` / `_cached_tokens_total`), over
+the prompt's length: 1 + (n - 1) / prompt_len when a group's n samples share one prefill (goal <= 1.1 at n = 8), n
+when each sample prefills it. direct_samples_per_s (c) and worker_vs_direct (a / c, target >= 0.9) are what the
+worker path costs.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import math
 import os
 import random
@@ -35,7 +41,8 @@ from rollout_server.worker.processors import get_processor
 from rollout_server.worker.router import BuiltinRouter
 from rollout_server.worker.worker import RolloutWorker
 
-NUM_ENGINES = 2
+NUM_ENGINES = 2  # per pass kind: 2 with prefix sharing, 2 without
+MODES = ("sharing", "no_sharing", "direct")  # direct: straight to the sharing engines
 
 
 @dataclass(frozen=True)
@@ -46,7 +53,7 @@ class BenchSpec:
     prompt_len: int = 48
     groups_in_flight: int = 4
     repeats: int = 4
-    engine_threads: int = 1  # torch threads per engine: 2 engines on a 2-core machine
+    engine_threads: int = 1  # torch threads per engine: engines on a 2-core machine
 
 
 def run_bench(spec: BenchSpec) -> dict[str, Any]:
@@ -57,13 +64,16 @@ def run_bench(spec: BenchSpec) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="longtrace-bench-") as tmp, EmbeddedRedis() as redis_server:
         model = init_tiny_model(Path(tmp) / "model")
         procs: list[subprocess.Popen[bytes]] = []
-        urls: list[str] = []
+        urls: dict[bool, list[str]] = {True: [], False: []}  # by prefix sharing on/off
         try:
-            for _ in range(NUM_ENGINES):
+            for sharing in (True, False) * NUM_ENGINES:
                 port = free_port()
+                args = ["--num_threads", str(spec.engine_threads)]
                 launch = LaunchConfig(
-                    model_path=str(model), extra_args=["--num_threads", str(spec.engine_threads)]
-                )  # fmt: skip
+                    model_path=str(model),
+                    context_length=spec.prompt_len + spec.max_new_tokens + 8,  # the engine wants total < context
+                    extra_args=args if sharing else [*args, "--enable_prefix_sharing", "false"],
+                )
                 procs.append(
                     subprocess.Popen(
                         engine_command(launch, port),
@@ -72,18 +82,19 @@ def run_bench(spec: BenchSpec) -> dict[str, Any]:
                         stderr=subprocess.DEVNULL,
                     )
                 )
-                urls.append(f"http://127.0.0.1:{port}")
-            for url, proc in zip(urls, procs, strict=True):
+                urls[sharing].append(f"http://127.0.0.1:{port}")
+            for url, proc in zip(urls[True] + urls[False], procs[::2] + procs[1::2], strict=True):
                 if not wait_healthy(url, proc, timeout_s=180, probe_timeout_s=5):
                     raise RuntimeError(f"engine {url} did not start (exit code {proc.poll()})")
-            return asyncio.run(_measure(spec, redis_server.url, urls))
+            return asyncio.run(_measure(spec, redis_server.url, urls[True], urls[False]))
         finally:
             for proc in procs:
                 terminate(proc, 30)
 
 
 def _config(spec: BenchSpec, redis_url: str, urls: list[str]) -> RolloutConfig:
-    in_flight = spec.groups_in_flight * spec.num_samples
+    # Room for whole groups: the router keeps a group on one engine unless that engine is full.
+    per_engine = math.ceil(spec.groups_in_flight / len(urls)) * spec.num_samples
     return load_config(
         RolloutConfig,
         overrides=[
@@ -92,7 +103,7 @@ def _config(spec: BenchSpec, redis_url: str, urls: list[str]) -> RolloutConfig:
             "--broker.block_s=0.05",
             "--engines.use_registry=false",
             f"--engines.urls={list(urls)!r}".replace("'", '"'),
-            f"--router.max_inflight_per_engine={math.ceil(in_flight / len(urls))}",
+            f"--router.max_inflight_per_engine={per_engine}",
             f"--max_groups_in_flight={spec.groups_in_flight}",
             f"--sampling.num_samples={spec.num_samples}",
             f"--sampling.max_response_len={spec.max_new_tokens}",
@@ -122,20 +133,29 @@ def _tasks(spec: BenchSpec, vocab: int = 400) -> list[Task]:
 
 async def _direct(spec: BenchSpec, cfg: RolloutConfig, urls: list[str], tasks: list[Task]) -> tuple[int, int, float]:
     """The same groups straight to the engines: `groups_in_flight` groups at once, each sending its n samples
-    together (round robin over the engines), exactly the request pattern of the worker minus Redis and routing."""
+    together to the engine with the fewest groups in flight, exactly the request pattern of the worker (one engine
+    per group) minus Redis and routing."""
     http = make_http_client()
     clients = [EngineClient(u, http, cfg.request_timeout_s, cfg.connect_timeout_s, cfg.health_timeout_s) for u in urls]
     group_slots = asyncio.Semaphore(spec.groups_in_flight)
-    rr = itertools.cycle(clients)
+    groups_on = dict.fromkeys(range(len(clients)), 0)
     processor = get_processor(cfg.processor)
 
     async def group(task: Task) -> list[int]:
         plan = plan_group(task, cfg, processor)
         params = {**plan.sampling_params, "max_new_tokens": plan.max_new_tokens}
         async with group_slots:
-            results = await asyncio.gather(
-                *(next(rr).generate(plan.prompt_ids, params, f"d-{task.group_id}-{i}") for i in range(plan.num_samples))
-            )
+            e = min(groups_on, key=lambda k: groups_on[k])
+            groups_on[e] += 1
+            try:
+                results = await asyncio.gather(
+                    *(
+                        clients[e].generate(plan.prompt_ids, params, f"d-{task.group_id}-{i}")
+                        for i in range(plan.num_samples)
+                    )
+                )
+            finally:
+                groups_on[e] -= 1
         return [len(r.output_ids) for r in results]
 
     t0 = time.perf_counter()
@@ -145,14 +165,16 @@ async def _direct(spec: BenchSpec, cfg: RolloutConfig, urls: list[str], tasks: l
     return len(tokens), sum(tokens), elapsed
 
 
-async def _through_worker(spec: BenchSpec, cfg: RolloutConfig, tasks: list[Task]) -> tuple[int, int, float]:
+async def _through_worker(spec: BenchSpec, cfg: RolloutConfig, tasks: list[Task]) -> tuple[int, int, float, float]:
+    """(samples, response tokens, seconds, prompt tokens the engines prefilled: prompt - cached, as reported)."""
     from broker.factory import connect
 
     broker: Broker = connect(cfg.broker)
     router = BuiltinRouter(cfg, None)
     await router.start()
     stop = asyncio.Event()
-    worker = RolloutWorker(cfg, broker, router, RolloutMetrics(), worker_id="bench-worker")
+    metrics = RolloutMetrics()
+    worker = RolloutWorker(cfg, broker, router, metrics, worker_id="bench-worker")
     running = asyncio.create_task(worker.run(stop))
     producer = broker.producer(TASKS, Task)
     consumer = broker.consumer(ROLLOUTS, Group, "bench-reader", "bench-reader")
@@ -175,39 +197,56 @@ async def _through_worker(spec: BenchSpec, cfg: RolloutConfig, tasks: list[Task]
     await running
     await router.close()
     broker.close()
-    return num_samples, num_tokens, elapsed
+    reported = {
+        k: metrics.registry.get_sample_value(f"longtrace_rollout_{k}_tokens_total") or 0.0 for k in ("prompt", "cached")
+    }
+    prefilled = reported["prompt"] - reported["cached"]
+    return num_samples, num_tokens, elapsed, prefilled
 
 
-async def _measure(spec: BenchSpec, redis_url: str, urls: list[str]) -> dict[str, Any]:
-    cfg = _config(spec, redis_url, urls)
+async def _measure(spec: BenchSpec, redis_url: str, urls: list[str], no_sharing_urls: list[str]) -> dict[str, Any]:
     warm = BenchSpec(num_groups=2, num_samples=spec.num_samples, max_new_tokens=8, prompt_len=spec.prompt_len)
-    await _direct(warm, cfg, urls, _tasks(warm))
-    totals = {"direct": [0, 0, 0.0], "worker": [0, 0, 0.0]}
+    for engines in (urls, no_sharing_urls):
+        await _direct(warm, _config(spec, redis_url, engines), engines, _tasks(warm))
+    engines_of = {"sharing": urls, "no_sharing": no_sharing_urls, "direct": urls}
+    totals = {m: [0, 0, 0.0] for m in MODES}
+    prefilled = dict.fromkeys(MODES, 0.0)
     pass_ratios = []
     for i in range(spec.repeats):
         rates = {}
-        for name in ("direct", "worker") if i % 2 == 0 else ("worker", "direct"):  # cancel order effects
-            cfg = _config(spec, redis_url, urls)  # a fresh run id: new streams, no dedup across passes
+        for name in MODES[i % 3 :] + MODES[: i % 3]:  # rotate: cancel order effects
+            engines = engines_of[name]
+            cfg = _config(spec, redis_url, engines)  # a fresh run id: new streams, no dedup across passes
             tasks = _tasks(spec)
             if name == "direct":
-                n, tok, s = await _direct(spec, cfg, urls, tasks)
+                n, tok, s = await _direct(spec, cfg, engines, tasks)
             else:
-                n, tok, s = await _through_worker(spec, cfg, tasks)
+                n, tok, s, prefill = await _through_worker(spec, cfg, tasks)
+                prefilled[name] += prefill
             totals[name][0] += n
             totals[name][1] += tok
             totals[name][2] += s
             rates[name] = n / s
-        pass_ratios.append(round(rates["worker"] / rates["direct"], 3))
-    d_n, d_tok, d_s = totals["direct"]
-    w_n, w_tok, w_s = totals["worker"]
+        pass_ratios.append(round(rates["sharing"] / rates["no_sharing"], 3))
+    rate = {m: totals[m][0] / totals[m][2] for m in MODES}
+    prompt_tokens = spec.num_groups * spec.repeats * spec.prompt_len  # per pass kind: one prompt per group
+
+    def prefill_ratio(mode: str) -> float:
+        return round(prefilled[mode] / prompt_tokens, 3)
+
     return {
-        "samples_per_s": round(w_n / w_s, 3),
-        "direct_samples_per_s": round(d_n / d_s, 3),
-        "ratio": round((w_n / w_s) / (d_n / d_s), 3),
-        "tokens_per_s": round(w_tok / w_s, 1),
-        "direct_tokens_per_s": round(d_tok / d_s, 1),
-        "pass_ratios": pass_ratios,  # per alternation: how noisy the machine was
+        "samples_per_s": round(rate["sharing"], 3),
+        "samples_per_s_no_sharing": round(rate["no_sharing"], 3),
+        "ratio": round(rate["sharing"] / rate["no_sharing"], 3),
+        "prefill_ratio": prefill_ratio("sharing"),
+        "prefill_ratio_no_sharing": prefill_ratio("no_sharing"),
+        "direct_samples_per_s": round(rate["direct"], 3),
+        "worker_vs_direct": round(rate["sharing"] / rate["direct"], 3),
+        "tokens_per_s": round(totals["sharing"][1] / totals["sharing"][2], 1),
+        "pass_ratios": pass_ratios,  # sharing / no sharing per rotation: how noisy the machine was
         "num_samples_per_pass": spec.num_groups * spec.num_samples,
+        "num_samples_per_group": spec.num_samples,
+        "prompt_len": spec.prompt_len,
         "repeats": spec.repeats,
         "engines": NUM_ENGINES,
         "in_flight_requests": spec.groups_in_flight * spec.num_samples,

@@ -31,14 +31,14 @@ def register_worker(commands: SubParsers, benches: SubParsers) -> None:
         benches,
         "rollout",
         _bench,
-        help="samples/s through Redis + worker + router over 2 built-in engines vs straight to them",
+        help="samples/s of long-prompt groups through Redis + worker + router, prefix sharing on vs off, and vs direct engine calls",
     )
-    b.add_argument("--num-groups", type=int, default=24, help="tasks per measured pass")
-    b.add_argument("--num-samples", type=int, default=4, help="samples per group")
-    b.add_argument("--max-new-tokens", type=int, default=64, help="tokens per sample")
-    b.add_argument("--prompt-len", type=int, default=48, help="prompt tokens")
-    b.add_argument("--groups-in-flight", type=int, default=4, help="worker's max_groups_in_flight")
-    b.add_argument("--repeats", type=int, default=4, help="alternating passes of each path")
+    b.add_argument("--num-groups", type=int, default=8, help="tasks per measured pass")
+    b.add_argument("--num-samples", type=int, default=8, help="samples per group")
+    b.add_argument("--max-new-tokens", type=int, default=32, help="tokens per sample")
+    b.add_argument("--prompt-len", type=int, default=1024, help="prompt tokens (long: prefill is what sharing saves)")
+    b.add_argument("--groups-in-flight", type=int, default=2, help="worker's max_groups_in_flight")
+    b.add_argument("--repeats", type=int, default=2, help="alternating passes of each path")
 
 
 def register_launch(engine_commands: SubParsers) -> None:

@@ -63,6 +63,10 @@ class EngineConfig(BaseConfig):
     """Longest sequence (prompt + output) per slot; 0 means min(model max positions, 4096)."""
     max_prefill_tokens: int = Field(8192, ge=1)
     """Padded prompt tokens per prefill forward (a longer single prompt still runs alone)."""
+    enable_prefix_sharing: bool = True
+    """A request whose first tokens some running request already holds copies their K/V instead of computing them
+    (a group's samples prefill their prompt once; `meta_info.cached_tokens`). False computes every prompt in full,
+    as SGLang's `--disable-radix-cache`."""
     weight_version: str = "default"
     """Initial weight version string (SGLang's --weight-version). Any string, as SGLang takes it; the registry and
     the rollout workers read it as a policy version (weights/version.py): "default" (the start-up weights, policy

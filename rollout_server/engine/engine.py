@@ -100,6 +100,7 @@ class Engine:
             max_prefill_tokens=config.max_prefill_tokens,
             original_logprob=config.return_original_logprob,
             weight_version=config.weight_version,
+            enable_prefix_sharing=config.enable_prefix_sharing,
         )
         self.weights = WeightUpdates(config, self.scheduler, self.runner)
         self.receiver = self.weights.receiver
@@ -228,7 +229,7 @@ class Engine:
             "weight_version": snap.weight_version,
             "num_retractions": snap.num_retractions,
             "completion_tokens": len(ids),
-            "cached_tokens": 0,
+            "cached_tokens": snap.cached_tokens,
             "e2e_latency": time.monotonic() - item.created_s,
         }
         if snap.weight_versions is not None:  # a final output: SGLang names its version by the last span

@@ -1,7 +1,8 @@
 """A slot-based KV cache: one preallocated [slots, kv_heads, max_len, head_dim] tensor per layer for K and V.
 
 A running sequence owns one slot for its whole life; its token at position p lives at [slot, :, p].
-Slots are handed out lowest-first so the active batch stays dense at the start of the tensor.
+Slots are handed out lowest-first so the active batch stays dense at the start of the tensor. `copy_prefix` forks
+the K/V of a slot's first tokens into another slot (prefix sharing: the scheduler's `_admit`).
 """
 
 from __future__ import annotations
@@ -46,6 +47,15 @@ class KVCache:
     def free(self, slot: int) -> None:
         assert 0 <= slot < self.num_slots and slot not in self._free, f"bad KV slot {slot}"
         heapq.heappush(self._free, slot)
+
+    def copy_prefix(self, src: int, dst: int, num_tokens: int) -> None:
+        """K/V of positions 0..num_tokens-1 of slot `src` into slot `dst`, every layer (a request that shares
+        `src`'s first tokens then computes only the rest). Synchronous on the caller's stream: a later forward (or a
+        reuse of `src` once freed) is ordered after it."""
+        assert src != dst and 0 < num_tokens <= self.max_len, (src, dst, num_tokens)
+        for k, v in zip(self.k, self.v, strict=True):
+            k[dst, :, :num_tokens].copy_(k[src, :, :num_tokens])
+            v[dst, :, :num_tokens].copy_(v[src, :, :num_tokens])
 
     def reset(self) -> None:
         """Forget every slot (flush_cache); the tensors keep their memory."""

@@ -4,14 +4,17 @@ One Grafana dashboard (deploy/grafana/longtrace.json) serves this engine and a r
 `--enable-metrics`, so the names, types and the `model_name` label are SGLang's (python/sglang/srt/metrics/
 collector.py): `sglang:num_running_reqs`, `sglang:num_queue_reqs`, `sglang:num_used_tokens`, `sglang:token_usage`,
 `sglang:max_total_num_tokens`, `sglang:gen_throughput` (gauges, read from the scheduler at scrape time);
-`sglang:prompt_tokens_total`, `sglang:generation_tokens_total`, `sglang:num_requests_total`,
-`sglang:num_aborted_requests_total` (counters) and `sglang:e2e_request_latency_seconds` (histogram, SGLang's
-buckets), counted per finished request. Left out because this engine has nothing they would measure: the prefix
-cache (`sglang:cache_hit_rate`, `cached_tokens_total`: no prefix cache), time to first token and inter-token latency
-(the scheduler keeps no per-token times), speculative decoding, disaggregation, grammar.
+`sglang:prompt_tokens_total`, `sglang:generation_tokens_total`, `sglang:cached_tokens_total` (prompt tokens copied
+from another request's slot, not computed: prefix sharing; label `cache_source="device"` as SGLang 0.5's),
+`sglang:num_requests_total`, `sglang:num_aborted_requests_total` (counters) and `sglang:e2e_request_latency_seconds`
+(histogram, SGLang's buckets), counted per finished request. Left out because this engine has nothing they would
+measure: `sglang:cache_hit_rate` (no cache outlives its requests), time to first token and inter-token latency (the
+scheduler keeps no per-token times), speculative decoding, disaggregation, grammar.
 
 What SGLang lacks: `longtrace_engine_weight_version` (the policy version of the weights served,
-weights/version.py), `longtrace_engine_paused`, and `longtrace_engine_weight_updates_total{op, outcome}` with
+weights/version.py), `longtrace_engine_paused`, `longtrace_engine_prefill_tokens_total` (tokens
+the prefill forwards computed, read from the scheduler: a group of n samples of one prompt adds about one prompt
+with prefix sharing, n without), and `longtrace_engine_weight_updates_total{op, outcome}` with
 `longtrace_engine_weight_update_seconds{op}` for the weight-update endpoints.
 
 A finished request is seen through its sink: `install` wraps the scheduler's `submit` so each request's sink
@@ -30,7 +33,7 @@ from typing import TYPE_CHECKING
 from fastapi import FastAPI
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -94,6 +97,11 @@ class _SchedulerCollector(Collector):
             version = math.nan
         yield self._gauge("longtrace_engine_weight_version", "Policy version of the weights served", version)
         yield self._gauge("longtrace_engine_paused", "1 while generation is paused", 1.0 if s.paused else 0.0)
+        c = CounterMetricFamily(
+            "longtrace_engine_prefill_tokens", "Prompt tokens computed by prefill forwards", labels=list(self._labels)
+        )
+        c.add_metric(list(self._labels.values()), s.num_prefill_tokens)
+        yield c
 
 
 class EngineMetrics:
@@ -110,6 +118,10 @@ class EngineMetrics:
         self.generation_tokens = Counter(
             "sglang:generation_tokens", "Number of generation tokens processed.", names, registry=r
         ).labels(**self.labels)
+        self.cached_tokens = Counter(
+            "sglang:cached_tokens", "Number of cached prompt tokens by source (device/host/storage).",
+            [*names, "cache_source"], registry=r,
+        ).labels(**self.labels, cache_source="device")  # fmt: skip
         self.requests = Counter("sglang:num_requests", "Number of requests processed.", names, registry=r).labels(
             **self.labels
         )
@@ -138,6 +150,7 @@ class EngineMetrics:
         if snap.finish is not None and snap.finish.get("type") == "abort":
             self.aborted.inc()
         self.prompt_tokens.inc(len(req.input_ids))
+        self.cached_tokens.inc(snap.cached_tokens)
         self.generation_tokens.inc(len(snap.output_ids))
         self.requests.inc()
         self.e2e.observe(time.monotonic() - req.created_s)

@@ -162,18 +162,13 @@ class ModelRunner:
         self.cache = KVCache(
             len(self.layers), num_slots, self.num_kv_heads, self.context_length, self.head_dim, dtype, self.device
         )
+        self.weight_loads = 0
+        """How many times `load_weights` wrote parameters (the scheduler shares no K/V computed before a load)."""
         log.info(
-            "model %s (%s, %d layers, vocab %d) on %s %s; KV cache %d slots x %d tokens (%.0f MiB)",
-            path,
-            self.config.model_type,
-            len(self.layers),
-            self.vocab_size,
-            self.device,
-            dtype,
-            num_slots,
-            self.context_length,
-            self.cache.nbytes / 2**20,
-        )
+            "model %s (%s, %d layers, vocab %d) on %s %s; KV cache %d slots x %d tokens (%.0f MiB)", path,
+            self.config.model_type, len(self.layers), self.vocab_size, self.device, dtype, num_slots,
+            self.context_length, self.cache.nbytes / 2**20,
+        )  # fmt: skip
 
     @staticmethod
     def _fuse(layer: Any) -> _Layer:
@@ -349,6 +344,7 @@ class ModelRunner:
             )
         for name, tensor in named:
             params[name].copy_(tensor.to(self.device))
+        self.weight_loads += 1
 
     def stage_from_disk(self, model_path: str, cancelled: threading.Event) -> list[tuple[str, torch.Tensor]] | None:
         """Read a HF directory of the same architecture into new CPU tensors of the parameters' dtypes, checked

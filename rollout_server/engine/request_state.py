@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from rollout_server.engine.sampling import SamplingParams
@@ -34,6 +35,9 @@ class Snapshot:
     routed_experts: torch.Tensor | None = None
     """Once finished, with return_routed_experts: int32 [prompt + output tokens - 1, moe_layers, topk], the experts
     of every token the model ran on (SGLang's `meta_info.routed_experts`)."""
+    cached_tokens: int = 0
+    """Prompt tokens whose K/V were copied from another request's slot instead of computed (SGLang's
+    `meta_info.cached_tokens`)."""
 
 
 @dataclass(eq=False)
@@ -61,6 +65,22 @@ class Req:
     return_routed_experts: bool = False
     routed: list[torch.Tensor] = field(default_factory=list)
     """With return_routed_experts: the experts of each forward's new tokens [n, moe_layers, topk] since prefill."""
+    cached_tokens: int = 0
+    """Tokens of this request's prefills copied from another slot (prefix sharing), not computed."""
+    kv_epoch: int = -1
+    """The scheduler's KV epoch when this request's K/V were made: only a slot of the current epoch is shared."""
+    _ids: np.ndarray | None = field(default=None, repr=False)
+
+    def ids_array(self) -> np.ndarray:
+        """`input_ids` as an int64 array, made once (prefix matching compares long prompts many times)."""
+        if self._ids is None:
+            self._ids = np.asarray(self.input_ids, dtype=np.int64)
+        return self._ids
+
+    def token(self, i: int) -> int:
+        """Token i of input_ids + output_ids."""
+        n = len(self.input_ids)
+        return self.input_ids[i] if i < n else self.output_ids[i - n]
 
     def snapshot(self, weight_version: str) -> Snapshot:
         spans = None
@@ -76,6 +96,7 @@ class Req:
             spans,
             self.top.copy() if self.top is not None else None,
             self._routed_experts() if self.finish is not None and self.return_routed_experts else None,
+            self.cached_tokens,
         )
 
     def _routed_experts(self) -> torch.Tensor | None:

@@ -13,6 +13,10 @@ last token came from. A change records, in each live request with tokens, where 
 request that spans an update (paused retract/in_place) reports each span's version (`weight_version_spans`, as
 SGLang 0.5.23's `meta_info.weight_versions`). `submit` bounds the waiting queue (`max_queued`): beyond it a request
 is refused, not queued.
+
+Prefix sharing (prefix_sharing.py, on unless `enable_prefix_sharing` is off): a request admitted while another one
+holds K/V of its first tokens copies them into its own slot at admission, on this thread, and prefills only the
+rest; a group's n samples of one prompt compute it once (`Req.cached_tokens`, `num_prefill_tokens`).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from typing import Any, Literal, TypeVar
 import torch
 
 from rollout_server.engine.model_runner import ModelRunner
+from rollout_server.engine.prefix_sharing import DEFER, num_tokens, pick_source, wants_prompt_logprobs
 from rollout_server.engine.request_state import FinishReason, Req
 from rollout_server.engine.sampling import prompt_logprobs, sample_with_top
 
@@ -45,12 +50,14 @@ class Scheduler:
         max_prefill_tokens: int = 8192,
         original_logprob: bool = False,
         weight_version: str = "default",
+        enable_prefix_sharing: bool = True,
     ) -> None:
         self.runner = runner
         self._decode_tail = decode_tail
         self.eos_token_ids = eos_token_ids
         self.max_prefill_tokens = max_prefill_tokens
         self.original_logprob = original_logprob
+        self.enable_prefix_sharing = enable_prefix_sharing
         # Owned by the scheduler thread.
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []
@@ -59,6 +66,8 @@ class Scheduler:
         self.num_steps = 0
         self.num_generated = 0
         self.max_decode_batch = 0  # largest batch decoded in one forward (observability, tests)
+        self.num_prefill_tokens = 0  # tokens computed by prefill forwards (not copied, not padding)
+        self._epoch_bumps = 0
         # Cross-thread hand-over.
         self._lock = threading.Lock()
         self._inbox: list[Req] = []
@@ -67,6 +76,12 @@ class Scheduler:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
+
+    @property
+    def kv_epoch(self) -> int:
+        """Changes whenever K/V computed before may differ from K/V computed now (weights loaded, a version change,
+        a pause, whose distributed updates write straight into the parameters; a flush): no sharing across it."""
+        return self._epoch_bumps + self.runner.weight_loads
 
     @property
     def weight_version(self) -> str:
@@ -84,6 +99,7 @@ class Scheduler:
             if r.output_ids:
                 r.version_changes.append((self._weight_version, len(r.output_ids)))
         self._weight_version = new
+        self._epoch_bumps += 1
 
     # ---- thread-safe API ----
     def start(self) -> None:
@@ -161,6 +177,7 @@ class Scheduler:
                 self.waiting.appendleft(r)
             self.running = []
         self.paused = True
+        self._epoch_bumps += 1
 
     def resume(self) -> None:
         self.paused = False
@@ -173,6 +190,7 @@ class Scheduler:
                 f"#queue-req: {len(self.waiting)}, #running-req: {len(self.running)}\n"
             )
         self.runner.cache.reset()
+        self._epoch_bumps += 1
         return True, "Cache flushed.\n"
 
     def load(self) -> dict[str, int]:
@@ -228,32 +246,22 @@ class Scheduler:
             self._inbox = []
 
     def _prefill(self) -> None:
-        batch: list[Req] = []
-        width = 0
-        while self.waiting and len(batch) < self.runner.cache.num_free:
-            n = len(self.waiting[0].input_ids) + len(self.waiting[0].output_ids)
-            if batch and max(width, n) * (len(batch) + 1) > self.max_prefill_tokens:
-                break
-            width = max(width, n)
-            batch.append(self.waiting.popleft())
-        for r in batch:
-            r.slot = self.runner.cache.alloc()
+        batch = self._admit()
         batch.sort(key=lambda r: r.slot if r.slot is not None else -1)
-        tokens = [r.input_ids + r.output_ids for r in batch]
-        want_prompt = [
-            b for b, r in enumerate(batch) if r.return_logprob and r.logprob_start_len >= 0 and r.input_logprobs is None
-        ]
+        tokens = [(r.input_ids + r.output_ids)[r.kv_len :] for r in batch]
+        want_prompt = [b for b, r in enumerate(batch) if wants_prompt_logprobs(r)]
         logits, full = self.runner.forward(
-            [r.slot for r in batch if r.slot is not None], tokens, [0] * len(batch), want_prompt
+            [r.slot for r in batch if r.slot is not None], tokens, [r.kv_len for r in batch], want_prompt
         )
         routed = self.runner.last_routed_experts
         for b, r in enumerate(batch):
-            r.kv_len = len(tokens[b])
-            if r.return_routed_experts and routed is not None:  # a (re-)prefill runs every token again
-                r.routed = [routed[b, : len(tokens[b])]]
+            r.kv_len += len(tokens[b])
+            if r.return_routed_experts and routed is not None:  # after the copied rows: those of every new token
+                r.routed.append(routed[b, : len(tokens[b])])
         for b in want_prompt:
             self._set_input_logprobs(batch[b], full[b])
         self.num_steps += 1
+        self.num_prefill_tokens += sum(len(t) for t in tokens)
         live = []
         for b, r in enumerate(batch):
             if len(r.output_ids) >= r.max_new_tokens:  # max_new_tokens == 0: prompt logprobs only
@@ -262,6 +270,36 @@ class Scheduler:
                 live.append(b)
         self.running.extend(batch[b] for b in live)
         self._append_tokens([batch[b] for b in live], logits[live] if live else logits[:0])
+
+    def _admit(self) -> list[Req]:
+        """Take waiting requests in order while slots are free and the padded batch fits `max_prefill_tokens`;
+        give each a slot, with the K/V of its prefix shared with a running request copied in (`kv_len` = copied
+        tokens). Stops at a request that shares its prompt with one taken here (it copies next step)."""
+        batch: list[Req] = []
+        width = 0
+        epoch, free = self.kv_epoch, self.runner.cache.num_free
+        while self.waiting and len(batch) < free:
+            r = self.waiting[0]
+            pick = pick_source(r, self.running, batch, epoch) if self.enable_prefix_sharing else (None, 0)
+            if pick == DEFER:
+                break
+            assert not isinstance(pick, str)
+            src, shared = pick
+            new = num_tokens(r) - shared
+            if batch and max(width, new) * (len(batch) + 1) > self.max_prefill_tokens:
+                break
+            width = max(width, new)
+            self.waiting.popleft()
+            r.slot = self.runner.cache.alloc()
+            r.kv_epoch, r.kv_len, r.routed = epoch, 0, []  # a (re-)prefill runs every token again ...
+            if src is not None and src.slot is not None and shared > 0:  # ... but those it copies
+                self.runner.cache.copy_prefix(src.slot, r.slot, shared)
+                r.kv_len = shared
+                r.cached_tokens += shared
+                if r.return_routed_experts:
+                    r.routed = [torch.cat(src.routed)[:shared]]
+            batch.append(r)
+        return batch
 
     def _decode(self) -> None:
         # Slot order lets the runner read a dense run of slots through a view instead of a gather.

@@ -66,6 +66,8 @@ class _MetaInfo(msgspec.Struct):
     weight_version: str = SGLANG_DEFAULT
     weight_versions: list[_WeightVersionSpan] | None = None  # absent before SGLang 0.5.23
     routed_experts: str | None = None  # with return_routed_experts: base64 of int32 [prompt + output - 1, layers, k]
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens the engine took from its cache (prefix sharing) instead of computing
 
 
 class _GenerateResponse(msgspec.Struct):
@@ -100,6 +102,9 @@ class GenerateResult:
     routed_experts: bytes | None = None
     """With return_routed_experts: the engine's experts of every token it ran on, raw little-endian int32 (SGLang's
     meta_info.routed_experts, base64-decoded): [prompt + output tokens - 1, moe layers, topk], flattened."""
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    """Of the prompt_tokens, how many the engine did not prefill (its prefix cache: meta_info.cached_tokens)."""
 
 
 def engine_policy_version(raw: str, initial_policy_version: int) -> int:
@@ -146,6 +151,8 @@ def parse_generate(body: bytes, initial_policy_version: int) -> GenerateResult:
         abort_message=finish.message if finish.type == "abort" else "",
         abort_status=finish.status_code if finish.type == "abort" else None,
         routed_experts=routed,
+        prompt_tokens=resp.meta_info.prompt_tokens,
+        cached_tokens=resp.meta_info.cached_tokens,
     )
 
 

@@ -1,12 +1,13 @@
 """Generate one group: n samples of a task's prompt through the router, each retried and resumed until it ends.
 
-A sample's life: send prompt (+ tokens so far) with the remaining budget to the least-loaded engine. An engine
-failure (connection, timeout, 5xx) retries on another engine from the last tokens received. An answer with
-finish_reason "abort" without an error code means the engine paused generation for a weight update: wait
-until it generates again, then resubmit prompt + tokens so far with max_new_tokens reduced by what was
-generated (partial rollout). Each answer's policy versions (its `meta_info.weight_versions` spans, else its
-`weight_version`, parsed by the client) label the tokens it brought, giving the sample's weight segments. The
-logprobs are the engine's, one per response token.
+A sample's life: send prompt (+ tokens so far) with the remaining budget to the group's engine (the router's
+`GroupAffinity`: the least-loaded engine when the group's first request leases, then the same one for its siblings,
+so the engine prefills the shared prompt once). An engine failure (connection, timeout, 5xx) retries on another
+engine from the last tokens received. An answer with finish_reason "abort" without an error code means the engine
+paused generation for a weight update: wait until it generates again, then resubmit prompt + tokens so far (to the
+group's engine) with max_new_tokens reduced by what was generated (partial rollout). Each answer's policy versions
+(its `meta_info.weight_versions` spans, else its `weight_version`, parsed by the client) label the tokens it
+brought, giving the sample's weight segments. The logprobs are the engine's, one per response token.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from rollout_server.worker.client import EngineError, EngineOverloaded, Generate
 from rollout_server.worker.config import RolloutConfig
 from rollout_server.worker.metrics import RolloutMetrics
 from rollout_server.worker.processors import MessageProcessor
-from rollout_server.worker.router import Engine, Router
+from rollout_server.worker.router import Engine, GroupAffinity, Router
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +143,10 @@ class SampleGenerator:
         left for the caller, which stores the routing (broker/routing.py)."""
         t0 = time.monotonic()
         plan = plan_group(task, self._cfg, self._processor)
+        affinity = GroupAffinity()  # one engine for the group: its prompt is prefilled once there
         futures = [
-            asyncio.create_task(self._generate_sample(plan, f"{task.group_id}-{i}")) for i in range(plan.num_samples)
+            asyncio.create_task(self._generate_sample(plan, f"{task.group_id}-{i}", affinity))
+            for i in range(plan.num_samples)
         ]
         try:
             results = await asyncio.gather(*futures)
@@ -155,11 +158,13 @@ class SampleGenerator:
         group = Group(task=task, samples=[s for s, _ in results], worker_id=worker_id, rollout_s=time.monotonic() - t0)
         return group, [r for _, r in results]
 
-    async def generate_sample(self, plan: GroupPlan, rid: str) -> Sample:
-        sample, _ = await self._generate_sample(plan, rid)
+    async def generate_sample(self, plan: GroupPlan, rid: str, affinity: GroupAffinity | None = None) -> Sample:
+        sample, _ = await self._generate_sample(plan, rid, affinity)
         return sample
 
-    async def _generate_sample(self, plan: GroupPlan, rid: str) -> tuple[Sample, bytes | None]:
+    async def _generate_sample(
+        self, plan: GroupPlan, rid: str, affinity: GroupAffinity | None = None
+    ) -> tuple[Sample, bytes | None]:
         cfg, m = self._cfg, self._metrics
         t0 = time.monotonic()
         progress = _Progress()
@@ -180,7 +185,7 @@ class SampleGenerator:
             params = {**plan.sampling_params, "max_new_tokens": remaining}
             leased: Engine | None = None
             try:
-                async with self._router.lease(exclude) as engine:
+                async with self._router.lease(exclude, affinity) as engine:
                     leased = engine
                     res = await engine.client.generate(
                         plan.prompt_ids + progress.ids, params, f"{rid}-{num_requests}", **gen_kw
@@ -209,6 +214,8 @@ class SampleGenerator:
             except RequestRejected as e:
                 raise SampleRejected(f"sample {rid}: {e}") from e
             self._router.report_success(engine)
+            m.prompt_tokens.inc(res.prompt_tokens)
+            m.cached_tokens.inc(res.cached_tokens)
             exclude = ()
             engine_id = engine.engine_id
             progress.add(res)

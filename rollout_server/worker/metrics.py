@@ -98,6 +98,15 @@ class RolloutMetrics:
             Counter("longtrace_rollout_tokens", "Response tokens generated", registry=r), token_rate
         )
         self.groups = Counter("longtrace_rollout_groups", "Groups published", registry=r)
+        self.prompt_tokens = Counter(
+            "longtrace_rollout_prompt_tokens", "Prompt tokens of the requests answered (resumes: + tokens so far)",
+            registry=r,
+        )  # fmt: skip
+        self.cached_tokens = Counter(
+            "longtrace_rollout_cached_tokens",
+            "Of those, the tokens the engines reused instead of prefilling (meta_info.cached_tokens)",
+            registry=r,
+        )
         self.duplicates = Counter(
             "longtrace_rollout_duplicate_groups", "Groups already published (redelivered)", registry=r
         )

@@ -6,6 +6,12 @@ per engine. A circuit breaker takes an engine out of rotation after `failure_thr
 (requests or health probes); after `cooldown_s` the periodic health probe lets it back in. The caller
 retries a failed request on another engine (`exclude`).
 
+Group affinity (`GroupAffinity`, one per group): the group's first lease picks its engine by the same policy, and
+its other requests go there too, so the engine prefills the group's shared prompt once (prefix sharing). A request
+leaves the group's engine only when that engine is excluded for it (a retry after a failure), full
+(`max_inflight_per_engine`: it spills to the least loaded other one), or out of rotation (the group moves: the next
+lease picks a new engine for all of it).
+
 `SglangRouterProxy` sends everything to one sglang-router, which does its own balancing and health checks.
 """
 
@@ -49,6 +55,13 @@ class Engine:
     num_failures: int = 0
 
 
+@dataclass
+class GroupAffinity:
+    """The engine a group's requests prefer; set by the group's first lease (`Router.lease(affinity=...)`)."""
+
+    engine_id: str | None = None
+
+
 @dataclass(frozen=True)
 class EngineLoad:
     """A snapshot of one engine for metrics."""
@@ -68,10 +81,13 @@ class Router(abc.ABC):
     async def close(self) -> None: ...
 
     @abc.abstractmethod
-    def lease(self, exclude: Collection[str] = ()) -> AbstractAsyncContextManager[Engine]:
+    def lease(
+        self, exclude: Collection[str] = (), affinity: GroupAffinity | None = None
+    ) -> AbstractAsyncContextManager[Engine]:
         """`async with router.lease(exclude) as engine:` holds one request slot on the chosen engine.
 
-        Engines named in `exclude` are avoided while another is in rotation (retry elsewhere).
+        Engines named in `exclude` are avoided while another is in rotation (retry elsewhere). With `affinity`
+        the group's engine is preferred (set by the first lease, see the module docstring).
         """
 
     @abc.abstractmethod
@@ -152,21 +168,32 @@ class BuiltinRouter(Router):
     def _in_rotation(self, engine: Engine) -> bool:
         return not engine.removed and engine.open_until is None
 
-    def _pick(self, exclude: Collection[str]) -> Engine | None:
+    def _pick(self, exclude: Collection[str], affinity: GroupAffinity | None = None) -> Engine | None:
         healthy = [e for e in self._engines.values() if self._in_rotation(e)]
+        cap = self._rcfg.max_inflight_per_engine
+        home = None
+        if affinity is not None and affinity.engine_id is not None:
+            home = next((e for e in healthy if e.engine_id == affinity.engine_id), None)
+            if home is not None and home.engine_id not in exclude and home.outstanding < cap:
+                return home
         preferred = [e for e in healthy if e.engine_id not in exclude] or healthy  # retry elsewhere when possible
-        free = [e for e in preferred if e.outstanding < self._rcfg.max_inflight_per_engine]
+        free = [e for e in preferred if e.outstanding < cap]
         if not free:
             return None
         least = min(e.outstanding for e in free)
         ties = [e for e in free if e.outstanding == least]
-        return ties[next(self._tie_break) % len(ties)]
+        engine = ties[next(self._tie_break) % len(ties)]
+        if affinity is not None and home is None:  # the group's first request, or its engine left the rotation
+            affinity.engine_id = engine.engine_id
+        return engine
 
     @asynccontextmanager
-    async def lease(self, exclude: Collection[str] = ()) -> AsyncIterator[Engine]:
+    async def lease(
+        self, exclude: Collection[str] = (), affinity: GroupAffinity | None = None
+    ) -> AsyncIterator[Engine]:
         deadline = time.monotonic() + self._rcfg.engine_wait_timeout_s
         async with self._changed:
-            while (engine := self._pick(exclude)) is None:
+            while (engine := self._pick(exclude, affinity)) is None:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise NoEngineAvailable(
@@ -279,7 +306,10 @@ class SglangRouterProxy(Router):
             await self._http.aclose()
 
     @asynccontextmanager
-    async def lease(self, exclude: Collection[str] = ()) -> AsyncIterator[Engine]:
+    async def lease(
+        self, exclude: Collection[str] = (), affinity: GroupAffinity | None = None
+    ) -> AsyncIterator[Engine]:
+        # No affinity here: sglang-router places requests itself (its cache-aware policy keeps a prefix together).
         async with self._slots:
             self._engine.outstanding += 1
             self._engine.num_requests += 1

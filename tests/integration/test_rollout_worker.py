@@ -263,7 +263,8 @@ def test_partial_rollout_across_a_weight_update_keeps_segments(engines: Engines,
                 (await http.post(f"{url}/continue_generation", json={})).raise_for_status()
 
     try:
-        groups, _, _ = asyncio.run(_generate(cfg, _tasks(prompt, num=1, num_samples=4), during=update_weights))
+        # two groups: a group's samples share one engine (prefix sharing), and the update must find both engines busy
+        groups, _, _ = asyncio.run(_generate(cfg, _tasks(prompt, num=2, num_samples=4), during=update_weights))
     finally:
         _restore_weights(urls, engines.model_a)
     resumed = 0

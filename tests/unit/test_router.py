@@ -14,7 +14,7 @@ from broker.memory import MemoryBroker
 from common.config import load_config
 from common.net import free_port
 from rollout_server.worker.config import RolloutConfig
-from rollout_server.worker.router import BuiltinRouter, Engine, NoEngineAvailable
+from rollout_server.worker.router import BuiltinRouter, Engine, GroupAffinity, NoEngineAvailable
 
 
 def _dead_url() -> str:
@@ -164,6 +164,47 @@ def test_paused_sample_stops_waiting_for_a_dead_engine() -> None:
             assert not await asyncio.wait_for(generator._wait_generating(engine), timeout=10)
             engine.removed = True  # left the registry: no /health poll at all
             assert not await asyncio.wait_for(generator._wait_generating(engine), timeout=1)
+        await router.close()
+
+    asyncio.run(main())
+
+
+def test_a_groups_requests_stay_on_the_engine_its_first_lease_picked() -> None:
+    """Guards against spreading a group's samples by load (each engine that gets one prefills the shared prompt
+    again): the first lease picks the least-loaded engine, the group's other leases follow it even though the other
+    engine is emptier, and a second group starts on the least-loaded engine."""
+    a, b = _dead_url(), _dead_url()
+
+    async def main() -> None:
+        router = BuiltinRouter(_cfg([a, b]), None)
+        g1, g2 = GroupAffinity(), GroupAffinity()
+        async with AsyncExitStack() as stack:
+            first = [(await stack.enter_async_context(router.lease(affinity=g1))).url for _ in range(4)]
+            assert len(set(first)) == 1 and g1.engine_id == first[0]
+            second = [(await stack.enter_async_context(router.lease(affinity=g2))).url for _ in range(4)]
+            assert len(set(second)) == 1 and second[0] != first[0]
+        await router.close()
+
+    asyncio.run(main())
+
+
+def test_group_affinity_yields_to_retries_full_engines_and_the_breaker() -> None:
+    """Guards against affinity overriding what keeps samples moving: a retry after a failure (exclude) must leave
+    the group's engine without moving the group; a full engine spills to another; an engine out of rotation moves
+    the whole group to a new one."""
+    a, b = _dead_url(), _dead_url()
+
+    async def main() -> None:
+        router = BuiltinRouter(_cfg([a, b], max_inflight_per_engine=2, failure_threshold=1, cooldown_s=60), None)
+        group = GroupAffinity()
+        async with router.lease(affinity=group) as home:
+            async with router.lease(exclude=(home.engine_id,), affinity=group) as retry:
+                assert retry.url != home.url and group.engine_id == home.engine_id
+            async with router.lease(affinity=group) as same, router.lease(affinity=group) as spilled:
+                assert same.url == home.url and spilled.url != home.url and group.engine_id == home.engine_id
+            router.report_failure(home, "connection refused")  # breaker opens: out of rotation
+            async with router.lease(affinity=group) as moved:
+                assert moved.url != home.url and group.engine_id == moved.engine_id
         await router.close()
 
     asyncio.run(main())
