@@ -35,9 +35,9 @@ from experiments.bench_async_summary import combine, rounded
 __all__ = ["DEFAULT_CONFIG", "BenchAsyncConfig", "BenchError", "run_bench"]
 
 
-def _run_up(up_cfg: Any, path: Path, log_path: Path, timeout_s: float) -> list[tuple[float, float]]:
+def _run_up(up_cfg: Any, path: Path, log_path: Path, timeout_s: float) -> CpuSampler:
     """`longtrace up` on the written config, as a child in this process group (Ctrl-C reaches it too); returns the
-    CPU samples of its process tree."""
+    CPU samples of its process tree and of the machine."""
     from deploy.launcher.tomlfile import write_config
 
     write_config(up_cfg, path)
@@ -66,7 +66,7 @@ def _run_up(up_cfg: Any, path: Path, log_path: Path, timeout_s: float) -> list[t
     if code != 0:
         tail = "\n".join(log_path.read_text().splitlines()[-25:])
         raise BenchError(f"longtrace up exited with {code} (log: {log_path}):\n{tail}")
-    return cpu.samples
+    return cpu
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -107,7 +107,7 @@ def run_bench(cfg: BenchAsyncConfig, progress: Any = None) -> dict[str, Any]:
             calls = [(c.start_s, c.end_s) for c in stub.snapshot()]
             _write_jsonl(root / f"{mode}-scored.jsonl", [dataclasses.asdict(r) for r in observer.records])
             summaries[mode] = summarize_run(
-                metrics, observer.records, calls, cfg.warmup_steps, cfg.judge.concurrency, cpu
+                metrics, observer.records, calls, cfg.warmup_steps, cfg.judge.concurrency, cpu.samples, cpu.machine
             )
             summaries[mode]["run_dir"] = str(root / mode)
             note(f"{mode}: {summaries[mode]['steps_per_min']:.2f} steps/min")

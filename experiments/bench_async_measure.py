@@ -12,8 +12,10 @@ Per-stage busy time is measured per learner step, on the step's window (t[i-1], 
 - CPU: the CPU seconds of the run's whole process tree (`longtrace up` and every descendant: engines, learner
   ranks, workers, Redis) in the window, from CpuSampler's samples. A process that exits between two samples takes
   its last interval with it, so this can only undercount: a bound built on it stays a bound.
-The steps measured are warmup_steps + 1 .. steps - 1 (the last one also writes the run's only checkpoint);
-every figure is a median over them. steps/min = 60 / median step interval.
+The steps measured are warmup_steps + 1 .. steps - 1 (the last one also writes the run's only checkpoint). Stage
+busy times are medians over them; steps/min and the work each resource did per step (judge slot-seconds, CPU
+seconds of the run's tree and of the whole machine, the learner's train + push) are totals over the measured span
+divided by its steps (an async learner's steps come in bursts: the median interval would overstate its rate).
 """
 
 from __future__ import annotations
@@ -121,11 +123,13 @@ class ScoredObserver:
 @dataclass
 class CpuSampler:
     """A thread that samples the CPU seconds (user + system) of process `pid` and all its descendants every `poll_s`,
-    as (time.time(), cpu_s) pairs."""
+    as (time.time(), cpu_s) pairs, and the whole machine's busy CPU seconds at the same times (`machine`: the run's
+    and every other process's, which on a shared machine takes cores the run cannot use)."""
 
     pid: int
     poll_s: float = 0.5
     samples: list[tuple[float, float]] = field(default_factory=list)
+    machine: list[tuple[float, float]] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
     _seen: dict[int, float] = field(default_factory=dict)  # per process: its CPU seconds at its last sample
@@ -159,7 +163,10 @@ class CpuSampler:
                 except psutil.Error:
                     continue  # exited since the listing: its CPU up to its last sample stays counted
             # Totals over every process ever seen (exited ones keep their last value), so the series never drops.
-            self.samples.append((time.time(), sum(self._seen.values())))
+            now = time.time()
+            self.samples.append((now, sum(self._seen.values())))
+            m = psutil.cpu_times()
+            self.machine.append((now, m.user + m.nice + m.system + getattr(m, "irq", 0.0) + getattr(m, "softirq", 0.0)))
             if self._stop.wait(self.poll_s):
                 return
 
@@ -201,8 +208,10 @@ def summarize_run(
     warmup_steps: int,
     judge_concurrency: int,
     cpu_samples: list[tuple[float, float]] | None = None,
+    machine_samples: list[tuple[float, float]] | None = None,
 ) -> dict[str, Any]:
-    """Medians over the measured steps of one run (see the module docstring)."""
+    """One run's figures over its measured steps (see the module docstring): stage busy times are medians of the
+    steps; the step rate and the resources' work per step are totals over the measured span / its steps."""
     rows = sorted(metrics, key=lambda m: m["step"])
     steps = [m["step"] for m in rows]
     if steps != list(range(1, len(rows) + 1)) or len(rows) < warmup_steps + 2:
@@ -210,7 +219,7 @@ def summarize_run(
     t = [float(m["time_s"]) for m in rows]
     gen = [r.generation for r in records]
     score = [r.scoring for r in records]
-    per_step: dict[str, list[float]] = {s: [] for s in (*STAGES, "judge", "judge_work", "cpu", "learner")}
+    per_step: dict[str, list[float]] = {s: [] for s in (*STAGES, "judge", "learner")}
     dts, calls = [], []
     for i in range(warmup_steps, len(rows) - 1):  # index i is step i + 1; the last step (checkpoint) left out
         lo, hi = t[i - 1], t[i]
@@ -220,26 +229,32 @@ def summarize_run(
         per_step["training"].append(float(rows[i]["step_s"]))
         per_step["weight_sync"].append(float(rows[i].get("weight_sync/total_s") or 0.0))
         per_step["judge"].append(union_length(judge_calls, lo, hi))
-        held = sum(max(0.0, min(b, hi) - max(a, lo)) for a, b in judge_calls)
-        per_step["judge_work"].append(held / judge_concurrency)
         calls.append(sum(lo < end <= hi for _, end in judge_calls))
-        per_step["cpu"].append(cpu_in(cpu_samples or [], lo, hi))
         per_step["learner"].append(per_step["training"][-1] + per_step["weight_sync"][-1])
     busy = {s: statistics.median(v) for s, v in per_step.items() if s in STAGES}
-    step_s = statistics.median(dts)
+    # Rates and resource work over the whole measured span, not medians of per-step values: an async learner's steps
+    # come in bursts (a step whose groups are ready waits for nothing), so the median interval understates the mean.
+    lo, hi, n = t[warmup_steps - 1], t[len(rows) - 2], len(dts)
+    step_s = (hi - lo) / n
+    held = sum(max(0.0, min(b, hi) - max(a, lo)) for a, b in judge_calls)
+    tree_cpu = cpu_in(cpu_samples or [], lo, hi)
+    machine_cpu = cpu_in(machine_samples or [], lo, hi)
     last = rows[-1]
     return {
         "steps_per_min": 60.0 / step_s,
         "step_s": step_s,
+        "step_s_median": statistics.median(dts),
         "busy_s_per_step": busy,
         "busy_sum_over_step": sum(busy.values()) / step_s,
         "judge_busy_s_per_step": statistics.median(per_step["judge"]),
         # slot-seconds / concurrency: the judge's time per step if its slots were always full
-        "judge_work_s_per_step": statistics.median(per_step["judge_work"]),
-        "judge_calls_per_step": statistics.median(calls),
-        "cpu_s_per_step": statistics.median(per_step["cpu"]),
+        "judge_work_s_per_step": held / judge_concurrency / n,
+        "judge_calls_per_step": sum(calls) / n,
+        "cpu_s_per_step": tree_cpu / n,
+        # every process's, the run's included: on a shared machine the others take cores the run cannot use
+        "machine_cpu_s_per_step": machine_cpu / n,
         # the learner trains, then pushes: one after the other, whatever overlaps around it
-        "learner_s_per_step": statistics.median(per_step["learner"]),
+        "learner_s_per_step": sum(per_step["learner"]) / n,
         "judge_calls": sum(calls),
         "measured_steps": len(dts),
         "groups_dropped_stale": int(last.get("groups_dropped_stale") or 0),

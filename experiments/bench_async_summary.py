@@ -4,7 +4,8 @@ rounding of the per-run figures in the JSON, and the short table `longtrace benc
 The ideal is built from resources, not stage occupancy: whatever overlaps, an async step cannot be shorter than
 the work it must put through its busiest resource, measured in the async run itself:
 - the judge: its slot-seconds per step / its concurrency (`judge_work_s_per_step`);
-- the CPU: the process tree's CPU seconds per step / the cores (generation and training compete for it);
+- the CPU: the machine's busy CPU seconds per step / its cores (generation and training compete for it, and on a
+  shared machine other processes take their share: `others_cpu_s_per_step`);
 - the learner: training then weight sync, one after the other (`learner_s_per_step`).
 `bound_step_s` is the largest; `ideal_speedup` = sync step / bound_step_s and `ratio` = speedup / ideal_speedup
 = bound_step_s / async step <= 1 (above 1 would mean a resource was missed). The stage-occupancy ideal of the
@@ -26,7 +27,7 @@ def bound_step_s(run: dict[str, Any], cores: int) -> dict[str, float]:
     """The per-resource lower bounds on one step of `run` (seconds), by name."""
     return {
         "judge": run["judge_work_s_per_step"],
-        "cpu": run["cpu_s_per_step"] / cores if not math.isnan(run["cpu_s_per_step"]) else 0.0,
+        "cpu": run["machine_cpu_s_per_step"] / cores if not math.isnan(run["machine_cpu_s_per_step"]) else 0.0,
         "learner": run["learner_s_per_step"],
     }
 
@@ -49,6 +50,7 @@ def combine(sync: dict[str, Any], asyn: dict[str, Any], cores: int) -> dict[str,
         "bound_by": max(bounds, key=lambda k: bounds[k]),
         "bounds_s": {k: round(v, 3) for k, v in bounds.items()},
         "cores": cores,
+        "others_cpu_s_per_step": round(asyn["machine_cpu_s_per_step"] - asyn["cpu_s_per_step"], 3),
         "occupancy_ideal_speedup": round(occupancy, 3),
     }
 
