@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "experiments.ablate_cli",
     "experiments.bench_async_cli",
     "experiments.bench_weight_sync_cli",
+    "experiments.cluster_cli",
 )
 
 

@@ -45,6 +45,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from common.config import ConfigError
 from learner.weight_sync.config import DistributedSyncConfig
 from weights.engine_client import EngineCallError, EngineClient, wait_all
 from weights.group import abort_group, nccl_watchdog_problems
@@ -108,6 +109,14 @@ class StageGroup:
         self.stage = stage
         self.backend = resolve_backend(cfg.backend)
         self.address = resolve_address(cfg.master_address)
+        try:  # the group's store listens here: an address of another host fails every push, so fail at the start
+            free_port(self.address)
+        except OSError as e:
+            raise ConfigError(
+                f"--weight_sync.master_address {cfg.master_address!r} ({self.address}): this node cannot listen on "
+                f"it ({e.strerror}). The engines join the weight-update group there: give an address of this node "
+                "that every engine reaches (deploy/torchrun/learner.sh: WEIGHT_SYNC_ADDR, else NODE_ADDR)"
+            ) from e
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else None
         self.engines: tuple[EngineRef, ...] = ()
         self.name = ""
@@ -200,7 +209,12 @@ class StageGroup:
                 collective_timeout_s=self.cfg.broadcast_timeout_s + WATCHDOG_GRACE_S,
             )
 
-        error, _ = self._guarded(rendezvous, futures, 2 * self.cfg.init_timeout_s + 15, f"building group {name!r}")
+        where = f"tcp://{self.address}:{port}"
+        error, _ = self._guarded(
+            rendezvous, futures, 2 * self.cfg.init_timeout_s + 15, f"building group {name!r} at {where}"
+        )
+        if error is not None and not any(f.done() and f.exception() is not None for f in futures.values()):
+            error += f" (the engines join at {where}: do they all reach --weight_sync.master_address {self.address}?)"
         if error is None:  # the group exists on our side, so every engine's join returns now
             _, culprits = wait_all(futures, self.cfg.init_timeout_s + 15)
         else:  # the engines that failed first are to blame; the others wait for a world that never completes
