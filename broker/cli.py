@@ -75,6 +75,8 @@ def _run_redis(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    from broker.redis import redact_url
+
     with EmbeddedRedis(
         port=args.port,
         host=args.host,
@@ -84,7 +86,8 @@ def _run_redis(args: argparse.Namespace) -> int:
         maxmemory_mb=args.maxmemory_mb,
         appendfsync=args.appendfsync,
     ) as server:
-        print(server.url, flush=True)
+        # The password stays out of stdout (a script's log or journal keeps it): the caller knows it, from its env var.
+        print(redact_url(server.url), flush=True)
         while not stop.wait(0.5):
             if server.proc is None or server.proc.poll() is not None:
                 print("longtrace redis: redis-server exited unexpectedly", file=sys.stderr)

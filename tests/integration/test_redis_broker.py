@@ -238,15 +238,17 @@ def test_password_from_a_file_or_the_environment_and_never_logged(
 
 
 def test_longtrace_redis_prints_url_and_stops_on_sigterm(tmp_path: Path) -> None:
-    """Guards against `longtrace redis` not printing a usable URL, leaving redis-server behind on SIGTERM, or
-    starting without its append-only file unless told (a restart would then come back empty)."""
+    """Guards against `longtrace redis` not printing a usable URL (its password masked: scripts log stdout),
+    leaving redis-server behind on SIGTERM, or starting without its append-only file unless told (a restart would
+    then come back empty)."""
     env = {**os.environ, "LT_TEST_REDIS_PW": "pw1"}
     cmd = [sys.executable, "-m", "deploy.cli", "redis", "--dir", str(tmp_path), "--password-env", "LT_TEST_REDIS_PW"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, cwd=REPO, env=env, text=True)
     try:
         assert proc.stdout is not None
-        url = proc.stdout.readline().strip()
-        assert url.startswith("redis://:pw1@127.0.0.1:")
+        printed = proc.stdout.readline().strip()
+        assert printed.startswith("redis://:***@127.0.0.1:") and "pw1" not in printed  # the password stays out of logs
+        url = printed.replace(":***@", ":pw1@")
         client = redis.Redis.from_url(url, socket_timeout=5)
         assert client.ping() and client.config_get("appendonly")["appendonly"] == "yes"
         client.close()
