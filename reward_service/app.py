@@ -4,9 +4,11 @@ Routes: POST /evaluate (drop-in for the LongTraceRL reward server), POST /v1/sco
 POST /v1/score_group (one group: normalisation + combination rule), GET /health, GET /metrics, and the
 OpenAPI docs at /docs. The shared pure-ASGI guard (common.asgi_guard) in front of the app checks the bearer
 token (401) and enforces the body-size limit (413) and the budget of bodies in flight (503) before anything is
-parsed; an outer layer records request metrics. Malformed bodies get 422 with the reason; a judge that fails gets
-502 with its error, never a reward of 0; scoring past `request_timeout_s` gets 504 (the deadline also stops the
-CPU work, which runs off the event loop, so /health keeps answering).
+parsed; an outer layer records request metrics. POST /evaluate bodies that msgspec decodes strictly are scored by
+a layer inside the guard without the framework (fast_evaluate.py); the others reach the route. Malformed bodies
+get 422 with the reason; a judge that fails gets 502 with its error, never a reward of 0; scoring past
+`request_timeout_s` gets 504 (the deadline also stops the CPU work, which for a long text runs off the event loop,
+so /health keeps answering).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from common.asgi_guard import Guard, SafeJSONResponse
 from reward_service.config import RewardConfig
 from reward_service.deadline import scoring_deadline
+from reward_service.fast_evaluate import FastEvaluate
 from reward_service.judges import Judge, JudgeError, build_judge
 from reward_service.metrics import ERRORS, REGISTRY, REQUEST_SECONDS, REQUESTS
 from reward_service.schemas import (
@@ -42,6 +45,8 @@ from reward_service.scoring import BadRequest, Scorer
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+CONFIG_ENV = "LONGTRACE_REWARD_CONFIG_JSON"
+"""`longtrace reward serve` with several processes passes the RewardConfig (JSON) to its workers in this variable."""
 ROUTES = ("/evaluate", "/v1/score", "/v1/score_group", "/health", "/metrics", "/docs", "/openapi.json")
 OPEN_ROUTES = frozenset({"/health", "/metrics", "/docs", "/openapi.json", "/docs/oauth2-redirect"})
 
@@ -105,6 +110,26 @@ def create_app(config: RewardConfig, judge: Judge | None = None) -> FastAPI:
         async with scoring_deadline(config.request_timeout_s):
             return await aw
 
+    def refusal(exc: Exception) -> tuple[int, str]:
+        """Status and detail of a scorer's failure, counted (the route's handlers and the fast path)."""
+        if isinstance(exc, BadRequest):
+            ERRORS.labels("bad_request").inc()
+            return 422, str(exc)
+        if isinstance(exc, JudgeError):
+            ERRORS.labels("judge").inc()
+            log.warning("judge failed: %s", exc)
+            return 502, f"judge failed: {exc}"
+        ERRORS.labels("timeout").inc()
+        return 504, f"scoring took longer than {config.request_timeout_s:g} s (--request_timeout_s)"
+
+    async def _refused(_: Request, exc: Exception) -> JSONResponse:
+        status, detail = refusal(exc)
+        return SafeJSONResponse({"detail": detail}, status_code=status)
+
+    def fast_refused(exc: Exception) -> tuple[int, bytes]:
+        status, detail = refusal(exc)
+        return status, bytes(SafeJSONResponse({"detail": detail}).body)
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         ERRORS.labels("bad_request").inc()
@@ -114,22 +139,8 @@ def create_app(config: RewardConfig, judge: Judge | None = None) -> FastAPI:
         ]
         return SafeJSONResponse({"detail": errors}, status_code=422)
 
-    @app.exception_handler(BadRequest)
-    async def _bad(_: Request, exc: BadRequest) -> JSONResponse:
-        ERRORS.labels("bad_request").inc()
-        return SafeJSONResponse({"detail": str(exc)}, status_code=422)
-
-    @app.exception_handler(JudgeError)
-    async def _judge_failed(_: Request, exc: JudgeError) -> JSONResponse:
-        ERRORS.labels("judge").inc()
-        log.warning("judge failed: %s", exc)
-        return SafeJSONResponse({"detail": f"judge failed: {exc}"}, status_code=502)
-
-    @app.exception_handler(TimeoutError)
-    async def _timeout(_: Request, exc: TimeoutError) -> JSONResponse:
-        ERRORS.labels("timeout").inc()
-        detail = f"scoring took longer than {config.request_timeout_s:g} s (--request_timeout_s)"
-        return SafeJSONResponse({"detail": detail}, status_code=504)
+    for exc_class in (BadRequest, JudgeError, TimeoutError):
+        app.add_exception_handler(exc_class, _refused)
 
     @app.post("/evaluate", response_model=EvaluateResponse, tags=["reward"])
     async def evaluate(req: EvaluateRequest) -> EvaluateResponse:
@@ -155,6 +166,8 @@ def create_app(config: RewardConfig, judge: Judge | None = None) -> FastAPI:
     async def metrics() -> Response:
         return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
+    # innermost: the bodies it decodes skip the route, the others reach it (after the guard, within the metrics)
+    app.add_middleware(FastEvaluate, evaluate=lambda req: bounded(scorer.evaluate(req)), errors=fast_refused)
     app.add_middleware(
         Guard,
         max_body_bytes=int(config.max_body_mb * 1024 * 1024),
@@ -165,3 +178,10 @@ def create_app(config: RewardConfig, judge: Judge | None = None) -> FastAPI:
     )
     app.add_middleware(_RequestMetrics)  # added last: the outermost layer
     return app
+
+
+def app_from_env() -> FastAPI:
+    """The app of one worker process of `reward serve --num_processes N` (uvicorn's factory)."""
+    import os
+
+    return create_app(RewardConfig.model_validate_json(os.environ[CONFIG_ENV]))

@@ -1,40 +1,48 @@
-"""`longtrace bench reward`: /evaluate throughput of the service vs a naive reward server, same machine, same run.
+"""`longtrace bench reward`: /evaluate throughput of the service vs the upstream LongTraceRL reward server.
 
-Workload: responses of ~8K tokens (~32 KB of words) in `<think>…</think>answer` form, 10 rubric entities
-each, rule judge, `concurrency` requests in flight from httpx.AsyncClients in `clients` load-generator
-processes. Each server is a real uvicorn process on a free port: ours through `longtrace reward serve`,
-the baseline through `reward_service.bench_baseline` (stdout to /dev/null). Before timing, every distinct
-request is sent to both servers and the rewards must agree. The timed requests run in short rounds
-alternating between the servers (the machine is shared, so both see the same load on average).
-Prints req_per_s, p50_ms, p99_ms, baseline_req_per_s, baseline_p50_ms, baseline_p99_ms and
-ratio = req_per_s / baseline_req_per_s; also each server's CPU time per request and their ratio, which
-depend neither on the machine's other load nor on the client's cost.
+The upstream server is THU-KEG/LongTraceRL's `launch_server.py`, given with `--upstream PATH` (it is not part of
+this repository) and run as published: `python PATH --host 127.0.0.1 --port P --base_url J --api_key stub`, with
+this venv's interpreter (it imports fastapi, uvicorn, httpx and openai: `pip install openai`, or
+`pip install --no-deps --target DIR_OF_PATH openai jiter`, which its script directory puts on sys.path). Both
+servers judge with the LLM judge against the same OpenAI-compatible stub (`reward_service.bench_judge`, a process
+of its own answering at once), so the comparison is of the servers' own work.
+
+Workload: ~32 KB (~6K-word) responses in `<think>…</think>answer` form, 10 rubric entities each, in the upstream
+request format (which /evaluate takes as is), `concurrency` requests in flight from `clients` load-generator
+processes. Before timing, every distinct body is sent to both servers and the three reward parts must agree (same
+formula, same judge verdicts). The timed requests run in short rounds alternating between the servers after a
+warm-up of each (the machine is shared: both see the same load on average); every answer is made unique, so no
+cache can help. CPU per request is the server process's CPU time, its worker processes included.
+
+Without `--upstream` the bench says it has nothing to compare with and measures the service alone. With
+`--judge_delay_s D` (e.g. 0.5) it then measures the service against a judge that serves `--judge_concurrency C`
+calls at once after D seconds each, with twice C requests in flight, and reports `judge_ceiling_fraction` =
+req/s ÷ (C / D), how close the service comes to the most a judge so limited allows.
 """
 
 from __future__ import annotations
 
-import asyncio
+import hashlib
 import json
 import math
-import multiprocessing
+import os
 import random
 import subprocess
 import sys
 import tempfile
-import time
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 import httpx
-import psutil
 
 from common.net import free_port
+from reward_service.bench_load import Load, Server, cpu_s, start, stop
 
 NUM_RUBRICS = 10
 RESPONSE_BYTES = 32 * 1024
 NUM_BODIES = 32
-ROUNDS = 4
+ROUNDS = 6
+REWARD_KEYS = ("reward", "outcome_reward", "rubric_reward")
 
 
 def make_bodies(num: int = NUM_BODIES, seed: int = 0) -> list[dict[str, Any]]:
@@ -73,68 +81,7 @@ def make_bodies(num: int = NUM_BODIES, seed: int = 0) -> list[dict[str, Any]]:
     return bodies
 
 
-@dataclass
-class _Server:
-    name: str
-    url: str
-    proc: subprocess.Popen[bytes]
-
-
-def _start(name: str, cmd: list[str], port: int, log: Any, timeout_s: float = 60.0) -> _Server:
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=1.0).status_code == 200:
-                return _Server(name, url, proc)
-        except httpx.TransportError:
-            pass  # not listening yet
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"{name} server did not start (exit code {proc.poll()}); see its stderr")
-        time.sleep(0.1)
-
-
-def _stop(server: _Server) -> None:
-    server.proc.terminate()
-    try:
-        server.proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        server.proc.kill()
-        server.proc.wait(timeout=10)
-
-
-async def _post_all(
-    client: httpx.AsyncClient, url: str, payloads: list[bytes], concurrency: int
-) -> tuple[float, list[float]]:
-    """Send every payload with `concurrency` in flight; return wall seconds and per-request latencies."""
-    latencies: list[float] = []
-    queue = iter(payloads)
-
-    async def lane() -> None:
-        for payload in queue:
-            start = time.perf_counter()
-            resp = await client.post(url, content=payload, headers={"content-type": "application/json"})
-            resp.raise_for_status()
-            latencies.append(time.perf_counter() - start)
-
-    start = time.perf_counter()
-    await asyncio.gather(*(lane() for _ in range(concurrency)))
-    return time.perf_counter() - start, latencies
-
-
-def _cpu_s(server: _Server) -> float:
-    times = psutil.Process(server.proc.pid).cpu_times()
-    return float(times.user + times.system)
-
-
-def _pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def _payloads(bodies: list[dict[str, Any]], num: int, tag: str) -> list[bytes]:
+def payloads(bodies: list[dict[str, Any]], num: int, tag: str) -> list[bytes]:
     """`num` request bodies cycling through `bodies`, each answer made unique by a leading "[tag-i]" (no
     server may profit from having seen a response before; the tag changes no reward)."""
     out = []
@@ -145,116 +92,198 @@ def _payloads(bodies: list[dict[str, Any]], num: int, tag: str) -> list[bytes]:
     return out
 
 
-def _client_job(url: str, payloads: list[bytes], concurrency: int) -> list[float]:
-    """One load-generator process: send `payloads` through one httpx.AsyncClient; return the latencies."""
-
-    async def main() -> list[float]:
-        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-        async with httpx.AsyncClient(timeout=120.0, limits=limits) as client:
-            return (await _post_all(client, url, payloads, concurrency))[1]
-
-    return asyncio.run(main())
-
-
-def _load(
-    pool: ProcessPoolExecutor, n: int, url: str, payloads: list[bytes], concurrency: int
-) -> tuple[float, list[float]]:
-    """Spread `payloads` and `concurrency` over the pool's `n` client processes; wall seconds and latencies."""
-    start = time.perf_counter()
-    futures = [pool.submit(_client_job, url, payloads[i::n], max(1, concurrency // n)) for i in range(n)]
-    latencies = [lat for f in futures for lat in f.result()]
-    return time.perf_counter() - start, latencies
-
-
-def _check_agreement(servers: list[_Server], bodies: list[dict[str, Any]]) -> None:
-    """Both servers must give the same reward parts for every distinct request."""
+def check_agreement(servers: list[Server], bodies: list[dict[str, Any]]) -> int:
+    """Both servers must give the same reward parts for every distinct body; the number of bodies checked."""
+    checked = payloads(bodies, len(bodies), "check")
     with httpx.Client(timeout=120.0) as client:
-        for payload in _payloads(bodies, len(bodies), "check"):
+        for payload in checked:
             results = []
             for s in servers:
                 resp = client.post(f"{s.url}/evaluate", content=payload, headers={"content-type": "application/json"})
                 resp.raise_for_status()
                 results.append(resp.json())
-            for key in ("reward", "outcome_reward", "rubric_reward"):
+            for key in REWARD_KEYS:
                 if not math.isclose(results[0][key], results[1][key], rel_tol=1e-12, abs_tol=1e-12):
-                    raise RuntimeError(f"servers disagree on {key}: {results}")
+                    raise RuntimeError(f"{servers[0].name} and {servers[1].name} disagree on {key}: {results}")
+    return len(checked)
 
 
-def _measure(servers: list[_Server], num_requests: int, concurrency: int, clients: int) -> dict[str, Any]:
+def _pct_ms(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e3, 2)
+
+
+def measure(
+    servers: list[Server], load: Load, num_requests: int, concurrency: int, rounds: int = ROUNDS
+) -> dict[str, dict[str, float]]:
+    """Warm-up, then `rounds` rounds alternating between the servers; per server req/s, p50/p99 ms and CPU ms per
+    request."""
     bodies = make_bodies()
-    _check_agreement(servers, bodies)
-    wall_s = {s.name: 0.0 for s in servers}
-    cpu_s = {s.name: 0.0 for s in servers}
-    latencies: dict[str, list[float]] = {s.name: [] for s in servers}
-    # The load generator must not be the bottleneck: httpx costs about as much CPU per request as our server,
-    # so the requests come from `clients` processes (one AsyncClient each, concurrency split between them).
-    with ProcessPoolExecutor(max_workers=clients, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for s in servers:
-            _load(pool, clients, f"{s.url}/evaluate", _payloads(bodies, 2 * concurrency, "warmup"), concurrency)
-        # Short alternating rounds: on a shared machine both servers then see the same load on average.
-        per_round = max(concurrency, num_requests // ROUNDS)
-        done = 0
-        while done < num_requests:
-            n = min(per_round, num_requests - done)
-            for s in servers:
-                payloads = _payloads(bodies, n, f"r{done}")
-                cpu_before = _cpu_s(s)
-                took, lat = _load(pool, clients, f"{s.url}/evaluate", payloads, concurrency)
-                cpu_s[s.name] += _cpu_s(s) - cpu_before
-                wall_s[s.name] += took
-                latencies[s.name] += lat
-            done += n
-    ours_s, ours_lat = wall_s["ours"], latencies["ours"]
-    base_s, base_lat = wall_s["baseline"], latencies["baseline"]
-    rps, base_rps = num_requests / ours_s, num_requests / base_s
+    wall = {s.name: 0.0 for s in servers}
+    cpu = {s.name: 0.0 for s in servers}
+    lat: dict[str, list[float]] = {s.name: [] for s in servers}
+    for s in servers:
+        load.run(s, payloads(bodies, 4 * concurrency, f"warmup-{s.name}"), concurrency)
+    per_round = max(concurrency, num_requests // rounds)
+    done = 0
+    turn = 0
+    while done < num_requests:
+        n = min(per_round, num_requests - done)
+        order = servers if turn % 2 == 0 else servers[::-1]  # ABBA: neither always goes first
+        for s in order:
+            sent = payloads(bodies, n, f"r{done}")
+            before = cpu_s(s)
+            took, latencies = load.run(s, sent, concurrency)
+            cpu[s.name] += cpu_s(s) - before
+            wall[s.name] += took
+            lat[s.name] += latencies
+        done += n
+        turn += 1
     return {
-        "req_per_s": round(rps, 1),
-        "p50_ms": round(_pct(ours_lat, 0.5) * 1e3, 2),
-        "p99_ms": round(_pct(ours_lat, 0.99) * 1e3, 2),
-        "baseline_req_per_s": round(base_rps, 1),
-        "baseline_p50_ms": round(_pct(base_lat, 0.5) * 1e3, 2),
-        "baseline_p99_ms": round(_pct(base_lat, 0.99) * 1e3, 2),
-        "ratio": round(rps / base_rps, 2),
-        # server CPU per request: independent of what else runs on the machine (and of the client's cost)
-        "cpu_ms_per_req": round(cpu_s["ours"] / num_requests * 1e3, 3),
-        "baseline_cpu_ms_per_req": round(cpu_s["baseline"] / num_requests * 1e3, 3),
-        "cpu_ratio": round(cpu_s["baseline"] / max(cpu_s["ours"], 1e-9), 2),
-        "requests": num_requests,
-        "concurrency": concurrency,
-        "client_procs": clients,
-        "response_kb": round(sum(len(b["response"]) for b in bodies) / len(bodies) / 1024, 1),
-        "rubrics": NUM_RUBRICS,
+        s.name: {
+            "req_per_s": round(num_requests / wall[s.name], 1),
+            "p50_ms": _pct_ms(lat[s.name], 0.5),
+            "p99_ms": _pct_ms(lat[s.name], 0.99),
+            "cpu_ms_per_request": round(cpu[s.name] / num_requests * 1e3, 3),
+        }
+        for s in servers
     }
 
 
-def run_bench(num_requests: int = 384, concurrency: int = 32, clients: int = 4, as_json: bool = False) -> int:
+def _ours(port: int, judge_port: int, processes: int, log: IO[bytes], judge_concurrency: int = 64) -> Server:
+    cmd = [sys.executable, "-m", "deploy.cli", "reward", "serve", "--port", str(port), "--judge.kind", "llm"]
+    cmd += ["--judge.base_url", f"http://127.0.0.1:{judge_port}/v1", "--judge.api_key_env", ""]
+    cmd += ["--judge.concurrency", str(judge_concurrency)]
+    if processes != 1:
+        cmd += ["--num_processes", str(processes)]
+    return start("ours", cmd, port, log, "/health")
+
+
+def _judge(port: int, log: IO[bytes], delay_s: float = 0.0, concurrency: int = 64) -> Server:
+    cmd = [sys.executable, "-m", "reward_service.bench_judge", "--port", str(port)]
+    cmd += ["--delay_s", str(delay_s), "--concurrency", str(concurrency)]
+    return start("judge", cmd, port, log, "/health")
+
+
+def _slow_judge(
+    load: Load, log: IO[bytes], processes: int, delay_s: float, judge_concurrency: int, num_requests: int
+) -> dict[str, Any]:
+    """The service against a judge serving `judge_concurrency` calls at once after `delay_s` each."""
+    judge = _judge(free_port(), log, delay_s, judge_concurrency)
+    try:
+        # the service's own judge.concurrency stays at its default (64): the judge's capacity is the judge's
+        ours = _ours(free_port(), judge.port, processes, log)
+        try:
+            in_flight = 2 * judge_concurrency
+            # one round: the judge's slots stay full from the first request to the last but `in_flight`
+            got = measure([ours], load, num_requests, in_flight, rounds=1)["ours"]
+        finally:
+            stop(ours)
+    finally:
+        stop(judge)
+    ceiling = judge_concurrency / delay_s
+    return {
+        "judge_delay_s": delay_s,
+        "judge_concurrency": judge_concurrency,
+        "slow_judge_concurrency": in_flight,
+        "slow_judge_req_per_s": got["req_per_s"],
+        "judge_ceiling_req_per_s": round(ceiling, 1),
+        "judge_ceiling_fraction": round(got["req_per_s"] / ceiling, 3),
+    }
+
+
+def _check_upstream_imports(upstream: str) -> None:
+    """The upstream server imports openai, which this project does not need: say how to get it, up front."""
+    probe = subprocess.run(
+        [sys.executable, "-c", "import openai"], cwd=os.path.dirname(os.path.abspath(upstream)), capture_output=True
+    )
+    if probe.returncode != 0:
+        raise RuntimeError(
+            f"the upstream server needs the openai package: `pip install openai`, or "
+            f"`pip install --no-deps --target {os.path.dirname(os.path.abspath(upstream))} openai jiter`"
+        )
+
+
+def run_bench(
+    num_requests: int = 1536,
+    concurrency: int = 32,
+    clients: int = 1,
+    as_json: bool = False,
+    upstream: str | None = None,
+    processes: int = 1,
+    judge_delay_s: float | None = None,
+    judge_concurrency: int = 32,
+    slow_requests: int = 1024,
+    command: str = "",
+) -> dict[str, Any]:
+    """Run the bench and print its result (see the module docstring); also return it."""
     if num_requests < 1 or concurrency < 1 or not 1 <= clients <= concurrency:
         raise ValueError("--requests and --concurrency must be positive, --clients in [1, concurrency]")
-    ours_port, base_port = free_port(), free_port()
-    with tempfile.TemporaryFile() as log:
-        servers: list[_Server] = []
+    if upstream is not None and not Path(upstream).is_file():
+        raise ValueError(f"--upstream {upstream!r}: no such file (LongTraceRL's launch_server.py)")
+    if upstream is None:
+        print(
+            "no upstream to compare with (--upstream PATH of LongTraceRL's launch_server.py): the service alone",
+            file=sys.stderr,
+        )
+    load_at_start = round(os.getloadavg()[0], 2)  # the machine may be shared: say how busy it was
+    result: dict[str, Any] = {}
+    with tempfile.TemporaryFile() as log, Load(clients) as load:
+        servers: list[Server] = []
         try:
-            ours_cmd = [sys.executable, "-m", "deploy.cli", "reward", "serve", "--port", str(ours_port)]
-            servers.append(_start("ours", ours_cmd + ["--judge.kind", "rule"], ours_port, log))
-            base_cmd = [sys.executable, "-m", "reward_service.bench_baseline", "--port", str(base_port)]
-            servers.append(_start("baseline", base_cmd, base_port, log))
-            result = _measure(servers, num_requests, concurrency, clients)
+            servers.append(_judge(free_port(), log))
+            judge_port = servers[0].port
+            servers.append(_ours(free_port(), judge_port, processes, log))
+            if upstream is not None:
+                _check_upstream_imports(upstream)
+                port = free_port()
+                cmd = [sys.executable, upstream, "--host", "127.0.0.1", "--port", str(port)]
+                cmd += ["--base_url", f"http://127.0.0.1:{judge_port}/v1", "--api_key", "stub"]
+                servers.append(start("upstream", cmd, port, log, "/"))
+                result["agreement_checked_bodies"] = check_agreement(servers[1:], make_bodies())
+            got = measure(servers[1:], load, num_requests, concurrency)
+            ours, up = got["ours"], got.get("upstream")
+            result = {
+                "req_per_s": ours["req_per_s"],
+                "upstream_req_per_s": up["req_per_s"] if up else None,
+                "ratio": round(ours["req_per_s"] / up["req_per_s"], 2) if up else None,
+                "p50_ms": ours["p50_ms"],
+                "p99_ms": ours["p99_ms"],
+                "upstream_p50_ms": up["p50_ms"] if up else None,
+                "upstream_p99_ms": up["p99_ms"] if up else None,
+                "cpu_ms_per_request": ours["cpu_ms_per_request"],
+                "upstream_cpu_ms_per_request": up["cpu_ms_per_request"] if up else None,
+                "cpu_ratio": round(up["cpu_ms_per_request"] / ours["cpu_ms_per_request"], 2) if up else None,
+                **result,
+            }
         except BaseException:
             log.seek(0)
             sys.stderr.write(log.read().decode(errors="replace")[-4000:])
             raise
         finally:
-            for s in servers:
-                _stop(s)
+            for s in servers[::-1]:
+                stop(s)
+        if judge_delay_s is not None:
+            result.update(_slow_judge(load, log, processes, judge_delay_s, judge_concurrency, slow_requests))
+    result.update(
+        {
+            "command": command,
+            "upstream_sha256": hashlib.sha256(Path(upstream).read_bytes()).hexdigest() if upstream else None,
+            "host_cpus": os.cpu_count(),
+            "load_avg_1m_at_start": load_at_start,
+            "requests": num_requests,
+            "concurrency": concurrency,
+            "client_procs": clients,
+            "num_processes": processes,
+            "upstream": upstream,
+            "response_kb": round(RESPONSE_BYTES / 1024, 1),
+            "rubrics": NUM_RUBRICS,
+            "judge": "stub OpenAI-compatible (reward_service.bench_judge), answers at once",
+        }
+    )
     if as_json:
-        print(json.dumps(result))
+        print(json.dumps(result), flush=True)
     else:
-        print(
-            f"reward /evaluate, {result['response_kb']} KB responses, {NUM_RUBRICS} rubrics, concurrency {concurrency}:\n"
-            f"  ours:     {result['req_per_s']} req/s  p50 {result['p50_ms']} ms  p99 {result['p99_ms']} ms\n"
-            f"  baseline: {result['baseline_req_per_s']} req/s  p50 {result['baseline_p50_ms']} ms"
-            f"  p99 {result['baseline_p99_ms']} ms\n"
-            f"  ratio:    {result['ratio']}x (server CPU per request: {result['cpu_ms_per_req']} vs "
-            f"{result['baseline_cpu_ms_per_req']} ms, {result['cpu_ratio']}x)"
-        )
-    return 0
+        for key, value in result.items():
+            print(f"{key}: {value}")
+    return result

@@ -2,7 +2,7 @@
 
 longtrace reward serve  [--config F] [--host H] [--port P] [--allow_unauthenticated] [--section.key value ...]
 longtrace reward worker [--config F] [--section.key value ...]
-longtrace bench reward  [--json] [--requests N] [--concurrency C]
+longtrace bench reward  [--json] [--upstream PATH] [--requests N] [--concurrency C] [--judge_delay_s S] ...
 """
 
 from __future__ import annotations
@@ -43,10 +43,24 @@ def register(commands: SubParsers, benches: SubParsers) -> None:
     )
     add_config(worker, "TOML file with a RewardConfig")
 
-    b = bench(benches, "reward", _bench, help="/evaluate throughput vs a naive reward server (rule judge)")
-    b.add_argument("--requests", type=int, default=384, help="timed requests per server")
+    b = bench(
+        benches,
+        "reward",
+        _bench,
+        help="/evaluate throughput vs the upstream LongTraceRL reward server (--upstream PATH), stub LLM judge",
+    )
+    b.add_argument(
+        "--upstream",
+        default=None,
+        help="path of LongTraceRL's launch_server.py (not in this repo; needs `pip install openai`)",
+    )
+    b.add_argument("--requests", type=int, default=1536, help="timed requests per server")
     b.add_argument("--concurrency", type=int, default=32, help="requests in flight")
-    b.add_argument("--clients", type=int, default=4, help="load-generator processes sharing the concurrency")
+    b.add_argument("--clients", type=int, default=1, help="load-generator processes sharing the concurrency")
+    b.add_argument("--num_processes", type=int, default=1, help="the service's worker processes")
+    b.add_argument("--judge_delay_s", type=float, default=None, help="also measure against a judge this slow")
+    b.add_argument("--judge_concurrency", type=int, default=32, help="calls the slow judge serves at once")
+    b.add_argument("--slow_requests", type=int, default=1024, help="timed requests against the slow judge")
 
 
 def _config(args: argparse.Namespace, extra: list[str]) -> Any:
@@ -60,12 +74,13 @@ def _serve(args: argparse.Namespace) -> int:
     extra = (["--host", args.host] if args.host else []) + (["--port", str(args.port)] if args.port is not None else [])
     config = _config(args, extra)
 
+    import os
     import signal
 
     import uvicorn
 
     from common.exposure import check_exposure
-    from reward_service.app import create_app
+    from reward_service.app import CONFIG_ENV, create_app
 
     check_exposure(
         config.host,
@@ -76,12 +91,17 @@ def _serve(args: argparse.Namespace) -> int:
         risk="have requests scored at the expense of this CPU and the judge",
     )
 
-    app = create_app(config)
     # uvicorn logs accesses at INFO: at "warning" the access log would be on and print nothing
     log_level = "info" if config.access_log else "warning"
     # uvicorn re-raises the signal it shut down on; with a handler SIGTERM is a clean exit 0 (as the engine's).
     signal.signal(signal.SIGTERM, lambda sig, frame: None)
-    uvicorn.run(app, host=config.host, port=config.port, log_level=log_level, access_log=config.access_log)
+    common = {"host": config.host, "port": config.port, "log_level": log_level, "access_log": config.access_log}
+    if config.num_processes == 1:
+        uvicorn.run(create_app(config), **common)
+        return 0
+    # worker processes are spawned: each builds its app from the config passed in the environment
+    os.environ[CONFIG_ENV] = config.model_dump_json()
+    uvicorn.run("reward_service.app:app_from_env", factory=True, workers=config.num_processes, **common)
     return 0
 
 
@@ -114,9 +134,29 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    import os
+    import shlex
+    import sys
+
     from reward_service.bench import run_bench
 
-    check_positive(args, "requests", "concurrency", "clients")
+    check_positive(args, "requests", "concurrency", "clients", "num_processes", "judge_concurrency", "slow_requests")
     if args.clients > args.concurrency:
         raise ConfigError(f"--clients {args.clients} must be <= --concurrency {args.concurrency}")
-    return run_bench(num_requests=args.requests, concurrency=args.concurrency, clients=args.clients, as_json=args.json)
+    if args.judge_delay_s is not None and args.judge_delay_s <= 0:
+        raise ConfigError(f"--judge_delay_s {args.judge_delay_s} must be > 0")
+    if args.upstream is not None and not os.path.isfile(args.upstream):
+        raise ConfigError(f"--upstream {args.upstream!r}: no such file (LongTraceRL's launch_server.py)")
+    run_bench(
+        num_requests=args.requests,
+        concurrency=args.concurrency,
+        clients=args.clients,
+        as_json=args.json,
+        upstream=args.upstream,
+        processes=args.num_processes,
+        judge_delay_s=args.judge_delay_s,
+        judge_concurrency=args.judge_concurrency,
+        slow_requests=args.slow_requests,
+        command=shlex.join(["longtrace", *sys.argv[1:]]),
+    )
+    return 0

@@ -69,7 +69,7 @@ class LlmJudgeConfig(BaseConfig):
     model: str = "qwen3-235b-a22b-instruct-2507"
     """Judge model name (the LongTraceRL reference default)."""
     timeout_s: Annotated[float, Field(gt=0)] = 120.0
-    """Timeout of one API request (connect, write, read and pool wait each)."""
+    """Timeout of one API request: connecting, sending it and reading the answer, together."""
     retry: JudgeRetryConfig = Field(default_factory=JudgeRetryConfig)
     """Retries of one API request (4 attempts, 1 s first backoff, 30 s cap, 600 s deadline). Was `max_retries`
     (retries: attempts - 1), `backoff_base_s`, `max_backoff_s`, `deadline_s`; still read, with a warning."""
@@ -179,6 +179,11 @@ class RewardConfig(BaseConfig):
     """Scoring one request takes at most this long (HTTP 504 beyond it), as the reference's 600 s."""
     access_log: bool = False
     """uvicorn's per-request access log (costs throughput)."""
+    num_processes: Annotated[int, Field(ge=1)] = 1
+    """HTTP API worker processes sharing the port (uvicorn's supervisor restarts one that dies). Each has its own
+    judge connection pool (`judge.concurrency` each), verdict cache, body budget (`max_concurrent_body_mb` each)
+    and Prometheus counters: /metrics reports the process that answered. More than the free cores only adds
+    switching; one core's worth of scoring is about a thousand 32 KB requests a second."""
     judge: JudgeConfig = Field(default_factory=lambda: RuleJudgeConfig())
     """Outcome judge backend: `rule` (offline) or `llm` (OpenAI-compatible API, the paper's setup)."""
     eta: Annotated[float, Field(ge=0, le=1)] = 0.3

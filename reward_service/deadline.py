@@ -23,7 +23,7 @@ from typing import ParamSpec, TypeVar
 P = ParamSpec("P")
 T = TypeVar("T")
 
-INLINE_MAX_CHARS = 1 << 15
+INLINE_MAX_CHARS = 1 << 17
 """Texts up to this many characters are scored on the event loop (about a millisecond of work); longer ones in a
 thread."""
 INLINE_MAX_RUBRICS = 256

@@ -7,8 +7,9 @@
 - `longrlvr`: F-beta (beta=2) of the chunk ids in the last <useful_chunks> block against the gold ids.
 - The scanned text is "\\n\\n" + turn.strip() of each assistant turn's reasoning and/or content.
 
-Speed: the text is normalised once per response (an ASCII fast path with the same result, shared with
-the rule judge through a small cache; a long text in pieces, each a short C call), each rubric once per process
+Speed: the text is normalised once per response (for ASCII text a byte translation and a numpy pass that
+collapses the separators, the same result as `norm` at a sixth of its cost on a 32 KB answer; shared with the
+rule judge through a small cache; a long text in pieces, each a short C call), each rubric once per process
 (cached). Every scan of model output is linear in its length: the reference's `<useful_chunks>(.*?)</useful_chunks>`
 regex rescans to the end from every unclosed opening tag (quadratic: minutes at 1 MB of repeated tags), so the
 last block is found by pairing the tags left to right instead, with the reference's result.
@@ -22,6 +23,8 @@ import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 from common.text import norm
 
@@ -39,6 +42,26 @@ PIECE_CHARS = 1 << 20
 _CUT_RE = re.compile(r"[ \n\t]")
 # rubric_fraction looks at its deadline once per this many rubrics.
 _RUBRICS_PER_DEADLINE_CHECK = 16
+# Below this many characters norm's split/join is cheaper than the numpy pass's fixed cost.
+_FAST_NORM_MIN_CHARS = 2048
+_SPACE = 0x20
+# ASCII bytes to what norm keeps of them: [a-z0-9_] as themselves, A-Z lower-cased, every other byte a separator.
+_LOWER_OR_SPACE = bytes(
+    c + 32 if 65 <= c <= 90 else c if chr(c) in "abcdefghijklmnopqrstuvwxyz0123456789_" else _SPACE for c in range(256)
+)
+
+
+def fast_norm(text: str) -> str:
+    """`norm(text)`. For a long ASCII text without norm's split into thousands of word objects: lower-case and map
+    every separator byte to a space in one translation, then drop each space that follows a space and strip (the
+    tokens joined by single spaces, as norm). Other text goes to `norm`."""
+    if len(text) < _FAST_NORM_MIN_CHARS or not text.isascii():
+        return norm(text)
+    codes = np.frombuffer(text.encode("ascii").translate(_LOWER_OR_SPACE), dtype=np.uint8)
+    space = codes == _SPACE
+    keep = np.ones(len(codes), dtype=bool)
+    np.logical_not(space[1:] & space[:-1], out=keep[1:])
+    return codes[keep].tobytes().strip(b" ").decode("ascii")
 
 
 @functools.lru_cache(maxsize=64)
@@ -56,13 +79,13 @@ def norm_in_pieces(text: str, piece_chars: int) -> str:
     final sigma, whose forms are not token characters either. A run without whitespace stays one piece.
     """
     if len(text) <= piece_chars:
-        return norm(text)
+        return fast_norm(text)
     pieces: list[str] = []
     start = 0
     while start < len(text):
         cut = _CUT_RE.search(text, start + piece_chars)
         end = len(text) if cut is None else cut.end()
-        piece = norm(text[start:end])
+        piece = fast_norm(text[start:end])
         if piece:
             pieces.append(piece)
         start = end

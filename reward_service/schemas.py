@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
+import msgspec
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from broker.schemas import Status
@@ -107,6 +108,34 @@ class EvaluateRequest(_Response):
     label: Label
     """The gold answer."""
     extra_reward_info: ExtraRewardInfo
+
+
+class FastMessage(msgspec.Struct):
+    """HistoryMessage as a msgspec struct (fast_evaluate.py: POST /evaluate's bodies, no more lenient)."""
+
+    role: str
+    content: str | list[Any] | None = None
+    reasoning_content: str | None = None
+
+
+class FastInfo(msgspec.Struct):
+    """ExtraRewardInfo as a msgspec struct."""
+
+    question: str | None = None
+    rubrics: list[str | int] = []
+    dataset_name: str = "longqa"
+    rubric_reward_ratio: float | None = None
+    rubric_use_reasoning_content: bool | None = None
+    rubric_use_content: bool | None = None
+
+
+class FastEvaluateRequest(msgspec.Struct):
+    """EvaluateRequest as a msgspec struct."""
+
+    label: str | int | float
+    extra_reward_info: FastInfo
+    history: list[FastMessage] | None = None
+    response: str | None = None
 
 
 class EvaluateResponse(BaseModel):

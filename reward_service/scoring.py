@@ -26,6 +26,9 @@ from reward_service.schemas import (
     EvaluateRequest,
     EvaluateResponse,
     ExtraRewardInfo,
+    FastEvaluateRequest,
+    FastInfo,
+    FastMessage,
     GroupSampleReward,
     HistoryMessage,
     ScoreGroupRequest,
@@ -62,7 +65,7 @@ class Prepared:
     answer: str | None  # the judged message's content; None: the sample scores 0 (no assistant answer)
 
 
-def prepare_history(history: Sequence[HistoryMessage]) -> Prepared:
+def prepare_history(history: Sequence[HistoryMessage | FastMessage]) -> Prepared:
     last = history[-1]
     if last.role != "assistant" or not isinstance(last.content, str):
         return Prepared(turns=(), answer=None)
@@ -104,7 +107,7 @@ class Scorer:
         self.judge = judge
         self.config = config
 
-    def spec(self, label: str | int | float, info: ExtraRewardInfo) -> RewardSpec:
+    def spec(self, label: str | int | float, info: ExtraRewardInfo | FastInfo) -> RewardSpec:
         eta = self.config.eta if info.rubric_reward_ratio is None else info.rubric_reward_ratio
         if eta < 1 and info.question is None:
             raise BadRequest(
@@ -151,7 +154,7 @@ class Scorer:
         SAMPLES.labels("scored").inc()
         return SampleParts(outcome=outcome, raw_rubric=rubric, judge_s=judge_s)
 
-    async def evaluate(self, req: EvaluateRequest) -> EvaluateResponse:
+    async def evaluate(self, req: EvaluateRequest | FastEvaluateRequest) -> EvaluateResponse:
         spec = self.spec(req.label, req.extra_reward_info)
         prepared = prepare_history(req.history) if req.history is not None else prepare_response(req.response or "")
         p = await self.parts(prepared, spec)

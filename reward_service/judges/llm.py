@@ -1,8 +1,9 @@
 """LLM outcome judge over any OpenAI-compatible chat API (the LongTraceRL reference judge, METHOD.md §2).
 
-One pooled `httpx.AsyncClient`; at most `concurrency` requests in flight; each request retried on transport
-errors, timeouts, HTTP 408/429/5xx and malformed bodies with jittered backoff (common.retry.RetryPolicy);
-the judge re-asked up to `max_asks` times until both `extracted_final_answer:` and `correct:` parse.
+One pool of keep-alive connections (judges/http.py: a lean HTTP/1.1 client, msgspec for the JSON); at most
+`concurrency` requests in flight; each request retried on transport errors, timeouts, HTTP 408/429/5xx and
+malformed bodies with jittered backoff (common.retry.RetryPolicy); the judge re-asked up to `max_asks` times
+until both `extracted_final_answer:` and `correct:` parse.
 Verdicts are cached by (question, label, answer); concurrent requests for the same key share one call.
 When no verdict can be had the judge raises JudgeError, never returns False in its place.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import os
 import re
@@ -18,11 +20,12 @@ import time
 from collections import OrderedDict
 from typing import Any
 
-import httpx
+import msgspec
 
 from common.retry import RetryPolicy
 from reward_service.config import LlmJudgeConfig
 from reward_service.judges.base import JudgeError
+from reward_service.judges.http import Http1Pool, HttpTransportError
 from reward_service.metrics import JUDGE_API_REQUESTS, JUDGE_CACHE_HITS, JUDGE_CALLS, JUDGE_SECONDS
 
 log = logging.getLogger(__name__)
@@ -46,6 +49,28 @@ correct: Answer "yes" if extracted_final_answer matches the [correct_answer] giv
 
 _CORRECT_RE = re.compile(r"(?i)\*{0,2}correct\*{0,2}\s*:\s*(no|yes)")
 _EXTRACTED_RE = re.compile(r"(?i)\*{0,2}extracted_final_answer\*{0,2}\s*:\s*(.+)")
+
+
+class _Message(msgspec.Struct):
+    content: Any  # required (a body without it is malformed); null is an empty reply
+
+
+class _Choice(msgspec.Struct):
+    message: _Message
+
+
+class _Completion(msgspec.Struct):
+    """What the judge reads of a chat.completion body (other keys ignored)."""
+
+    choices: list[_Choice]
+
+
+_COMPLETION = msgspec.json.Decoder(_Completion)
+_ENCODER = msgspec.json.Encoder()
+
+
+def _text(data: bytes, limit: int) -> str:
+    return data[:limit].decode("utf-8", "replace")
 
 
 class _Transient(Exception):
@@ -78,20 +103,14 @@ def _cache_key(question: str, label: str, response: str) -> bytes:
 class LlmJudge:
     kind = "llm"
 
-    def __init__(self, config: LlmJudgeConfig, transport: httpx.AsyncBaseTransport | None = None) -> None:
+    def __init__(self, config: LlmJudgeConfig) -> None:
         self.config = config
         headers = {"Content-Type": "application/json"}
         api_key = os.environ.get(config.api_key_env, "") if config.api_key_env else ""
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
-        self._client = httpx.AsyncClient(
-            base_url=config.base_url,
-            headers=headers,
-            timeout=httpx.Timeout(config.timeout_s),
-            limits=httpx.Limits(max_connections=config.concurrency, max_keepalive_connections=config.concurrency),
-            transport=transport,
-            trust_env=False,  # a judge on the cluster network must not go through a proxy from the environment
-        )
+        # no proxy from the environment: a judge on the cluster network must not go through one
+        self._client = Http1Pool(config.base_url, headers, config.timeout_s, max_idle=config.concurrency)
         self._semaphore = asyncio.Semaphore(config.concurrency)
         self._retry: RetryPolicy = config.retry.policy()
         self._cache: OrderedDict[bytes, bool] = OrderedDict()
@@ -152,31 +171,38 @@ class LlmJudge:
             body["temperature"] = self.config.temperature
         if self.config.max_tokens is not None:
             body["max_tokens"] = self.config.max_tokens
-        retry_on = (_Transient, httpx.TimeoutException, httpx.TransportError)
+        retry_on = (_Transient, TimeoutError, HttpTransportError)
         try:
             return await self._retry.acall(lambda: self._post(body), retry_on=retry_on, what="judge API request")
         except retry_on as e:
             raise JudgeError(f"judge API failed after retries: {type(e).__name__}: {e}") from e
 
     async def _post(self, body: dict[str, Any]) -> str:
+        try:
+            payload = _ENCODER.encode(body)
+        except (
+            msgspec.EncodeError,
+            UnicodeEncodeError,
+        ):  # a lone surrogate from a \ud800 escape: UTF-8 cannot carry it, JSON escapes can
+            payload = json.dumps(body).encode()
         async with self._semaphore:
             try:
-                resp = await self._client.post("chat/completions", json=body)
-            except (httpx.TimeoutException, httpx.TransportError):
+                status, data = await self._client.post("chat/completions", payload)
+            except (TimeoutError, HttpTransportError):
                 JUDGE_API_REQUESTS.labels("transport_error").inc()
                 raise
-        if resp.status_code >= 500 or resp.status_code in (408, 429):
-            JUDGE_API_REQUESTS.labels(f"http_{resp.status_code // 100}xx").inc()
-            raise _Transient(f"HTTP {resp.status_code}: {resp.text[:200]}")
-        if resp.status_code >= 400:
+        if status >= 500 or status in (408, 429):
+            JUDGE_API_REQUESTS.labels(f"http_{status // 100}xx").inc()
+            raise _Transient(f"HTTP {status}: {_text(data, 200)}")
+        if status >= 400:
             # bad model name, bad key, quota: retrying cannot help
             JUDGE_API_REQUESTS.labels("http_4xx").inc()
-            raise JudgeError(f"judge API refused the request: HTTP {resp.status_code}: {resp.text[:300]}")
+            raise JudgeError(f"judge API refused the request: HTTP {status}: {_text(data, 300)}")
         try:
-            content = resp.json()["choices"][0]["message"]["content"]
-        except (ValueError, KeyError, IndexError, TypeError) as e:
+            content = _COMPLETION.decode(data).choices[0].message.content
+        except (msgspec.DecodeError, IndexError) as e:
             JUDGE_API_REQUESTS.labels("malformed").inc()
-            raise _Transient(f"malformed completion body: {resp.text[:200]!r}") from e
+            raise _Transient(f"malformed completion body: {_text(data, 200)!r}") from e
         JUDGE_API_REQUESTS.labels("ok").inc()
         # a null content (e.g. a refusal) is an empty, hence unparseable, reply: it gets re-asked
         return content if isinstance(content, str) else ""

@@ -409,3 +409,37 @@ def test_concurrent_large_bodies_are_bounded_by_a_budget() -> None:
     assert len(stub.requests) == 3  # the refused bodies never reached the judge
     assert [r.status_code for r in beside] == [200, 200]
     assert after.status_code == 200
+
+
+def test_serve_with_several_processes_answers_and_stops(tmp_path: Path) -> None:
+    """Guards against `reward serve --num_processes 2` not starting its workers (each builds the app from the
+    config it is handed: an override lost on the way changes rewards), or leaving them running after SIGTERM."""
+    import psutil
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "deploy.cli", "reward", "serve", "--port", str(port), "--num_processes", "2",
+           "--eta", "0.5"]  # fmt: skip
+    log = tmp_path / "serve.log"
+    with log.open("wb") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.1)
+        body = {**SLIME_BODY, "extra_reward_info": {**SLIME_BODY["extra_reward_info"], "rubric_reward_ratio": None}}
+        with httpx.Client(timeout=10) as c:
+            rewards = [c.post(f"{url}/evaluate", json=body).json()["reward"] for _ in range(16)]
+        assert rewards == [pytest.approx(0.5 + 0.5 * 0.75)] * 16  # --eta 0.5 in every worker
+        workers = [p for p in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(p.cmdline())]
+        assert len(workers) == 2, [p.cmdline() for p in psutil.Process(proc.pid).children()]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    psutil.wait_procs(workers, timeout=10)
+    assert not any(w.is_running() for w in workers)  # gone with their supervisor, not orphaned

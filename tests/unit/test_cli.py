@@ -191,7 +191,7 @@ def test_python_m_entries_share_the_cli_contract(tmp_path: Path) -> None:
         ["deploy.launcher.evaluate", "--config", str(empty)],
         ["deploy.launcher.prepare", "--config", str(empty), "--data-dir", "d", "--model-dir", "m"],
         ["experiments.judge_stub"],
-        ["reward_service.bench_baseline", "--port", "1"],
+        ["reward_service.bench_judge", "--port", "1"],
         ["experiments.gpu.smoke"],
     ]
     runs = _run_all([[*py, *m, "--config", MISSING] for m in with_config] + [[*py, *m, *BAD_FLAG] for m in bad_flag])
