@@ -111,8 +111,12 @@ def _worker(args: argparse.Namespace) -> int:
 
     config = _config(args, [])
 
+    import logging
+
     from broker.factory import connect
+    from common.metrics_http import MetricsHTTP
     from reward_service.judges import build_judge
+    from reward_service.metrics import REGISTRY
     from reward_service.worker import RewardWorker
 
     async def main() -> None:
@@ -123,9 +127,15 @@ def _worker(args: argparse.Namespace) -> int:
         judge = build_judge(config.judge)
         broker = connect(config.broker)
         broker.attach_run("reward worker")
+        metrics = MetricsHTTP(REGISTRY)
+        w = config.worker
+        if w.metrics:
+            port = metrics.start(w.metrics_host, w.metrics_port, w.metrics_port_span)
+            logging.getLogger(__name__).info("reward worker /metrics on %s:%d", w.metrics_host, port)
         try:
             await RewardWorker(config, broker, judge).run(stop)
         finally:
+            metrics.close()
             await judge.aclose()
             broker.close()
 

@@ -142,6 +142,16 @@ class WorkerConfig(BaseConfig):
     """How long to wait for room in `scored` (backpressure) before giving up on the process."""
     shutdown_timeout_s: Annotated[float, Field(gt=0)] = 30.0
     """On SIGTERM, in-flight groups get this long to finish; unfinished ones stay pending for another replica."""
+    metrics: bool = True
+    """Serve the worker's Prometheus /metrics (`reward_worker_groups_total`, `reward_judge_*`, ...: the registry of
+    reward_service/metrics.py) on a thread; the HTTP API serves the same registry on its own port."""
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] = 9350
+    """First port tried for /metrics: the first free one of `metrics_port .. metrics_port + metrics_port_span - 1`
+    (several workers on one host: 9350, 9351, ...), else one the OS picks; the port is logged. 0: a free one."""
+    metrics_port_span: Annotated[int, Field(ge=1)] = 16
+    """How many ports from `metrics_port` are tried (the compose scrape config lists the same range)."""
+    metrics_host: str = "127.0.0.1"
+    """Address the /metrics endpoint binds to (loopback unless told otherwise, like every service)."""
 
     @model_validator(mode="before")
     @classmethod

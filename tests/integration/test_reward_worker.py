@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from broker.base import DEAD, ROLLOUTS, SCORED, Broker
@@ -35,6 +37,7 @@ from reward_service.config import RewardConfig
 from reward_service.judges.llm import LlmJudge
 from reward_service.judges.rule import RuleJudge
 from reward_service.worker import RewardWorker
+from tests.helpers.dist import free_port
 from tests.helpers.judge_stub import StubJudgeApi
 
 BROKER_FLAGS = {"claim_idle_s": 1.0, "block_s": 0.1, "socket_timeout_s": 5.0}
@@ -165,8 +168,10 @@ def test_judge_failure_dead_letters_after_retries(broker: Broker, broker_config:
     assert broker.producer(ROLLOUTS, Group).backlog() == 0
 
 
-def _spawn_worker(broker_config: BrokerConfig, stub: StubJudgeApi, name: str, log: Path) -> subprocess.Popen[bytes]:
-    flags = [f"--broker.{k}={v}" for k, v in BROKER_FLAGS.items()]
+def _spawn_worker(
+    broker_config: BrokerConfig, stub: StubJudgeApi, name: str, log: Path, metrics_port: int = 0
+) -> subprocess.Popen[bytes]:
+    flags = [f"--broker.{k}={v}" for k, v in BROKER_FLAGS.items()] + [f"--worker.metrics_port={metrics_port}"]
     cmd = [sys.executable, "-m", "deploy.cli", "reward", "worker", f"--broker.redis_url={broker_config.redis_url}",
            f"--broker.run_id={broker_config.run_id}", *flags, "--judge.kind=llm", f"--judge.base_url={stub.url}",
            "--judge.timeout_s=60", f"--worker.consumer={name}"]  # fmt: skip
@@ -178,7 +183,8 @@ def test_replica_killed_mid_group_loses_and_duplicates_nothing(
     broker: Broker, broker_config: BrokerConfig, tmp_path: Path
 ) -> None:
     """Guards against losing the groups a dead replica held (pending entries must be reclaimed by another
-    replica) and against publishing a group twice when the dead replica had already published it."""
+    replica) and against publishing a group twice when the dead replica had already published it; and against a
+    worker whose counters nobody can scrape (its /metrics must count the groups it scored)."""
     stub = StubJudgeApi().start()
     log = tmp_path / "workers.log"
     procs: list[subprocess.Popen[bytes]] = []
@@ -199,8 +205,12 @@ def test_replica_killed_mid_group_loses_and_duplicates_nothing(
         procs[0].wait(timeout=10)
         stub.default = "judge"
         stub.release()
-        procs.append(_spawn_worker(broker_config, stub, "B", log))
+        metrics_port = free_port()
+        procs.append(_spawn_worker(broker_config, stub, "B", log, metrics_port))
         scored = _drain(broker, SCORED, ScoredGroup, 3, timeout_s=60)
+        text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5, trust_env=False).text
+        counted = re.search(r'^reward_worker_groups_total\{result="scored"\} ([\d.]+)$', text, re.M)
+        assert counted and float(counted.group(1)) >= 2, text[-2000:]  # g1 and g2 (g0's publish was a duplicate)
         procs[1].send_signal(signal.SIGTERM)
         assert procs[1].wait(timeout=20) == 0, log.read_text()
     finally:

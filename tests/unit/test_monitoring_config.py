@@ -22,7 +22,6 @@ GRAFANA = REPO / "deploy" / "grafana"
 # Compose services Prometheus does not scrape, and why.
 NOT_SCRAPED = {
     "redis": "no /metrics of its own: scraped through redis-exporter (profile monitoring)",
-    "reward-worker": "no HTTP endpoint: the stream worker's counters stay in its process",
     "grafana": "the dashboard itself",
     "eval": "a one-shot job (profile eval): its results are files under /runs, not a live endpoint",
 }
@@ -183,6 +182,11 @@ def test_prometheus_scrapes_every_compose_service_where_it_serves() -> None:
         range(rollout.metrics_port, rollout.metrics_port + len(ports["rollout"]))
     )
     assert int(services["rollout"]["deploy"]["replicas"]) <= len(ports["rollout"]) <= rollout.metrics_port_span
+    worker = check_command([str(a) for a in services["reward-worker"]["command"]]).worker
+    assert worker.metrics and ports["reward-worker"] == list(
+        range(worker.metrics_port, worker.metrics_port + len(ports["reward-worker"]))
+    )
+    assert int(services["reward-worker"]["deploy"]["replicas"]) <= len(ports["reward-worker"]) <= worker.metrics_port_span
     exporter = services["redis-exporter"]["environment"]
     assert ports["redis-exporter"] == [int(exporter["REDIS_EXPORTER_WEB_LISTEN_ADDRESS"].rsplit(":", 1)[1])]
     redis_port = read_env_file(ENV_EXAMPLE)["REDIS_PORT"]
