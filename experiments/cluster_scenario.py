@@ -336,5 +336,7 @@ def run_bench(cfg: ClusterConfig) -> dict[str, Any]:
         "conservation_ok": all(r["conservation_ok"] for r in runs),
         "finished": all(r["finished"] for r in runs),
         "note": NOTE,
+        "ratio": None,
+        "no_ratio": "a wiring and recovery bench on one machine's namespaces: no baseline to compare with (see note)",
         "runs": runs,
     }

@@ -261,6 +261,20 @@ def test_service_scripts_parse_and_load_their_configs() -> None:
     assert "--appendonly" in redis and "--password-env" in redis and "s3cret" not in redis
 
 
+def test_eval_script_runs_the_papers_protocol_against_the_serving_engine() -> None:
+    """Guards against the torchrun recipe's in-training eval (deploy/torchrun/eval.sh) passing overrides `longtrace
+    eval` rejects, losing the paper's protocol (avg@4 at T 0.6, top-p 0.95, top-k 20) or writing outside the run."""
+    env = CLUSTER | {"EVAL_DATA": "/shared/data/heldout.jsonl", "EVAL_ENGINE_URL": "http://10.0.0.12:30000",
+                     "REWARD_URL": "http://cpu0:7248", "EVAL_EVERY_S": "600", "LONGTRACE_REWARD_API_KEY": "t"}  # fmt: skip
+    [argv] = dry_run("eval.sh", env, "--max_questions", "50")
+    cfg = check_command(argv)
+    assert (cfg.k, cfg.temperature, cfg.top_p, cfg.top_k) == (4, 0.6, 0.95, 20)
+    assert cfg.engine_urls == ["http://10.0.0.12:30000"] and cfg.reward_url == "http://cpu0:7248"
+    assert cfg.dataset_path == env["EVAL_DATA"] and cfg.max_questions == 50
+    assert cfg.out_dir.startswith(CLUSTER["RUN_DIR"] + "/evals/") and cfg.tokenizer_path == CLUSTER["MODEL_PATH"]
+    assert cfg.reward_auth_token_env == "LONGTRACE_REWARD_API_KEY" and "t" not in argv  # the name, never the value
+
+
 def _script_env(
     script: str, prefixes: tuple[str, ...] = ("TORCH_NCCL_", "NCCL_"), env: dict[str, str] | None = None
 ) -> dict[str, str]:
