@@ -17,8 +17,9 @@ the policy version and the failure count, is the base class's, base.py):
     version on the updated engines (`/end_weight_update`, then `/update_weight_version` with abort_all_requests
     false) and continue generation on them.
 Engines in a known state after a failure: dead ones are dropped (the group is rebuilt without them at the
-next push); engines that never received a tensor are resumed with their previous weights and version;
-engines left with a partial update after the last attempt stay paused (they must not serve mixed weights)
+next push); engines that never received a tensor are resumed with their previous weights and version (those
+paused before the failure, and every engine when no bucket's broadcast began in any attempt: a group that could
+not be built, e.g. at an address the engines cannot reach); engines left with a partial update after the last attempt stay paused (they must not serve mixed weights)
 and are retried at the next push.
 An engine that dies mid-broadcast costs one attempt, never rank 0: the order of the group's, the broadcast's and
 the NCCL watchdog's timeouts that guarantees it is in group.py's docstring (and docs/reliability.md).
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,6 +72,7 @@ class StageResult:
     buckets: int = 0
     transfer_s: float = 0.0
     rebuilt: bool = False
+    sent: bool = False  # a bucket's broadcast began: an engine may hold part of it (parameters are written in place)
     error: str = ""
     culprits: dict[str, str] = field(default_factory=dict)
 
@@ -81,6 +83,7 @@ class _Attempt:
 
     retry: bool
     engines: list[EngineRef]
+    untouched: list[EngineRef] = field(default_factory=list)  # given up on before any tensor was sent to them
 
 
 class DistributedWeightSync(WeightSync):
@@ -105,6 +108,7 @@ class DistributedWeightSync(WeightSync):
         self.client = control_client(cfg) if talks else None
         self.fleet = Fleet(cfg, self.client, broker) if source.is_coordinator and self.client else None
         self.group = StageGroup(cfg, self.client, source.pp_rank) if source.is_stage_leader and self.client else None
+        self._sent = False  # this push: did any stage begin a bucket's broadcast (coordinator, from the results)
 
     # ------------------------------------------------------------------ the transfer (every rank)
 
@@ -119,7 +123,9 @@ class DistributedWeightSync(WeightSync):
         engines = self._prepare(t, intact) if self.fleet is not None else []
         engines = self.source.broadcast_object(engines)
         updated: list[EngineRef] = []
+        untouched: list[EngineRef] = []
         retry = self.cfg.push_retry.policy()
+        self._sent = False
         while engines:
             t.attempts += 1
             result = self._send_stages(engines, model)
@@ -127,11 +133,11 @@ class DistributedWeightSync(WeightSync):
             verdict = self._judge(t, engines, results, retry, t_pause) if self.fleet is not None else None
             verdict = self.source.broadcast_object(verdict)
             if not verdict.retry:
-                updated = verdict.engines
+                updated, untouched = verdict.engines, verdict.untouched
                 break
             engines = verdict.engines
         if self.fleet is not None:
-            self._finish(t, policy_version, updated, intact, t_pause)
+            self._finish(t, policy_version, updated, intact, t_pause, untouched)
         return t
 
     # ------------------------------------------------------------------ coordinator steps
@@ -160,6 +166,7 @@ class DistributedWeightSync(WeightSync):
         t.buckets += sum(r.buckets for r in results)
         t.transfer_s += sum(r.transfer_s for r in results)
         t.group_rebuilds += sum(r.rebuilt for r in results)
+        self._sent = self._sent or any(r.sent for r in results)
         failed = [r for r in results if r.error]
         if not failed:
             return _Attempt(retry=False, engines=engines)
@@ -185,15 +192,36 @@ class DistributedWeightSync(WeightSync):
         if survivors and t.attempts < retry.max_attempts and time.monotonic() - t_start + wait_s <= retry.deadline_s:
             time.sleep(wait_s)
             return _Attempt(retry=True, engines=survivors)
+        if not self._sent:
+            # No bucket's broadcast ever began (the group was never built: an address the engines cannot reach, a
+            # rendezvous timeout): every live engine still holds its previous weights whole, so it generates on.
+            alive_now = [e for e in engines if e.url in culprits and e.url in alive] + survivors
+            for e in alive_now:
+                t.failed[e.url] = (
+                    f"not updated after {t.attempts} attempts, nothing was sent (previous weights kept, resumed): "
+                    f"{failed[0].error}"
+                )
+            return _Attempt(retry=False, engines=[], untouched=alive_now)
         for e in survivors:
             t.failed[e.url] = f"update incomplete after {t.attempts} attempts (left paused): {failed[0].error}"
         return _Attempt(retry=False, engines=[])
 
     def _finish(
-        self, t: Transfer, policy_version: int, updated: list[EngineRef], intact: list[EngineRef], t_pause: float
+        self,
+        t: Transfer,
+        policy_version: int,
+        updated: list[EngineRef],
+        intact: list[EngineRef],
+        t_pause: float,
+        untouched: Sequence[EngineRef] = (),
     ) -> None:
-        """Name the new version on the updated engines, resume them and the intact ones."""
+        """Name the new version on the updated engines, resume them and the intact ones; close the session of the
+        untouched ones (nothing was sent to them) and resume them with their previous weights and version."""
         assert self.fleet is not None
+        closed = self.fleet.end(untouched)
+        for url, why in closed.items():
+            t.failed[url] = f"nothing was sent, but the update session was not closed (left paused): {why}"
+        intact = [*intact, *(e for e in untouched if e.url not in closed)]
         errors = self.fleet.end(updated)
         errors |= self.fleet.set_version([e for e in updated if e.url not in errors], policy_version)
         for url, why in errors.items():
@@ -229,6 +257,7 @@ class DistributedWeightSync(WeightSync):
             t0 = time.monotonic()
             # No flush with the buckets: the caches were flushed after the pause and nothing ran since.
             for bucket in iter_buckets(tensors, self.cfg.bucket_mb * 2**20):
+                res.sent = True
                 group.send_bucket(bucket, flush_cache=False)
                 res.bytes += sum(t.numel() * t.element_size() for _, t in bucket)
                 res.buckets += 1

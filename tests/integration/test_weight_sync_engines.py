@@ -486,6 +486,44 @@ def test_engine_killed_during_an_update_is_reported_and_the_survivor_serves(
         sync.close()
 
 
+def test_a_group_never_built_resumes_the_engines_with_their_previous_weights(
+    cluster: dict[str, Any], learner_model: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Guards against a push that sent nothing leaving the engines paused: a weight-update group that cannot be
+    built (here every build fails as a rendezvous at an address the engines cannot reach does) must resume the
+    engines with their previous weights and version after the last attempt, so rollouts go on, and say so; the
+    next push, with the group buildable again, updates them. (Before, they stayed paused: rollouts stopped.)"""
+    from learner.weight_sync.group import GroupFailed, StageGroup
+
+    a, b = cluster["engines"]["a"].url, cluster["engines"]["b"].url
+    client = EngineClient(http_timeout_s=10)
+    version_before = {u: client.weight_version(u) for u in (a, b)}
+    perturb(learner_model, seed=9)
+
+    def unreachable(self: StageGroup, engines: Any) -> None:
+        raise GroupFailed("building group 'x' at tcp://10.254.254.254:1 failed: Timed out waiting for clients", {})
+
+    sync = static_sync([a, b], push_retry={"max_attempts": 2, "base_s": 0.1})
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(StageGroup, "build", unreachable)
+            report = _push_at(sync, 11, learner_model)
+        assert not report.ok and report.updated == [] and report.attempts == 2, report
+        assert set(report.failed) == {a, b} and all("nothing was sent" in w for w in report.failed.values())
+        for url in (a, b):  # resumed, previous version, generating
+            assert client.weight_version(url) == version_before[url]
+            r = httpx.post(
+                url + "/generate", json={"input_ids": PROMPT, "sampling_params": {"max_new_tokens": 3}}, timeout=30
+            )
+            assert r.status_code == 200 and r.json()["meta_info"]["completion_tokens"] == 3, r.text
+        report = _push_at(sync, 12, learner_model)
+        assert report.ok and sorted(report.updated) == sorted([a, b]), report
+        assert_serves(a, learner_model, "12")
+    finally:
+        sync.close()
+        client.close()
+
+
 class MidBroadcastKill(HFModelSource):
     """The HF model's tensors in one bucket; when they are all read (the broadcast comes next) the victim engine is
     stopped (SIGSTOP: it reads nothing, so rank 0 blocks inside the broadcast), then SIGKILLed once rank 0 has been
