@@ -186,7 +186,9 @@ def test_prometheus_scrapes_every_compose_service_where_it_serves() -> None:
     assert worker.metrics and ports["reward-worker"] == list(
         range(worker.metrics_port, worker.metrics_port + len(ports["reward-worker"]))
     )
-    assert int(services["reward-worker"]["deploy"]["replicas"]) <= len(ports["reward-worker"]) <= worker.metrics_port_span
+    assert (
+        int(services["reward-worker"]["deploy"]["replicas"]) <= len(ports["reward-worker"]) <= worker.metrics_port_span
+    )
     exporter = services["redis-exporter"]["environment"]
     assert ports["redis-exporter"] == [int(exporter["REDIS_EXPORTER_WEB_LISTEN_ADDRESS"].rsplit(":", 1)[1])]
     redis_port = read_env_file(ENV_EXAMPLE)["REDIS_PORT"]
