@@ -38,6 +38,18 @@ log = logging.getLogger(__name__)
 STAGES = ("generation", "scoring", "training", "weight_sync")
 
 
+def _start(poller: Any, name: str) -> None:
+    """Run `poller._run` on a daemon thread (the observers below: dataclasses with `_stop` and `_thread`)."""
+    poller._thread = threading.Thread(target=poller._run, name=name, daemon=True)
+    poller._thread.start()
+
+
+def _stop(poller: Any) -> None:
+    poller._stop.set()
+    if poller._thread is not None:
+        poller._thread.join(timeout=10)
+
+
 @dataclass(frozen=True)
 class ScoredRecord:
     """What the bench keeps of one ScoredGroup (times are time.time() seconds)."""
@@ -75,14 +87,11 @@ class ScoredObserver:
     _thread: threading.Thread | None = None
 
     def start(self) -> ScoredObserver:
-        self._thread = threading.Thread(target=self._run, name=f"observer-{self.run_id}", daemon=True)
-        self._thread.start()
+        _start(self, f"observer-{self.run_id}")
         return self
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        _stop(self)
 
     def _run(self) -> None:
         from broker.base import SCORED, Broker, BrokerError
@@ -135,14 +144,11 @@ class CpuSampler:
     _seen: dict[int, float] = field(default_factory=dict)  # per process: its CPU seconds at its last sample
 
     def start(self) -> CpuSampler:
-        self._thread = threading.Thread(target=self._run, name=f"cpu-{self.pid}", daemon=True)
-        self._thread.start()
+        _start(self, f"cpu-{self.pid}")
         return self
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        _stop(self)
 
     def _run(self) -> None:
         import psutil
