@@ -124,7 +124,7 @@ class EntryTooLarge(ValueError):
     """A message's encoding is larger than `max_entry_mb`; nothing of its batch was published."""
 
 
-def check_entry_sizes(stream: str, payloads: Sequence[bytes], max_entry_mb: float) -> None:
+def check_entry_sizes(stream: str, payloads: Sequence[bytes | bytearray], max_entry_mb: float) -> None:
     """Refuse the whole batch if one encoded message exceeds `max_entry_mb` (before anything is appended)."""
     limit = int(max_entry_mb * 1024 * 1024)
     for i, p in enumerate(payloads):

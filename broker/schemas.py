@@ -249,6 +249,11 @@ def encode(msg: Message) -> bytes:
     return _encoder.encode(msg)
 
 
+def encode_into(msg: Message, buffer: bytearray) -> None:
+    """Encode `msg` into `buffer`, replacing its contents; its allocation is kept for the next message."""
+    _encoder.encode_into(msg, buffer)
+
+
 def decode(data: bytes, kind: type[M]) -> M:
     """Decode one message of type `kind`; raise SchemaError on any malformed or foreign payload."""
     dec = _decoders.get(kind)

@@ -13,7 +13,9 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
+from redis._parsers.encoders import Encoder
 from redis.backoff import NoBackoff
+from redis.connection import PythonRespSerializer
 from redis.exceptions import NoScriptError, ResponseError
 from redis.retry import Retry
 
@@ -25,6 +27,7 @@ from common.retry import RetryPolicy
 
 T = TypeVar("T")
 
+_BUFFER_CUTOFF = 6000  # redis-py's default: arguments longer than this are sent as they are, not joined
 RETRY_ON: tuple[type[BaseException], ...] = (redis.ConnectionError, redis.TimeoutError)
 
 
@@ -36,6 +39,14 @@ def groups_reply(reply: Any) -> list[Any]:
             raise reply
         return []
     return list(reply)
+
+
+def payload_packer() -> PythonRespSerializer:
+    """redis-py's pure-Python command packer, also where hiredis is installed: it sends a large argument (a
+    payload, a bytearray from the producer's reused buffers) as it is, where hiredis's packer copies every
+    argument into one new bytes object: 0.5 MB of fresh memory per message, page faults included."""
+    encoder: Any = Encoder("utf-8", "strict", False)  # type: ignore[no-untyped-call]
+    return PythonRespSerializer(_BUFFER_CUTOFF, encoder.encode)
 
 
 def redact_url(url: str) -> str:
@@ -71,6 +82,7 @@ class Connection:
             socket_connect_timeout=config.connect_timeout_s,
             retry=Retry(NoBackoff(), 0),  # retries are ours (below), bounded by a deadline
             driver_info=None,  # no CLIENT SETINFO: Redis 6.2 does not know it
+            command_packer=payload_packer(),
         )
         self._retry: RetryPolicy = config.retry.policy()
         # How often a reader looks for idle entries of dead consumers, and the longest single block of a

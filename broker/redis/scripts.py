@@ -70,3 +70,42 @@ if #ids == 0 then return {} end
 return redis.call('HMGET', KEYS[1], unpack(ids))
 """,
 )
+
+# KEYS: stop guard, skip guard, stream[, dedup key[, previous message's dedup key]]; ARGV: max_backlog.
+# -> 1 go | 0 duplicate | -1 stop. The check of one message of the producer's one-round-trip publish
+# (broker.redis.producer): it runs between WATCH (both guards, the dedup key) and that message's MULTI/EXEC, and
+# aborts the EXEC by writing a watched guard. A duplicate (its dedup key exists) writes and deletes the skip
+# guard: only this message is skipped. Every other refusal sets the stop guard, which stops this message and every
+# later one of the pipeline, so what is added stays in order: a stop already set, no room under max_backlog
+# undelivered entries (XLEN minus the groups' pending counts, as the two-round-trip path computes it), the
+# previous message neither added nor already there (its EXEC aborted by a concurrent write), or an error (pcall).
+# Sent with EVAL, not EVALSHA: a NOSCRIPT error would leave the EXEC unguarded. No payload passes through Lua,
+# and a "go" writes nothing.
+PUBLISH_CHECK = Script(
+    "publish_check",
+    """
+local ok, verdict = pcall(function()
+  if redis.call('EXISTS', KEYS[1]) == 1 then return -1 end
+  if KEYS[4] and redis.call('EXISTS', KEYS[4]) == 1 then return 0 end
+  if KEYS[5] and redis.call('EXISTS', KEYS[5]) == 0 then return -1 end
+  local undelivered = redis.call('XLEN', KEYS[3])
+  if undelivered > 0 then
+    for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[3])) do
+      for j = 1, #g - 1, 2 do
+        if g[j] == 'pending' then undelivered = undelivered - tonumber(g[j + 1]) end
+      end
+    end
+  end
+  if undelivered >= tonumber(ARGV[1]) then return -1 end
+  return 1
+end)
+if ok and verdict == 1 then return 1 end
+if ok and verdict == 0 then
+  redis.call('SET', KEYS[2], '1')
+  redis.call('DEL', KEYS[2])
+  return 0
+end
+redis.call('SET', KEYS[1], '1', 'PX', 60000)
+return -1
+""",
+)

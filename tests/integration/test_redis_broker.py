@@ -271,7 +271,9 @@ def test_bench_broker_prints_one_json_object(redis_server: str) -> None:
     for key in (
         "groups_per_s",
         "raw_groups_per_s",
+        "raw_bytes_groups_per_s",
         "ratio",
+        "ratio_bytes",
         "mb_per_s",
         "encode_us",
         "decode_us",
