@@ -3,7 +3,8 @@
 Same run, same prompts, same sampling and the same number of requests in flight, over three passes: (a) through
 Redis -> rollout worker -> router -> 2 built-in engines -> Redis, (b) the same through 2 engines started with
 `--enable_prefix_sharing false` (each sample prefills its group's prompt again, as before prefix sharing), (c)
-straight to (a)'s engines from an asyncio client. The passes rotate `repeats` times after a warm-up. Every sample is
+straight to (a)'s engines from an asyncio client (the worker's transport, one engine per group, the same groups
+in flight). The passes rotate `repeats` times (ORDERS) after a warm-up. Every sample is
 exactly max_new_tokens long (ignore_eos), so all paths do the same work.
 
 Prints samples_per_s (a), samples_per_s_no_sharing (b), their ratio, and prefill_ratio / prefill_ratio_no_sharing:
@@ -11,7 +12,10 @@ the prompt tokens the engines prefilled per group, as they report them per reque
 of every answer, summed by the worker's `longtrace_rollout_prompt_tokens_total` / `_cached_tokens_total`), over
 the prompt's length: 1 + (n - 1) / prompt_len when a group's n samples share one prefill (goal <= 1.1 at n = 8), n
 when each sample prefills it. direct_samples_per_s (c) and worker_vs_direct (a / c, target >= 0.9) are what the
-worker path costs.
+worker path costs: worker_vs_direct is the median of the per-rotation ratios (`worker_vs_direct_passes`, a and c
+of one rotation), robust to a pass slowed by a neighbour on a shared machine; worker_vs_direct_totals is the ratio
+of the totals. The warm-up runs both paths on both engine sets, so no measured pass pays first-use costs (imports,
+Redis scripts, the engines' first requests).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import asyncio
 import math
 import os
 import random
+import statistics
 import tempfile
 import time
 import uuid
@@ -33,7 +38,7 @@ from broker.schemas import Group, RewardInfo, Task, pack_ids
 from common.config import load_config
 from common.net import free_port
 from rollout_server.launch import LaunchConfig, engine_command, terminate, wait_healthy
-from rollout_server.worker.client import EngineClient, make_http_client
+from rollout_server.worker.client import EngineClient, make_engine_http
 from rollout_server.worker.config import RolloutConfig
 from rollout_server.worker.generation import plan_group
 from rollout_server.worker.metrics import RolloutMetrics
@@ -43,6 +48,14 @@ from rollout_server.worker.worker import RolloutWorker
 
 NUM_ENGINES = 2  # per pass kind: 2 with prefix sharing, 2 without
 MODES = ("sharing", "no_sharing", "direct")  # direct: straight to the sharing engines
+# The order of each rotation, in turn: the two passes worker_vs_direct compares run back to back (a neighbour's load
+# changes little between them), each first half the time; no_sharing first or last half the time.
+ORDERS = (
+    ("sharing", "direct", "no_sharing"),
+    ("no_sharing", "direct", "sharing"),
+    ("direct", "sharing", "no_sharing"),
+    ("no_sharing", "sharing", "direct"),
+)
 
 
 @dataclass(frozen=True)
@@ -135,7 +148,7 @@ async def _direct(spec: BenchSpec, cfg: RolloutConfig, urls: list[str], tasks: l
     """The same groups straight to the engines: `groups_in_flight` groups at once, each sending its n samples
     together to the engine with the fewest groups in flight, exactly the request pattern of the worker (one engine
     per group) minus Redis and routing."""
-    http = make_http_client()
+    http = make_engine_http()  # the worker's transport: the paths differ only in Redis, worker and router
     clients = [EngineClient(u, http, cfg.request_timeout_s, cfg.connect_timeout_s, cfg.health_timeout_s) for u in urls]
     group_slots = asyncio.Semaphore(spec.groups_in_flight)
     groups_on = dict.fromkeys(range(len(clients)), 0)
@@ -206,15 +219,17 @@ async def _through_worker(spec: BenchSpec, cfg: RolloutConfig, tasks: list[Task]
 
 async def _measure(spec: BenchSpec, redis_url: str, urls: list[str], no_sharing_urls: list[str]) -> dict[str, Any]:
     warm = BenchSpec(num_groups=2, num_samples=spec.num_samples, max_new_tokens=8, prompt_len=spec.prompt_len)
-    for engines in (urls, no_sharing_urls):
+    for engines in (urls, no_sharing_urls):  # both paths: the worker's first pass also pays imports and Redis scripts
         await _direct(warm, _config(spec, redis_url, engines), engines, _tasks(warm))
+        await _through_worker(warm, _config(warm, redis_url, engines), _tasks(warm))
     engines_of = {"sharing": urls, "no_sharing": no_sharing_urls, "direct": urls}
     totals = {m: [0, 0, 0.0] for m in MODES}
     prefilled = dict.fromkeys(MODES, 0.0)
     pass_ratios = []
+    vs_direct = []  # worker (sharing) / direct per rotation: both ran on the same engines minutes apart at most
     for i in range(spec.repeats):
         rates = {}
-        for name in MODES[i % 3 :] + MODES[: i % 3]:  # rotate: cancel order effects
+        for name in ORDERS[i % len(ORDERS)]:  # rotate: cancel order effects
             engines = engines_of[name]
             cfg = _config(spec, redis_url, engines)  # a fresh run id: new streams, no dedup across passes
             tasks = _tasks(spec)
@@ -228,6 +243,7 @@ async def _measure(spec: BenchSpec, redis_url: str, urls: list[str], no_sharing_
             totals[name][2] += s
             rates[name] = n / s
         pass_ratios.append(round(rates["sharing"] / rates["no_sharing"], 3))
+        vs_direct.append(round(rates["sharing"] / rates["direct"], 3))
     rate = {m: totals[m][0] / totals[m][2] for m in MODES}
     prompt_tokens = spec.num_groups * spec.repeats * spec.prompt_len  # per pass kind: one prompt per group
 
@@ -241,9 +257,11 @@ async def _measure(spec: BenchSpec, redis_url: str, urls: list[str], no_sharing_
         "prefill_ratio": prefill_ratio("sharing"),
         "prefill_ratio_no_sharing": prefill_ratio("no_sharing"),
         "direct_samples_per_s": round(rate["direct"], 3),
-        "worker_vs_direct": round(rate["sharing"] / rate["direct"], 3),
+        "worker_vs_direct": round(statistics.median(vs_direct), 3),
+        "worker_vs_direct_totals": round(rate["sharing"] / rate["direct"], 3),
         "tokens_per_s": round(totals["sharing"][1] / totals["sharing"][2], 1),
         "pass_ratios": pass_ratios,  # sharing / no sharing per rotation: how noisy the machine was
+        "worker_vs_direct_passes": vs_direct,
         "num_samples_per_pass": spec.num_groups * spec.num_samples,
         "num_samples_per_group": spec.num_samples,
         "prompt_len": spec.prompt_len,

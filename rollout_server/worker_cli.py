@@ -38,7 +38,9 @@ def register_worker(commands: SubParsers, benches: SubParsers) -> None:
     b.add_argument("--max-new-tokens", type=int, default=32, help="tokens per sample")
     b.add_argument("--prompt-len", type=int, default=1024, help="prompt tokens (long: prefill is what sharing saves)")
     b.add_argument("--groups-in-flight", type=int, default=2, help="worker's max_groups_in_flight")
-    b.add_argument("--repeats", type=int, default=2, help="alternating passes of each path")
+    b.add_argument(
+        "--repeats", type=int, default=4, help="alternating passes of each path (worker_vs_direct: their median)"
+    )
 
 
 def register_launch(engine_commands: SubParsers) -> None:

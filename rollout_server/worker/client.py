@@ -9,6 +9,10 @@ the worker. The version served now is read from /model_info: SGLang 0.5.23 depre
 
 Errors are typed by what the caller should do: `EngineError` (connection, timeout, 5xx, a malformed reply)
 means try another engine; `RequestRejected` (a 4xx) means the request itself is wrong and retrying is futile.
+
+The transport is common/http1.py's lean keep-alive client (`make_engine_http`, what the routers use by default):
+httpx cost the worker most of its CPU per request (its pool probes every pooled socket per request). An
+httpx.AsyncClient passed in (eval's, with its auth header; tests' mock transports) is used through the same calls.
 """
 
 from __future__ import annotations
@@ -17,13 +21,15 @@ import base64
 import binascii
 import itertools
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import httpx
 import msgspec
 
 from broker.schemas import FinishReason, WeightSegment
+from common.http1 import Http1Client, HttpTransportError, HttpUnreachable
 from weights.engine_client import LIVENESS_PATHS
 from weights.version import SGLANG_DEFAULT, WeightVersionError, parse_weight_version
 
@@ -177,22 +183,69 @@ def _segments(
     return tuple(segments)
 
 
+EngineHttp = Http1Client | httpx.AsyncClient
+"""A connection pool EngineClient can use: the lean one (`make_engine_http`) or an httpx client."""
+
+
+class _Response(Protocol):
+    @property
+    def status_code(self) -> int: ...
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+    @property
+    def content(self) -> bytes: ...
+    @property
+    def text(self) -> str: ...
+
+
+class _Httpx:
+    """An httpx.AsyncClient behind Http1Client's calls and errors."""
+
+    def __init__(self, http: httpx.AsyncClient) -> None:
+        self._http = http
+
+    async def get(self, url: str, *, timeout: float, connect_timeout: float | None = None) -> _Response:
+        return await self._send(url, "GET", None, httpx.Timeout(timeout, connect=connect_timeout))
+
+    async def post(
+        self, url: str, *, content: bytes, timeout: float, connect_timeout: float | None = None
+    ) -> _Response:
+        return await self._send(url, "POST", content, httpx.Timeout(timeout, connect=connect_timeout))
+
+    async def _send(self, url: str, method: str, content: bytes | None, timeout: httpx.Timeout) -> _Response:
+        # build_request + send, URL first: the contract scan (tests/unit/test_sglang_contract.py) takes calls of
+        # .get/.post, or of f("POST", url, ...), with a URL parameter for wrappers; EngineClient's own calls below
+        # are the engine requests, read with their routes and bodies.
+        headers = {"content-type": "application/json"} if content is not None else None
+        request = self._http.build_request(method, url, content=content, headers=headers, timeout=timeout)
+        try:
+            return await self._http.send(request)
+        except (httpx.ConnectError, httpx.RemoteProtocolError) as e:
+            raise HttpUnreachable(f"{type(e).__name__}: {e}") from e
+        except httpx.TimeoutException as e:
+            raise TimeoutError(f"{type(e).__name__}: {e}") from e
+        except httpx.HTTPError as e:
+            raise HttpTransportError(f"{type(e).__name__}: {e}") from e
+
+
 class EngineClient:
     """Talks to one engine (or one sglang-router) over a shared connection pool."""
 
     def __init__(
         self,
         url: str,
-        http: httpx.AsyncClient,
+        http: EngineHttp,
         request_timeout_s: float,
         connect_timeout_s: float,
         health_timeout_s: float,
         initial_policy_version: int = 0,
     ) -> None:
         self.url = url.rstrip("/")
-        self._http = http
-        self._gen_timeout = httpx.Timeout(request_timeout_s, connect=connect_timeout_s)
-        self._health_timeout = httpx.Timeout(health_timeout_s, connect=min(connect_timeout_s, health_timeout_s))
+        self._http: Http1Client | _Httpx = _Httpx(http) if isinstance(http, httpx.AsyncClient) else http
+        self._gen_timeout = request_timeout_s  # the whole exchange
+        self._connect_timeout = connect_timeout_s
+        self._health_timeout = health_timeout_s
+        self._health_connect_timeout = min(connect_timeout_s, health_timeout_s)
         self._initial_policy_version = initial_policy_version
 
     async def generate(
@@ -210,10 +263,10 @@ class EngineClient:
             resp = await self._http.post(
                 f"{self.url}/generate",
                 content=_encode(payload),
-                headers={"content-type": "application/json"},
                 timeout=self._gen_timeout,
+                connect_timeout=self._connect_timeout,
             )
-        except httpx.HTTPError as e:
+        except (HttpTransportError, TimeoutError) as e:
             raise EngineError(f"{self.url}/generate: {type(e).__name__}: {e}") from e
         if 400 <= resp.status_code < 500:
             raise RequestRejected(f"{self.url}/generate rejected the request ({resp.status_code}): {resp.text[:500]}")
@@ -237,13 +290,13 @@ class EngineClient:
         path = LIVENESS_PATHS[0]
         try:
             for path in LIVENESS_PATHS:
-                resp = await self._http.get(f"{self.url}{path}", timeout=self._health_timeout)
+                resp = await self._get(f"{self.url}{path}")
                 if resp.status_code != 404:
                     break
-        except (httpx.ConnectError, httpx.RemoteProtocolError) as e:
+        except HttpUnreachable as e:
             log.debug("%s%s: %r", self.url, path, e)
             return "unreachable"
-        except httpx.HTTPError as e:
+        except (HttpTransportError, TimeoutError) as e:
             log.debug("%s%s: %r", self.url, path, e)
             return "unhealthy"
         return "ok" if resp.status_code == 200 else "unhealthy"
@@ -253,11 +306,11 @@ class EngineClient:
         in SGLang 0.5.23, only for an older build that has no /model_info)."""
         path = "/model_info"
         try:
-            resp = await self._http.get(f"{self.url}{path}", timeout=self._health_timeout)
+            resp = await self._get(f"{self.url}{path}")
             if resp.status_code == 404:
                 path = "/get_model_info"
-                resp = await self._http.get(f"{self.url}{path}", timeout=self._health_timeout)
-        except httpx.HTTPError as e:
+                resp = await self._get(f"{self.url}{path}")
+        except (HttpTransportError, TimeoutError) as e:
             raise EngineError(f"{self.url}{path}: {type(e).__name__}: {e}") from e
         if resp.status_code != 200:
             raise EngineError(f"{self.url}{path} answered {resp.status_code}")
@@ -266,6 +319,9 @@ class EngineClient:
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
             raise EngineError(f"malformed {path} reply: {e}") from e
         return engine_policy_version(raw, self._initial_policy_version)
+
+    async def _get(self, url: str) -> _Response:
+        return await self._http.get(url, timeout=self._health_timeout, connect_timeout=self._health_connect_timeout)
 
 
 def _retry_after_s(value: str) -> float:
@@ -277,8 +333,14 @@ def _retry_after_s(value: str) -> float:
     return min(max(seconds, 0.0), 60.0) if seconds == seconds else 1.0
 
 
+def make_engine_http(max_keepalive: int = 256) -> Http1Client:
+    """One lean pool for all engines (what the routers use unless given a client); concurrency is bounded by the
+    router, not by the pool; `max_keepalive` idle connections are kept per engine. No proxy from the env."""
+    return Http1Client(max_idle=max_keepalive)
+
+
 def make_http_client(max_keepalive: int = 256) -> httpx.AsyncClient:
-    """One pool for all engines; concurrency is bounded by the router, not by the pool."""
+    """An httpx pool for all engines, for callers that also use it directly (eval adds its auth header)."""
     return httpx.AsyncClient(
         limits=httpx.Limits(max_connections=None, max_keepalive_connections=max_keepalive),
         timeout=httpx.Timeout(30.0),

@@ -26,10 +26,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 
-import httpx
-
 from broker.base import Broker
-from rollout_server.worker.client import EngineClient, EngineError, make_http_client
+from rollout_server.worker.client import EngineClient, EngineError, EngineHttp, make_engine_http
 from rollout_server.worker.config import BuiltinRouterConfig, RolloutConfig, SglangRouterConfig
 
 log = logging.getLogger(__name__)
@@ -109,14 +107,14 @@ class BuiltinRouter(Router):
         self,
         cfg: RolloutConfig,
         broker: Broker | None,
-        http: httpx.AsyncClient | None = None,
+        http: EngineHttp | None = None,
     ) -> None:
         assert isinstance(cfg.router, BuiltinRouterConfig)
         self._cfg = cfg
         self._rcfg: BuiltinRouterConfig = cfg.router
         self._broker = broker if cfg.engines.use_registry else None
         self._own_http = http is None
-        self._http = http or make_http_client()
+        self._http = http or make_engine_http()
         self._engines: dict[str, Engine] = {}  # by url
         self._changed = asyncio.Condition()
         self._tie_break = itertools.count()
@@ -285,10 +283,10 @@ class BuiltinRouter(Router):
 class SglangRouterProxy(Router):
     """Every request goes to one sglang-router; it balances and health-checks the engines itself."""
 
-    def __init__(self, cfg: RolloutConfig, http: httpx.AsyncClient | None = None) -> None:
+    def __init__(self, cfg: RolloutConfig, http: EngineHttp | None = None) -> None:
         assert isinstance(cfg.router, SglangRouterConfig)
         self._own_http = http is None
-        self._http = http or make_http_client()
+        self._http = http or make_engine_http()
         url = cfg.router.url.rstrip("/")
         client = EngineClient(
             url, self._http, cfg.request_timeout_s, cfg.connect_timeout_s, cfg.health_timeout_s,
@@ -333,7 +331,7 @@ class SglangRouterProxy(Router):
         return [EngineLoad(e.engine_id, e.outstanding, True, e.num_requests, e.num_failures)]
 
 
-def build_router(cfg: RolloutConfig, broker: Broker | None, http: httpx.AsyncClient | None = None) -> Router:
+def build_router(cfg: RolloutConfig, broker: Broker | None, http: EngineHttp | None = None) -> Router:
     if isinstance(cfg.router, SglangRouterConfig):
         return SglangRouterProxy(cfg, http)
     return BuiltinRouter(cfg, broker, http)
