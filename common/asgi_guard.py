@@ -119,7 +119,7 @@ class Guard:
                     held = size
                 chunks.append(chunk)
                 more = message.get("more_body", False)
-            await self.app(scope, _replay(b"".join(chunks), receive), send)
+            await self.app(scope, replay_body(b"".join(chunks), receive), send)
         finally:
             self.body_bytes_in_flight -= held
 
@@ -160,7 +160,7 @@ class Guard:
         return self._error(message, status)
 
 
-def _replay(body: bytes, receive: Receive) -> Receive:
+def replay_body(body: bytes, receive: Receive) -> Receive:
     """The buffered body as one message, then the real channel (which reports a disconnect)."""
     sent = False
 

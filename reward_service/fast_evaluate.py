@@ -16,8 +16,9 @@ import math
 from collections.abc import Awaitable, Callable
 
 import msgspec
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from common.asgi_guard import replay_body
 from reward_service.judges.base import JudgeError
 from reward_service.rubric import LONGRLVR, parse_chunk_ids
 from reward_service.schemas import EvaluateResponse, FastEvaluateRequest
@@ -97,7 +98,7 @@ class FastEvaluate:
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         req = decode(body)
         if req is None:
-            await self.app(scope, _replay(body, receive), send)
+            await self.app(scope, replay_body(body, receive), send)
             return
         try:
             status, payload = 200, encode_response(await self.evaluate(req))
@@ -115,17 +116,3 @@ def _json_content(headers: list[tuple[bytes, bytes]]) -> bool:
         return True
     media = value.partition(b";")[0].strip().lower()
     return media == b"application/json" or (media.startswith(b"application/") and media.endswith(b"+json"))
-
-
-def _replay(body: bytes, receive: Receive) -> Receive:
-    """The read body as one message, then the real channel."""
-    sent = False
-
-    async def replay() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay
