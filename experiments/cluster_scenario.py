@@ -278,6 +278,18 @@ def _drive(
     return applied + [f"{f} (not reached)" for f in pending]
 
 
+def _read(fn: Any, attempts: int = 5, wait_s: float = 1.0) -> Any:
+    """`fn()` (a probe read: None when it failed), tried again a few times: the probe never retries (it must not
+    block during a fault), and after a partition its pooled connection may be one the partition broke (a CI run read
+    the dead stream as unreadable once, right after the link healed)."""
+    for attempt in range(attempts):
+        got = fn()
+        if got is not None or attempt == attempts - 1:
+            return got
+        time.sleep(wait_s)
+    return None
+
+
 def _account(probe: Any, run_dir: Path, steps: int) -> dict[str, Any]:
     """The chaos bench's accounting of every admitted group, and the run's speed and weight-push times."""
     from broker.base import TASKS
@@ -288,13 +300,13 @@ def _account(probe: Any, run_dir: Path, steps: int) -> dict[str, Any]:
         lines: list[dict[str, Any]] | None = read_metrics(run_dir)
     except (OSError, ValueError):
         lines = None
-    letters = probe.dead_letters()
+    letters = _read(probe.dead_letters)
     acc = account(
         Sources(
-            admitted=probe.published(TASKS),
+            admitted=_read(lambda: probe.published(TASKS)),
             metrics_lines=lines,
             dead_group_ids=None if letters is None else {x.group_id for x in letters if x.group_id},
-            pending_group_ids=probe.entry_group_ids(),
+            pending_group_ids=_read(probe.entry_group_ids),
             steps=steps,
         )
     )
