@@ -5,7 +5,7 @@ deploy/cli.py).
 longtrace bench cluster [--json] [--config configs/bench/cluster.toml] [--delays_ms '[0, 50]'] [--learner_nodes 4]
 
 Prints one JSON object: nodes, learner_nodes, steps, steps_per_min and push_s (median weight_sync/total_s) per delay,
-netem, faults, groups_lost, groups_duplicated, conservation_ok, finished, note, and each run under `runs`
+link, faults, groups_lost, groups_duplicated, conservation_ok, finished, note, and each run under `runs`
 (experiments/cluster_scenario.py). Exit status 1 unless every run finished with nothing lost or duplicated; 2 when
 this host cannot make namespaces (not root, no `ip`).
 """

@@ -31,9 +31,14 @@ class ClusterConfig(BaseConfig):
     steps: int = Field(6, ge=2)
     """Learner steps of each run."""
     delays_ms: list[float] = Field(default_factory=lambda: [0.0, 50.0])
-    """One run per delay: netem on every node's link (both ways)."""
+    """One run per delay, on every node's link (both ways)."""
     jitter_ms: float = Field(20.0, ge=0)
-    """netem jitter of the runs with a delay."""
+    """Jitter of the runs with a delay (uniform, +-)."""
+    loss_pct: float = Field(1.0, ge=0, le=50)
+    """Frame loss of the runs with a delay, on every link, each way."""
+    shaper: Literal["auto", "netem", "userspace"] = "auto"
+    """How delay and loss are applied (deploy/cluster/netns.py): the kernel's netem, the userspace relay (for kernels
+    without sch_netem), or auto: netem where the kernel has it."""
     faults: list[Fault] = Field(default_factory=lambda: list(DEFAULT_FAULTS))
     """Faults of the last run (the others run clean): the rollout node (Redis, reward, engine, rollout worker)
     or learner node 1 cut off for `partition_s`."""
@@ -47,8 +52,6 @@ class ClusterConfig(BaseConfig):
     """Redis up and the engine registered within this."""
     run_timeout_s: float = Field(300.0, gt=0)
     """The learners must all exit within this after they start."""
-    require_netem: bool = False
-    """A delay without sch_netem in the kernel: an error (true), or the run goes without it and says so (false)."""
 
     @model_validator(mode="after")
     def _check(self) -> ClusterConfig:

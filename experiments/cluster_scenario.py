@@ -4,8 +4,8 @@ Nodes: `rollout` runs redis.sh, reward.sh, engine.sh and rollout.sh; `learner0..
 NPROC_PER_NODE=1, gloo, c10d rendezvous at learner0's host name). Every node reads one cluster.env (LT_ENV_FILE), as a
 user would copy it to 5 machines; only NODE_RANK differs between learner nodes. NODE_ADDR is left to env.sh (the
 namespace's `hostname -I`), the interface to NCCL_SOCKET_IFNAME (lt0), so the weight-update group binds each learner
-node's own address. The run directory is the "shared filesystem". Faults: netem delay on every link from the start,
-and partitions (a node's link down for `partition_s`) once the learner has logged steps. The accounting is the chaos
+node's own address. The run directory is the "shared filesystem". Faults: delay, jitter and loss on every link from
+the start (netem, or the harness's userspace relay where the kernel has no sch_netem), and partitions (a node's link down for `partition_s`) once the learner has logged steps. The accounting is the chaos
 bench's (experiments/chaos_accounting.py), read through its Probe from this host over the bridge.
 """
 
@@ -19,9 +19,12 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from experiments.cluster_config import REPO, ClusterConfig
+
+if TYPE_CHECKING:
+    from deploy.cluster.netns import Shaper
 
 log = logging.getLogger(__name__)
 
@@ -118,17 +121,23 @@ def run_cluster(
     run_id = f"cluster-{secrets.token_hex(3)}"
     names = [ROLLOUT] + [f"learner{i}" for i in range(cfg.learner_nodes)]
     logs: dict[str, Path] = {}
-    result: dict[str, Any] = {"delay_ms": delay_ms, "jitter_ms": cfg.jitter_ms if delay_ms else 0.0}
-    with Cluster(names) as c:
+    shaper = _shaper(cfg) if delay_ms else None
+    result: dict[str, Any] = {
+        "delay_ms": delay_ms,
+        "jitter_ms": cfg.jitter_ms if delay_ms else 0.0,
+        "loss_pct": cfg.loss_pct if delay_ms else 0.0,
+        "shaper": shaper or "off",
+    }
+    with Cluster(names, shaper=shaper) as c:
         values = cluster_env(cfg, c, files, run_id)
         env_file = run_dir / "cluster.env"
         env_file.write_text("".join(f"export {k}={v}\n" for k, v in values.items()))
         env = {k: v for k, v in os.environ.items() if not k.startswith(("LONGTRACE_", "REDIS_", "NODE_"))}
         env |= {"LT_ENV_FILE": str(env_file), "PYTHONUNBUFFERED": "1"}
         result["nodes"] = {n.name: n.address for n in c.nodes.values()}
-        result["netem"] = _apply_delay(cfg, c, delay_ms)
-        if result["netem"] != "on":
-            result["jitter_ms"] = 0.0
+        if shaper:
+            for name in c.nodes:
+                c.shape(name, delay_ms, cfg.jitter_ms, cfg.loss_pct)
         redis_url = f"redis://:{values['REDIS_PASSWORD']}@{c.node(ROLLOUT).address}:6379/0"
 
         def start(node: str, script: str, name: str, extra: dict[str, str] | None = None) -> Any:
@@ -169,18 +178,15 @@ def run_cluster(
     return result
 
 
-def _apply_delay(cfg: ClusterConfig, c: Any, delay_ms: float) -> str:
-    if not delay_ms:
-        return "off"
-    ok, why = c.netem_available()
-    if not ok:
-        if cfg.require_netem:
-            raise ClusterRunFailed(why)
-        log.warning("no delay in this run: %s", why)
-        return f"unavailable: {why}"
-    for name in c.nodes:
-        c.shape(name, delay_ms, cfg.jitter_ms)
-    return "on"
+def _shaper(cfg: ClusterConfig) -> Shaper:
+    from deploy.cluster.netns import netem_available
+
+    ok, why = netem_available()
+    if cfg.shaper == "netem" and not ok:
+        raise ClusterRunFailed(f"--shaper netem: {why}")
+    if cfg.shaper == "auto" and not ok:
+        log.info("delay and loss by the userspace relay: %s", why)
+    return cfg.shaper if cfg.shaper != "auto" else ("netem" if ok else "userspace")
 
 
 def _wait_redis(cfg: ClusterConfig, url: str, run_id: str, procs: dict[str, Any], logs: dict[str, Path]) -> Any:
@@ -326,6 +332,12 @@ def _account(probe: Any, run_dir: Path, steps: int) -> dict[str, Any]:
     }
 
 
+def _link(run: dict[str, Any]) -> str:
+    if run["shaper"] == "off":
+        return "clean"
+    return f"delay {run['delay_ms']:g} ms +- {run['jitter_ms']:g} ms, loss {run['loss_pct']:g} % ({run['shaper']})"
+
+
 def run_bench(cfg: ClusterConfig) -> dict[str, Any]:
     """`longtrace bench cluster`: a clean run per delay, the faults in the last one; the summary."""
     cfg = cfg.model_copy(update={"run_dir": str(Path(cfg.run_dir).resolve())})
@@ -333,15 +345,14 @@ def run_bench(cfg: ClusterConfig) -> dict[str, Any]:
     for i, delay in enumerate(cfg.delays_ms):
         faults = list(cfg.faults) if i == len(cfg.delays_ms) - 1 else []
         runs.append(run_cluster(cfg, delay, faults, Path(cfg.run_dir) / f"{delay:g}ms"))
-    # A delay the kernel could not apply (no sch_netem) is named as such, not as the delay asked for.
-    by_delay = {f"{r['delay_ms']:g}ms" + ("" if r["netem"] in ("on", "off") else " (not applied)"): r for r in runs}
+    by_delay = {f"{r['delay_ms']:g}ms": r for r in runs}
     return {
         "nodes": 1 + cfg.learner_nodes,
         "learner_nodes": cfg.learner_nodes,
         "steps": cfg.steps,
         "steps_per_min": {k: r["steps_per_min"] for k, r in by_delay.items()},
         "push_s": {k: r["push_s_median"] for k, r in by_delay.items()},
-        "netem": {k: r["netem"] for k, r in by_delay.items()},
+        "link": {k: _link(r) for k, r in by_delay.items()},
         "faults": [f for r in runs for f in r["faults"]],
         "groups_lost": sum(r["groups_lost"] for r in runs),
         "groups_duplicated": sum(r["groups_duplicated"] for r in runs),

@@ -8,8 +8,14 @@ collide; nothing of the host's own interfaces or routes is touched.
 
     with Cluster(["rollout", "learner0"]) as c:
         p = c.popen("rollout", ["redis-server"], env, log_path)   # runs inside the node's namespace
-        c.shape("rollout", delay_ms=50, jitter_ms=20)            # tc netem on the node's link
+        c.shape("rollout", delay_ms=50, jitter_ms=20)            # netem on the node's link
         c.partition("rollout"); ...; c.heal("rollout")           # link down / up
+
+Link shaping (`shaper`): "netem" is the kernel's qdisc on both ends of the veth. Kernels without sch_netem (the
+Firecracker VMs CI runs on) get "userspace": each node's link is a pair of TAP devices (`lt0` in the node, a port on
+the bridge) relayed frame by frame by shaper.py, which applies the same delay, jitter and loss. `link_shaper()`
+picks the kernel's when it has one. Shaping must be chosen when the cluster is made (a node's link type cannot
+change under running processes); `shape()` then sets or changes the numbers at any time.
 
 Teardown (processes, namespaces, veths, bridge, /etc/netns files) runs on exit of the `with`, on an exception, at
 interpreter exit (atexit) and on SIGTERM (turned into SystemExit while a cluster is up). `available()` says whether
@@ -33,7 +39,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import IO, Any
+from typing import IO, Any, Literal
+
+from deploy.cluster.shaper import RelayProcess, open_tap
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +49,7 @@ IFACE = "lt0"
 """The node's interface name inside its namespace (what NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME name)."""
 NETNS_ETC = Path("/etc/netns")
 MAX_IFNAME = 15  # IFNAMSIZ - 1
+Shaper = Literal["netem", "userspace"]
 
 
 @dataclass(frozen=True)
@@ -125,6 +134,25 @@ def available() -> tuple[bool, str]:
     return True, ""
 
 
+def netem_available() -> tuple[bool, str]:
+    """Whether the kernel has sch_netem (some VM kernels do not): tried on the loopback of a namespace of our own."""
+    probe = f"lt-probe-{new_run_id()}"
+    _ip("netns", "add", probe)
+    try:
+        _run(["ip", "netns", "exec", probe, "tc", "qdisc", "add", "dev", "lo", "root", *netem_args(0.0)])
+        return True, ""
+    except ClusterError as e:
+        return False, f"no sch_netem in this kernel ({e})"
+    finally:
+        with contextlib.suppress(ClusterError):
+            _ip("netns", "del", probe)
+
+
+def link_shaper() -> Shaper:
+    """The kernel's netem where it has one, else the userspace relay."""
+    return "netem" if netem_available()[0] else "userspace"
+
+
 class ClusterError(RuntimeError):
     """A command of the harness failed; the message names it and its stderr."""
 
@@ -158,8 +186,12 @@ atexit.register(_teardown_all)
 class Cluster:
     """N namespaces on a bridge; see the module docstring."""
 
-    def __init__(self, names: Sequence[str], run_id: str | None = None) -> None:
+    def __init__(self, names: Sequence[str], run_id: str | None = None, shaper: Shaper | None = None) -> None:
+        """`shaper`: how `shape()` applies delay and loss (see the module docstring); None: the cluster cannot be
+        shaped, and its links are plain veths (no relay in the way)."""
         self.run_id = run_id or new_run_id()
+        self.shaper = shaper
+        self._relay: RelayProcess | None = None  # the userspace shaper
         routes = [ipaddress.IPv4Network(r.split()[0]) for r in _ip("-4", "route").splitlines() if "/" in r.split()[0]]
         self.subnet = subnet_for(self.run_id, routes)
         self.nodes = {n.name: n for n in plan_nodes(self.run_id, names, self.subnet)}
@@ -193,6 +225,7 @@ class Cluster:
         _ip("addr", "add", f"{self.gateway}/{prefix}", "dev", self.bridge)
         _ip("link", "set", self.bridge, "up")
         hosts = hosts_file(list(self.nodes.values()))
+        fds: list[tuple[int, int]] = []  # the userspace shaper's (node end, bridge end) of each link
         for n in self.nodes.values():
             _ip("netns", "add", n.netns)
             self._made.append(("netns", n.netns))
@@ -201,13 +234,33 @@ class Cluster:
             self._made.append(("etc", str(etc)))
             (etc / "hosts").write_text(hosts)
             (etc / "hostname").write_text(n.hostname + "\n")
-            _ip("link", "add", n.veth, "type", "veth", "peer", "name", IFACE, "netns", n.netns)
-            self._made.append(("veth", n.veth))
+            if self.shaper == "userspace":
+                fds.append(self._tap_link(n))
+            else:
+                _ip("link", "add", n.veth, "type", "veth", "peer", "name", IFACE, "netns", n.netns)
+                self._made.append(("veth", n.veth))
             _ip("link", "set", n.veth, "master", self.bridge, "up")
             self.exec(n.name, "ip", "addr", "add", f"{n.address}/{prefix}", "dev", IFACE)
             self.exec(n.name, "ip", "link", "set", IFACE, "up")
             self.exec(n.name, "ip", "link", "set", "lo", "up")
+        if fds:
+            self._relay = RelayProcess(fds)
         log.info("cluster %s: %s on %s", self.run_id, {k: n.address for k, n in self.nodes.items()}, self.bridge)
+
+    def _tap_link(self, n: Node) -> tuple[int, int]:
+        """The node's link as two TAP devices for the userspace shaper: one made here and moved into the node as
+        `lt0` (the fd stays attached across the move), one on the bridge under the veth's name (so partition and
+        heal work the same). The fds are ours until the relay has inherited them."""
+        inner = f"{n.veth}t"
+        node_fd = open_tap(inner)
+        try:
+            _ip("link", "set", inner, "netns", n.netns, "name", IFACE)
+            port_fd = open_tap(n.veth)
+        except BaseException:
+            os.close(node_fd)
+            raise
+        self._made.append(("veth", n.veth))
+        return node_fd, port_fd
 
     def teardown(self) -> None:
         """Stop every process started here, then delete what was made, newest first. Idempotent."""
@@ -221,6 +274,9 @@ class Cluster:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(5)
         self.procs.clear()
+        if self._relay is not None:  # its fds hold the TAP links: stopping it deletes them
+            self._relay.stop()
+            self._relay = None
         while self._made:
             kind, name = self._made.pop()
             try:
@@ -297,31 +353,37 @@ class Cluster:
 
     # ------------------------------------------------------------------ faults
 
-    def netem_available(self) -> tuple[bool, str]:
-        """Whether the kernel has sch_netem (some VM kernels do not): tried on the first node's link."""
-        n = next(iter(self.nodes.values()))
-        try:
-            _run(["tc", "qdisc", "add", "dev", n.veth, "root", *netem_args(0.0)])
-        except ClusterError as e:
-            return False, f"tc netem unavailable on this kernel ({e})"
-        _run(["tc", "qdisc", "del", "dev", n.veth, "root"])
-        return True, ""
-
     def shape(self, name: str, delay_ms: float, jitter_ms: float = 0.0, loss_pct: float = 0.0) -> None:
-        """netem on the node's link, both ways (its interface's egress and its bridge port's egress), so a round
+        """Delay, jitter and loss on the node's link, both ways (its own egress and its bridge port's), so a round
         trip between two shaped nodes pays the delay four times, and one with this host twice."""
-        n = self.node(name)
-        args = netem_args(delay_ms, jitter_ms, loss_pct)
-        _run(["tc", "qdisc", "replace", "dev", n.veth, "root", *args])
-        self.exec(name, "tc", "qdisc", "replace", "dev", IFACE, "root", *args)
-        self.faults.append(f"{' '.join(args[1:])} on {name}")
+        args = netem_args(delay_ms, jitter_ms, loss_pct)  # validates, for either shaper
+        if self.shaper == "netem":
+            n = self.node(name)
+            _run(["tc", "qdisc", "replace", "dev", n.veth, "root", *args])
+            self.exec(name, "tc", "qdisc", "replace", "dev", IFACE, "root", *args)
+        elif self.shaper == "userspace":
+            self._tell(f"{list(self.nodes).index(name)} {delay_ms:g} {jitter_ms:g} {loss_pct:g}")
+        else:
+            raise ClusterError("this cluster was made without a shaper: Cluster(..., shaper='netem'|'userspace')")
+        self.faults.append(f"{' '.join(args[1:])} on {name} ({self.shaper})")
 
     def clear(self, name: str) -> None:
         n = self.node(name)
+        if self.shaper == "userspace":
+            self._tell(f"{list(self.nodes).index(name)} 0 0 0")
+            return
         for argv in (["tc", "qdisc", "del", "dev", n.veth, "root"], ["ip", "netns", "exec", n.netns, "tc", "qdisc",
                                                                      "del", "dev", IFACE, "root"]):  # fmt: skip
             with contextlib.suppress(ClusterError):  # nothing to delete
                 _run(argv)
+
+    def _tell(self, line: str) -> None:
+        if self._relay is None:
+            raise ClusterError("the userspace shaper is not running")
+        try:
+            self._relay.tell(line)
+        except RuntimeError as e:
+            raise ClusterError(str(e)) from e
 
     def partition(self, name: str) -> None:
         """Cut the node off: its bridge port goes down (the node's own interface loses carrier too)."""

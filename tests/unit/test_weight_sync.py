@@ -56,6 +56,19 @@ def test_config_union_picks_the_backend_and_names_bad_flags(tmp_path: Path) -> N
         load_config(_Root, None, ["--weight_sync.type", "distributed", "--weight_sync.bucket_mb", "0"])
 
 
+def test_an_address_this_node_cannot_listen_on_is_refused_naming_the_flag() -> None:
+    """Guards against a weight-sync address of another host (a copied WEIGHT_SYNC_ADDR, a typo) surfacing only at the
+    first push as a bare `Cannot assign requested address`: the stage group refuses it when it is made, before any
+    step, naming the flag, the address and where the recipe sets it (torchrun then ends the job on every node)."""
+    from learner.weight_sync.group import StageGroup
+
+    bad = DistributedSyncConfig(master_address="10.254.254.254")  # an address no interface of this host holds
+    with pytest.raises(ConfigError, match=r"--weight_sync.master_address '10.254.254.254' \(10.254.254.254\): "
+                                          r"this node cannot listen on it .*WEIGHT_SYNC_ADDR"):  # fmt: skip
+        StageGroup(bad, client=None, stage=0)  # type: ignore[arg-type]  # refused before the client is used
+    assert StageGroup(DistributedSyncConfig(), client=None, stage=0).address == "127.0.0.1"  # type: ignore[arg-type]
+
+
 def _named(*numels: int) -> list[tuple[str, torch.Tensor]]:
     return [(f"t{i}", torch.zeros(n, dtype=torch.float32)) for i, n in enumerate(numels)]
 
