@@ -43,6 +43,7 @@ from broker.schemas import (
     pack_logprobs,
 )
 from broker.settings import BrokerConfig
+from common.progress import bar
 
 VOCAB = 151_936  # Qwen3's vocabulary size
 CHARS_PER_TOKEN = 4
@@ -237,6 +238,9 @@ def run_bench(
     broker_s: list[float] = []
     raw_s: list[float] = []
     bytes_s: list[float] = []
+    # the groups of the timed phases (broker, raw typed, raw bytes per repetition), counted between phases: no
+    # drawing inside a timed loop
+    progress = bar(reps * 3 * num_groups, "bench broker", "group")
     try:
         _through_broker(broker, groups[:batch], batch, -1)  # warm-up: connections, scripts, allocator
         _through_raw(broker.client, raw_key, groups[:batch], batch, -1)
@@ -244,11 +248,15 @@ def run_bench(
         for rep in range(reps):
             _settle_aof(broker.client)
             broker_s.append(_through_broker(broker, groups, batch, rep))
+            progress.update(num_groups)
             _settle_aof(broker.client)
             raw_s.append(_through_raw(broker.client, raw_key, groups, batch, rep))
+            progress.update(num_groups)
             _settle_aof(broker.client)
             bytes_s.append(_through_raw(broker.client, raw_key, payloads, batch, rep))
+            progress.update(num_groups)
     finally:
+        progress.close()
         keys = list(broker.client.scan_iter(match=f"longtrace:{{{run_id}}}:*", count=1000))
         if keys:
             broker.client.delete(*keys)

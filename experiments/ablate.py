@@ -33,9 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import Field, model_validator
-from tqdm import tqdm
 
 from common.config import BaseConfig, ConfigError, load_config, merge_tables
+from common.progress import bar
 from experiments.ablate_runs import (
     export_steps,
     prune_exports,
@@ -270,7 +270,7 @@ def run_ablation(cfg: AblateConfig) -> dict[str, Any]:
     futures: list[Future[None]] = []
     failed = threading.Event()  # after a failure, queued runs return at once
     runs_total = len(cfg.seeds) * (1 + len(plan.variants))
-    bar = tqdm(total=runs_total, desc="ablation runs", unit="run", disable=None)  # disable=None: a TTY only
+    runs_bar = bar(runs_total, "ablation runs", "run")  # common.progress: stderr, a TTY only
 
     def submit(fn: Callable[..., None], *args: Any) -> None:
         def job() -> None:
@@ -278,7 +278,7 @@ def run_ablation(cfg: AblateConfig) -> dict[str, Any]:
                 return
             try:
                 fn(*args)
-                bar.update()
+                runs_bar.update()
             except BaseException:
                 failed.set()
                 raise
@@ -334,7 +334,7 @@ def run_ablation(cfg: AblateConfig) -> dict[str, Any]:
             done += len(pending)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-        bar.close()
+        runs_bar.close()
     # The configs the runs really used (RUN_DIR/config.json), diffed per seed.
     used_diff = {}
     for seed in cfg.seeds:

@@ -23,11 +23,13 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from common.config import ConfigError
+from common.progress import bar
 from experiments.bench_async_measure import CpuSampler, ScoredObserver, summarize_run
 from experiments.bench_async_plan import DEFAULT_CONFIG, ROOT, BenchAsyncConfig, BenchError, RunPlan
 from experiments.bench_async_summary import combine, rounded
@@ -69,6 +71,45 @@ def _run_up(up_cfg: Any, path: Path, log_path: Path, timeout_s: float) -> CpuSam
     return cpu
 
 
+class _StepBar:
+    """A progress bar over the learner steps of one `longtrace up` run (every phase's): a thread counts the lines
+    of the phases' metrics.jsonl (one per step, common.progress's bar on stderr) every `poll_s`. It reads files
+    the run writes anyway; when the bar is off (stderr is not a terminal) no thread runs."""
+
+    def __init__(self, files: list[Path], total: int, desc: str, poll_s: float = 1.0) -> None:
+        self.files, self.poll_s = files, poll_s
+        self.bar = bar(total, desc, "step")
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> _StepBar:
+        if not self.bar.disable:
+            self._thread = threading.Thread(target=self._run, name="bench-async-steps", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self.bar.close()
+
+    def steps(self) -> int:
+        done = 0
+        for path in self.files:
+            try:
+                done += path.read_bytes().count(b"\n")
+            except OSError:  # not written yet
+                pass
+        return done
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            done = min(self.steps(), self.bar.total)
+            if done > self.bar.n:
+                self.bar.update(done - self.bar.n)
+
+
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
@@ -99,8 +140,11 @@ def run_bench(cfg: BenchAsyncConfig, progress: Any = None) -> dict[str, Any]:
             run_id = up_cfg.phase_run_id("rl")
             observer = ScoredObserver(f"redis://127.0.0.1:{port}/0", run_id, cfg.poll_s).start()
             note(f"{mode} run (max_staleness {0 if mode == 'sync' else cfg.async_max_staleness}) in {root / mode}")
+            phases = {name: phase.steps for name, phase in up_cfg.phases.items()}  # the sync run: sft, then rl
+            files = [RunDir.at(root / mode).metrics_file(name) for name in phases]
             try:
-                cpu = _run_up(up_cfg, root / f"{mode}.toml", root / f"{mode}.log", cfg.run_timeout_s)
+                with _StepBar(files, sum(phases.values()), f"bench async: {mode} ({'+'.join(phases)})"):
+                    cpu = _run_up(up_cfg, root / f"{mode}.toml", root / f"{mode}.log", cfg.run_timeout_s)
             finally:
                 observer.stop()
             metrics = RunDir.at(root / mode).metrics("rl")

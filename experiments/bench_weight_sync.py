@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common.progress import bar
+
 logger = logging.getLogger(__name__)
 
 RAW_ROUTE = "/bench/raw_broadcast"
@@ -106,10 +108,12 @@ def run_weight_sync_bench(
                 raise RuntimeError(f"weight push failed: {first.failed}")
             raw_broadcast()  # the engine allocates (and touches) its flat buffer once
             pushes, raws = [], []
-            for i in range(rounds):
-                sync.state.step = 2 + i
-                pushes.append(sync.push(model))
-                raws.append(raw_broadcast())
+            with bar(rounds, "bench weight-sync", "round") as progress:  # timed push/raw pairs, between rounds
+                for i in range(rounds):
+                    sync.state.step = 2 + i
+                    pushes.append(sync.push(model))
+                    raws.append(raw_broadcast())
+                    progress.update()
             if not all(r.ok for r in pushes):
                 raise RuntimeError(f"weight push failed: {[r.failed for r in pushes]}")
             version = httpx.get(url + "/get_model_info", timeout=30).json()["weight_version"]

@@ -39,6 +39,7 @@ from types import FrameType
 from typing import Any
 
 from common.logs import IsoFormatter
+from common.progress import bar
 from experiments.chaos_accounting import Sources, account
 from experiments.chaos_config import ChaosConfig, ChaosFailed, Scenario, load_chaos_config
 from experiments.chaos_probe import Probe, ProbeHandle
@@ -63,7 +64,12 @@ def run_chaos(cfg: ChaosConfig) -> dict[str, Any]:
     root.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, root / "chaos_config.json")
     t0 = time.monotonic()
-    runs = {name: run_scenario(cfg, name) for name in cfg.scenarios}
+    runs: dict[str, dict[str, Any]] = {}
+    with bar(len(cfg.scenarios), "bench chaos", "scenario") as progress:  # one `longtrace up` run each
+        for name in cfg.scenarios:
+            progress.set_postfix_str(name)
+            runs[name] = run_scenario(cfg, name)
+            progress.update()
     out: dict[str, Any] = {
         "ok": all(r["ok"] for r in runs.values()),
         "scenarios": list(runs),

@@ -12,8 +12,8 @@ from pydantic import Field, model_validator
 
 from common.config import BaseConfig, load_config
 
-Fault = Literal["partition_rollout", "partition_learner"]
-ALL_FAULTS: tuple[Fault, ...] = ("partition_rollout", "partition_learner")
+Fault = Literal["partition_rollout", "partition_learner", "partition_learner_long"]
+ALL_FAULTS: tuple[Fault, ...] = ("partition_rollout", "partition_learner", "partition_learner_long")
 DEFAULT_FAULTS: tuple[Fault, ...] = ("partition_rollout",)
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,7 +41,9 @@ class ClusterConfig(BaseConfig):
     without sch_netem), or auto: netem where the kernel has it."""
     faults: list[Fault] = Field(default_factory=lambda: list(DEFAULT_FAULTS))
     """Faults of the last run (the others run clean): the rollout node (Redis, reward, engine, rollout worker)
-    or learner node 1 cut off for `partition_s`."""
+    or learner node 1 cut off for `partition_s`; `partition_learner_long` cuts learner node 1 off for longer than
+    the learners' collective timeout (their model.dist_timeout_s, which follows weight_sync_timeout_s, + partition_s): every rank fails and the job ends on
+    every node; once the node is back the learners are started again and resume from the checkpoint (one per step)."""
     partition_s: float = Field(5.0, gt=0)
     fault_after_step: int = Field(2, ge=1)
     """A fault starts once metrics.jsonl has this many steps (each next fault `fault_after_step` steps later)."""
@@ -61,8 +63,8 @@ class ClusterConfig(BaseConfig):
             raise ValueError(f"--delays_ms {self.delays_ms}: a delay is >= 0")
         if len(set(self.faults)) != len(self.faults):
             raise ValueError(f"--faults {self.faults}: a fault is listed twice")
-        if "partition_learner" in self.faults and self.learner_nodes < 2:
-            raise ValueError("--faults partition_learner needs --learner_nodes >= 2 (node 0 hosts the rendezvous)")
+        if {"partition_learner", "partition_learner_long"} & set(self.faults) and self.learner_nodes < 2:
+            raise ValueError("--faults partition_learner* needs --learner_nodes >= 2 (node 0 hosts the rendezvous)")
         if self.fault_after_step * max(1, len(self.faults)) >= self.steps:
             raise ValueError(f"--steps {self.steps}: the faults start at steps up to "
                              f"{self.fault_after_step * len(self.faults)}; leave steps after them")  # fmt: skip

@@ -17,10 +17,12 @@ import secrets
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+import tomllib
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from common.progress import bar
 from experiments.cluster_config import REPO, ClusterConfig
 
 if TYPE_CHECKING:
@@ -110,7 +112,12 @@ def _tails(logs: dict[str, Path], chars: int = 2500) -> str:
 
 
 def run_cluster(
-    cfg: ClusterConfig, delay_ms: float, faults: Sequence[str], run_dir: Path, learner_env: dict[str, str] | None = None
+    cfg: ClusterConfig,
+    delay_ms: float,
+    faults: Sequence[str],
+    run_dir: Path,
+    learner_env: dict[str, str] | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """One run: the cluster up, the scripts started, faults applied, the learners to their end; the result.
     `learner_env`: variables set on the learner nodes only (e.g. WEIGHT_SYNC_ADDR)."""
@@ -140,10 +147,10 @@ def run_cluster(
                 c.shape(name, delay_ms, cfg.jitter_ms, cfg.loss_pct)
         redis_url = f"redis://:{values['REDIS_PASSWORD']}@{c.node(ROLLOUT).address}:6379/0"
 
-        def start(node: str, script: str, name: str, extra: dict[str, str] | None = None) -> Any:
+        def start(node: str, script: str, name: str, extra: dict[str, str] | None = None, *args: str) -> Any:
             logs[name] = run_dir / "logs" / f"{name}.log"
             logs[name].parent.mkdir(exist_ok=True)
-            return c.popen(node, ["bash", str(TORCHRUN / script)], env | (extra or {}), logs[name], cwd=REPO)
+            return c.popen(node, ["bash", str(TORCHRUN / script), *args], env | (extra or {}), logs[name], cwd=REPO)
 
         services = {"redis": start(ROLLOUT, "redis.sh", "redis")}
         probe = _wait_redis(cfg, redis_url, run_id, services, logs)
@@ -154,13 +161,27 @@ def run_cluster(
             _until(lambda: bool(probe.engines()), cfg.startup_timeout_s, services, logs, "the engine to register")
             result["reward_api"] = _reward_api_check(c.node(ROLLOUT).address, values["LONGTRACE_REWARD_API_KEY"])
             t0 = time.monotonic()
-            learners = {
-                f"learner{i}": start(
-                    f"learner{i}", "learner.sh", f"learner{i}", {**(learner_env or {}), "NODE_RANK": str(i)}
-                )
-                for i in range(cfg.learner_nodes)
-            }
-            applied = _drive(cfg, c, faults, learners, services, logs, run_dir, t0)
+            # A partition past the collective timeout ends the job on every node; a user (or the cluster's
+            # scheduler) starts the learners again once the network is back, and they resume from the checkpoint.
+            rerun = "partition_learner_long" in faults
+            args = ("--checkpoint.interval_steps", "1") if rerun else ()
+
+            def start_learners(suffix: str = "") -> dict[str, Any]:
+                env_i = learner_env or {}
+                return {f"learner{i}{suffix}": start(f"learner{i}", "learner.sh", f"learner{i}{suffix}",
+                                                     env_i | {"NODE_RANK": str(i)}, *args)
+                        for i in range(cfg.learner_nodes)}  # fmt: skip
+
+            learners = start_learners()
+            with open(values["LEARNER_CONFIG"], "rb") as f:
+                dist_timeout_s = float(tomllib.load(f)["model"]["dist_timeout_s"])
+            applied = _drive(cfg, c, faults, learners, services, logs, run_dir, t0, dist_timeout_s, progress)
+            if rerun:
+                result["first_exit_codes"] = {n: p.returncode for n, p in learners.items()}
+                result["timeout_named"] = {n: "(--model.dist_timeout_s)" in logs[n].read_text() for n in learners}
+                result["steps_before_rerun"] = _steps_done(run_dir)
+                learners = start_learners("-rerun")
+                _drive(cfg, c, [], learners, services, logs, run_dir, t0, dist_timeout_s, progress)
             result["wall_s"] = round(time.monotonic() - t0, 1)
             codes = {n: p.returncode for n, p in learners.items()}
             result.update(_account(probe, run_dir, cfg.steps))
@@ -257,9 +278,14 @@ def _drive(
     logs: dict[str, Path],
     run_dir: Path,
     t0: float,
+    dist_timeout_s: float,
+    progress: Callable[[int], None] | None = None,
 ) -> list[str]:
-    """Wait for the learners to exit, applying `faults` on the way; the faults applied (with their step)."""
-    targets = {"partition_rollout": ROLLOUT, "partition_learner": "learner1"}
+    """Wait for the learners to exit, applying `faults` on the way; the faults applied (with their step).
+    `progress(steps)`: told the steps this run has logged so far (metrics.jsonl's lines), e.g. to move a bar."""
+    targets = {"partition_rollout": ROLLOUT, "partition_learner": "learner1", "partition_learner_long": "learner1"}
+    # Long: past the learners' collective timeout (their model.dist_timeout_s), so every rank's collective fails.
+    lasts = {f: cfg.partition_s + (dist_timeout_s if f == "partition_learner_long" else 0) for f in targets}
     pending = list(faults)
     applied: list[str] = []
     cut: tuple[str, float] | None = None
@@ -272,11 +298,13 @@ def _drive(
             c.heal(cut[0])
             cut = None
         step = _steps_done(run_dir)
+        if progress is not None:
+            progress(min(step, cfg.steps))
         if cut is None and pending and step >= cfg.fault_after_step * (len(applied) + 1):
             fault = pending.pop(0)
             c.partition(targets[fault])
-            cut = (targets[fault], now + cfg.partition_s)
-            applied.append(f"{fault} ({cfg.partition_s:g}s after step {step})")
+            cut = (targets[fault], now + lasts[fault])
+            applied.append(f"{fault} ({lasts[fault]:g}s after step {step})")
             log.info("fault: %s", applied[-1])
         time.sleep(0.2)
     if cut is not None:
@@ -342,9 +370,14 @@ def run_bench(cfg: ClusterConfig) -> dict[str, Any]:
     """`longtrace bench cluster`: a clean run per delay, the faults in the last one; the summary."""
     cfg = cfg.model_copy(update={"run_dir": str(Path(cfg.run_dir).resolve())})
     runs = []
-    for i, delay in enumerate(cfg.delays_ms):
-        faults = list(cfg.faults) if i == len(cfg.delays_ms) - 1 else []
-        runs.append(run_cluster(cfg, delay, faults, Path(cfg.run_dir) / f"{delay:g}ms"))
+    with bar(len(cfg.delays_ms) * cfg.steps, "bench cluster", "step") as steps_bar:
+        for i, delay in enumerate(cfg.delays_ms):
+            faults = list(cfg.faults) if i == len(cfg.delays_ms) - 1 else []
+
+            def moved(steps: int, base: int = i * cfg.steps) -> None:
+                steps_bar.update(base + steps - steps_bar.n)
+
+            runs.append(run_cluster(cfg, delay, faults, Path(cfg.run_dir) / f"{delay:g}ms", progress=moved))
     by_delay = {f"{r['delay_ms']:g}ms": r for r in runs}
     return {
         "nodes": 1 + cfg.learner_nodes,

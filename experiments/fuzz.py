@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common.progress import bar
+
 log = logging.getLogger(__name__)
 
 # A control call that changes what later requests see, and the call that undoes it.
@@ -154,10 +156,16 @@ def fuzz_schema(
         except Unsatisfiable:  # negative mode of an operation without parameters: nothing to break
             pass
 
-    for result in schema.get_all_operations():
-        report.endpoints += 1
-        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
-            fuzz_operation(result.ok(), mode)
+    operations = list(schema.get_all_operations())
+    modes = (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)
+    where = "http" if base_url else "app"
+    with bar(len(operations) * len(modes), f"fuzz ({where})", "operation") as progress:  # an operation in a mode
+        for result in operations:
+            report.endpoints += 1
+            for mode in modes:
+                fuzz_operation(result.ok(), mode)
+                progress.set_postfix(requests=report.requests, refresh=False)
+                progress.update()
     report.seconds = time.perf_counter() - start
     return report
 

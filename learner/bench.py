@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from common.net import free_port
+from common.progress import bar
 
 if TYPE_CHECKING:
     import torch
@@ -150,13 +151,15 @@ def run_learner_bench(batch_size: int = 4, seq_len: int = 256, steps: int = 10, 
             step()
             step()
         # One step each in turn: on a shared machine, load changes hit both sides alike.
-        for _ in range(steps):
-            for name, step in step_fns.items():
-                torch.cuda.synchronize()  # a no-op on CPU (learner.compat)
-                start = time.perf_counter()
-                step()
-                torch.cuda.synchronize()
-                times[name].append(time.perf_counter() - start)
+        with bar(steps * len(step_fns), "bench learner", "step") as progress:  # timed steps, both sides
+            for _ in range(steps):
+                for name, step in step_fns.items():
+                    torch.cuda.synchronize()  # a no-op on CPU (learner.compat)
+                    start = time.perf_counter()
+                    step()
+                    torch.cuda.synchronize()
+                    times[name].append(time.perf_counter() - start)
+                    progress.update()  # after the timed span
         destroy_parallel()
     tokens = batch_size * seq_len
     tokens_per_s = tokens / statistics.median(times["megatron"])

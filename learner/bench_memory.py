@@ -25,6 +25,7 @@ from typing import IO, Any
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from common.config import BaseConfig, merge_tables
+from common.progress import bar
 from learner.bench_memory_fit import fit, line_and_power_fits, measured_points
 from learner.bench_memory_worker import MMAP_THRESHOLD_BYTES, MeasureSpec, ModelSpec, run_worker, worker_argv
 
@@ -174,14 +175,23 @@ def predict_rss_mb(points: list[dict[str, Any]], seq_len: int, nproc: int = 1) -
 class Bench:
     """One bench run: the model directory, the points measured so far (per path), the guard."""
 
-    def __init__(self, cfg: BenchMemoryConfig, tmp: Path, max_rss_mb: float, progress: IO[str] | None) -> None:
+    def __init__(
+        self, cfg: BenchMemoryConfig, tmp: Path, max_rss_mb: float, progress: IO[str] | None, points_bar: Any = None
+    ) -> None:
         self.cfg, self.tmp, self.max_rss_mb, self.progress = cfg, tmp, max_rss_mb, progress
+        self.points_bar = points_bar
+        """A common.progress bar over the points (one worker each), advanced as each ends; None: no bar."""
         self.hf_path = str(tmp / "qwen3")
         self.points: dict[str, list[dict[str, Any]]] = {name: [] for name in PATHS}
         self.cp_points: list[dict[str, Any]] = []
 
     def say(self, text: str) -> None:
-        if self.progress is not None:
+        if self.progress is None:
+            return
+        if self.points_bar is not None:  # above the bar (tqdm.write clears and redraws it); plain when it is off
+            self.points_bar.write(f"bench learner-memory: {text}", file=self.progress)
+            self.progress.flush()
+        else:
             print(f"bench learner-memory: {text}", file=self.progress, flush=True)
 
     def make_model(self) -> None:
@@ -227,6 +237,8 @@ class Bench:
                 point["log_tail"] = log.read_text(errors="replace")[-2000:]
         sweep = nproc == 1 and seq_len in self.cfg.seq_lens
         (self.points[path] if sweep else self.cp_points).append(point)
+        if self.points_bar is not None:
+            self.points_bar.update()
         self.say(f"{path} seq_len {seq_len} cp {cp_size} ranks {nproc}: {reason or str(point['peak_mb']) + ' MiB'}")
         return point
 
@@ -284,8 +296,12 @@ def run_memory_bench(cfg: BenchMemoryConfig, progress: IO[str] | None = None) ->
     """Measure every path at every length (then CP unless skipped); the result `--json` prints."""
     start = time.monotonic()
     max_rss_mb = cfg.max_rss_mb or 0.8 * mem_available_mb()
-    with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
-        bench = Bench(cfg, Path(tmp), max_rss_mb, progress)
+    num_points = (0 if cfg.only_cp else len(PATHS) * len(cfg.seq_lens)) + (0 if cfg.skip_cp else 2)
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp,
+        bar(num_points, "bench learner-memory", "point") as b,
+    ):
+        bench = Bench(cfg, Path(tmp), max_rss_mb, progress, points_bar=b)
         bench.make_model()
         for path in [] if cfg.only_cp else PATHS:
             for seq_len in cfg.seq_lens:

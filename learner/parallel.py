@@ -118,3 +118,25 @@ def destroy_parallel(keep_process_group: bool = False) -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized() and not keep_process_group:
         dist.destroy_process_group()
+
+
+_TIMEOUT_MARKS = ("Timed out waiting", "Watchdog caught collective operation timeout", "timed out after")
+
+
+class CollectiveTimeout(RuntimeError):
+    """A collective did not complete within `model.dist_timeout_s`: another rank is unreachable or stuck."""
+
+
+def collective_timeout(
+    e: BaseException, timeout_s: float, step: int, checkpoint_every: int
+) -> CollectiveTimeout | None:
+    """`e` as the error a user can act on, when it is a gloo or NCCL collective timing out (their own messages
+    name neither the cause nor the way back); None for any other error."""
+    if not isinstance(e, RuntimeError) or not any(m in str(e) for m in _TIMEOUT_MARKS):
+        return None
+    return CollectiveTimeout(
+        f"a collective timed out after {timeout_s:g} s (--model.dist_timeout_s) after step {step}: another rank is "
+        "unreachable or stuck (a learner node cut off, a hung process); every rank stops. Once the nodes reach each "
+        "other again, start the learner on every node (deploy/torchrun/learner.sh): it resumes from the last "
+        f"checkpoint (one every {checkpoint_every} steps, --checkpoint.interval_steps). The collective's own error: {e}"
+    )

@@ -38,7 +38,7 @@ from learner.checkpoint import Checkpointer, init_from_checkpoint, latest_checkp
 from learner.checkpoint_catalog import init_source, run_record
 from learner.metrics import MetricsLogger
 from learner.model.hf_config import load_hf_arch
-from learner.parallel import ParallelLayout, destroy_parallel, init_parallel
+from learner.parallel import ParallelLayout, collective_timeout, destroy_parallel, init_parallel
 from learner.prom import serve_exporter
 from learner.scored_reader import CONSUMER_GROUP, ScoredReader
 from learner.state import LearnerState
@@ -347,6 +347,12 @@ def run(cfg: TrainConfig) -> None:
         training = build_training(cfg, layout)
         logger.info("training from step %d to %d", training.state.step, cfg.max_steps)
         train_loop(training)
+    except RuntimeError as e:
+        step = training.state.step if training is not None else 0
+        if (timeout := collective_timeout(e, cfg.model.dist_timeout_s, step, cfg.checkpoint.interval_steps)) is None:
+            raise
+        logger.error("%s", timeout)
+        raise timeout from e
     finally:
         if training is not None:
             training.close()

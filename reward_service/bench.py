@@ -36,6 +36,7 @@ from typing import IO, Any
 import httpx
 
 from common.net import free_port
+from common.progress import bar
 from reward_service.bench_load import Load, Server, cpu_s, start, stop
 
 NUM_RUBRICS = 10
@@ -127,18 +128,20 @@ def measure(
     per_round = max(concurrency, num_requests // rounds)
     done = 0
     turn = 0
-    while done < num_requests:
-        n = min(per_round, num_requests - done)
-        order = servers if turn % 2 == 0 else servers[::-1]  # ABBA: neither always goes first
-        for s in order:
-            sent = payloads(bodies, n, f"r{done}")
-            before = cpu_s(s)
-            took, latencies = load.run(s, sent, concurrency)
-            cpu[s.name] += cpu_s(s) - before
-            wall[s.name] += took
-            lat[s.name] += latencies
-        done += n
-        turn += 1
+    with bar(num_requests * len(servers), "bench reward", "req") as progress:  # timed requests, per round
+        while done < num_requests:
+            n = min(per_round, num_requests - done)
+            order = servers if turn % 2 == 0 else servers[::-1]  # ABBA: neither always goes first
+            for s in order:
+                sent = payloads(bodies, n, f"r{done}")
+                before = cpu_s(s)
+                took, latencies = load.run(s, sent, concurrency)
+                cpu[s.name] += cpu_s(s) - before
+                wall[s.name] += took
+                lat[s.name] += latencies
+                progress.update(n)
+            done += n
+            turn += 1
     return {
         s.name: {
             "req_per_s": round(num_requests / wall[s.name], 1),

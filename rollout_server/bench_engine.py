@@ -23,6 +23,8 @@ import tempfile
 import time
 from typing import Any
 
+from common.progress import bar
+
 log = logging.getLogger(__name__)
 
 _SAMPLING = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, pad_token_id=0)
@@ -47,8 +49,11 @@ def _load_hf(model_dir: str) -> Any:
     return model
 
 
-def _hf_batched(model: Any, prompts: list[list[int]], budgets: list[int], batch_size: int) -> tuple[int, int, float]:
-    """(asked tokens, generated tokens, seconds) of `generate` over left-padded batches of `batch_size`."""
+def _hf_batched(
+    model: Any, prompts: list[list[int]], budgets: list[int], batch_size: int, progress: Any = None
+) -> tuple[int, int, float]:
+    """(asked tokens, generated tokens, seconds) of `generate` over left-padded batches of `batch_size`; each
+    batch done advances `progress` (a common.progress bar) by its prompts."""
     import torch
 
     asked = generated = 0
@@ -65,10 +70,12 @@ def _hf_batched(model: Any, prompts: list[list[int]], budgets: list[int], batch_
             )
             generated += (out.shape[1] - width) * len(batch)
             asked += sum(want)
+            if progress is not None:
+                progress.update(len(batch))
     return asked, generated, time.perf_counter() - start
 
 
-def _hf_one_at_a_time(model: Any, prompts: list[list[int]], new_tokens: int) -> float:
+def _hf_one_at_a_time(model: Any, prompts: list[list[int]], new_tokens: int, progress: Any = None) -> float:
     import torch
 
     start, total = time.perf_counter(), 0
@@ -76,10 +83,16 @@ def _hf_one_at_a_time(model: Any, prompts: list[list[int]], new_tokens: int) -> 
         for p in prompts:
             out = model.generate(torch.tensor([p]), max_new_tokens=new_tokens, min_new_tokens=new_tokens, **_SAMPLING)
             total += out.shape[1] - len(p)
+            if progress is not None:
+                progress.update()
     return total / (time.perf_counter() - start)
 
 
-async def _drive(url: str, prompts: list[list[int]], budgets: list[int], concurrency: int) -> tuple[int, float]:
+async def _drive(
+    url: str, prompts: list[list[int]], budgets: list[int], concurrency: int, progress: Any = None
+) -> tuple[int, float]:
+    """(tokens generated, seconds) of every prompt sent with `concurrency` in flight; each answer advances
+    `progress`."""
     import httpx
 
     sem = asyncio.Semaphore(concurrency)
@@ -90,6 +103,8 @@ async def _drive(url: str, prompts: list[list[int]], budgets: list[int], concurr
             async with sem:
                 r = await client.post("/generate", json={"input_ids": p, "sampling_params": params})
                 r.raise_for_status()
+                if progress is not None:
+                    progress.update()
                 return int(r.json()["meta_info"]["completion_tokens"])
 
         start = time.perf_counter()
@@ -123,16 +138,21 @@ def run_bench(
     workloads = {"mixed": _budgets(num_prompts, new_tokens, seed), "uniform": [new_tokens] * num_prompts}
     hf: dict[str, tuple[int, int, float]] = {}
     engine_rates: dict[str, float] = {}
-    with tempfile.TemporaryDirectory(prefix="longtrace-bench-engine-") as tmp:
+    # one bar over the timed prompts: HF generate on both workloads, the one-at-a-time baseline, then the engine
+    total = 2 * len(workloads) * num_prompts + min(baseline_prompts, num_prompts)
+    with (
+        tempfile.TemporaryDirectory(prefix="longtrace-bench-engine-") as tmp,
+        bar(total, "bench engine", "prompt") as b,
+    ):
         model_dir = str(
             init_tiny_model(tmp, hidden_size=hidden_size, num_layers=num_layers, vocab_size=vocab_size, seed=seed)
         )
         model = _load_hf(model_dir)
         _hf_batched(model, prompts[:2], [4, 4], 2)  # warm-up
         for name, budgets in workloads.items():
-            hf[name] = _hf_batched(model, prompts, budgets, concurrency)
+            hf[name] = _hf_batched(model, prompts, budgets, concurrency, b)
             log.info("HF generate, batches of %d, %s: %.1f asked tok/s", concurrency, name, hf[name][0] / hf[name][2])
-        one_at_a_time = _hf_one_at_a_time(model, prompts[:baseline_prompts], new_tokens)
+        one_at_a_time = _hf_one_at_a_time(model, prompts[:baseline_prompts], new_tokens, b)
         del model
         config = EngineConfig(
             model_path=model_dir, max_running_requests=concurrency, context_length=512, num_threads=threads
@@ -143,7 +163,7 @@ def run_bench(
             with BackgroundServer(build_app(engine)) as server:
                 asyncio.run(_drive(server.url, prompts[:2], [4, 4], concurrency))  # warm-up
                 for name, budgets in workloads.items():
-                    tokens, elapsed = asyncio.run(_drive(server.url, prompts, budgets, concurrency))
+                    tokens, elapsed = asyncio.run(_drive(server.url, prompts, budgets, concurrency, b))
                     if tokens != sum(budgets):
                         raise RuntimeError(f"the engine generated {tokens} tokens, {sum(budgets)} were asked")
                     engine_rates[name] = tokens / elapsed

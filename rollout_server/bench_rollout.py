@@ -37,6 +37,7 @@ from broker.embedded import EmbeddedRedis
 from broker.schemas import Group, RewardInfo, Task, pack_ids
 from common.config import load_config
 from common.net import free_port
+from common.progress import bar
 from rollout_server.launch import LaunchConfig, engine_command, terminate, wait_healthy
 from rollout_server.worker.client import EngineClient, make_engine_http
 from rollout_server.worker.config import RolloutConfig
@@ -144,10 +145,12 @@ def _tasks(spec: BenchSpec, vocab: int = 400) -> list[Task]:
     ]
 
 
-async def _direct(spec: BenchSpec, cfg: RolloutConfig, urls: list[str], tasks: list[Task]) -> tuple[int, int, float]:
+async def _direct(
+    spec: BenchSpec, cfg: RolloutConfig, urls: list[str], tasks: list[Task], progress: Any = None
+) -> tuple[int, int, float]:
     """The same groups straight to the engines: `groups_in_flight` groups at once, each sending its n samples
     together to the engine with the fewest groups in flight, exactly the request pattern of the worker (one engine
-    per group) minus Redis and routing."""
+    per group) minus Redis and routing. Each group done advances `progress` (a common.progress bar)."""
     http = make_engine_http()  # the worker's transport: the paths differ only in Redis, worker and router
     clients = [EngineClient(u, http, cfg.request_timeout_s, cfg.connect_timeout_s, cfg.health_timeout_s) for u in urls]
     group_slots = asyncio.Semaphore(spec.groups_in_flight)
@@ -169,6 +172,8 @@ async def _direct(spec: BenchSpec, cfg: RolloutConfig, urls: list[str], tasks: l
                 )
             finally:
                 groups_on[e] -= 1
+        if progress is not None:
+            progress.update()
         return [len(r.output_ids) for r in results]
 
     t0 = time.perf_counter()
@@ -178,8 +183,11 @@ async def _direct(spec: BenchSpec, cfg: RolloutConfig, urls: list[str], tasks: l
     return len(tokens), sum(tokens), elapsed
 
 
-async def _through_worker(spec: BenchSpec, cfg: RolloutConfig, tasks: list[Task]) -> tuple[int, int, float, float]:
-    """(samples, response tokens, seconds, prompt tokens the engines prefilled: prompt - cached, as reported)."""
+async def _through_worker(
+    spec: BenchSpec, cfg: RolloutConfig, tasks: list[Task], progress: Any = None
+) -> tuple[int, int, float, float]:
+    """(samples, response tokens, seconds, prompt tokens the engines prefilled: prompt - cached, as reported).
+    Each read of finished groups advances `progress` by their number."""
     from broker.factory import connect
 
     broker: Broker = connect(cfg.broker)
@@ -203,6 +211,8 @@ async def _through_worker(spec: BenchSpec, cfg: RolloutConfig, tasks: list[Task]
             num_tokens += sum(len(s.response_ids_np()) for s in e.msg.samples)
         if entries:
             await asyncio.to_thread(consumer.ack, [e.id for e in entries])
+            if progress is not None:
+                progress.update(len(entries))
         if running.done():
             running.result()  # a crashed worker: re-raise its error
     elapsed = time.perf_counter() - t0
@@ -227,23 +237,24 @@ async def _measure(spec: BenchSpec, redis_url: str, urls: list[str], no_sharing_
     prefilled = dict.fromkeys(MODES, 0.0)
     pass_ratios = []
     vs_direct = []  # worker (sharing) / direct per rotation: both ran on the same engines minutes apart at most
-    for i in range(spec.repeats):
-        rates = {}
-        for name in ORDERS[i % len(ORDERS)]:  # rotate: cancel order effects
-            engines = engines_of[name]
-            cfg = _config(spec, redis_url, engines)  # a fresh run id: new streams, no dedup across passes
-            tasks = _tasks(spec)
-            if name == "direct":
-                n, tok, s = await _direct(spec, cfg, engines, tasks)
-            else:
-                n, tok, s, prefill = await _through_worker(spec, cfg, tasks)
-                prefilled[name] += prefill
-            totals[name][0] += n
-            totals[name][1] += tok
-            totals[name][2] += s
-            rates[name] = n / s
-        pass_ratios.append(round(rates["sharing"] / rates["no_sharing"], 3))
-        vs_direct.append(round(rates["sharing"] / rates["direct"], 3))
+    with bar(spec.repeats * len(MODES) * spec.num_groups, "bench rollout", "group") as progress:  # measured groups
+        for i in range(spec.repeats):
+            rates = {}
+            for name in ORDERS[i % len(ORDERS)]:  # rotate: cancel order effects
+                engines = engines_of[name]
+                cfg = _config(spec, redis_url, engines)  # a fresh run id: new streams, no dedup across passes
+                tasks = _tasks(spec)
+                if name == "direct":
+                    n, tok, s = await _direct(spec, cfg, engines, tasks, progress)
+                else:
+                    n, tok, s, prefill = await _through_worker(spec, cfg, tasks, progress)
+                    prefilled[name] += prefill
+                totals[name][0] += n
+                totals[name][1] += tok
+                totals[name][2] += s
+                rates[name] = n / s
+            pass_ratios.append(round(rates["sharing"] / rates["no_sharing"], 3))
+            vs_direct.append(round(rates["sharing"] / rates["direct"], 3))
     rate = {m: totals[m][0] / totals[m][2] for m in MODES}
     prompt_tokens = spec.num_groups * spec.repeats * spec.prompt_len  # per pass kind: one prompt per group
 

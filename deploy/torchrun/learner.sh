@@ -19,6 +19,9 @@ NODE_RANK="${NODE_RANK:-}"
 RDZV_ENDPOINT="${RDZV_ENDPOINT:-}"
 RDZV_ID="${RDZV_ID:-${RUN_ID:-longtrace}}"
 RDZV_JOIN_TIMEOUT_S="${RDZV_JOIN_TIMEOUT_S:-1800}"  # nodes of a cluster may start minutes apart
+# torchrun restarts every node's ranks this many times after a failure (a collective timed out on a partition, a
+# rank killed): they rendezvous again, as soon as all NNODES nodes are back, and resume from the last checkpoint.
+MAX_RESTARTS="${MAX_RESTARTS:-0}"
 lt_require NODE_RANK RDZV_ENDPOINT
 
 if [[ "$NODE_RANK" == 0 ]]; then is_host=true; else is_host=false; fi
@@ -27,7 +30,7 @@ cmd=("$PYTHON" -m torch.distributed.run
     --nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE" --node-rank "$NODE_RANK"
     --rdzv-backend c10d --rdzv-endpoint "$RDZV_ENDPOINT" --rdzv-id "$RDZV_ID"
     --rdzv-conf "is_host=$is_host,join_timeout=$RDZV_JOIN_TIMEOUT_S"
-    --max-restarts 0
+    --max-restarts "$MAX_RESTARTS"
     -m deploy.cli learner --config "$LEARNER_CONFIG"
     --broker.redis_url "$REDIS_URL")
 lt_opt cmd --broker.run_id "$RUN_ID"
