@@ -12,7 +12,6 @@ import asyncio
 import hmac
 import signal
 import subprocess
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,6 +22,8 @@ import httpx
 import psutil
 import pytest
 from starlette.types import ASGIApp
+
+from tests.helpers.reward_server import wait_health
 
 # (method, path, body, headers); the body is JSON, raw bytes or an async stream of bytes (sent chunked).
 Call = tuple[str, str, Any, dict[str, str]]
@@ -132,14 +133,7 @@ def serving(
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
-        deadline = time.monotonic() + start_timeout_s
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+        wait_health(url, proc, log, start_timeout_s)
         assert listening_ips(proc.pid) == ["127.0.0.1"]
         yield url
     finally:

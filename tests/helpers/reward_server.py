@@ -16,7 +16,20 @@ import httpx
 from common.net import free_port
 from experiments.health_probe import HealthProbe
 
-__all__ = ["HealthProbe", "reward_server"]
+__all__ = ["HealthProbe", "reward_server", "wait_health"]
+
+
+def wait_health(url: str, proc: subprocess.Popen[bytes], log: Path, timeout_s: float) -> None:
+    """Return once `url`/health answers 200; fail with the process's log if it exits or `timeout_s` passes first."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
 
 
 @contextmanager
@@ -28,14 +41,7 @@ def reward_server(log: Path, *flags: str, start_timeout_s: float = 60.0) -> Iter
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + start_timeout_s
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+        wait_health(url, proc, log, start_timeout_s)
         yield url
     finally:
         proc.terminate()

@@ -23,7 +23,7 @@ from reward_service.app import create_app
 from reward_service.config import RewardConfig
 from reward_service.judges.llm import LlmJudge
 from tests.helpers.judge_stub import StubJudgeApi
-from tests.helpers.reward_server import HealthProbe, reward_server
+from tests.helpers.reward_server import HealthProbe, reward_server, wait_health
 
 SLIME_BODY: dict[str, Any] = {
     # what slime's remote_rm posts with input_keys [label, extra_reward_info, history]
@@ -306,14 +306,7 @@ def test_cli_serve_real_http(tmp_path: Any) -> None:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-                time.sleep(0.1)
+        wait_health(url, proc, log, 30)
         auth = {"authorization": "Bearer tok-9"}
         body = {**SLIME_BODY, "extra_reward_info": {**SLIME_BODY["extra_reward_info"], "rubric_reward_ratio": None}}
         resp = httpx.post(f"{url}/evaluate", json=body, headers=auth, timeout=10)
@@ -424,14 +417,7 @@ def test_serve_with_several_processes_answers_and_stops(tmp_path: Path) -> None:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-                time.sleep(0.1)
+        wait_health(url, proc, log, 60)
         body = {**SLIME_BODY, "extra_reward_info": {**SLIME_BODY["extra_reward_info"], "rubric_reward_ratio": None}}
         with httpx.Client(timeout=10) as c:
             rewards = [c.post(f"{url}/evaluate", json=body).json()["reward"] for _ in range(16)]
