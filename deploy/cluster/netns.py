@@ -11,11 +11,10 @@ collide; nothing of the host's own interfaces or routes is touched.
         c.shape("rollout", delay_ms=50, jitter_ms=20)            # netem on the node's link
         c.partition("rollout"); ...; c.heal("rollout")           # link down / up
 
-Link shaping (`shaper`): "netem" is the kernel's qdisc on both ends of the veth. Kernels without sch_netem (the
-Firecracker VMs CI runs on) get "userspace": each node's link is a pair of TAP devices (`lt0` in the node, a port on
-the bridge) relayed frame by frame by shaper.py, which applies the same delay, jitter and loss. `link_shaper()`
-picks the kernel's when it has one. Shaping must be chosen when the cluster is made (a node's link type cannot
-change under running processes); `shape()` then sets or changes the numbers at any time.
+Link shaping (`shaper`): "netem" is the kernel's qdisc on both ends of the veth. Kernels without sch_netem (this
+machine's Firecracker VM kernel) get "userspace": each link is two TAP devices (`lt0` in the node, a port on the
+bridge) relayed frame by frame by shaper.py with the same delay, jitter and loss (`netem_available()` says which a
+host has). It is chosen when the cluster is made; `shape()` then sets or changes the numbers at any time.
 
 Teardown (processes, namespaces, veths, bridge, /etc/netns files) runs on exit of the `with`, on an exception, at
 interpreter exit (atexit) and on SIGTERM (turned into SystemExit while a cluster is up). `available()` says whether
@@ -148,11 +147,6 @@ def netem_available() -> tuple[bool, str]:
             _ip("netns", "del", probe)
 
 
-def link_shaper() -> Shaper:
-    """The kernel's netem where it has one, else the userspace relay."""
-    return "netem" if netem_available()[0] else "userspace"
-
-
 class ClusterError(RuntimeError):
     """A command of the harness failed; the message names it and its stderr."""
 
@@ -224,8 +218,19 @@ class Cluster:
         self._made.append(("bridge", self.bridge))
         _ip("addr", "add", f"{self.gateway}/{prefix}", "dev", self.bridge)
         _ip("link", "set", self.bridge, "up")
-        hosts = hosts_file(list(self.nodes.values()))
         fds: list[tuple[int, int]] = []  # the userspace shaper's (node end, bridge end) of each link
+        try:
+            self._create_nodes(prefix, fds)
+        except BaseException:
+            for fd in (fd for pair in fds for fd in pair):  # no relay holds them yet: they would keep the TAPs up
+                os.close(fd)
+            raise
+        if fds:
+            self._relay = RelayProcess(fds)
+        log.info("cluster %s: %s on %s", self.run_id, {k: n.address for k, n in self.nodes.items()}, self.bridge)
+
+    def _create_nodes(self, prefix: int, fds: list[tuple[int, int]]) -> None:
+        hosts = hosts_file(list(self.nodes.values()))
         for n in self.nodes.values():
             _ip("netns", "add", n.netns)
             self._made.append(("netns", n.netns))
@@ -243,9 +248,6 @@ class Cluster:
             self.exec(n.name, "ip", "addr", "add", f"{n.address}/{prefix}", "dev", IFACE)
             self.exec(n.name, "ip", "link", "set", IFACE, "up")
             self.exec(n.name, "ip", "link", "set", "lo", "up")
-        if fds:
-            self._relay = RelayProcess(fds)
-        log.info("cluster %s: %s on %s", self.run_id, {k: n.address for k, n in self.nodes.items()}, self.bridge)
 
     def _tap_link(self, n: Node) -> tuple[int, int]:
         """The node's link as two TAP devices for the userspace shaper: one made here and moved into the node as
@@ -368,14 +370,12 @@ class Cluster:
         self.faults.append(f"{' '.join(args[1:])} on {name} ({self.shaper})")
 
     def clear(self, name: str) -> None:
-        n = self.node(name)
         if self.shaper == "userspace":
-            self._tell(f"{list(self.nodes).index(name)} 0 0 0")
-            return
-        for argv in (["tc", "qdisc", "del", "dev", n.veth, "root"], ["ip", "netns", "exec", n.netns, "tc", "qdisc",
-                                                                     "del", "dev", IFACE, "root"]):  # fmt: skip
-            with contextlib.suppress(ClusterError):  # nothing to delete
-                _run(argv)
+            return self._tell(f"{list(self.nodes).index(name)} 0 0 0")
+        with contextlib.suppress(ClusterError):  # nothing to delete
+            _run(["tc", "qdisc", "del", "dev", self.node(name).veth, "root"])
+        with contextlib.suppress(ClusterError):
+            self.exec(name, "tc", "qdisc", "del", "dev", IFACE, "root")
 
     def _tell(self, line: str) -> None:
         if self._relay is None:
