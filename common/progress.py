@@ -22,9 +22,11 @@ def bar(
     *,
     file: TextIO | None = None,
     disable: bool | None = None,
+    delay_s: float = 0.0,
 ) -> Any:
     """A tqdm bar over `total` units (None: a counter) named `desc`; use it as a context manager or close it.
-    `file` defaults to the stderr of the call (pytest's capture included); `disable=False` forces it on."""
+    `file` defaults to the stderr of the call (pytest's capture included); `disable=False` forces it on; `delay_s`:
+    drawn only once the work has taken that long (a short scan shows nothing)."""
     return tqdm(
         total=total,
         desc=desc,
@@ -33,4 +35,5 @@ def bar(
         disable=disable,
         leave=False,
         dynamic_ncols=True,
+        delay=delay_s,
     )

@@ -1,10 +1,14 @@
-"""A dependency-free progress line on stderr: redrawn in place on a terminal, one line per interval otherwise."""
+"""Progress of the long data commands (data build, synth, the feeder's prompt-length scan) on stderr: a tqdm bar on a
+terminal (common/progress.py), one line per interval otherwise (what lands in the launcher's log files, where a bar
+would print nothing or fill them with redraws), and one final line either way."""
 
 from __future__ import annotations
 
 import sys
 import time
 from typing import TextIO
+
+from common.progress import bar
 
 
 class Progress:
@@ -24,15 +28,24 @@ class Progress:
         self.done = 0
         self._start = self._last = time.monotonic()
         self._tty = self.stream.isatty()
+        self._bar = None if quiet or not self._tty else bar(total, label, file=self.stream, disable=False,
+                                                             delay_s=interval_s)  # fmt: skip
 
     def update(self, n: int = 1, note: str = "") -> None:
         self.done += n
+        if self._bar is not None:
+            self._bar.update(n)
+            if note:
+                self._bar.set_postfix_str(note, refresh=False)
+            return
         now = time.monotonic()
         if not self.quiet and now - self._last >= self.interval_s:
             self._last = now
             self._emit(note, final=False)
 
     def close(self, note: str = "") -> None:
+        if self._bar is not None:
+            self._bar.close()  # erased: the final line below stays
         if not self.quiet:
             self._emit(note, final=True)
 

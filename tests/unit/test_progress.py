@@ -154,3 +154,26 @@ def test_async_bench_step_bar_runs_no_thread_when_off(tmp_path: Path, monkeypatc
     monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal, even under `pytest -s` in one
     with _StepBar([tmp_path / "metrics.jsonl"], 3, "bench async: test") as steps:
         assert steps._thread is None
+
+
+def test_data_commands_draw_a_bar_on_a_terminal_and_lines_in_a_log() -> None:
+    """Guards against `data build`, synth and the feeder's scan showing only a redrawn text line on a terminal (no
+    bar), or against the bar reaching their log files (the launcher's logs are not terminals: there they must keep
+    one line per interval, and the final line either way)."""
+    from datagen.progress import Progress
+
+    terminal = _Terminal()
+    p = Progress("build", total=4, stream=terminal, interval_s=0.0)
+    for _ in range(4):
+        p.update(1, note="ok")
+    p.close()
+    drawn = terminal.getvalue()
+    assert re.search(r"build: +\d+%\|", drawn)  # tqdm's bar
+    assert drawn.rsplit("\r", 1)[-1].startswith("build: 4/4 (") and drawn.endswith("\n")  # then the final line
+    log = io.StringIO()
+    q = Progress("build", total=4, stream=log, interval_s=0.0)
+    for _ in range(4):
+        q.update(1)
+    q.close()
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 5 and all(line.startswith("build: ") for line in lines) and "%|" not in log.getvalue()
