@@ -12,8 +12,8 @@ from pydantic import Field, model_validator
 
 from common.config import BaseConfig, load_config
 
-Fault = Literal["partition_rollout", "partition_learner", "partition_learner_long"]
-ALL_FAULTS: tuple[Fault, ...] = ("partition_rollout", "partition_learner", "partition_learner_long")
+Fault = Literal["partition_rollout", "partition_learner", "partition_learner_long", "redis_stall"]
+ALL_FAULTS: tuple[Fault, ...] = ("partition_rollout", "partition_learner", "partition_learner_long", "redis_stall")
 DEFAULT_FAULTS: tuple[Fault, ...] = ("partition_rollout",)
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,8 +43,12 @@ class ClusterConfig(BaseConfig):
     """Faults of the last run (the others run clean): the rollout node (Redis, reward, engine, rollout worker)
     or learner node 1 cut off for `partition_s`; `partition_learner_long` cuts learner node 1 off for longer than
     the learners' collective timeout (their model.dist_timeout_s, which follows weight_sync_timeout_s, + partition_s): every rank fails and the job ends on
-    every node; once the node is back the learners are started again and resume from the checkpoint (one per step)."""
+    every node; once the node is back the learners are started again and resume from the checkpoint (one per step);
+    `redis_stall` freezes Redis for `redis_stall_s`."""
     partition_s: float = Field(5.0, gt=0)
+    redis_stall_s: float = Field(15.0, gt=0)
+    """`redis_stall`: redis-server frozen (SIGSTOP, then SIGCONT) this long, so Redis answers no client on any node,
+    the services beside it on the rollout node included (a partition of that node cuts off only the learners)."""
     fault_after_step: int = Field(2, ge=1)
     """A fault starts once metrics.jsonl has this many steps (each next fault `fault_after_step` steps later)."""
     weight_sync_timeout_s: float = Field(30.0, gt=0)

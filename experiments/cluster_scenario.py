@@ -5,7 +5,8 @@ NPROC_PER_NODE=1, gloo, c10d rendezvous at learner0's host name). Every node rea
 user would copy it to 5 machines; only NODE_RANK differs between learner nodes. NODE_ADDR is left to env.sh (the
 namespace's `hostname -I`), the interface to NCCL_SOCKET_IFNAME (lt0), so the weight-update group binds each learner
 node's own address. The run directory is the "shared filesystem". Faults: delay, jitter and loss on every link from
-the start (netem, or the harness's userspace relay where the kernel has no sch_netem), and partitions (a node's link down for `partition_s`) once the learner has logged steps. The accounting is the chaos
+the start (netem, or the harness's userspace relay where the kernel has no sch_netem), and, once the learner has logged steps, partitions (a node's link down for `partition_s`) or a Redis stall
+(redis-server frozen for `redis_stall_s`). The accounting is the chaos
 bench's (experiments/chaos_accounting.py), read through its Probe from this host over the bridge.
 """
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-import statistics
+import signal
 import sys
 import time
 import tomllib
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from common.progress import bar
 from experiments.cluster_config import REPO, ClusterConfig
+from experiments.cluster_results import account_run, link_label
 
 if TYPE_CHECKING:
     from deploy.cluster.netns import Shaper
@@ -184,7 +186,7 @@ def run_cluster(
                 _drive(cfg, c, [], learners, services, logs, run_dir, t0, dist_timeout_s, progress)
             result["wall_s"] = round(time.monotonic() - t0, 1)
             codes = {n: p.returncode for n, p in learners.items()}
-            result.update(_account(probe, run_dir, cfg.steps))
+            result.update(account_run(probe, run_dir, cfg.steps))
             result["faults"] = applied
             result["learner_exit_codes"] = codes
             result["finished"] = result["finished"] and all(code == 0 for code in codes.values())
@@ -286,84 +288,42 @@ def _drive(
     targets = {"partition_rollout": ROLLOUT, "partition_learner": "learner1", "partition_learner_long": "learner1"}
     # Long: past the learners' collective timeout (their model.dist_timeout_s), so every rank's collective fails.
     lasts = {f: cfg.partition_s + (dist_timeout_s if f == "partition_learner_long" else 0) for f in targets}
+    lasts["redis_stall"] = cfg.redis_stall_s
+
+    def begin(fault: str) -> Callable[[], None]:
+        """Start `fault`; the call that ends it."""
+        if fault == "redis_stall":  # frozen, not down: every client's calls time out, on every node alike
+            group = services["redis"].pid
+            os.killpg(group, signal.SIGSTOP)
+            return lambda: os.killpg(group, signal.SIGCONT)
+        c.partition(targets[fault])
+        return lambda: c.heal(targets[fault])
+
     pending = list(faults)
     applied: list[str] = []
-    cut: tuple[str, float] | None = None
-    while any(p.poll() is None for p in learners.values()):
-        _check_alive(services, logs)
-        now = time.monotonic()
-        if now - t0 > cfg.run_timeout_s:
-            raise ClusterRunFailed(f"the learners ran past {cfg.run_timeout_s:g}s\n" + _tails(logs))
-        if cut is not None and now >= cut[1]:
-            c.heal(cut[0])
-            cut = None
-        step = _steps_done(run_dir)
-        if progress is not None:
-            progress(min(step, cfg.steps))
-        if cut is None and pending and step >= cfg.fault_after_step * (len(applied) + 1):
-            fault = pending.pop(0)
-            c.partition(targets[fault])
-            cut = (targets[fault], now + lasts[fault])
-            applied.append(f"{fault} ({lasts[fault]:g}s after step {step})")
-            log.info("fault: %s", applied[-1])
-        time.sleep(0.2)
-    if cut is not None:
-        c.heal(cut[0])
-    return applied + [f"{f} (not reached)" for f in pending]
-
-
-def _read(fn: Any, attempts: int = 5, wait_s: float = 1.0) -> Any:
-    """`fn()` (a probe read: None when it failed), tried again a few times: the probe never retries (it must not
-    block during a fault), and after a partition its pooled connection may be one the partition broke (a CI run read
-    the dead stream as unreadable once, right after the link healed)."""
-    for attempt in range(attempts):
-        got = fn()
-        if got is not None or attempt == attempts - 1:
-            return got
-        time.sleep(wait_s)
-    return None
-
-
-def _account(probe: Any, run_dir: Path, steps: int) -> dict[str, Any]:
-    """The chaos bench's accounting of every admitted group, and the run's speed and weight-push times."""
-    from broker.base import TASKS
-    from experiments.chaos_accounting import Sources, account
-    from learner.metrics import lineage_lines, read_metrics
-
+    active: tuple[Callable[[], None], float] | None = None  # (its end, when)
     try:
-        lines: list[dict[str, Any]] | None = read_metrics(run_dir)
-    except (OSError, ValueError):
-        lines = None
-    letters = _read(probe.dead_letters)
-    acc = account(
-        Sources(
-            admitted=_read(lambda: probe.published(TASKS)),
-            metrics_lines=lines,
-            dead_group_ids=None if letters is None else {x.group_id for x in letters if x.group_id},
-            pending_group_ids=_read(probe.entry_group_ids),
-            steps=steps,
-        )
-    )
-    lineage = lineage_lines(lines or [])
-    ordered = [lineage[s] for s in sorted(lineage)]
-    times = [float(m["time_s"]) for m in ordered]
-    pushes = [float(m["weight_sync/total_s"]) for m in ordered if m.get("weight_sync/ok") == 1.0]
-    return {
-        **acc.to_json(),
-        "steps": len(ordered),
-        "steps_per_min": round(60 * (len(times) - 1) / (times[-1] - times[0]), 2) if len(times) > 1 else None,
-        "push_s_median": round(statistics.median(pushes), 4) if pushes else None,
-        "pushes_ok": len(pushes),
-        "pushes_failed": sum(1 for m in ordered if m.get("weight_sync/ok") == 0.0),
-        "engines_per_push": sorted({m.get("weight_sync/num_engines") for m in ordered}),
-        "finished": len(ordered) == steps and acc.conservation_ok,
-    }
-
-
-def _link(run: dict[str, Any]) -> str:
-    if run["shaper"] == "off":
-        return "clean"
-    return f"delay {run['delay_ms']:g} ms +- {run['jitter_ms']:g} ms, loss {run['loss_pct']:g} % ({run['shaper']})"
+        while any(p.poll() is None for p in learners.values()):
+            _check_alive(services, logs)
+            now = time.monotonic()
+            if now - t0 > cfg.run_timeout_s:
+                raise ClusterRunFailed(f"the learners ran past {cfg.run_timeout_s:g}s\n" + _tails(logs))
+            if active is not None and now >= active[1]:
+                active[0]()
+                active = None
+            step = _steps_done(run_dir)
+            if progress is not None:
+                progress(min(step, cfg.steps))
+            if active is None and pending and step >= cfg.fault_after_step * (len(applied) + 1):
+                fault = pending.pop(0)
+                active = (begin(fault), now + lasts[fault])
+                applied.append(f"{fault} ({lasts[fault]:g}s after step {step})")
+                log.info("fault: %s", applied[-1])
+            time.sleep(0.2)
+    finally:
+        if active is not None:
+            active[0]()
+    return applied + [f"{f} (not reached)" for f in pending]
 
 
 def run_bench(cfg: ClusterConfig) -> dict[str, Any]:
@@ -385,7 +345,7 @@ def run_bench(cfg: ClusterConfig) -> dict[str, Any]:
         "steps": cfg.steps,
         "steps_per_min": {k: r["steps_per_min"] for k, r in by_delay.items()},
         "push_s": {k: r["push_s_median"] for k, r in by_delay.items()},
-        "link": {k: _link(r) for k, r in by_delay.items()},
+        "link": {k: link_label(r) for k, r in by_delay.items()},
         "faults": [f for r in runs for f in r["faults"]],
         "groups_lost": sum(r["groups_lost"] for r in runs),
         "groups_duplicated": sum(r["groups_duplicated"] for r in runs),
