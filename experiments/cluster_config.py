@@ -42,9 +42,9 @@ class ClusterConfig(BaseConfig):
     faults: list[Fault] = Field(default_factory=lambda: list(DEFAULT_FAULTS))
     """Faults of the last run (the others run clean): the rollout node (Redis, reward, engine, rollout worker)
     or learner node 1 cut off for `partition_s`; `partition_learner_long` cuts learner node 1 off for longer than
-    the learners' collective timeout (their model.dist_timeout_s, which follows weight_sync_timeout_s, + partition_s): every rank fails and the job ends on
-    every node; once the node is back the learners are started again and resume from the checkpoint (one per step);
-    `redis_stall` freezes Redis for `redis_stall_s`."""
+    the learners' collective timeout (their model.dist_timeout_s, which follows weight_sync_timeout_s, plus
+    `partition_s`): every rank fails and the job ends on every node; once the node is back the learners are started
+    again and resume from the checkpoint (one per step); `redis_stall` freezes Redis for `redis_stall_s`."""
     partition_s: float = Field(5.0, gt=0)
     redis_stall_s: float = Field(15.0, gt=0)
     """`redis_stall`: redis-server frozen (SIGSTOP, then SIGCONT) this long, so Redis answers no client on any node,

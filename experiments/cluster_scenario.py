@@ -5,9 +5,9 @@ NPROC_PER_NODE=1, gloo, c10d rendezvous at learner0's host name). Every node rea
 user would copy it to 5 machines; only NODE_RANK differs between learner nodes. NODE_ADDR is left to env.sh (the
 namespace's `hostname -I`), the interface to NCCL_SOCKET_IFNAME (lt0), so the weight-update group binds each learner
 node's own address. The run directory is the "shared filesystem". Faults: delay, jitter and loss on every link from
-the start (netem, or the harness's userspace relay where the kernel has no sch_netem), and, once the learner has logged steps, partitions (a node's link down for `partition_s`) or a Redis stall
-(redis-server frozen for `redis_stall_s`). The accounting is the chaos
-bench's (experiments/chaos_accounting.py), read through its Probe from this host over the bridge.
+the start (netem, or the harness's userspace relay where the kernel has no sch_netem) and, once the learner has logged
+steps, partitions (a node's link down for `partition_s`) or a Redis stall (redis-server frozen for `redis_stall_s`).
+The accounting is the chaos bench's (experiments/cluster_results.py), read through its Probe from this host.
 """
 
 from __future__ import annotations
@@ -204,12 +204,14 @@ def run_cluster(
 def _shaper(cfg: ClusterConfig) -> Shaper:
     from deploy.cluster.netns import netem_available
 
+    if cfg.shaper == "userspace":
+        return "userspace"
     ok, why = netem_available()
     if cfg.shaper == "netem" and not ok:
         raise ClusterRunFailed(f"--shaper netem: {why}")
-    if cfg.shaper == "auto" and not ok:
+    if not ok:
         log.info("delay and loss by the userspace relay: %s", why)
-    return cfg.shaper if cfg.shaper != "auto" else ("netem" if ok else "userspace")
+    return "netem" if ok else "userspace"
 
 
 def _wait_redis(cfg: ClusterConfig, url: str, run_id: str, procs: dict[str, Any], logs: dict[str, Path]) -> Any:

@@ -120,7 +120,7 @@ def destroy_parallel(keep_process_group: bool = False) -> None:
         dist.destroy_process_group()
 
 
-_TIMEOUT_MARKS = ("Timed out waiting", "Watchdog caught collective operation timeout", "timed out after")
+_TIMEOUT_MARKS = ("Timed out waiting", "Watchdog caught collective operation timeout")  # gloo, NCCL
 
 
 class CollectiveTimeout(RuntimeError):

@@ -6,30 +6,21 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
-
 from common.net import free_port
 from experiments.health_probe import HealthProbe
+from rollout_server.launch import wait_healthy
 
 __all__ = ["HealthProbe", "reward_server", "wait_health"]
 
 
 def wait_health(url: str, proc: subprocess.Popen[bytes], log: Path, timeout_s: float) -> None:
-    """Return once `url`/health answers 200; fail with the process's log if it exits or `timeout_s` passes first."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
+    """Return once `url`/health answers 200 (rollout_server.launch's poll); fail with the process's log if it exits
+    or `timeout_s` passes first."""
+    assert wait_healthy(url, proc, timeout_s, probe_timeout_s=1.0), log.read_text()[-3000:]
 
 
 @contextmanager

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from rollout_server.engine.guard import CONTROL_PATHS
 from rollout_server.engine.server import free_port
 from rollout_server.models import init_tiny_model
 from tests.helpers.auth_checks import GuardedServer, bearer, serving
+from tests.helpers.reward_server import wait_health
 
 TOKEN = "eng-4c1d8e2a9f3b7a60"  # a distinctive string to grep logs for
 AUTH = bearer(TOKEN)
@@ -185,14 +185,7 @@ def test_serve_on_a_network_address_without_a_token_is_refused_unless_allowed(mo
     with (tmp_path / "open.log").open("wb") as out:
         proc = subprocess.Popen([*cmd, "--allow_unauthenticated"], env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "open.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+        wait_health(f"http://127.0.0.1:{port}", proc, tmp_path / "open.log", 120)
         assert "without a token (--allow_unauthenticated)" in (tmp_path / "open.log").read_text()
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -36,6 +36,7 @@ from learner.weight_sync.factory import build_weight_sync
 from learner.weight_sync.sources import HFModelSource
 from rollout_server.engine.server import free_port
 from rollout_server.models import init_tiny_model
+from tests.helpers.reward_server import wait_health
 from weights.engine_client import EngineCallError, EngineClient
 from weights.exports import catch_up, latest_export
 
@@ -71,16 +72,7 @@ class EngineProc:
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self._log_file, stderr=subprocess.STDOUT)
 
     def wait_healthy(self, timeout_s: float = 180) -> None:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            assert self.proc.poll() is None, f"engine exited: {self.log.read_text()[-3000:]}"
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, f"engine not healthy: {self.log.read_text()[-3000:]}"
-            time.sleep(0.2)
+        wait_health(self.url, self.proc, self.log, timeout_s)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
