@@ -212,16 +212,19 @@ class JudgeOutage(Injector):
 
 class RejectTask(Injector):
     """Once `warmup_steps` steps are logged, publishes poisoned copies of the feeder's tasks for every other one of
-    the REJECT_NEXT rows that come next in the feeder's epoch order and that it has not published yet."""
+    the REJECT_NEXT rows that come next in the feeder's epoch order and that it has not published yet. The copies'
+    template is the first task seen in the stream, taken from the phase's start (the stream is empty whenever the
+    workers have caught up, which after warm-up can be at every tick: a CI run injected nothing that way)."""
 
     def __init__(self, cfg: ChaosConfig, launcher: Any) -> None:
         super().__init__(cfg, launcher)
         self.poisoned: list[str] = []
         self.done = False
         self.found: dict[str, Any] = {}
+        self.template: Any = None  # a Task of this phase
 
     def tick(self) -> None:
-        if self.done or not self.in_phase() or self.steps() < self.cfg.warmup_steps:
+        if self.done or not self.in_phase():
             return
         import msgspec
 
@@ -235,15 +238,19 @@ class RejectTask(Injector):
         run_id = self.launcher.cfg.phase_run_id(self.phase)
         broker = connect(side_reads_config(self.launcher.redis_url, run_id, connect_timeout_s=2.0))
         try:
-            entries = broker.view(TASKS).peek(Task, count=1).entries
-            if not entries:
-                return  # no task in the stream right now: try at the next tick
-            task = entries[0].msg
-            prefix = task.group_id.rsplit("/i", 1)[0]  # the run id and the epoch the feeder is in
-            epoch = int(prefix.rsplit("/e", 1)[1])
+            if self.template is None:
+                entries = broker.view(TASKS).peek(Task, count=1).entries
+                self.template = entries[0].msg if entries else None
+            if self.template is None or self.steps() < self.cfg.warmup_steps:
+                return  # no task seen yet, or still warming up: the next tick
+            task = self.template
+            published = broker.view(TASKS).dedup_keys()
+            # Group ids are RUN/eEPOCH/iROW: the epoch the feeder is in is the newest one it has published in.
+            run = task.group_id.rsplit("/e", 1)[0]
+            epoch = max(int(k.rsplit("/i", 1)[0].rsplit("/e", 1)[1]) for k in published if k.startswith(f"{run}/e"))
+            prefix = f"{run}/e{epoch}"
             data = self.launcher.cfg.train_config(PLACEHOLDER_REDIS_URL, self.phase, "m", "d.jsonl", "p").data
             order = epoch_order(self.launcher.cfg.prepare.num_train, data.seed, epoch, data.shuffle)
-            published = broker.view(TASKS).dedup_keys()
             upcoming = [int(i) for i in order if f"{prefix}/i{i}" not in published][:REJECT_NEXT]
             bad = pack_ids([10**6] * 8)  # far outside any vocabulary: the engine answers 400
             msgs = [
